@@ -1,0 +1,37 @@
+# Every target creates .venv if it is missing and installs the pinned dependencies into it.
+# TORCH_SPEC pins the CPU build used on development and CI machines; override it on a GPU machine,
+# e.g. `make test TORCH_SPEC=torch`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+OUT ?= demo-out
+
+.PHONY: demo test bench lint format clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,bench,demo,dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/packnet demo --out $(OUT) --json $(OUT)/demo.json
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q benchmarks --benchmark-disable
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/packnet bench
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache .benchmarks

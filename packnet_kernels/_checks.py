@@ -1,0 +1,159 @@
+"""Argument checks shared by the dispatchers and the Triton launchers: one message per kind of bad input."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+MAX_TASKS = 255
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = (*KERNEL_DTYPES, torch.float64)
+BACKENDS = ("auto", "triton", "reference")
+
+
+def check_task(task) -> int:
+    """Return ``task`` as an int in 1..255; raise ``TypeError``/``ValueError`` otherwise."""
+    if isinstance(task, torch.Tensor):
+        raise TypeError(f"task must be a Python int in 1..{MAX_TASKS}, got a tensor {task!r}")
+    if isinstance(task, bool) or not isinstance(task, int):
+        raise TypeError(f"task must be an int in 1..{MAX_TASKS}, got {type(task).__name__} {task!r}")
+    if not 1 <= task <= MAX_TASKS:
+        raise ValueError(f"task must be in 1..{MAX_TASKS} (task 0 means 'free' in task_ids), got {task}")
+    return task
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """``"auto"`` -> ``"triton"`` for CUDA tensors, ``"reference"`` otherwise; check ``"triton"`` can run here."""
+    check_backend(backend)
+    if backend == "auto":
+        return "triton" if x.is_cuda else "reference"
+    if backend == "triton" and not x.is_cuda and not interpreter_enabled():
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors (got a tensor on {x.device}); on the CPU the Triton kernels run "
+            "only under the interpreter: set TRITON_INTERPRET=1 before importing packnet_kernels, "
+            "or use backend='reference'"
+        )
+    return backend
+
+
+def _check_vector(name: str, vector: torch.Tensor | None, length: int, like: torch.Tensor) -> None:
+    if vector is None:
+        return
+    if not isinstance(vector, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(vector).__name__}")
+    if vector.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},) (one value per output channel), got {tuple(vector.shape)}")
+    if vector.dtype != like.dtype:
+        raise TypeError(f"{name} dtype {vector.dtype} does not match the input dtype {like.dtype}")
+    if vector.device != like.device:
+        raise ValueError(f"{name} is on {vector.device} but the input is on {like.device}")
+
+
+def check_common(
+    op: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    task_ids: torch.Tensor,
+    task,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    dtypes=REFERENCE_DTYPES,
+) -> int:
+    """Checks shared by every masked op; returns the validated task. ``op`` names the op in messages."""
+    for name, tensor in (("x", x), ("weight", weight), ("task_ids", task_ids)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    task = check_task(task)
+    if task_ids.dtype != torch.uint8:
+        raise TypeError(f"{op}: task_ids must be torch.uint8 (0 = free, k = owned by task k), got {task_ids.dtype}")
+    if task_ids.shape != weight.shape:
+        raise ValueError(
+            f"{op}: task_ids must have the weight's shape {tuple(weight.shape)}, got {tuple(task_ids.shape)}"
+        )
+    if weight.dtype not in dtypes:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} is not supported; allowed: {', '.join(map(str, dtypes))}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{op}: input dtype {x.dtype} does not match weight dtype {weight.dtype}")
+    for name, tensor in (("weight", weight), ("task_ids", task_ids)):
+        if tensor.device != x.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but the input is on {x.device}")
+    out_features = weight.shape[0]
+    _check_vector(f"{op}: bias", bias, out_features, x)
+    _check_vector(f"{op}: scale", scale, out_features, x)
+    _check_vector(f"{op}: shift", shift, out_features, x)
+    return task
+
+
+def check_linear(x, weight, task_ids, task, bias=None, scale=None, shift=None, dtypes=REFERENCE_DTYPES) -> int:
+    task = check_common("masked_linear", x, weight, task_ids, task, bias, scale, shift, dtypes)
+    if weight.dim() != 2:
+        raise ValueError(f"masked_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"masked_linear: input's last dimension must equal in_features={weight.shape[1]}, got shape {tuple(x.shape)}"
+        )
+    return task
+
+
+def _check_int_pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def check_conv2d(
+    x, weight, task_ids, task, bias=None, stride=1, padding=0, dilation=1, groups=1, scale=None, shift=None,
+    dtypes=REFERENCE_DTYPES,
+):
+    """Validate a masked conv2d call; returns ``(task, stride, padding, dilation)`` with pairs of ints, except a
+    ``padding`` of ``"same"`` or ``"valid"`` which is returned as given."""
+    op = "masked_conv2d"
+    task = check_common(op, x, weight, task_ids, task, bias, scale, shift, dtypes)
+    if weight.dim() != 4:
+        raise ValueError(f"{op}: weight must be 4-D [out, in/groups, kh, kw], got shape {tuple(weight.shape)}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: input must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"{op}: out_channels={weight.shape[0]} is not divisible by groups={groups}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"{op}: input has {x.shape[1]} channels but weight expects in/groups={weight.shape[1]} x groups={groups}"
+            f" = {weight.shape[1] * groups}"
+        )
+    stride = _check_int_pair(op, "stride", stride, 1)
+    dilation = _check_int_pair(op, "dilation", dilation, 1)
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"{op}: padding string must be 'same' or 'valid', got {padding!r}")
+        if padding == "same" and stride != (1, 1):
+            raise ValueError(f"{op}: padding='same' needs stride 1 (as in torch.nn.functional.conv2d), got {stride}")
+    else:
+        padding = _check_int_pair(op, "padding", padding, 0)
+    kh, kw = weight.shape[2:]
+    pad_h, pad_w = (0, 0) if padding == "valid" else ((0, 0) if padding == "same" else padding)
+    if padding != "same" and (
+        x.shape[2] + 2 * pad_h < dilation[0] * (kh - 1) + 1 or x.shape[3] + 2 * pad_w < dilation[1] * (kw - 1) + 1
+    ):
+        raise ValueError(
+            f"{op}: padded input {x.shape[2] + 2 * pad_h}x{x.shape[3] + 2 * pad_w} is smaller than the dilated kernel"
+            f" {dilation[0] * (kh - 1) + 1}x{dilation[1] * (kw - 1) + 1}"
+        )
+    return task, stride, padding, dilation

@@ -1,0 +1,51 @@
+"""Test configuration: markers, the device/interpreter switch and the one tolerance table.
+
+On a machine without CUDA the Triton kernels run under the interpreter, which must be switched on before Triton is
+imported; on a CUDA machine the same tests run the compiled kernels on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# (atol, rtol) of a kernel against the float64 reference, per input dtype; fp32 allows TF32 tensor-core dots on GPU.
+TOLERANCES = {
+    torch.float32: (2e-3, 2e-3),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (8e-2, 4e-2),
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels under TRITON_INTERPRET=1 on the CPU")
+    config.addinivalue_line("markers", "slow: longer end-to-end runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    try:
+        import triton  # noqa: F401
+
+        has_triton = True
+    except ImportError:
+        has_triton = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_triton = pytest.mark.skip(reason="needs the triton package")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+        if ("interpreter" in item.keywords or "gpu" in item.keywords) and not has_triton:
+            item.add_marker(skip_triton)
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    """Where Triton kernel tests run: the GPU when there is one, else the CPU under the interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
