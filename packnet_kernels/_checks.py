@@ -54,7 +54,7 @@ def _check_vector(name: str, vector: torch.Tensor | None, length: int, like: tor
     if not isinstance(vector, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or None, got {type(vector).__name__}")
     if vector.shape != (length,):
-        raise ValueError(f"{name} must have shape ({length},) (one value per output channel), got {tuple(vector.shape)}")
+        raise ValueError(f"{name} must have shape ({length},) (one per output channel), got {tuple(vector.shape)}")
     if vector.dtype != like.dtype:
         raise TypeError(f"{name} dtype {vector.dtype} does not match the input dtype {like.dtype}")
     if vector.device != like.device:
@@ -103,7 +103,8 @@ def check_linear(x, weight, task_ids, task, bias=None, scale=None, shift=None, d
         raise ValueError(f"masked_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"masked_linear: input's last dimension must equal in_features={weight.shape[1]}, got shape {tuple(x.shape)}"
+            f"masked_linear: input's last dimension must equal in_features={weight.shape[1]},"
+            f" got shape {tuple(x.shape)}"
         )
     return task
 
@@ -118,7 +119,17 @@ def _check_int_pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
 
 
 def check_conv2d(
-    x, weight, task_ids, task, bias=None, stride=1, padding=0, dilation=1, groups=1, scale=None, shift=None,
+    x,
+    weight,
+    task_ids,
+    task,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    scale=None,
+    shift=None,
     dtypes=REFERENCE_DTYPES,
 ):
     """Validate a masked conv2d call; returns ``(task, stride, padding, dilation)`` with pairs of ints, except a

@@ -1,0 +1,49 @@
+"""packnet: train one network on many tasks with PackNet and serve every task from one compact pack.
+
+Train with :class:`PackNet`, compile with :func:`compile_pack`, save and load with :func:`save_pack` /
+:func:`load_pack`, and pick the task with :func:`set_task`. The masked kernels live in ``packnet_kernels``.
+"""
+
+from .models import build_model, mlp, small_cnn
+from .modules import PackedConv2d, PackedLinear, TaskSwitch, set_task, swap_packed_, task_modules
+from .pack import (
+    Pack,
+    PackFormatError,
+    build_packed_model,
+    compile_pack,
+    export_task_state_dict,
+    load_pack,
+    pack_from_model,
+    pack_from_trainer,
+    read_pack,
+    save_pack,
+)
+from .pruning import magnitude_task_ids
+from .training import LayerOwnership, PackNet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerOwnership",
+    "Pack",
+    "PackFormatError",
+    "PackNet",
+    "PackedConv2d",
+    "PackedLinear",
+    "TaskSwitch",
+    "build_model",
+    "build_packed_model",
+    "compile_pack",
+    "export_task_state_dict",
+    "load_pack",
+    "magnitude_task_ids",
+    "mlp",
+    "pack_from_model",
+    "pack_from_trainer",
+    "read_pack",
+    "save_pack",
+    "set_task",
+    "small_cnn",
+    "swap_packed_",
+    "task_modules",
+]

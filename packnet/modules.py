@@ -1,0 +1,369 @@
+"""Packed drop-in modules: one shared weight, its ``task_ids`` and per-task biases, epilogues and small modules.
+
+``PackedLinear``/``PackedConv2d`` replace ``nn.Linear``/``nn.Conv2d``; ``TaskSwitch`` holds one copy per task of a
+module whose state is per task (a BatchNorm, a classifier head). The active task is set for a whole model with
+:func:`set_task` (also a context manager) or passed per call as ``module(x, task=t)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from packnet_kernels import MAX_TASKS, masked_conv2d, masked_linear
+from packnet_kernels._checks import check_backend
+
+__all__ = ["PackedConv2d", "PackedLinear", "TaskSwitch", "set_task", "swap_packed_", "task_modules"]
+
+
+def _check_num_tasks(num_tasks: int) -> int:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= MAX_TASKS:
+        raise ValueError(f"num_tasks must be an int in 1..{MAX_TASKS}, got {num_tasks!r}")
+    return num_tasks
+
+
+class _TaskSelecting(nn.Module):
+    """Shared task bookkeeping: ``num_tasks``, ``active_task`` and the per-call override."""
+
+    num_tasks: int
+    active_task: int | None
+
+    def _resolve_task(self, task: int | None) -> int:
+        task = self.active_task if task is None else task
+        if task is None:
+            raise RuntimeError(f"{type(self).__name__}: no active task; call packnet.set_task(model, t) or pass task=t")
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"{type(self).__name__}: task must be an int, got {type(task).__name__} {task!r}")
+        if not 1 <= task <= self.num_tasks:
+            raise ValueError(
+                f"{type(self).__name__}: task {task} is outside 1..{self.num_tasks} (this model holds"
+                f" {self.num_tasks} task{'s' if self.num_tasks > 1 else ''})"
+            )
+        return task
+
+
+class _PackedLayer(_TaskSelecting):
+    """Common storage of the packed layers: weight, task ids, per-task bias and per-task epilogue."""
+
+    def _init_storage(self, weight_shape, num_tasks, bias, device, dtype, backend) -> None:
+        self.num_tasks = _check_num_tasks(num_tasks)
+        self.backend = check_backend(backend)
+        self.active_task = None
+        out_features = weight_shape[0]
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.zeros(weight_shape, **factory), requires_grad=False)
+        self.register_buffer("task_ids", torch.zeros(weight_shape, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(num_tasks, out_features, **factory), requires_grad=False) if bias else None
+        # A fused per-task epilogue (a folded BatchNorm): y = relu?((conv + bias[t]) * scale[t] + shift[t]).
+        self.register_buffer("scale", None)
+        self.register_buffer("shift", None)
+        self.relu = False
+        # The unfused normalisation a compile folded in, kept so a pack can be saved with its original parameters.
+        self.fused_norm_name: str | None = None
+        self.fused_norm_keys: list[str] = []
+
+    def load_packed(
+        self,
+        weight: torch.Tensor,
+        task_ids: torch.Tensor,
+        biases: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """Copy in the shared weight (free entries forced to exactly 0), its ids and one bias per task."""
+        if weight.shape != self.weight.shape or task_ids.shape != self.weight.shape:
+            raise ValueError(
+                f"{type(self).__name__}: expected weight and task_ids of shape {tuple(self.weight.shape)}, got"
+                f" {tuple(weight.shape)} and {tuple(task_ids.shape)}"
+            )
+        if task_ids.dtype != torch.uint8:
+            raise TypeError(f"{type(self).__name__}: task_ids must be torch.uint8, got {task_ids.dtype}")
+        if int(task_ids.max()) > self.num_tasks if task_ids.numel() else False:
+            raise ValueError(
+                f"{type(self).__name__}: task_ids hold task {int(task_ids.max())} but the layer has {self.num_tasks}"
+            )
+        with torch.no_grad():
+            self.weight.copy_(torch.where(task_ids != 0, weight.to(self.weight), torch.zeros_like(self.weight)))
+            self.task_ids.copy_(task_ids)
+            if self.bias is not None:
+                if biases is None or len(biases) != self.num_tasks:
+                    raise ValueError(f"{type(self).__name__}: expected {self.num_tasks} per-task biases")
+                for task_index, bias in enumerate(biases):
+                    self.bias[task_index].copy_(bias)
+
+    def set_epilogue(
+        self,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        relu: bool,
+        norm_name: str | None = None,
+        norm_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Fuse a per-task affine epilogue: ``scale``/``shift`` ``[num_tasks, out]``; ReLU last if ``relu``.
+
+        ``norm_state`` (per-task stacked tensors of the folded normalisation, keyed by its state-dict keys) is kept
+        only so that the unfused parameters can be written back into a pack.
+        """
+        expected = (self.num_tasks, self.weight.shape[0])
+        if scale.shape != expected or shift.shape != expected:
+            raise ValueError(f"epilogue scale and shift must have shape {expected}")
+        self.scale = scale.to(self.weight).contiguous()
+        self.shift = shift.to(self.weight).contiguous()
+        self.relu = bool(relu)
+        self.fused_norm_name = norm_name
+        self.fused_norm_keys = list(norm_state or {})
+        for key, value in (norm_state or {}).items():
+            self.register_buffer(_norm_buffer_name(key), value.clone())
+
+    def fused_norm_state(self, task: int) -> dict[str, torch.Tensor]:
+        """Task ``task``'s state dict of the normalisation folded into this layer (empty when none)."""
+        return {key: getattr(self, _norm_buffer_name(key))[task - 1] for key in self.fused_norm_keys}
+
+    def _epilogue(self, task: int):
+        bias = None if self.bias is None else self.bias[task - 1]
+        scale = None if self.scale is None else self.scale[task - 1]
+        shift = None if self.shift is None else self.shift[task - 1]
+        return bias, scale, shift
+
+    def owned_counts(self) -> list[int]:
+        """Weights owned per task, index 0 = free."""
+        return torch.bincount(self.task_ids.flatten().long(), minlength=self.num_tasks + 1).tolist()
+
+
+def _norm_buffer_name(key: str) -> str:
+    return "fused_norm__" + key.replace(".", "__")
+
+
+class PackedLinear(_PackedLayer):
+    """``nn.Linear`` for a pack: ``y = x @ where(task_ids in 1..t, W, 0)^T + bias[t]`` (+ fused epilogue).
+
+    Shapes: ``weight``/``task_ids`` ``[out, in]``, ``bias`` ``[num_tasks, out]``; input ``[..., in]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_tasks: int,
+        bias: bool = True,
+        *,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_storage((out_features, in_features), num_tasks, bias, device, dtype, backend)
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        task_ids: torch.Tensor,
+        num_tasks: int,
+        biases: Sequence[torch.Tensor] | None = None,
+        backend: str = "auto",
+    ) -> PackedLinear:
+        """Pack ``linear``'s weight with ``task_ids``; each task gets ``biases[t-1]`` or else ``linear.bias``."""
+        packed = cls(
+            linear.in_features,
+            linear.out_features,
+            num_tasks,
+            linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            backend=backend,
+        )
+        if biases is None and linear.bias is not None:
+            biases = [linear.bias.detach()] * num_tasks
+        packed.load_packed(linear.weight.detach(), task_ids, biases)
+        return packed
+
+    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        task = self._resolve_task(task)
+        bias, scale, shift = self._epilogue(task)
+        return masked_linear(
+            x, self.weight, self.task_ids, task, bias, scale=scale, shift=shift, relu=self.relu, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_tasks={self.num_tasks}, "
+            f"bias={self.bias is not None}, fused_epilogue={self.scale is not None}, relu={self.relu}"
+        )
+
+
+class PackedConv2d(_PackedLayer):
+    """``nn.Conv2d`` for a pack: ``y = conv2d(x, where(task_ids in 1..t, W, 0)) + bias[t]`` (+ fused epilogue).
+
+    Shapes: ``weight``/``task_ids`` ``[out, in/groups, kh, kw]``, ``bias`` ``[num_tasks, out]``; input ``[N, C, H, W]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        num_tasks: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self._init_storage((out_channels, in_channels // groups, *kernel_size), num_tasks, bias, device, dtype, backend)
+
+    @classmethod
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        task_ids: torch.Tensor,
+        num_tasks: int,
+        biases: Sequence[torch.Tensor] | None = None,
+        backend: str = "auto",
+    ) -> PackedConv2d:
+        """Pack ``conv``'s weight with ``task_ids``; each task gets ``biases[t-1]`` or else ``conv.bias``.
+
+        Raises:
+            ValueError: ``conv`` pads with a mode other than zeros.
+        """
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"PackedConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+        packed = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            num_tasks,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            backend=backend,
+        )
+        if biases is None and conv.bias is not None:
+            biases = [conv.bias.detach()] * num_tasks
+        packed.load_packed(conv.weight.detach(), task_ids, biases)
+        return packed
+
+    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        task = self._resolve_task(task)
+        bias, scale, shift = self._epilogue(task)
+        return masked_conv2d(
+            x,
+            self.weight,
+            self.task_ids,
+            task,
+            bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            scale=scale,
+            shift=shift,
+            relu=self.relu,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, num_tasks={self.num_tasks}, "
+            f"bias={self.bias is not None}, fused_epilogue={self.scale is not None}, relu={self.relu}"
+        )
+
+
+class TaskSwitch(_TaskSelecting):
+    """One copy per task of a module whose state differs between tasks (BatchNorm, a head); runs the active one."""
+
+    def __init__(self, per_task: Sequence[nn.Module]):
+        super().__init__()
+        self.per_task = nn.ModuleList(per_task)
+        self.num_tasks = _check_num_tasks(len(self.per_task))
+        self.active_task = None
+
+    def forward(self, *args, task: int | None = None, **kwargs):
+        return self.per_task[self._resolve_task(task) - 1](*args, **kwargs)
+
+
+def task_modules(model: nn.Module) -> list[_TaskSelecting]:
+    """Every module of ``model`` that selects by task (packed layers and task switches)."""
+    return [module for module in model.modules() if isinstance(module, _TaskSelecting)]
+
+
+class _ActiveTask:
+    """Result of :func:`set_task`: the change is already made; as a context manager it is undone on exit."""
+
+    def __init__(self, previous: list[tuple[_TaskSelecting, int | None]]):
+        self._previous = previous
+
+    def __enter__(self) -> _ActiveTask:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for module, task in self._previous:
+            module.active_task = task
+
+
+def set_task(model: nn.Module, task: int) -> _ActiveTask:
+    """Make ``task`` the active task of every packed module in ``model``.
+
+    Use plainly (``set_task(model, 2)``) or as a context manager (``with set_task(model, 2): ...``), which restores
+    the previous task on exit.
+
+    Raises:
+        ValueError: ``model`` has no packed modules, or ``task`` is outside 1..num_tasks of some module.
+        TypeError: ``task`` is not an int.
+    """
+    modules = task_modules(model)
+    if not modules:
+        raise ValueError("set_task: the model has no packed modules (compile or swap_packed_ it first)")
+    for module in modules:
+        module._resolve_task(task)
+    previous = [(module, module.active_task) for module in modules]
+    for module in modules:
+        module.active_task = task
+    return _ActiveTask(previous)
+
+
+def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new)
+
+
+def swap_packed_(
+    model: nn.Module, task_ids: Mapping[str, torch.Tensor], num_tasks: int, backend: str = "auto"
+) -> nn.Module:
+    """Replace in place each ``nn.Linear``/``nn.Conv2d`` named in ``task_ids`` by its packed twin.
+
+    ``task_ids`` maps qualified module names to ``uint8`` tensors shaped like that module's weight. Biases are
+    shared by all tasks (use :func:`packnet.compile_pack` for per-task biases from training). Returns ``model``.
+
+    Raises:
+        KeyError: a name that is not a submodule. TypeError: a module that is not Linear/Conv2d.
+    """
+    _check_num_tasks(num_tasks)
+    for name, ids in task_ids.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as error:
+            raise KeyError(f"swap_packed_: the model has no submodule {name!r}") from error
+        if isinstance(module, nn.Linear):
+            packed = PackedLinear.from_dense(module, ids, num_tasks, backend=backend)
+        elif isinstance(module, nn.Conv2d):
+            packed = PackedConv2d.from_dense(module, ids, num_tasks, backend=backend)
+        else:
+            raise TypeError(f"swap_packed_: {name!r} is a {type(module).__name__}, not nn.Linear or nn.Conv2d")
+        _replace_submodule(model, name, packed)
+    return model

@@ -1,0 +1,325 @@
+"""The PackNet training loop: train on free weights, prune by magnitude, fine-tune, freeze; repeat per task.
+
+The model stays a plain ``nn.Module``. For every prunable layer (``nn.Linear``/``nn.Conv2d`` picked by a filter) the
+trainer keeps a ``uint8`` task-id tensor beside the weight; everything else in the model's state (biases, BatchNorm
+parameters and running statistics, the classifier head) is stored per task. Frozen weights are restored after every
+optimizer step, so no optimizer (momentum, weight decay, Adam moments) can move them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from packnet_kernels import MAX_TASKS, effective_weight
+
+from .pruning import prune_ratio_for, release_smallest
+
+__all__ = ["LayerOwnership", "PackNet", "default_prunable"]
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def default_prunable(name: str, module: nn.Module) -> bool:
+    """The default layer filter: every ``nn.Linear`` and ``nn.Conv2d``."""
+    return isinstance(module, (nn.Linear, nn.Conv2d))
+
+
+@dataclass(frozen=True)
+class LayerOwnership:
+    """How one prunable layer's weights are shared out: ``owned[k]`` weights belong to task k (index 0 = free)."""
+
+    layer: str
+    shape: tuple[int, ...]
+    owned: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return math.prod(self.shape)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel/DataParallel wrapper, or ``model`` itself."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+class PackNet:
+    """Train one network on tasks 1, 2, ... without forgetting (Mallya & Lazebnik, 2018).
+
+    Args:
+        model: any ``nn.Module``; it is trained in place. It may be wrapped in DDP (see :meth:`learn_task`).
+        prune_ratio: fraction of a task's weights released after training it: a float, or one float per task.
+        prunable: ``(name, module) -> bool`` picking the shared layers; default every ``nn.Linear``/``nn.Conv2d``
+            outside ``head``. Picked modules must be ``nn.Linear`` or ``nn.Conv2d``.
+        head: qualified name of the classifier head. Its parameters are per task and re-initialised (its modules'
+            ``reset_parameters``) when a new task starts; other per-task state starts from the previous task's.
+
+    Raises:
+        ValueError: a bad ``prune_ratio``, an unknown ``head``, or no prunable layer.
+        TypeError: the filter picked a module that is not ``nn.Linear``/``nn.Conv2d``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        prune_ratio: float | Sequence[float] = 0.5,
+        prunable: Callable[[str, nn.Module], bool] | None = None,
+        head: str | None = None,
+    ):
+        self.model = model
+        self.prune_ratio = prune_ratio
+        prune_ratio_for(prune_ratio, 1)
+        net = _unwrap(model)
+        if head is not None:
+            try:
+                net.get_submodule(head)
+            except AttributeError as error:
+                raise ValueError(f"head {head!r} is not a submodule of the model") from error
+        self.head = head
+        picker = prunable or default_prunable
+        self.layers: dict[str, nn.Module] = {}
+        for name, module in net.named_modules():
+            if head is not None and (name == head or name.startswith(head + ".")):
+                continue
+            if name and picker(name, module):
+                if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                    raise TypeError(f"prunable layer {name!r} is a {type(module).__name__}; only Linear/Conv2d")
+                self.layers[name] = module
+        if not self.layers:
+            raise ValueError("the model has no prunable nn.Linear/nn.Conv2d layer")
+        self.task_ids = {
+            name: torch.zeros(layer.weight.shape, dtype=torch.uint8, device=layer.weight.device)
+            for name, layer in self.layers.items()
+        }
+        self.shared_keys = {f"{name}.weight" for name in self.layers}
+        self.task_states: list[dict[str, torch.Tensor]] = []
+        self.current_task = 0  # the task being trained, 0 when none
+        self._frozen_weights: dict[str, torch.Tensor] = {}
+        self._trainable_masks: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def num_tasks(self) -> int:
+        """Number of tasks trained and frozen."""
+        return len(self.task_states)
+
+    @property
+    def net(self) -> nn.Module:
+        return _unwrap(self.model)
+
+    def _task_specific_state(self) -> dict[str, torch.Tensor]:
+        return {key: value for key, value in self.net.state_dict().items() if key not in self.shared_keys}
+
+    def _load_task_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self._task_specific_state()
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value)
+
+    def _trainable(self, name: str) -> torch.Tensor:
+        return self._trainable_masks[name]
+
+    def ownership(self) -> list[LayerOwnership]:
+        """Per-layer counts of weights owned by each task (index 0 = free)."""
+        minlength = max(self.num_tasks, self.current_task) + 1
+        return [
+            LayerOwnership(
+                name, tuple(ids.shape), tuple(torch.bincount(ids.flatten().long(), minlength=minlength).tolist())
+            )
+            for name, ids in self.task_ids.items()
+        ]
+
+    # ------------------------------------------------------------------ the task life cycle
+    def start_task(self) -> int:
+        """Give every free weight to the next task, re-initialise those weights and the head; returns the task."""
+        if self.current_task:
+            raise RuntimeError(f"task {self.current_task} is still being trained; call end_task() first")
+        task = self.num_tasks + 1
+        if task > MAX_TASKS:
+            raise ValueError(f"a pack holds at most {MAX_TASKS} tasks")
+        if self.num_tasks:
+            self._load_task_state(self.task_states[-1])
+            if self.head is not None:
+                for module in self.net.get_submodule(self.head).modules():
+                    if hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                free = self.task_ids[name] == 0
+                if not bool(free.any()):
+                    log.warning("layer %s has no free weights left for task %d", name, task)
+                fresh = torch.empty_like(layer.weight)
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear/nn.Conv2d's own initialisation
+                layer.weight.copy_(torch.where(free, fresh, layer.weight))
+                self.task_ids[name][free] = task
+        self.current_task = task
+        self._snapshot_frozen()
+        return task
+
+    def _snapshot_frozen(self) -> None:
+        """Record the values of the weights the current task may not change, and which ones it may."""
+        self._frozen_weights = {name: layer.weight.detach().clone() for name, layer in self.layers.items()}
+        self._trainable_masks = {name: ids == self.current_task for name, ids in self.task_ids.items()}
+
+    def restore_frozen_(self) -> None:
+        """Put back every weight the current task may not change (other tasks' and released ones)."""
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                layer.weight.copy_(torch.where(self._trainable(name), layer.weight, self._frozen_weights[name]))
+
+    def _mask_gradients_(self) -> None:
+        for name, layer in self.layers.items():
+            if layer.weight.grad is not None:
+                layer.weight.grad.mul_(self._trainable(name))
+
+    def prune(self, prune_ratio: float | None = None) -> dict[str, int]:
+        """Release the smallest-magnitude fraction of the current task's weights in each layer (set to 0, id 0).
+
+        Returns the number of weights released per layer.
+        """
+        if not self.current_task:
+            raise RuntimeError("no task is being trained; call start_task() first")
+        ratio = prune_ratio_for(self.prune_ratio, self.current_task) if prune_ratio is None else prune_ratio
+        released_counts = {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                release = release_smallest(layer.weight, self.task_ids[name], self.current_task, ratio)
+                layer.weight.masked_fill_(release, 0.0)
+                self.task_ids[name][release] = 0
+                released_counts[name] = int(release.sum())
+        self._snapshot_frozen()
+        return released_counts
+
+    def end_task(self) -> int:
+        """Freeze the current task: store its per-task state; returns the task."""
+        if not self.current_task:
+            raise RuntimeError("no task is being trained")
+        self.restore_frozen_()
+        self.task_states.append({key: value.detach().clone() for key, value in self._task_specific_state().items()})
+        task, self.current_task = self.current_task, 0
+        self._frozen_weights, self._trainable_masks = {}, {}
+        return task
+
+    # ------------------------------------------------------------------ training
+    def train_epochs(
+        self,
+        data: Iterable,
+        optimizer: torch.optim.Optimizer,
+        epochs: int,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+        desc: str = "train",
+        show_progress: bool = True,
+    ) -> float:
+        """Train the current task for ``epochs`` passes over ``data`` (an iterable of ``(inputs, targets)``).
+
+        Gradients of weights the task does not own are zeroed and those weights are restored after every step.
+        Returns the mean loss of the last epoch.
+        """
+        if not self.current_task:
+            raise RuntimeError("no task is being trained; call start_task() first")
+        self.model.train()
+        mean_loss = float("nan")
+        bar = tqdm(range(epochs), desc=f"task {self.current_task} {desc}", leave=False, disable=not show_progress)
+        for _ in bar:
+            total, batches = 0.0, 0
+            for inputs, targets in data:
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(self.model(inputs), targets)
+                loss.backward()
+                self._mask_gradients_()
+                optimizer.step()
+                self.restore_frozen_()
+                total += float(loss.detach())
+                batches += 1
+            mean_loss = total / max(batches, 1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+        return mean_loss
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the current task trains: shared weights (masked per element) and all per-task parameters."""
+        return [param for param in self.model.parameters() if param.requires_grad]
+
+    def learn_task(
+        self,
+        data: Iterable,
+        optimizer: OptimizerFactory | torch.optim.Optimizer,
+        epochs: int,
+        finetune_epochs: int = 0,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+        prune_ratio: float | None = None,
+        show_progress: bool = True,
+    ) -> int:
+        """Run one whole task: start, train, prune, fine-tune the kept weights, freeze. Returns the task number.
+
+        ``optimizer`` is an optimizer or a factory ``params -> optimizer`` (called once for training and once more
+        for fine-tuning, so the fine-tune starts with fresh moments). Under DDP every rank calls this with its shard
+        of the data; pruning decisions are identical on all ranks because DDP keeps the weights identical.
+        """
+        make = optimizer if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer) else None
+        task = self.start_task()
+        opt = make(self.trainable_parameters()) if make else optimizer
+        self.train_epochs(data, opt, epochs, loss_fn, "train", show_progress)
+        released = self.prune(prune_ratio)
+        log.info("task %d: released %d weights", task, sum(released.values()))
+        if finetune_epochs:
+            opt = make(self.trainable_parameters()) if make else optimizer
+            self.train_epochs(data, opt, finetune_epochs, loss_fn, "finetune", show_progress)
+        return self.end_task()
+
+    # ------------------------------------------------------------------ inference on the trainer
+    @contextlib.contextmanager
+    def task(self, task: int) -> Iterator[nn.Module]:
+        """Context in which the model computes task ``task``: its state, the weights of tasks 1..task, eval mode.
+
+        Everything (weights, per-task state, train/eval mode) is put back on exit.
+        """
+        if isinstance(task, bool) or not isinstance(task, int) or not 1 <= task <= self.num_tasks:
+            raise ValueError(f"task must be a finished task in 1..{self.num_tasks}, got {task!r}")
+        saved_state = {key: value.detach().clone() for key, value in self._task_specific_state().items()}
+        saved_weights = {name: layer.weight.detach().clone() for name, layer in self.layers.items()}
+        was_training = self.model.training
+        try:
+            self._load_task_state(self.task_states[task - 1])
+            with torch.no_grad():
+                for name, layer in self.layers.items():
+                    layer.weight.copy_(effective_weight(layer.weight, self.task_ids[name], task))
+            self.model.eval()
+            yield self.net
+        finally:
+            self._load_task_state(saved_state)
+            with torch.no_grad():
+                for name, layer in self.layers.items():
+                    layer.weight.copy_(saved_weights[name])
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def predict(self, inputs: torch.Tensor, task: int) -> torch.Tensor:
+        """The model's output for ``task`` on ``inputs``."""
+        with self.task(task) as net:
+            return net(inputs)
+
+    # ------------------------------------------------------------------ export
+    def skeleton(self) -> nn.Module:
+        """A deep copy of the plain model (no DDP wrapper), for building packs."""
+        return copy.deepcopy(self.net)
+
+    def task_state_dict(self, task: int) -> dict[str, torch.Tensor]:
+        """A plain ``state_dict`` of the model for ``task`` alone: masked weights and that task's own state."""
+        if not 1 <= task <= self.num_tasks:
+            raise ValueError(f"task must be in 1..{self.num_tasks}, got {task}")
+        state = dict(self.task_states[task - 1])
+        for name, layer in self.layers.items():
+            state[f"{name}.weight"] = effective_weight(layer.weight.detach(), self.task_ids[name], task).clone()
+        return state
