@@ -1,0 +1,54 @@
+"""The Split-Digits demo, end to end through the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from packnet.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def demo_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert cli_main(["demo", "--out", str(out), "--json", str(out / "demo.json"), "--epochs", "4"]) == 0
+    return json.loads((out / "demo.json").read_text()), out
+
+
+def test_packnet_never_forgets_and_learns_every_task(demo_result):
+    result, _ = demo_result
+    matrix = result["accuracy"]["packnet"]
+    for task, row in enumerate(matrix):
+        assert row[:task] == [None] * task
+        assert row[task:] == [row[task]] * (len(row) - task)  # the same accuracy at every later stage
+        assert row[task] >= 0.9
+
+
+def test_pack_is_saved_checked_and_timed(demo_result):
+    result, out = demo_result
+    assert (out / "split_digits.pack").is_file()
+    assert len(result["checks"]) == 5
+    for check in result["checks"]:
+        assert check["unfused_equal_to_trainer"] and check["reloaded_equal_to_saved"]
+        assert check["accuracy_pack"] == pytest.approx(check["accuracy_trained"], abs=0.01)
+    assert result["size"]["pack_file_bytes"] < result["size"]["separate_networks_bytes"]
+    assert {row["layer"] for row in result["timing"]["layers"]} == {
+        "features.0",
+        "features.3",
+        "features.6",
+        "features.10",
+    }
+    assert all(row["packed_ms"] > 0 for row in result["timing"]["layers"])
+
+
+def test_finetuning_baseline_is_reported(demo_result):
+    result, _ = demo_result
+    matrix = result["accuracy"]["finetuning"]
+    assert len(matrix) == 5 and all(len(row) == 5 for row in matrix)
+    assert all(0.0 <= acc <= 1.0 for row in matrix for acc in row if acc is not None)
+
+
+def test_python_dash_m_entry_point_shows_help():
+    completed = subprocess.run([sys.executable, "-m", "packnet", "--help"], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0 and "demo" in completed.stdout and "inspect" in completed.stdout

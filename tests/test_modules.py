@@ -1,0 +1,103 @@
+"""PackedLinear, PackedConv2d, TaskSwitch, set_task and swap_packed_."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import packnet
+from packnet.pruning import magnitude_task_ids
+from packnet_kernels import masked_conv2d_ref, masked_linear_ref
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 4))
+
+
+def _packed(num_tasks=3):
+    model = _model()
+    ids = {name: magnitude_task_ids(model.get_submodule(name).weight, num_tasks, 0.5) for name in ("0", "3")}
+    return packnet.swap_packed_(model, ids, num_tasks, backend="reference"), ids
+
+
+def test_swap_packed_replaces_layers_and_matches_the_reference():
+    reference_model = _model()
+    model, ids = _packed()
+    assert isinstance(model[0], packnet.PackedConv2d) and isinstance(model[3], packnet.PackedLinear)
+    x = torch.randn(2, 3, 5, 5)
+    for task in (1, 2, 3):
+        hidden = masked_conv2d_ref(x, reference_model[0].weight, ids["0"], task, reference_model[0].bias, 1, 1)
+        expected = masked_linear_ref(
+            torch.relu(hidden).flatten(1), reference_model[3].weight, ids["3"], task, reference_model[3].bias
+        )
+        with packnet.set_task(model, task):
+            assert torch.equal(model(x), expected)
+
+
+def test_free_weights_are_stored_as_exact_zeros():
+    model, ids = _packed()
+    assert torch.equal(model[3].weight[ids["3"] == 0], torch.zeros(int((ids["3"] == 0).sum())))
+
+
+def test_set_task_is_persistent_or_scoped_and_per_call_overrides():
+    model, _ = _packed()
+    x = torch.randn(2, 3, 5, 5)
+    packnet.set_task(model, 1)
+    y1 = model(x)
+    with packnet.set_task(model, 3):
+        y3 = model(x)
+        assert model[0].active_task == 3
+    assert model[0].active_task == 1 and torch.equal(model(x), y1)
+    assert not torch.equal(y1, y3)
+    assert torch.equal(model[0](x, task=3), model[0](x, task=3))
+    assert not torch.equal(model[0](x, task=3), model[0](x))
+
+
+def test_task_errors_name_the_problem():
+    model, _ = _packed(num_tasks=3)
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(RuntimeError, match="no active task"):
+        model(x)
+    with pytest.raises(ValueError, match=r"task 4 is outside 1\.\.3"):
+        packnet.set_task(model, 4)
+    with pytest.raises(ValueError, match=r"task 0 is outside 1\.\.3"):
+        model[0](x, task=0)
+    with pytest.raises(TypeError, match="task must be an int"):
+        packnet.set_task(model, "2")
+    with pytest.raises(ValueError, match="no packed modules"):
+        packnet.set_task(_model(), 1)
+    packnet.set_task(model, 2)
+    with pytest.raises(TypeError, match=r"input dtype torch\.float64 does not match weight dtype torch\.float32"):
+        model(x.double())
+
+
+def test_swap_packed_errors():
+    model = _model()
+    with pytest.raises(KeyError, match="no submodule 'nope'"):
+        packnet.swap_packed_(model, {"nope": torch.zeros(1, dtype=torch.uint8)}, 2)
+    with pytest.raises(TypeError, match="'1' is a ReLU"):
+        packnet.swap_packed_(model, {"1": torch.zeros(1, dtype=torch.uint8)}, 2)
+    with pytest.raises(ValueError, match="task_ids hold task 3 but the layer has 2"):
+        packnet.swap_packed_(model, {"3": torch.full((4, 150), 3, dtype=torch.uint8)}, 2)
+    with pytest.raises(ValueError, match=r"num_tasks must be an int in 1\.\.255"):
+        packnet.swap_packed_(model, {}, 0)
+
+
+def test_task_switch_runs_the_active_copy():
+    switch = packnet.TaskSwitch([nn.Linear(3, 2) for _ in range(2)])
+    x = torch.randn(4, 3)
+    assert torch.equal(switch(x, task=2), switch.per_task[1](x))
+    with packnet.set_task(switch, 1):
+        assert torch.equal(switch(x), switch.per_task[0](x))
+
+
+def test_compiled_model_has_one_graph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model, _ = _packed()
+    packnet.set_task(model, 2)
+    x = torch.randn(2, 3, 5, 5)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    assert torch.equal(compiled(x), model(x))
+    assert counter.frame_count == 1
