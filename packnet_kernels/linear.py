@@ -1,0 +1,573 @@
+"""Triton masked linear: ``y = relu?((x @ where(task_ids in 1..task, W, 0)^T + bias) * scale + shift)``.
+
+The kernel computes the transposed product ``y^T = W_t x^T``: each program loads a ``[BLOCK_N, BLOCK_K]`` weight tile
+and its uint8 id tile, applies the task predicate in registers (a select, so an Inf/NaN in a weight the task does not
+own never reaches the dot) and feeds the masked tile to ``tl.dot`` as the left operand. No masked weight copy is ever
+written. The weight sits on the left because Hopper's wgmma takes only its left operand from registers, and because a
+small batch then fills the dot's narrow side (``BLOCK_M = 16``) instead of wasting a 64-row tile.
+
+Two regimes share the kernel (:func:`choose_regime`):
+
+- small batch (``M <= SMALL_M_MAX``, memory bound): ``BLOCK_M = 16`` and split-K, so that enough programs stream the
+  weight and ids (each byte read once) to fill the GPU. Every split writes its fp32 partial tile to a small
+  ``[SPLIT_K, M, N]`` buffer and a second kernel sums the splits in a fixed order and applies the epilogue: no atomics,
+  so two runs are bitwise equal.
+- large batch (tensor-core bound): autotuned tiles, no split, grouped tile ordering so that ``GROUP_N`` weight tiles
+  stay in L2 while the batch tiles stream past them.
+
+Accumulation is fp32. fp32 inputs use TF32 tensor-core dots when PyTorch allows TF32 for matmuls
+(``torch.get_float32_matmul_precision() != "highest"``, as for cuBLAS) and exact fp32 dots otherwise. Autotuning keys
+on a power-of-two bucket of the batch size, never the raw size. Under ``TRITON_INTERPRET=1`` (CPU) one small fixed
+config runs and bf16 tiles are upcast to fp32 before the dot (the interpreter's bf16 dot is wrong).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._checks import KERNEL_DTYPES, check_linear, interpreter_enabled
+
+__all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton"]
+
+# On a GPU, autotune the tiles (the default). When False, the first config of ``_configs`` runs untuned: tests set
+# this so that a CUDA test session compiles one config per kernel variant instead of tuning every shape.
+AUTOTUNE = True
+
+# Batches up to this size take the split-K (GEMV-shaped) path; larger ones the tensor-core tiled path.
+SMALL_M_MAX = 16
+# Autotune keys bucket the batch size to the next power of two, capped here: larger batches share one tuning.
+M_BUCKET_CAP = 256
+# The small regime's K-chunk per split is a multiple of this, so every autotuned BLOCK_K (a divisor) tiles it evenly.
+_SPLIT_K_ALIGN = 256
+# ...and at least this long, so each split runs enough iterations for the load pipeline to pay off.
+_MIN_K_PER_SPLIT = 512
+# The split count aims at this many programs per SM (several waves hide the tail of the last one).
+_PROGRAMS_PER_SM = 4
+# The fixed interpreter config, small so that tests with tiny shapes still cover tails, grouping and split-K.
+_INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 16, "BLOCK_K": 32, "GROUP_N": 2}
+_INTERPRETER_MIN_K_PER_SPLIT = 64
+_INTERPRETER_SM_COUNT = 4
+# Tile of the split-K reduction kernel (an elementwise pass over M x N, fixed config).
+_REDUCE_BLOCK_N = 128
+_REDUCE_BLOCK_M = 16
+
+
+@triton.jit
+def _epilogue(
+    acc,
+    offs_n,
+    n_mask,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    stride_bias,
+    stride_scale,
+    stride_shift,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    RELU: tl.constexpr,
+):
+    """``relu?((acc + bias[n]) * scale[n] + shift[n])`` in fp32 on an ``[BLOCK_N, BLOCK_M]`` tile (n = rows)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + offs_n * stride_scale, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + offs_n * stride_shift, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    return acc
+
+
+@triton.jit(do_not_specialize=["active_task", "m_bucket", "k_per_split", "stride_split"])
+def _masked_linear_kernel(
+    x_ptr,
+    w_ptr,
+    ids_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    y_ptr,
+    partials_ptr,
+    M,
+    N,
+    K,
+    active_task,
+    k_per_split,
+    m_bucket,
+    stride_split,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_idn,
+    stride_idk,
+    stride_bias,
+    stride_scale,
+    stride_shift,
+    stride_ym,
+    stride_yn,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    RELU: tl.constexpr,
+    USE_MASK: tl.constexpr,
+    WRITE_PARTIALS: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    """``y[m, n] = epilogue(sum_k x[m, k] * where((ids[n, k] != 0) & (ids[n, k] <= active_task), w[n, k], 0))``.
+
+    Pointers: ``x_ptr`` ``[M, K]``, ``w_ptr`` ``[N, K]`` (float), ``ids_ptr`` ``[N, K]`` uint8 (not read when
+    ``USE_MASK`` is off), ``bias_ptr``/``scale_ptr``/``shift_ptr`` ``[N]`` (read only when their ``HAS_*`` is set),
+    ``y_ptr`` ``[M, N]``, ``partials_ptr`` ``[SPLIT_K, M, N]`` fp32 contiguous, ``stride_split = M * N`` (only with
+    ``WRITE_PARTIALS``).
+
+    Grid: axis 0 walks the ``[N / BLOCK_N, M / BLOCK_M]`` output tiles in groups of ``GROUP_N`` weight-tile rows;
+    axis 1 is the K split: program ``s`` covers ``K`` in ``[s * k_per_split, (s + 1) * k_per_split)``. With
+    ``WRITE_PARTIALS`` the raw fp32 sums go to ``partials[s]`` (the epilogue runs in the reduction kernel), otherwise
+    the epilogue is applied and ``y`` written. ``m_bucket`` is unused in the body: it is the autotuning key.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_in_group = GROUP_N * num_pid_m
+    group_id = pid // num_pid_in_group
+    first_pid_n = group_id * GROUP_N
+    group_size_n = min(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + (pid % num_pid_in_group) % group_size_n
+    pid_m = (pid % num_pid_in_group) // group_size_n
+
+    # int64 offsets: the weight, ids or output may exceed 2^31 elements.
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    k_start = pid_k * k_per_split
+    k_len = min(K - k_start, k_per_split)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_k64 = k_start.to(tl.int64) + offs_k
+
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k64[None, :] * stride_wk
+    ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_k64[None, :] * stride_idk
+    xt_ptrs = x_ptr + offs_k64[:, None] * stride_xk + offs_m[None, :] * stride_xm
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(0, tl.cdiv(k_len, BLOCK_K)):
+        k_mask = offs_k < k_len - k * BLOCK_K
+        w_tile_mask = n_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_ptrs, mask=w_tile_mask, other=0.0)
+        if USE_MASK:
+            ids = tl.load(ids_ptrs, mask=w_tile_mask, other=0)
+            # A select, not a multiply: a NaN/Inf stored in a weight this task does not own is dropped here.
+            w = tl.where((ids != 0) & (ids <= active_task), w, 0.0)
+            ids_ptrs += BLOCK_K * stride_idk
+        xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+        if UPCAST_BF16:
+            w = w.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(w, xt, acc, input_precision=INPUT_PRECISION)
+        w_ptrs += BLOCK_K * stride_wk
+        xt_ptrs += BLOCK_K * stride_xk
+
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    if WRITE_PARTIALS:
+        partial_ptrs = partials_ptr + pid_k.to(tl.int64) * stride_split + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(partial_ptrs, acc, mask=out_mask)
+    else:
+        acc = _epilogue(
+            acc,
+            offs_n,
+            n_mask,
+            bias_ptr,
+            scale_ptr,
+            shift_ptr,
+            stride_bias,
+            stride_scale,
+            stride_shift,
+            HAS_BIAS,
+            HAS_SCALE,
+            HAS_SHIFT,
+            RELU,
+        )
+        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["split_k", "stride_split"])
+def _split_k_reduce_kernel(
+    partials_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    y_ptr,
+    M,
+    N,
+    split_k,
+    stride_split,
+    stride_bias,
+    stride_scale,
+    stride_shift,
+    stride_ym,
+    stride_yn,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    RELU: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """``y[m, n] = epilogue(sum_{s < split_k} partials[s, m, n])``, summed in increasing ``s`` (deterministic).
+
+    Pointers: ``partials_ptr`` ``[split_k, M, N]`` fp32 contiguous (``stride_split = M * N``),
+    ``bias_ptr``/``scale_ptr``/``shift_ptr`` ``[N]``, ``y_ptr`` ``[M, N]``. Grid: ``(N / BLOCK_N, M / BLOCK_M)``;
+    tiles are ``[BLOCK_N, BLOCK_M]`` like the main kernel's.
+    """
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    out_mask = n_mask[:, None] & (offs_m < M)[None, :]
+    partial_ptrs = partials_ptr + offs_m[None, :] * N + offs_n[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for _ in range(0, split_k):
+        acc += tl.load(partial_ptrs, mask=out_mask, other=0.0)
+        partial_ptrs += stride_split
+    acc = _epilogue(
+        acc,
+        offs_n,
+        n_mask,
+        bias_ptr,
+        scale_ptr,
+        shift_ptr,
+        stride_bias,
+        stride_scale,
+        stride_shift,
+        HAS_BIAS,
+        HAS_SCALE,
+        HAS_SHIFT,
+        RELU,
+    )
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _configs(regime: str, capability_major: int) -> list[triton.Config]:
+    """Autotune candidates for ``regime`` ("small" or "large") on a GPU of compute capability ``capability_major``.
+
+    Small batch: ``BLOCK_M`` is 16 (the narrowest dot) and ``BLOCK_K`` divides ``_SPLIT_K_ALIGN``; the candidates
+    vary how many weight bytes a program keeps in flight. Large batch: the usual GEMM tiles; Hopper and datacenter
+    Blackwell (9.x, 10.x) get 8-warp tiles with two warpgroups of wgmma and 64-wide K steps, Ampere-class parts
+    smaller K steps. Configs that do not fit shared memory for a dtype (fp32 tiles are twice as large) fail to compile
+    and the autotuner skips them. The first config of each list fits fp32 in the shared memory of every GPU of its
+    class (small: 66 KB; large: 131 KB on 9.x/10.x, 74 KB else): it is the untuned default (``AUTOTUNE = False``).
+    """
+    if regime == "small":
+        # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+        shapes = [
+            (64, 64, 4, 3),
+            (64, 128, 4, 4),
+            (32, 256, 4, 3),
+            (64, 256, 4, 3),
+            (128, 64, 4, 4),
+            (128, 128, 4, 3),
+            (128, 128, 8, 4),
+        ]
+        return [
+            triton.Config({"BLOCK_N": n, "BLOCK_M": 16, "BLOCK_K": k, "GROUP_N": 1}, num_warps=w, num_stages=s)
+            for n, k, w, s in shapes
+        ]
+    # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages)
+    # Hopper and datacenter Blackwell (228 KB of shared memory, wgmma/tcgen05); Ampere, Ada and consumer parts else.
+    if capability_major in (9, 10):
+        shapes = [
+            (128, 128, 32, 8, 4),
+            (128, 256, 64, 8, 3),
+            (256, 128, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 32, 64, 4, 5),
+            (64, 64, 128, 4, 4),
+            (64, 32, 128, 4, 5),
+        ]
+    else:
+        shapes = [
+            (128, 64, 32, 4, 3),
+            (128, 256, 32, 8, 3),
+            (256, 128, 32, 8, 3),
+            (128, 128, 32, 4, 4),
+            (128, 64, 32, 4, 4),
+            (64, 128, 32, 4, 4),
+            (64, 64, 32, 4, 5),
+            (128, 32, 64, 4, 4),
+            (64, 32, 64, 4, 5),
+        ]
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k, "GROUP_N": 8}, num_warps=w, num_stages=s)
+        for n, m, k, w, s in shapes
+    ]
+
+
+def _prune_large_configs(configs, named_args, **kwargs):
+    """Drop batch tiles more than twice the bucketed batch: they would compute mostly padding."""
+    limit = max(32, 2 * named_args["m_bucket"])
+    kept = [config for config in configs if config.kwargs["BLOCK_M"] <= limit]
+    return kept or configs
+
+
+@functools.cache
+def _tuned_kernel(regime: str, capability_major: int):
+    """The autotuned kernel for a regime and GPU generation, built on first use (never at import time)."""
+    prune = None if regime == "small" else {"early_config_prune": _prune_large_configs}
+    return triton.autotune(
+        configs=_configs(regime, capability_major),
+        key=["m_bucket", "N", "K", "USE_MASK", "INPUT_PRECISION"],
+        prune_configs_by=prune,
+    )(_masked_linear_kernel)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_regime(m: int) -> str:
+    """``"small"`` (split-K, memory bound) for ``m <= SMALL_M_MAX`` batch rows, ``"large"`` (tiled GEMM) above."""
+    return "small" if m <= SMALL_M_MAX else "large"
+
+
+def _m_bucket(m: int) -> int:
+    bucket = 16
+    while bucket < m and bucket < M_BUCKET_CAP:
+        bucket *= 2
+    return bucket
+
+
+def _split_plan(n: int, k: int, interpreted: bool, device: torch.device) -> tuple[int, int]:
+    """``(split_k, k_per_split)`` for the small regime: enough programs to fill the GPU, each K chunk long enough to
+    pipeline and a multiple of every candidate ``BLOCK_K``. Depends only on the shape and the device, so the same
+    call always reduces in the same order."""
+    if interpreted:
+        align, min_chunk, programs = _INTERPRETER_CONFIG["BLOCK_K"], _INTERPRETER_MIN_K_PER_SPLIT, _INTERPRETER_SM_COUNT
+        n_tiles = triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"])
+    else:
+        align, min_chunk = _SPLIT_K_ALIGN, _MIN_K_PER_SPLIT
+        programs = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
+        n_tiles = triton.cdiv(n, 64)  # a typical small-regime BLOCK_N; the autotuner adjusts around it
+    split = max(1, min(triton.cdiv(programs, n_tiles), k // min_chunk))
+    k_per_split = max(align, triton.cdiv(triton.cdiv(k, split), align) * align)
+    return max(1, triton.cdiv(k, k_per_split)), k_per_split
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    # TF32 for fp32 when PyTorch allows it for matmuls; ignored for fp16/bf16 (native tensor-core inputs).
+    return "tf32"
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    task_ids: torch.Tensor,
+    task: int,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    relu: bool,
+    use_mask: bool,
+) -> torch.Tensor:
+    """Allocate the output (and split-K partials) and launch the kernels; arguments already validated."""
+    out_features, in_features = weight.shape
+    lead = x.shape[:-1]
+    rows = 1
+    for size in lead:
+        rows *= size
+    # A view whenever the strides allow one (the kernel takes any 2-D strides); a copy only for odd N-D layouts.
+    x2d = x.reshape(rows, in_features)
+    y = torch.empty((*lead, out_features), dtype=x.dtype, device=x.device)
+    if rows == 0 or out_features == 0:
+        return y
+
+    interpreted = not x.is_cuda
+    regime = choose_regime(rows)
+    if regime == "small":
+        split_k, k_per_split = _split_plan(out_features, in_features, interpreted, x.device)
+    else:
+        split_k, k_per_split = 1, max(in_features, 1)
+    write_partials = split_k > 1
+    partials = (
+        torch.empty((split_k, rows, out_features), dtype=torch.float32, device=x.device) if write_partials else None
+    )
+    epilogue_args = {
+        "HAS_BIAS": bias is not None,
+        "HAS_SCALE": scale is not None,
+        "HAS_SHIFT": shift is not None,
+        "RELU": relu,
+    }
+    vector_strides = [0 if v is None else v.stride(0) for v in (bias, scale, shift)]
+    main_args = (
+        x2d,
+        weight,
+        task_ids,
+        bias,
+        scale,
+        shift,
+        y,
+        partials,
+        rows,
+        out_features,
+        in_features,
+        task,
+        k_per_split,
+        _m_bucket(rows),
+        rows * out_features,
+        x2d.stride(0),
+        x2d.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        task_ids.stride(0),
+        task_ids.stride(1),
+        *vector_strides,
+        out_features,
+        1,
+    )
+    main_flags = {
+        **epilogue_args,
+        "USE_MASK": use_mask,
+        "WRITE_PARTIALS": write_partials,
+        "UPCAST_BF16": interpreted and x.dtype == torch.bfloat16,
+        "INPUT_PRECISION": _input_precision(x.dtype),
+    }
+
+    def grid(meta):
+        return (triton.cdiv(out_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]), split_k)
+
+    if interpreted:
+        # The interpreter cannot autotune (it cannot time anything): one small fixed config.
+        wrap_triton(_masked_linear_kernel)[grid](*main_args, **main_flags, **_INTERPRETER_CONFIG)
+    else:
+        major = torch.cuda.get_device_capability(x.device)[0]
+        if AUTOTUNE:
+            wrap_triton(_tuned_kernel(regime, major))[grid](*main_args, **main_flags)
+        else:
+            default = _configs(regime, major)[0]
+            wrap_triton(_masked_linear_kernel)[grid](
+                *main_args, **main_flags, **default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages
+            )
+
+    if write_partials:
+        reduce_grid = (triton.cdiv(out_features, _REDUCE_BLOCK_N), triton.cdiv(rows, _REDUCE_BLOCK_M))
+        wrap_triton(_split_k_reduce_kernel)[reduce_grid](
+            partials,
+            bias,
+            scale,
+            shift,
+            y,
+            rows,
+            out_features,
+            split_k,
+            rows * out_features,
+            *vector_strides,
+            out_features,
+            1,
+            **epilogue_args,
+            BLOCK_N=_REDUCE_BLOCK_N,
+            BLOCK_M=_REDUCE_BLOCK_M,
+        )
+    return y
+
+
+_OP_ARGS = (
+    "Tensor x, Tensor weight, Tensor task_ids, int task, Tensor? bias, Tensor? scale, Tensor? shift, bool relu, "
+    "bool use_mask"
+)
+
+
+@torch.library.custom_op("packnet::masked_linear_interpreted", mutates_args=(), schema=f"({_OP_ARGS}) -> Tensor")
+def _masked_linear_interpreted(x, weight, task_ids, task, bias, scale, shift, relu, use_mask):
+    """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
+    ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
+    return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)
+
+
+@_masked_linear_interpreted.register_fake
+def _(x, weight, task_ids, task, bias, scale, shift, relu, use_mask):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@triton_op("packnet::masked_linear", mutates_args=())
+def _masked_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    task_ids: torch.Tensor,
+    task: int,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    relu: bool,
+    use_mask: bool,
+) -> torch.Tensor:
+    """The registered op (also its own fake implementation); arguments already validated by
+    :func:`masked_linear_triton`. CUDA launches go through ``wrap_triton`` so ``torch.compile`` sees the kernels."""
+    if not x.is_cuda:
+        return _masked_linear_interpreted(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)
+    # Triton launches on the current device: make it the tensors' one (they may live on another GPU).
+    with torch.cuda.device(x.device):
+        return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)
+
+
+def masked_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    task_ids: torch.Tensor,
+    task: int,
+    bias: torch.Tensor | None = None,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    relu: bool = False,
+    use_mask: bool = True,
+) -> torch.Tensor:
+    """``relu?(((x @ W_t^T) + bias) * scale + shift)`` with ``W_t = where((task_ids != 0) & (task_ids <= task), W, 0)``.
+
+    Args:
+        x: ``[..., in]`` float32/float16/bfloat16, any strides; an empty batch gives an empty output.
+        weight: ``[out, in]`` in ``x``'s dtype, any strides.
+        task_ids: ``[out, in]`` uint8 (0 = free, k = owned by task k), any strides.
+        task: int in 1..255.
+        bias, scale, shift: optional ``[out]`` vectors in ``x``'s dtype (a per-task Linear -> BatchNorm1d fold).
+        relu: apply ReLU last.
+        use_mask: ``False`` runs the same kernel with the predicate compiled out (``task_ids`` is not read), i.e. a
+            plain ``F.linear`` on the raw weight; for benchmarks separating the mask's cost.
+
+    Returns:
+        ``[..., out]`` in ``x``'s dtype, contiguous; fp32 accumulation (TF32 dots for fp32 inputs when
+        ``torch.get_float32_matmul_precision()`` is not ``"highest"``).
+
+    Raises:
+        TypeError, ValueError: bad inputs (see :func:`packnet_kernels._checks.check_linear`).
+        RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
+    """
+    task = check_linear(x, weight, task_ids, task, bias, scale, shift, dtypes=KERNEL_DTYPES)
+    if not x.is_cuda and not interpreter_enabled():
+        raise RuntimeError(
+            f"masked_linear_triton needs CUDA tensors (got {x.device}); on the CPU set TRITON_INTERPRET=1 before "
+            "importing triton, or use the reference backend"
+        )
+    for name, flag in (("relu", relu), ("use_mask", use_mask)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"masked_linear: {name} must be a bool, got {type(flag).__name__}")
+    return _masked_linear_op(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)
