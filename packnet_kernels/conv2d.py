@@ -1,0 +1,580 @@
+"""Masked conv2d in Triton: ``relu?((conv2d(x, W_t) + bias) * scale + shift)``, ``W_t = where(ids in 1..t, W, 0)``.
+
+Two kernels share one launcher:
+
+- ``_masked_conv2d_gemm_kernel``: implicit GEMM. Output pixels are the GEMM rows (``M = N * H_out * W_out``), the
+  output channels of one group the columns, ``C/groups * kh * kw`` the reduction. Each step gathers an input tile
+  straight from ``x`` (no im2col buffer), loads the matching weight and task-id tiles, selects the weights the task
+  owns in registers (no masked weight copy) and feeds ``tl.dot`` with fp32 accumulation.
+- ``_masked_conv2d_direct_kernel``: for depthwise and other small groups, where a per-group GEMM would fill a
+  16-wide MMA tile with a handful of channels. A tile spans output channels of many groups and accumulates
+  ``x * w`` products on the CUDA cores, one (input channel, tap) at a time.
+
+Offsets that grow with the batch are int64; offsets inside one image or one weight are int32, and the launcher
+refuses a single image or weight of 2**31 elements or more.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import KERNEL_DTYPES, check_conv2d
+
+__all__ = ["masked_conv2d_triton"]
+
+_INT32_LIMIT = 2**31
+
+
+@triton.jit(do_not_specialize=["active_task", "m_bucket"])
+def _masked_conv2d_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    ids_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    out_ptr,
+    active_task,
+    total_pixels,
+    m_bucket,
+    in_h,
+    in_w,
+    out_h,
+    out_w,
+    cin_per_group,
+    cout_per_group,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wo,
+    stride_wc,
+    stride_wh,
+    stride_ww,
+    stride_io,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    conv_stride_h,
+    conv_stride_w,
+    pad_top,
+    pad_left,
+    dilation_h,
+    dilation_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    CHANNELS_INNER: tl.constexpr,
+    USE_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``out[n, o, p, q] = epilogue(sum_{c,r,s} x[n, g*Cg + c, p*sh - pt + r*dh, q*sw - pl + s*dw] * W_t[o, c, r, s])``
+
+    with ``g = o // (out/groups)``, ``Cg = C/groups``, ``W_t = where((ids != 0) & (ids <= active_task), W, 0)``
+    (or ``W`` when ``USE_MASK`` is off), out-of-image taps reading 0, and
+    ``epilogue(v) = relu?((v + bias[o]) * scale[o] + shift[o])`` computed in fp32.
+
+    Pointers: ``x_ptr [N, C, H, W]``, ``w_ptr``/``ids_ptr [out, Cg, KH, KW]`` (uint8 ids),
+    ``bias_ptr``/``scale_ptr``/``shift_ptr [out]``, ``out_ptr [N, out, H_out, W_out]``; any strides.
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(out/groups, BLOCK_N), groups)``. ``m_bucket`` only keys the autotuner.
+    The reduction index ``k`` runs over ``(c, r, s)`` with ``c`` fastest when ``CHANNELS_INNER`` (channels_last
+    input: neighbouring ``k`` are neighbouring addresses), else ``(r, s)`` fastest as in an NCHW weight.
+    """
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    num_pid_n = tl.cdiv(cout_per_group, BLOCK_N)
+    # Neighbouring programs share one row block, so its gathered input tiles stay in L2 across channel blocks.
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < total_pixels
+    pixels_per_image = out_h * out_w
+    image = offs_m // pixels_per_image
+    pixel = (offs_m % pixels_per_image).to(tl.int32)
+    out_row = pixel // out_w
+    out_col = pixel % out_w
+    in_row0 = out_row * conv_stride_h - pad_top
+    in_col0 = out_col * conv_stride_w - pad_left
+    x_rows = x_ptr + image * stride_xn + (group * cin_per_group) * stride_xc
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < cout_per_group
+    out_channel = group * cout_per_group + offs_n
+    w_cols = w_ptr + out_channel * stride_wo
+    ids_cols = ids_ptr + out_channel * stride_io
+
+    k_total = cin_per_group * KH * KW
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, k_total, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_valid = offs_k < k_total
+        if CHANNELS_INNER:
+            channel = offs_k % cin_per_group
+            tap = offs_k // cin_per_group
+        else:
+            channel = offs_k // (KH * KW)
+            tap = offs_k % (KH * KW)
+        tap_row = tap // KW
+        tap_col = tap % KW
+
+        in_row = in_row0[:, None] + (tap_row * dilation_h)[None, :]
+        in_col = in_col0[:, None] + (tap_col * dilation_w)[None, :]
+        x_mask = m_valid[:, None] & k_valid[None, :] & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
+        x_offs = (channel * stride_xc)[None, :] + in_row * stride_xh + in_col * stride_xw
+        x_tile = tl.load(x_rows[:, None] + x_offs, mask=x_mask, other=0.0)
+
+        wk_mask = k_valid[:, None] & n_valid[None, :]
+        w_offs = channel * stride_wc + tap_row * stride_wh + tap_col * stride_ww
+        w_tile = tl.load(w_cols[None, :] + w_offs[:, None], mask=wk_mask, other=0.0)
+        if USE_MASK:
+            ids_offs = channel * stride_ic + tap_row * stride_ih + tap_col * stride_iw
+            ids = tl.load(ids_cols[None, :] + ids_offs[:, None], mask=wk_mask, other=0).to(tl.int32)
+            # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
+            w_tile = tl.where((ids != 0) & (ids <= active_task), w_tile, 0.0)
+        if UPCAST_DOT:
+            x_tile = x_tile.to(tl.float32)
+            w_tile = w_tile.to(tl.float32)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if APPLY_RELU:
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+    out_rows = out_ptr + image * stride_on + out_row * stride_oh + out_col * stride_ow
+    out_ptrs = out_rows[:, None] + (out_channel * stride_oc)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+@triton.jit(do_not_specialize=["active_task", "m_bucket"])
+def _masked_conv2d_direct_kernel(
+    x_ptr,
+    w_ptr,
+    ids_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    out_ptr,
+    active_task,
+    total_pixels,
+    m_bucket,
+    in_h,
+    in_w,
+    out_h,
+    out_w,
+    out_channels,
+    cin_per_group,
+    cout_per_group,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wo,
+    stride_wc,
+    stride_wh,
+    stride_ww,
+    stride_io,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    conv_stride_h,
+    conv_stride_w,
+    pad_top,
+    pad_left,
+    dilation_h,
+    dilation_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    USE_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Same formula, pointers and epilogue as ``_masked_conv2d_gemm_kernel``, for small groups (depthwise).
+
+    Grid: ``(cdiv(M, BLOCK_M), cdiv(out, BLOCK_N))``; a tile's output channels may belong to different groups, so
+    each column gathers its own input channel ``(o // (out/groups)) * Cg + c`` and no lane idles on a group border.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < total_pixels
+    pixels_per_image = out_h * out_w
+    image = offs_m // pixels_per_image
+    pixel = (offs_m % pixels_per_image).to(tl.int32)
+    out_row = pixel // out_w
+    out_col = pixel % out_w
+    in_row0 = out_row * conv_stride_h - pad_top
+    in_col0 = out_col * conv_stride_w - pad_left
+    x_rows = x_ptr + image * stride_xn
+
+    out_channel = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = out_channel < out_channels
+    first_in_channel = (out_channel // cout_per_group) * cin_per_group
+    w_cols = w_ptr + out_channel * stride_wo
+    ids_cols = ids_ptr + out_channel * stride_io
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for channel in range(0, cin_per_group):
+        x_channels = x_rows[:, None] + ((first_in_channel + channel) * stride_xc)[None, :]
+        for tap_row in tl.static_range(KH):
+            in_row = in_row0 + tap_row * dilation_h
+            row_valid = m_valid & (in_row >= 0) & (in_row < in_h)
+            for tap_col in tl.static_range(KW):
+                in_col = in_col0 + tap_col * dilation_w
+                pixel_valid = row_valid & (in_col >= 0) & (in_col < in_w)
+                x_tile = tl.load(
+                    x_channels + (in_row * stride_xh + in_col * stride_xw)[:, None],
+                    mask=pixel_valid[:, None] & n_valid[None, :],
+                    other=0.0,
+                )
+                w_vec = tl.load(
+                    w_cols + (channel * stride_wc + tap_row * stride_wh + tap_col * stride_ww),
+                    mask=n_valid,
+                    other=0.0,
+                )
+                if USE_MASK:
+                    ids = tl.load(
+                        ids_cols + (channel * stride_ic + tap_row * stride_ih + tap_col * stride_iw),
+                        mask=n_valid,
+                        other=0,
+                    ).to(tl.int32)
+                    # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
+                    w_vec = tl.where((ids != 0) & (ids <= active_task), w_vec, 0.0)
+                acc += x_tile.to(tl.float32) * w_vec.to(tl.float32)[None, :]
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if APPLY_RELU:
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+    out_rows = out_ptr + image * stride_on + out_row * stride_oh + out_col * stride_ow
+    out_ptrs = out_rows[:, None] + (out_channel * stride_oc)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+def _configs(kernel: str) -> list[triton.Config]:
+    """Autotuning candidates for Ampere/Hopper: ``kernel`` is ``"gemm"`` or ``"direct"``."""
+    if kernel == "gemm":
+        shapes = [
+            # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+            (128, 128, 32, 8, 3),
+            (128, 64, 32, 4, 4),
+            (64, 128, 32, 4, 4),
+            (64, 64, 32, 4, 4),
+            (128, 32, 32, 4, 4),
+            (64, 32, 64, 4, 3),
+            (32, 64, 64, 4, 3),
+            (32, 32, 64, 2, 4),
+            (16, 64, 64, 4, 3),
+        ]
+        return [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes
+        ]
+    if kernel == "direct":
+        shapes = [
+            # BLOCK_M, BLOCK_N, warps
+            (64, 64, 4),
+            (128, 32, 4),
+            (32, 128, 4),
+            (256, 16, 4),
+            (128, 64, 8),
+            (16, 128, 4),
+        ]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2) for m, n, w in shapes]
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+# Under TRITON_INTERPRET=1 autotuning cannot run: one small fixed tile per kernel (tests still cross tile borders).
+_INTERPRETER_CONFIGS = {"gemm": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, "direct": {"BLOCK_M": 32, "BLOCK_N": 16}}
+
+# The row count enters the key only bucketed (``m_bucket``), so a new batch size does not re-tune.
+_AUTOTUNE_KEYS = {
+    "gemm": ["m_bucket", "cin_per_group", "cout_per_group", "KH", "KW", "CHANNELS_INNER"],
+    "direct": ["m_bucket", "out_channels", "cin_per_group", "cout_per_group", "KH", "KW"],
+}
+_KERNELS = {"gemm": _masked_conv2d_gemm_kernel, "direct": _masked_conv2d_direct_kernel}
+_autotuned_kernels: dict = {}
+
+
+def _gpu_kernel(kernel: str):
+    """The autotuned wrapper of a kernel, built on first GPU use (never under the interpreter)."""
+    if kernel not in _autotuned_kernels:
+        _autotuned_kernels[kernel] = triton.autotune(configs=_configs(kernel), key=_AUTOTUNE_KEYS[kernel])(
+            _KERNELS[kernel]
+        )
+    return _autotuned_kernels[kernel]
+
+
+def _row_bucket(rows: int) -> int:
+    """The next power of two >= ``rows`` (autotuning key)."""
+    return 1 << max(int(rows) - 1, 0).bit_length()
+
+
+def _uses_direct_kernel(groups: int, cin_per_group: int, cout_per_group: int) -> bool:
+    """Grouped convs whose per-group GEMM is thinner than one 16-wide MMA tile go to the direct kernel."""
+    return groups > 1 and min(cin_per_group, cout_per_group) < 16
+
+
+def _resolve_padding(padding, kernel_size, dilation) -> list[int]:
+    """``[top, bottom, left, right]``; ``"same"`` puts the odd extra row/column at the bottom/right like F.conv2d."""
+    if padding == "valid":
+        return [0, 0, 0, 0]
+    if padding == "same":
+        sides = []
+        for size, dil in zip(kernel_size, dilation, strict=True):
+            total = dil * (size - 1)
+            sides += [total // 2, total - total // 2]
+        return sides
+    return [padding[0], padding[0], padding[1], padding[1]]
+
+
+def _strides_like_channels_last(tensor: torch.Tensor) -> bool:
+    """PyTorch's own test (``suggest_memory_format``) for a 4-D tensor laid out as NHWC; ambiguous cases are NCHW."""
+    sizes, strides = tensor.shape, tensor.stride()
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for dim in (1, 3, 2, 0):
+        if sizes[dim] == 0 or strides[dim] < smallest:
+            return False
+        if dim == 0 and smallest == strides[1]:
+            return False
+        smallest = strides[dim] * max(sizes[dim], 1)
+    return True
+
+
+def _output_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.conv2d`` returns a channels_last output: when the input or the weight is laid out as NHWC."""
+    return x.shape[0] > 0 and (_strides_like_channels_last(x) or _strides_like_channels_last(weight))
+
+
+def _max_offset(tensor: torch.Tensor, dims) -> int:
+    return sum((tensor.shape[d] - 1) * abs(tensor.stride(d)) for d in dims if tensor.shape[d] > 0)
+
+
+# Under TRITON_INTERPRET=1, ``triton.jit`` returns an interpreted function instead of a ``JITFunction``.
+_INTERPRETED = not isinstance(_masked_conv2d_gemm_kernel, triton.JITFunction)
+
+
+def _empty_output(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """The uninitialised ``[N, out, H_out, W_out]`` output, channels_last when ``F.conv2d``'s would be."""
+    batch, _, in_h, in_w = x.shape
+    out_channels, _, kh, kw = weight.shape
+    out_h = (in_h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (in_w + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    memory_format = torch.channels_last if _output_channels_last(x, weight) else torch.contiguous_format
+    return torch.empty((batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=memory_format)
+
+
+@torch.library.triton_op("packnet::masked_conv2d", mutates_args=())
+def _masked_conv2d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    task_ids: torch.Tensor,
+    task: int,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+    use_mask: bool,
+) -> torch.Tensor:
+    """Launch on validated arguments; ``padding`` is ``[top, bottom, left, right]``."""
+    if not x.is_cuda and not _INTERPRETED:
+        raise RuntimeError(
+            f"masked_conv2d: the Triton kernel needs CUDA tensors (got {x.device}) or TRITON_INTERPRET=1 set before "
+            "Triton is imported"
+        )
+    out = _empty_output(x, weight, stride, padding, dilation)
+    if out.numel() == 0:
+        return out
+    batch, _, in_h, in_w = x.shape
+    out_channels, cin_per_group, kh, kw = weight.shape
+    cout_per_group = out_channels // groups
+    out_h, out_w = out.shape[2:]
+
+    for name, tensor, dims in (
+        ("one input image", x, (1, 2, 3)),
+        ("one output image", out, (1, 2, 3)),
+        ("weight", weight, (0, 1, 2, 3)),
+        ("task_ids", task_ids, (0, 1, 2, 3)),
+    ):
+        if _max_offset(tensor, dims) >= _INT32_LIMIT:
+            raise ValueError(f"masked_conv2d: {name} spans 2**31 elements or more, which the kernel does not index")
+
+    total_pixels = batch * out_h * out_w
+    common = dict(
+        active_task=task,
+        total_pixels=total_pixels,
+        m_bucket=_row_bucket(total_pixels),
+        in_h=in_h,
+        in_w=in_w,
+        out_h=out_h,
+        out_w=out_w,
+        cin_per_group=cin_per_group,
+        cout_per_group=cout_per_group,
+        stride_xn=x.stride(0),
+        stride_xc=x.stride(1),
+        stride_xh=x.stride(2),
+        stride_xw=x.stride(3),
+        stride_wo=weight.stride(0),
+        stride_wc=weight.stride(1),
+        stride_wh=weight.stride(2),
+        stride_ww=weight.stride(3),
+        stride_io=task_ids.stride(0),
+        stride_ic=task_ids.stride(1),
+        stride_ih=task_ids.stride(2),
+        stride_iw=task_ids.stride(3),
+        stride_on=out.stride(0),
+        stride_oc=out.stride(1),
+        stride_oh=out.stride(2),
+        stride_ow=out.stride(3),
+        conv_stride_h=stride[0],
+        conv_stride_w=stride[1],
+        pad_top=padding[0],
+        pad_left=padding[2],
+        dilation_h=dilation[0],
+        dilation_w=dilation[1],
+        KH=kh,
+        KW=kw,
+        USE_MASK=use_mask,
+        HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        APPLY_RELU=relu,
+    )
+    # Absent epilogue vectors are never read (constexpr-guarded); any tensor can stand in for their pointers.
+    pointers = (x, weight, task_ids, x if bias is None else bias, x if scale is None else scale)
+    pointers += (x if shift is None else shift, out)
+
+    if _uses_direct_kernel(groups, cin_per_group, cout_per_group):
+        kernel_name = "direct"
+        common["out_channels"] = out_channels
+
+        def grid(meta):
+            return (triton.cdiv(total_pixels, meta["BLOCK_M"]), triton.cdiv(out_channels, meta["BLOCK_N"]))
+
+    else:
+        kernel_name = "gemm"
+        # fp32 dots follow PyTorch's own conv setting (TF32 on tensor cores unless cudnn.allow_tf32 is off).
+        tf32 = x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32
+        # The interpreter's bf16 dot is wrong (numpy has no bf16): upcast the tiles there.
+        common.update(
+            CHANNELS_INNER=_strides_like_channels_last(x),
+            UPCAST_DOT=_INTERPRETED and x.dtype == torch.bfloat16,
+            INPUT_PRECISION="tf32" if tf32 else "ieee",
+        )
+
+        def grid(meta):
+            row_blocks = triton.cdiv(total_pixels, meta["BLOCK_M"])
+            return (row_blocks * triton.cdiv(cout_per_group, meta["BLOCK_N"]), groups)
+
+    if _INTERPRETED:
+        torch.library.wrap_triton(_KERNELS[kernel_name])[grid](*pointers, **common, **_INTERPRETER_CONFIGS[kernel_name])
+    else:
+        torch.library.wrap_triton(_gpu_kernel(kernel_name))[grid](*pointers, **common)
+    return out
+
+
+def masked_conv2d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    task_ids: torch.Tensor,
+    task: int,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    relu: bool = False,
+    use_mask: bool = True,
+) -> torch.Tensor:
+    """``relu?((conv2d(x, W_t) + bias) * scale + shift)`` with ``W_t = where((ids != 0) & (ids <= task), W, 0)``.
+
+    Args:
+        x: ``[N, C, H, W]``, contiguous or channels_last (other strides work too), float32/float16/bfloat16.
+        weight: ``[out, C/groups, kh, kw]`` in ``x``'s dtype; ``task_ids`` the same shape, uint8.
+        task: int in 1..255.
+        bias, scale, shift: optional ``[out]`` vectors in ``x``'s dtype; a ``Conv2d -> BatchNorm2d(eval)`` pair
+            folds into ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``.
+        stride, dilation: int or pair; padding: int, pair, ``"same"`` or ``"valid"``; groups: int.
+        relu: apply ReLU last.
+        use_mask: ``False`` runs the same kernel on the raw weight (ids not read); for benchmarks.
+
+    Returns:
+        ``[N, out, H_out, W_out]`` in ``x``'s dtype; channels_last when ``x`` or ``weight`` is, as with ``F.conv2d``.
+    """
+    task, stride, padding, dilation = check_conv2d(
+        x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale, shift, dtypes=KERNEL_DTYPES
+    )
+    pads = _resolve_padding(padding, weight.shape[2:], dilation)
+    return torch.ops.packnet.masked_conv2d(
+        x,
+        weight,
+        task_ids,
+        task,
+        bias,
+        scale,
+        shift,
+        list(stride),
+        pads,
+        list(dilation),
+        groups,
+        relu,
+        use_mask,
+    )
+
+
+if _INTERPRETED:
+    # wrap_triton cannot trace an interpreted kernel, so under the interpreter the op stays one opaque node in
+    # compiled graphs (run eagerly by the backend) instead of decomposing into a traced kernel call; on the GPU
+    # triton_op's own fake kernel and decomposition apply.
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    @_masked_conv2d_op.register_fake
+    def _masked_conv2d_fake(
+        x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask
+    ):
+        return _empty_output(x, weight, stride, padding, dilation)
+
+    @_masked_conv2d_op.register_torch_dispatch(FunctionalTensorMode)
+    def _masked_conv2d_functional(mode, op, types, args, kwargs):
+        return mode.__torch_dispatch__(op, types, args, kwargs)
