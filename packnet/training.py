@@ -4,6 +4,10 @@ The model stays a plain ``nn.Module``. For every prunable layer (``nn.Linear``/`
 trainer keeps a ``uint8`` task-id tensor beside the weight; everything else in the model's state (biases, BatchNorm
 parameters and running statistics, the classifier head) is stored per task. Frozen weights are restored after every
 optimizer step, so no optimizer (momentum, weight decay, Adam moments) can move them.
+
+Under DistributedDataParallel (``torchrun``) pass the DDP-wrapped model: every rank runs the same calls on its
+shard of the data, and the trainer keeps the ranks identical by broadcasting from rank 0 whatever DDP does not
+synchronise (the random re-initialisation of free weights and head, the pruning decision, BatchNorm statistics).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from packnet_kernels import MAX_TASKS, effective_weight
 
+from .distributed import broadcast_, ddp_group, is_main_process, mean_across_ranks
 from .pruning import prune_ratio_for, release_smallest
 
 __all__ = ["LayerOwnership", "PackNet", "default_prunable"]
@@ -58,7 +64,8 @@ class PackNet:
     """Train one network on tasks 1, 2, ... without forgetting (Mallya & Lazebnik, 2018).
 
     Args:
-        model: any ``nn.Module``; it is trained in place. It may be wrapped in DDP (see :meth:`learn_task`).
+        model: any ``nn.Module``; it is trained in place. It may be wrapped in ``DistributedDataParallel``; the
+            trainer then keeps all ranks identical (see :meth:`learn_task`).
         prune_ratio: fraction of a task's weights released after training it: a float, or one float per task.
         prunable: ``(name, module) -> bool`` picking the shared layers; default every ``nn.Linear``/``nn.Conv2d``
             outside ``head``. Picked modules must be ``nn.Linear`` or ``nn.Conv2d``.
@@ -108,6 +115,7 @@ class PackNet:
         self.current_task = 0  # the task being trained, 0 when none
         self._frozen_weights: dict[str, torch.Tensor] = {}
         self._trainable_masks: dict[str, torch.Tensor] = {}
+        self._epochs_run = 0  # passes over the data so far, for DistributedSampler.set_epoch
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -127,6 +135,20 @@ class PackNet:
         with torch.no_grad():
             for key, value in state.items():
                 own[key].copy_(value)
+
+    def _sync_ranks(self) -> None:
+        """Under DDP, copy rank 0's shared weights, task ids and per-task state to every rank.
+
+        DDP keeps parameters equal through identical updates, but not what the trainer changes outside the
+        optimizer: free weights and the head re-drawn from each rank's random generator, BatchNorm statistics of
+        each rank's own batches, and (robustly, though equal weights imply it) the pruning decision.
+        """
+        group = ddp_group(self.model)
+        if group is None:
+            return
+        tensors = [layer.weight for layer in self.layers.values()] + list(self.task_ids.values())
+        tensors += list(self._task_specific_state().values())
+        broadcast_(tensors, group)
 
     def _trainable(self, name: str) -> torch.Tensor:
         return self._trainable_masks[name]
@@ -164,6 +186,7 @@ class PackNet:
                 nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear/nn.Conv2d's own initialisation
                 layer.weight.copy_(torch.where(free, fresh, layer.weight))
                 self.task_ids[name][free] = task
+        self._sync_ranks()
         self.current_task = task
         self._snapshot_frozen()
         return task
@@ -199,6 +222,7 @@ class PackNet:
                 layer.weight.masked_fill_(release, 0.0)
                 self.task_ids[name][release] = 0
                 released_counts[name] = int(release.sum())
+        self._sync_ranks()
         self._snapshot_frozen()
         return released_counts
 
@@ -207,6 +231,7 @@ class PackNet:
         if not self.current_task:
             raise RuntimeError("no task is being trained")
         self.restore_frozen_()
+        self._sync_ranks()  # above all the BatchNorm statistics, which each rank gathered on its own batches
         self.task_states.append({key: value.detach().clone() for key, value in self._task_specific_state().items()})
         task, self.current_task = self.current_task, 0
         self._frozen_weights, self._trainable_masks = {}, {}
@@ -225,14 +250,21 @@ class PackNet:
         """Train the current task for ``epochs`` passes over ``data`` (an iterable of ``(inputs, targets)``).
 
         Gradients of weights the task does not own are zeroed and those weights are restored after every step.
-        Returns the mean loss of the last epoch.
+        Returns the mean loss of the last epoch (under DDP, averaged over the ranks). Progress is shown on rank 0
+        only. A ``torch.utils.data.DataLoader`` with a ``DistributedSampler`` gets ``set_epoch`` before each pass.
         """
         if not self.current_task:
             raise RuntimeError("no task is being trained; call start_task() first")
         self.model.train()
         mean_loss = float("nan")
+        group = ddp_group(self.model)
+        show_progress = show_progress and is_main_process()
         bar = tqdm(range(epochs), desc=f"task {self.current_task} {desc}", leave=False, disable=not show_progress)
         for _ in bar:
+            sampler = getattr(data, "sampler", None)
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(self._epochs_run)
+            self._epochs_run += 1
             total, batches = 0.0, 0
             for inputs, targets in data:
                 optimizer.zero_grad(set_to_none=True)
@@ -244,6 +276,9 @@ class PackNet:
                 total += float(loss.detach())
                 batches += 1
             mean_loss = total / max(batches, 1)
+            if group is not None:
+                device = next(iter(self.layers.values())).weight.device
+                mean_loss = mean_across_ranks(mean_loss, group, device)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
         return mean_loss
 
@@ -265,7 +300,9 @@ class PackNet:
 
         ``optimizer`` is an optimizer or a factory ``params -> optimizer`` (called once for training and once more
         for fine-tuning, so the fine-tune starts with fresh moments). Under DDP every rank calls this with its shard
-        of the data; pruning decisions are identical on all ranks because DDP keeps the weights identical.
+        of the data (the same number of batches on every rank, e.g. a ``DistributedSampler`` with
+        ``drop_last=True``); weights, task ids and per-task state are broadcast from rank 0 when the task starts,
+        after pruning and when it is frozen, so every rank ends with the same network.
         """
         make = optimizer if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer) else None
         task = self.start_task()
