@@ -157,11 +157,36 @@ def _check_against_skeleton(pack: Pack, skeleton: nn.Module) -> None:
                 f"task {task}'s state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
             )
         for key, value in task_state.items():
+            want = pack.dtype if expected[key].is_floating_point() else expected[key].dtype
+            if value.dtype != want:
+                raise PackFormatError(f"task {task}'s {key!r} has dtype {value.dtype}, expected {want}")
             if tuple(value.shape) != tuple(expected[key].shape):
                 raise PackFormatError(
                     f"task {task}'s {key!r} has shape {tuple(value.shape)} but the model's is"
                     f" {tuple(expected[key].shape)}: the pack is for another architecture"
                 )
+
+
+def _rebuild_checked(pack: Pack) -> nn.Module:
+    """Rebuild ``pack.arch``, allocating real memory only once its shapes are known to match the pack's tensors.
+
+    The spec comes from the file and is not covered by the checksum: a crafted size must neither allocate without
+    bound nor raise anything but PackFormatError.
+    """
+    stored = sum(t.numel() for pair in pack.layers.values() for t in pair)
+    stored += sum(t.numel() for state in pack.task_states for t in state.values())
+    for key, value in pack.arch["kwargs"].items():
+        # No size, width or depth of a model exceeds the number of values it stores.
+        if type(value) is int and not 0 <= value <= max(stored, 1):
+            raise PackFormatError(f"architecture argument {key}={value} cannot describe a model of {stored} values")
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            _check_against_skeleton(pack, build_model(pack.arch))
+        return build_model(pack.arch)
+    except PackFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise PackFormatError(f"cannot rebuild the architecture {pack.arch}: {error}") from error
 
 
 def _own_state(module: nn.Module) -> bool:
@@ -195,10 +220,7 @@ def build_packed_model(
     if skeleton is None:
         if pack.arch is None:
             raise PackFormatError("the pack records no architecture spec; pass the model skeleton (model=...)")
-        try:
-            skeleton = build_model(pack.arch)
-        except (KeyError, TypeError, ValueError) as error:
-            raise PackFormatError(f"cannot rebuild the architecture {pack.arch}: {error}") from error
+        skeleton = _rebuild_checked(pack)
     _check_against_skeleton(pack, skeleton)
     model = copy.deepcopy(skeleton).to(device="cpu", dtype=pack.dtype)
     num_tasks = pack.num_tasks
