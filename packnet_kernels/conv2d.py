@@ -398,22 +398,7 @@ def _empty_output(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilati
     return torch.empty((batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=memory_format)
 
 
-@torch.library.triton_op("packnet::masked_conv2d", mutates_args=())
-def _masked_conv2d_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    task_ids: torch.Tensor,
-    task: int,
-    bias: torch.Tensor | None,
-    scale: torch.Tensor | None,
-    shift: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    relu: bool,
-    use_mask: bool,
-) -> torch.Tensor:
+def _launch(x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask):
     """Launch on validated arguments; ``padding`` is ``[top, bottom, left, right]``."""
     if not x.is_cuda and not _INTERPRETED:
         raise RuntimeError(
@@ -511,6 +496,52 @@ def _masked_conv2d_op(
     return out
 
 
+_OP_ARGS = (
+    "Tensor x, Tensor weight, Tensor task_ids, int task, Tensor? bias, Tensor? scale, Tensor? shift, int[] stride, "
+    "int[] padding, int[] dilation, int groups, bool relu, bool use_mask"
+)
+
+
+@torch.library.custom_op("packnet::masked_conv2d_interpreted", mutates_args=(), schema=f"({_OP_ARGS}) -> Tensor")
+def _masked_conv2d_interpreted(
+    x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask
+):
+    """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
+    ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
+    return _launch(x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask)
+
+
+@_masked_conv2d_interpreted.register_fake
+def _(x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask):
+    return _empty_output(x, weight, stride, padding, dilation)
+
+
+@torch.library.triton_op("packnet::masked_conv2d", mutates_args=())
+def _masked_conv2d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    task_ids: torch.Tensor,
+    task: int,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+    use_mask: bool,
+) -> torch.Tensor:
+    """The registered op (also its own fake implementation); arguments validated by :func:`masked_conv2d_triton`.
+    CUDA launches go through ``wrap_triton`` so ``torch.compile`` sees the kernels."""
+    args = (x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask)
+    if not x.is_cuda:
+        return _masked_conv2d_interpreted(*args)
+    # Triton launches on the current device: make it the tensors' one (they may live on another GPU).
+    with torch.cuda.device(x.device):
+        return _launch(*args)
+
+
 def masked_conv2d_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -561,20 +592,3 @@ def masked_conv2d_triton(
         relu,
         use_mask,
     )
-
-
-if _INTERPRETED:
-    # wrap_triton cannot trace an interpreted kernel, so under the interpreter the op stays one opaque node in
-    # compiled graphs (run eagerly by the backend) instead of decomposing into a traced kernel call; on the GPU
-    # triton_op's own fake kernel and decomposition apply.
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    @_masked_conv2d_op.register_fake
-    def _masked_conv2d_fake(
-        x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask
-    ):
-        return _empty_output(x, weight, stride, padding, dilation)
-
-    @_masked_conv2d_op.register_torch_dispatch(FunctionalTensorMode)
-    def _masked_conv2d_functional(mode, op, types, args, kwargs):
-        return mode.__torch_dispatch__(op, types, args, kwargs)
