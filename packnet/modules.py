@@ -78,7 +78,7 @@ class _PackedLayer(_TaskSelecting):
             )
         if task_ids.dtype != torch.uint8:
             raise TypeError(f"{type(self).__name__}: task_ids must be torch.uint8, got {task_ids.dtype}")
-        if int(task_ids.max()) > self.num_tasks if task_ids.numel() else False:
+        if task_ids.numel() and int(task_ids.max()) > self.num_tasks:
             raise ValueError(
                 f"{type(self).__name__}: task_ids hold task {int(task_ids.max())} but the layer has {self.num_tasks}"
             )

@@ -39,13 +39,19 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     check_backend(backend)
     if backend == "auto":
         return "triton" if x.is_cuda else "reference"
-    if backend == "triton" and not x.is_cuda and not interpreter_enabled():
+    if backend == "triton":
+        require_kernel_device("backend='triton'", x)
+    return backend
+
+
+def require_kernel_device(what: str, x: torch.Tensor) -> None:
+    """Raise ``RuntimeError`` unless the Triton kernels can run on ``x``: a CUDA tensor, or the interpreter on."""
+    if not x.is_cuda and not interpreter_enabled():
         raise RuntimeError(
-            f"backend='triton' needs CUDA tensors (got a tensor on {x.device}); on the CPU the Triton kernels run "
+            f"{what} needs CUDA tensors (got a tensor on {x.device}); on the CPU the Triton kernels run "
             "only under the interpreter: set TRITON_INTERPRET=1 before importing packnet_kernels, "
             "or use backend='reference'"
         )
-    return backend
 
 
 def _check_vector(name: str, vector: torch.Tensor | None, length: int, like: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import KERNEL_DTYPES, check_conv2d
+from ._checks import KERNEL_DTYPES, check_conv2d, require_kernel_device
 
 __all__ = ["masked_conv2d_triton"]
 
@@ -576,6 +576,7 @@ def masked_conv2d_triton(
     task, stride, padding, dilation = check_conv2d(
         x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale, shift, dtypes=KERNEL_DTYPES
     )
+    require_kernel_device("masked_conv2d_triton", x)
     pads = _resolve_padding(padding, weight.shape[2:], dilation)
     return torch.ops.packnet.masked_conv2d(
         x,

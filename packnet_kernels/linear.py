@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._checks import KERNEL_DTYPES, check_linear, interpreter_enabled
+from ._checks import KERNEL_DTYPES, check_linear, require_kernel_device
 
 __all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton"]
 
@@ -562,11 +562,7 @@ def masked_linear_triton(
         RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
     """
     task = check_linear(x, weight, task_ids, task, bias, scale, shift, dtypes=KERNEL_DTYPES)
-    if not x.is_cuda and not interpreter_enabled():
-        raise RuntimeError(
-            f"masked_linear_triton needs CUDA tensors (got {x.device}); on the CPU set TRITON_INTERPRET=1 before "
-            "importing triton, or use the reference backend"
-        )
+    require_kernel_device("masked_linear_triton", x)
     for name, flag in (("relu", relu), ("use_mask", use_mask)):
         if not isinstance(flag, bool):
             raise TypeError(f"masked_linear: {name} must be a bool, got {type(flag).__name__}")

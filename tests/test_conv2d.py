@@ -355,3 +355,11 @@ def test_batch_offsets_past_2_to_the_31_elements():
     assert x.numel() > 2**31
     _assert_close(got[-1:], F.conv2d(x[-1:].double(), weight.double()).cpu(), torch.float16)
     assert torch.equal(got[0], torch.zeros_like(got[0]))
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    x, weight = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    task_ids = torch.ones(weight.shape, dtype=torch.uint8)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="masked_conv2d_triton needs CUDA tensors.*TRITON_INTERPRET=1"):
+        masked_conv2d_triton(x, weight, task_ids, 1)
