@@ -1,37 +1,70 @@
 #!/usr/bin/env bash
-# One device call on a lent GPU: the whole test suite on CUDA (no interpreter), then the benchmark suite, then the
-# demo. Everything lands under $OUT (at most 8 files come back from a device call, so logs are kept few).
+# One device call on a lent GPU, sized for the 8 minutes a session can afford: correctness on CUDA first, then the
+# headline numbers. Everything lands under $OUT (at most 8 files come back from a device call):
 #
-#   bash benchmarks/gpu_session.sh [all|tests|bench|demo]
+#   device.txt      GPU, driver, CUDA, torch and triton versions
+#   tests.log       the whole test suite on CUDA, no interpreter (pytest-xdist, 8 workers)
+#   demo.log/.json  the Split-Digits demo on CUDA
+#   warm.log        Triton compiling/autotuning the benchmark's kernels in 3 processes while the tests run
+#   headline.json   benchmarks/headline.py, rewritten after every case (a timeout keeps what was measured)
+#   headline.log    its one-line-per-case summary
 #
-# Budget: one device call is limited to 10 minutes and pytest-benchmark writes its JSON only when the session ends,
-# so run the stages in separate calls: `... tests demo` (~4 min), then `... bench` (up to ~9 min; set
-# PACKNET_BENCH_REP_MS=20 to shorten it, or PACKNET_BENCH_QUICK=1 for a smoke run).
+#   bash benchmarks/gpu_session.sh [tests] [demo] [headline]     (no argument: all three)
+#
+# HEADLINE_BUDGET_S (default 170) stops the benchmark from starting new cases; HEADLINE_ARGS adds arguments to it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
+PYTHON=${PYTHON:-python3}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(all)
+[ ${#stages[@]} -eq 0 ] && stages=(tests demo headline)
+want() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 status=0
+start=$(date +%s)
+stamp() { echo "[gpu_session +$(($(date +%s) - start))s] $*"; }
 
 {
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-    python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+        --format=csv
+    "$PYTHON" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__,
+"triton", triton.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
 } >"$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
 
-want() { [[ " ${stages[*]} " == *" all "* || " ${stages[*]} " == *" $1 "* ]]; }
-
+pids=()
 if want tests; then
-    timeout 300 python -m pytest -q tests -x --durations=15 2>&1 | tee "$OUT/tests.log" || status=1
+    stamp "tests"
+    timeout 200 "$PYTHON" -m pytest -q tests -n 8 -p no:cacheprovider --timeout 150 --durations=15 -rfE \
+        >"$OUT/tests.log" 2>&1 &
+    pids+=($!)
 fi
-if want bench; then
-    timeout 560 python -m packnet bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
+if want headline; then
+    # Fill Triton's on-disk cache (compiles, autotuning) on idle CPU cores while the tests run.
+    for shard in 0 1 2; do
+        timeout 200 "$PYTHON" benchmarks/headline.py --out /tmp/warm --warm --shard "$shard/3" >>"$OUT/warm.log" 2>&1 &
+        pids+=($!)
+    done
 fi
 if want demo; then
-    timeout 120 python -m packnet demo --out /tmp/packnet-demo --json "$OUT/demo.json" 2>&1 | tail -40 \
-        | tee "$OUT/demo.log" || status=1
+    stamp "demo"
+    timeout 200 "$PYTHON" -m packnet demo --out /tmp/packnet-demo --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1 &
+    pids+=($!)
 fi
+for pid in "${pids[@]}"; do
+    wait "$pid" || status=1
+done
+want tests && tail -25 "$OUT/tests.log"
+want demo && tail -15 "$OUT/demo.log"
+
+if want headline; then
+    stamp "headline"
+    # shellcheck disable=SC2086
+    timeout $((${HEADLINE_BUDGET_S:-170} + 90)) "$PYTHON" benchmarks/headline.py --out "$OUT" \
+        --budget-s "${HEADLINE_BUDGET_S:-170}" ${HEADLINE_ARGS:-} >"$OUT/headline.log" 2>&1 || status=1
+    tail -60 "$OUT/headline.log"
+fi
+stamp "done (status $status)"
 exit $status

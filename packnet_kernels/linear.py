@@ -41,7 +41,7 @@ AUTOTUNE = True
 # Batches up to this size take the split-K (GEMV-shaped) path; larger ones the tensor-core tiled path.
 SMALL_M_MAX = 16
 # Autotune keys bucket the batch size to the next power of two, capped here: larger batches share one tuning.
-M_BUCKET_CAP = 256
+M_BUCKET_CAP = 4096
 # The small regime's K-chunk per split is a multiple of this, so every autotuned BLOCK_K (a divisor) tiles it evenly.
 _SPLIT_K_ALIGN = 256
 # ...and at least this long, so each split runs enough iterations for the load pipeline to pay off.
@@ -81,11 +81,12 @@ def _epilogue(
     if HAS_SHIFT:
         acc += tl.load(shift_ptr + offs_n * stride_shift, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        # propagate_nan: PTX max.f32 would turn a NaN into 0, unlike torch.relu and the reference.
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return acc
 
 
-@triton.jit(do_not_specialize=["active_task", "m_bucket", "k_per_split", "stride_split"])
+@triton.jit(do_not_specialize=["active_task", "m_bucket", "stride_split"])
 def _masked_linear_kernel(
     x_ptr,
     w_ptr,
@@ -154,8 +155,12 @@ def _masked_linear_kernel(
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
+    # ``k_per_split`` is specialised (not in ``do_not_specialize``): Triton then knows it is a multiple of 16, so the
+    # split's start is 16-aligned and the K mask below is constant over 16-element runs, which lets every weight, id
+    # and activation load become a 16-byte ``cp.async``. The launcher makes ``k_per_split`` a multiple of every
+    # BLOCK_K, so a split's tiles never cross into the next split and masking against ``K`` alone is exact.
     k_start = pid_k * k_per_split
-    k_len = min(K - k_start, k_per_split)
+    k_end = min(K, k_start + k_per_split)
     offs_k = tl.arange(0, BLOCK_K)
     offs_k64 = k_start.to(tl.int64) + offs_k
 
@@ -164,8 +169,8 @@ def _masked_linear_kernel(
     xt_ptrs = x_ptr + offs_k64[:, None] * stride_xk + offs_m[None, :] * stride_xm
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(0, tl.cdiv(k_len, BLOCK_K)):
-        k_mask = offs_k < k_len - k * BLOCK_K
+    for k in range(k_start, k_end, BLOCK_K):
+        k_mask = offs_k < K - k
         w_tile_mask = n_mask[:, None] & k_mask[None, :]
         w = tl.load(w_ptrs, mask=w_tile_mask, other=0.0)
         if USE_MASK:

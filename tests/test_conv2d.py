@@ -41,6 +41,12 @@ CONFIGS = [
 CONFIG_IDS = [config[0] for config in CONFIGS]
 
 
+@pytest.fixture(autouse=True)
+def _untuned_on_gpu(monkeypatch):
+    """On CUDA compile one config per kernel variant instead of autotuning every shape (test_autotuned covers it)."""
+    monkeypatch.setattr(conv2d_module, "AUTOTUNE", False)
+
+
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -340,6 +346,23 @@ def test_compiles_to_one_graph_with_aot_eager(kernel_device):
     got = compiled(x)
     assert counter.frame_count == 1
     assert torch.equal(got, block(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2], CONFIGS[12]], ids=lambda c: c[0])
+def test_autotuned(config, dtype, monkeypatch):
+    """The autotuned GPU paths (implicit GEMM, 1x1, direct depthwise) on larger shapes, and their determinism."""
+    monkeypatch.setattr(conv2d_module, "AUTOTUNE", True)
+    _, x_shape, out_channels, kernel, stride, padding, dilation, groups = config
+    x_shape = (8, x_shape[1] * 4, 28, 28)
+    out_channels *= 4
+    groups = groups * 4 if groups > 1 else 1
+    x, weight, task_ids, bias = _problem(x_shape, out_channels, kernel, groups, dtype, "cuda", seed=21)
+    x = x.contiguous(memory_format=torch.channels_last)
+    got = masked_conv2d_triton(x, weight, task_ids, 2, bias, stride, padding, dilation, groups)
+    _assert_close(got, _reference(x, weight, task_ids, 2, bias, stride, padding, dilation, groups), dtype)
+    assert torch.equal(got, masked_conv2d_triton(x, weight, task_ids, 2, bias, stride, padding, dilation, groups))
 
 
 @pytest.mark.gpu

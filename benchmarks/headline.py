@@ -1,0 +1,383 @@
+"""The headline GPU benchmark: the layers and methods the README quotes, timed two ways, written case by case.
+
+    python benchmarks/headline.py --out DIR [--budget-s SECONDS] [--dtypes fp16,bf16] [--quick]
+
+Layers: linear VGG-16 fc6 (25088->4096), 4096->4096 and a transformer MLP up projection (4096->11008) at batch 1,
+16, 256 and 4096; a 3x3, a 1x1 and a depthwise 3x3 conv at batch 1 and 64. Each is packed for 3 tasks by nested
+magnitude pruning (50 %, then 50 % of the rest) and queried for task 1 and task 3 (the last). Methods:
+
+- ``packnet``: ``packnet_kernels.masked_linear``/``masked_conv2d`` (the fused Triton kernel);
+- ``packnet_nomask``: the same kernel with its predicate compiled out (the Triton-vs-cuBLAS/cuDNN gap);
+- ``dense_masking``: ``F.linear(x, W * mask_t)`` with ``mask_t`` precomputed in the weight's dtype (the user's
+  default, what ``torch.nn.utils.prune`` does in one line);
+- ``dense_masking_ids``: the mask recomputed from the ids every call (``where((ids != 0) & (ids <= t), W, 0)``), a
+  weaker baseline;
+- ``torch_prune``: an ``nn.Linear``/``nn.Conv2d`` under ``torch.nn.utils.prune.custom_from_mask``;
+- ``premasked``: one masked dense copy per task kept in memory, cuBLAS/cuDNN on it (T times the memory): the ceiling.
+
+Every method's output is first checked against a float64 reference (normwise relative error). Then two times:
+``event_ms``, the median CUDA-event interval around single eager calls (host launch gaps included, each call reading
+the next of several buffer sets so that L2 cannot hold them), and ``graph_ms``, the same calls captured in a CUDA
+graph and replayed (pure GPU time). For ``packnet``, ``host_us`` is the host time to issue one call. The measured
+copy bandwidth and matmul rate come first. Results go to ``DIR/headline.json``, rewritten after every case, so a run
+stopped by a time limit keeps what it measured; ``--budget-s`` stops starting new cases after that many seconds.
+
+``--warm --shard I/N`` only runs the packed kernels once per case (compiling and autotuning them), for filling
+Triton's on-disk cache from several processes before the timed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import prune
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import timing  # noqa: E402
+
+from packnet.pruning import magnitude_task_ids  # noqa: E402
+from packnet_kernels import masked_conv2d, masked_linear  # noqa: E402
+from packnet_kernels.reference import effective_weight, task_mask  # noqa: E402
+
+NUM_TASKS, PRUNE_RATIO = 3, 0.5
+TASKS = (1, NUM_TASKS)
+METHODS = ("packnet", "packnet_nomask", "dense_masking", "dense_masking_ids", "torch_prune", "premasked")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Normwise relative error allowed against the float64 reference (fp32 runs TF32 dots, like cuBLAS with TF32 on).
+MAX_ERROR = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 5e-3}
+GRAPH_MIN_CALLS = 8
+GRAPH_REPLAYS = 7
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    op: str  # "linear" or "conv2d"
+    in_ch: int
+    out_ch: int
+    kernel: int = 1
+    hw: int = 0
+    groups: int = 1
+    batches: tuple[int, ...] = ()
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.op == "linear":
+            return (self.out_ch, self.in_ch)
+        return (self.out_ch, self.in_ch // self.groups, self.kernel, self.kernel)
+
+    def input_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, self.in_ch) if self.op == "linear" else (batch, self.in_ch, self.hw, self.hw)
+
+    def output_numel(self, batch: int) -> int:
+        return batch * self.out_ch * (1 if self.op == "linear" else self.hw * self.hw)
+
+    def flops(self, batch: int) -> int:
+        return 2 * self.output_numel(batch) * math.prod(self.weight_shape[1:])
+
+
+LINEAR_BATCHES = (1, 16, 256, 4096)
+CONV_BATCHES = (1, 64)
+LAYERS = (
+    Layer("vgg16.fc6", "linear", 25088, 4096, batches=LINEAR_BATCHES),
+    Layer("linear.4096", "linear", 4096, 4096, batches=LINEAR_BATCHES),
+    Layer("mlp.up.4096-11008", "linear", 4096, 11008, batches=LINEAR_BATCHES),
+    Layer("resnet50.conv3x3.256@14", "conv2d", 256, 256, 3, 14, batches=CONV_BATCHES),
+    Layer("resnet50.conv1x1.1024-256@14", "conv2d", 1024, 256, 1, 14, batches=CONV_BATCHES),
+    Layer("mobilenetv2.dw3x3.192@28", "conv2d", 192, 192, 3, 28, groups=192, batches=CONV_BATCHES),
+)
+QUICK_LAYERS = (
+    Layer("tiny.linear", "linear", 96, 80, batches=(1, 20)),
+    Layer("tiny.conv", "conv2d", 16, 24, 3, 9, batches=(1, 2)),
+    Layer("tiny.dw", "conv2d", 16, 16, 3, 9, groups=16, batches=(1,)),
+)
+
+
+class LayerSets:
+    """Rotated weight sets of one layer: a random weight per set, its task ids, the weight with free entries zeroed
+    (as in a pack), and channels-last copies for the cuDNN methods."""
+
+    def __init__(self, layer: Layer, dtype: torch.dtype, device: str, count: int):
+        fan_in = math.prod(layer.weight_shape[1:])
+        generator = torch.Generator(device=device).manual_seed(sum(map(ord, layer.name)))
+        self.weights, self.task_ids = [], []
+        for _ in range(count):
+            weight = (torch.randn(layer.weight_shape, generator=generator, device=device) / math.sqrt(fan_in)).to(dtype)
+            ids = magnitude_task_ids(weight, NUM_TASKS, PRUNE_RATIO)
+            self.weights.append(torch.where(ids != 0, weight, torch.zeros((), dtype=dtype, device=device)))
+            self.task_ids.append(ids)
+        layout = torch.channels_last if layer.op == "conv2d" and device == "cuda" else torch.contiguous_format
+        self.dense_weights = [w.contiguous(memory_format=layout) for w in self.weights]
+        self.dense_ids = [ids.contiguous(memory_format=layout) for ids in self.task_ids]
+
+
+def _conv_args(layer: Layer) -> tuple:
+    return (1, layer.kernel // 2, 1, layer.groups)  # stride, padding, dilation, groups
+
+
+def build_methods(layer: Layer, sets: LayerSets, xs: list, task: int) -> dict:
+    """``{method: fn(i)}``; ``fn(i)`` runs the method on rotation ``i % len(xs)``."""
+    n = len(xs)
+    conv = layer.op == "conv2d"
+    args = _conv_args(layer) if conv else ()
+
+    def dense(x, weight):
+        return F.conv2d(x, weight, None, *args) if conv else F.linear(x, weight)
+
+    packed_op = masked_conv2d if conv else masked_linear
+    if conv:
+        from packnet_kernels.conv2d import masked_conv2d_triton as raw_kernel
+    else:
+        from packnet_kernels.linear import masked_linear_triton as raw_kernel
+    masks = [task_mask(ids, task).to(w.dtype) for w, ids in zip(sets.dense_weights, sets.dense_ids, strict=True)]
+    premasked = [effective_weight(w, ids, task) for w, ids in zip(sets.dense_weights, sets.dense_ids, strict=True)]
+    zero = torch.zeros((), dtype=sets.weights[0].dtype, device=sets.weights[0].device)
+    modules = []
+    for weight, ids in zip(sets.dense_weights, sets.dense_ids, strict=True):
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        if conv:
+            module = nn.Conv2d(layer.in_ch, layer.out_ch, layer.kernel, 1, layer.kernel // 2, groups=layer.groups,
+                               bias=False, **factory)  # fmt: skip
+        else:
+            module = nn.Linear(layer.in_ch, layer.out_ch, bias=False, **factory)
+        module.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        modules.append(prune.custom_from_mask(module, "weight", task_mask(ids, task)))
+
+    def ids_mask(i):
+        ids = sets.dense_ids[i % n]
+        return torch.where((ids != 0) & (ids <= task), sets.dense_weights[i % n], zero)
+
+    return {
+        "packnet": lambda i: packed_op(xs[i % n], sets.weights[i % n], sets.task_ids[i % n], task, None, *args),
+        "packnet_nomask": lambda i: raw_kernel(
+            xs[i % n], sets.weights[i % n], sets.task_ids[i % n], task, None, *args, use_mask=False
+        ),
+        "dense_masking": lambda i: dense(xs[i % n], sets.dense_weights[i % n] * masks[i % n]),
+        "dense_masking_ids": lambda i: dense(xs[i % n], ids_mask(i)),
+        "torch_prune": lambda i: modules[i % n](xs[i % n]),
+        "premasked": lambda i: dense(xs[i % n], premasked[i % n]),
+    }
+
+
+def graph_ms(fn, rotations: int) -> float:
+    """Median GPU time of one call, from CUDA-graph replays of ``calls`` consecutive rotated calls."""
+    calls = max(GRAPH_MIN_CALLS, rotations)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(calls):  # warm-up on a side stream, as capture requires
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(GRAPH_REPLAYS):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(begin.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(samples)
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """Host time to issue one call: back-to-back calls with no synchronisation (the launch queue does not fill in
+    ``calls`` calls), after the device is idle."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(calls):
+        fn(i)
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def traffic_bytes(layer: Layer, batch: int, element: int, method: str) -> int:
+    """Compulsory DRAM traffic: x, W and y; the ids for the packed kernel; the mask and a written-then-read masked
+    copy for the methods that materialise it."""
+    numel = math.prod(layer.weight_shape)
+    gemm = (math.prod(layer.input_shape(batch)) + layer.output_numel(batch) + numel) * element
+    if method == "packnet":
+        return gemm + numel
+    if method in ("packnet_nomask", "premasked"):
+        return gemm
+    if method == "dense_masking_ids":
+        return gemm + numel * (element + 1 + element)
+    return gemm + numel * (3 * element)  # W and an fp mask read, the masked copy written (then read by the GEMM)
+
+
+def run_case(layer, dtype, batch, task, sets, device, rotations, warm_only) -> list[dict]:
+    generator = torch.Generator(device=device).manual_seed(batch * 1000 + task)
+    layout = torch.channels_last if layer.op == "conv2d" and device == "cuda" else torch.contiguous_format
+    xs = [
+        torch.randn(layer.input_shape(batch), generator=generator, device=device)
+        .to(dtype)
+        .contiguous(memory_format=layout)
+        for _ in range(rotations)
+    ]
+    methods = build_methods(layer, sets, xs, task)
+    if warm_only:
+        methods["packnet"](0)
+        methods["packnet_nomask"](0)
+        return []
+    references = {}
+
+    def reference(for_task):
+        """Float64 output on rotation 0 with task ``for_task``'s weight (the raw weight for the no-mask kernel)."""
+        if for_task not in references:
+            weight = effective_weight(sets.weights[0].double(), sets.task_ids[0], for_task)
+            if layer.op == "conv2d":
+                references[for_task] = F.conv2d(xs[0].double(), weight, None, *_conv_args(layer))
+            else:
+                references[for_task] = F.linear(xs[0].double(), weight)
+        return references[for_task]
+
+    element = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    for method, fn in methods.items():
+        row = {
+            "layer": layer.name,
+            "op": layer.op,
+            "shape": list(layer.weight_shape),
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch": batch,
+            "task": task,
+            "method": method,
+            "flops": layer.flops(batch),
+            "bytes": traffic_bytes(layer, batch, element, method),
+        }
+        try:
+            out = fn(0)
+            row["error"] = timing.normwise_error(out, reference(NUM_TASKS if method == "packnet_nomask" else task))
+            row["ok"] = bool(row["error"] <= MAX_ERROR[dtype])
+            if not row["ok"]:
+                row["note"] = f"normwise error {row['error']:.2e} > {MAX_ERROR[dtype]:.0e}"
+            row["event_ms"] = timing.median_ms(fn, device, rep_ms=25.0)
+            row["graph_ms"] = graph_ms(fn, rotations) if device == "cuda" else None
+            if method == "packnet" and device == "cuda":
+                row["host_us"] = host_us(fn)
+        except Exception as error:  # a failing method is a result too; the others still run
+            row.update(ok=False, note=f"{type(error).__name__}: {str(error)[:300]}")
+        rows.append(row)
+    return rows
+
+
+def _summary_line(rows: list[dict]) -> str:
+    by = {row["method"]: row for row in rows}
+    first = rows[0]
+
+    def speed(method):
+        key = "graph_ms" if by.get("packnet", {}).get("graph_ms") else "event_ms"
+        if not by.get(method, {}).get(key) or not by.get("packnet", {}).get(key):
+            return "  -  "
+        return f"{by[method][key] / by['packnet'][key]:5.2f}"
+
+    packed = by.get("packnet", {})
+    return (
+        f"{first['layer']:30s} {first['dtype']:8s} b{first['batch']:<5d} t{first['task']} "
+        f"packnet {packed.get('event_ms', float('nan')):8.4f}/{packed.get('graph_ms') or float('nan'):8.4f} ms "
+        f"host {packed.get('host_us', float('nan')):5.1f}us | vs masking x{speed('dense_masking')} "
+        f"vs premasked x{speed('premasked')} | ok={all(row.get('ok') for row in rows)}"
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="directory for headline.json")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
+    parser.add_argument("--dtypes", default="fp16,bf16", help="comma-separated: fp16, bf16, fp32")
+    parser.add_argument("--layers", default="", help="comma-separated layer names (default: all)")
+    parser.add_argument("--quick", action="store_true", help="tiny layers (a CPU smoke run of the script)")
+    parser.add_argument("--warm", action="store_true", help="only compile and autotune the packed kernels")
+    parser.add_argument("--shard", default="0/1", help="I/N: this process runs every N-th case from I (with --warm)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard, shards = (int(part) for part in args.shard.split("/"))
+    dtypes = [DTYPES[name] for name in args.dtypes.split(",") if name]
+    layers = QUICK_LAYERS if args.quick or device == "cpu" else LAYERS
+    if args.layers:
+        layers = tuple(layer for layer in layers if layer.name in args.layers.split(","))
+    info = timing.device_info(device)
+    if device == "cuda":
+        info["driver"] = _driver_version()
+    result = {"device": info, "argv": sys.argv[1:], "results": [], "skipped": []}
+    if not args.warm:
+        result["limits"] = timing.measure_limits(device, dtypes)
+        print(f"limits: copy {result['limits']['copy_gbps']:.0f} GB/s, matmul {result['limits']['matmul_tflops']}")
+    path = out_dir / "headline.json"
+    case_index = 0
+    for dtype in dtypes:
+        for layer in layers:
+            sets = None
+            for batch in layer.batches:
+                for task in TASKS:
+                    case_index += 1
+                    if args.warm and (case_index - 1) % shards != shard:
+                        continue
+                    if time.perf_counter() - started > args.budget_s:
+                        result["skipped"].append([layer.name, str(dtype), batch, task])
+                        continue
+                    if sets is None:
+                        per_set = math.prod(layer.weight_shape) * (torch.empty((), dtype=dtype).element_size() + 1)
+                        count = timing.rotation_count(per_set, info["l2_bytes"], device)
+                        sets = LayerSets(layer, dtype, device, count)
+                    rows = run_case(layer, dtype, batch, task, sets, device, len(sets.weights), args.warm)
+                    if rows:
+                        result["results"].extend(rows)
+                        print(_summary_line(rows), flush=True)
+                        result["elapsed_s"] = time.perf_counter() - started
+                        tmp = path.with_suffix(".tmp")
+                        tmp.write_text(json.dumps(result, indent=1))
+                        os.replace(tmp, path)
+            del sets
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if result["skipped"]:
+        print(f"budget reached: {len(result['skipped'])} cases skipped")
+    failed = [row for row in result["results"] if not row.get("ok")]
+    for row in failed:
+        print(f"FAILED {row['layer']} {row['dtype']} b{row['batch']} t{row['task']} {row['method']}: {row.get('note')}")
+    return 1 if failed else 0
+
+
+def _driver_version() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
