@@ -8,10 +8,13 @@
 #   warm.log        Triton compiling/autotuning the benchmark's kernels in 3 processes while the tests run
 #   headline.json   benchmarks/headline.py, rewritten after every case (a timeout keeps what was measured)
 #   headline.log    its one-line-per-case summary
+#   host_profile.txt  benchmarks/host_profile.py: the host time of each layer of a packed call, and a cProfile
 #
-#   bash benchmarks/gpu_session.sh [tests] [demo] [headline]     (no argument: all three)
+#   bash benchmarks/gpu_session.sh [tests] [profile] [demo] [headline]     (no argument: all four)
 #
-# HEADLINE_BUDGET_S (default 170) stops the benchmark from starting new cases; HEADLINE_ARGS adds arguments to it.
+# TESTS_TIMEOUT_S (default 200) bounds stage 1 (tests, demo, compiling); HEADLINE_BUDGET_S (default 170) stops the
+# benchmark from starting new cases and HEADLINE_GRACE_S (default 90) kills it that much later; HEADLINE_ARGS adds
+# arguments to it (and to the compile warm-up).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -20,7 +23,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 PYTHON=${PYTHON:-python3}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests demo headline)
+[ ${#stages[@]} -eq 0 ] && stages=(tests profile demo headline)
 want() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 status=0
 start=$(date +%s)
@@ -34,35 +37,50 @@ stamp() { echo "[gpu_session +$(($(date +%s) - start))s] $*"; }
 } >"$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
+# Stage 1, CPU-heavy work side by side: the tests, the demo, and Triton compiling the benchmark's kernels.
+export OMP_NUM_THREADS=1
 pids=()
 if want tests; then
     stamp "tests"
-    timeout 200 "$PYTHON" -m pytest -q tests -n 8 -p no:cacheprovider --timeout 150 --durations=15 -rfE \
-        >"$OUT/tests.log" 2>&1 &
+    # One result line per test (-v), so a run stopped by the time limit still says what passed and failed; SIGINT
+    # first so that pytest prints its failure summary.
+    timeout -s INT -k 20 "${TESTS_TIMEOUT_S:-200}" "$PYTHON" -m pytest tests -v -n "${TEST_WORKERS:-12}" \
+        -p no:cacheprovider -p no:benchmark --timeout 150 --durations=20 -rfE >"$OUT/tests.log" 2>&1 &
     pids+=($!)
 fi
 if want headline; then
-    # Fill Triton's on-disk cache (compiles, autotuning) on idle CPU cores while the tests run.
+    # Fill Triton's on-disk cache (compiles, autotuning) so that the timed run below only times.
     for shard in 0 1 2; do
-        timeout 200 "$PYTHON" benchmarks/headline.py --out /tmp/warm --warm --shard "$shard/3" >>"$OUT/warm.log" 2>&1 &
+        timeout "${TESTS_TIMEOUT_S:-200}" "$PYTHON" benchmarks/headline.py --out /tmp/warm --warm --shard "$shard/3" \
+            ${HEADLINE_ARGS:-} >>"$OUT/warm.log" 2>&1 &
         pids+=($!)
     done
 fi
 if want demo; then
     stamp "demo"
-    timeout 200 "$PYTHON" -m packnet demo --out /tmp/packnet-demo --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1 &
+    timeout "${TESTS_TIMEOUT_S:-200}" "$PYTHON" -m packnet demo --out /tmp/packnet-demo --json "$OUT/demo.json" \
+        >"$OUT/demo.log" 2>&1 &
     pids+=($!)
 fi
 for pid in "${pids[@]}"; do
     wait "$pid" || status=1
 done
-want tests && tail -25 "$OUT/tests.log"
+if want tests; then
+    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-220 | head -60
+    tail -3 "$OUT/tests.log"
+fi
 want demo && tail -15 "$OUT/demo.log"
 
+# Stage 2, timing alone on the machine: the host path of one call, then the headline benchmark.
+if want profile; then
+    stamp "host profile"
+    timeout 60 "$PYTHON" benchmarks/host_profile.py --out "$OUT" >/dev/null 2>"$OUT/host_profile.err" || status=1
+    head -6 "$OUT/host_profile.txt"
+fi
 if want headline; then
     stamp "headline"
     # shellcheck disable=SC2086
-    timeout $((${HEADLINE_BUDGET_S:-170} + 90)) "$PYTHON" benchmarks/headline.py --out "$OUT" \
+    timeout $((${HEADLINE_BUDGET_S:-170} + ${HEADLINE_GRACE_S:-90})) "$PYTHON" benchmarks/headline.py --out "$OUT" \
         --budget-s "${HEADLINE_BUDGET_S:-170}" ${HEADLINE_ARGS:-} >"$OUT/headline.log" 2>&1 || status=1
     tail -60 "$OUT/headline.log"
 fi

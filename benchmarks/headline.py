@@ -108,7 +108,8 @@ QUICK_LAYERS = (
 
 class LayerSets:
     """Rotated weight sets of one layer: a random weight per set, its task ids, the weight with free entries zeroed
-    (as in a pack), and channels-last copies for the cuDNN methods."""
+    (as in a pack), and channels-last copies: the cuDNN methods' fastest layout and, for a conv, the packed layer's
+    K-contiguous layout on CUDA."""
 
     def __init__(self, layer: Layer, dtype: torch.dtype, device: str, count: int):
         fan_in = math.prod(layer.weight_shape[1:])
@@ -161,9 +162,10 @@ def build_methods(layer: Layer, sets: LayerSets, xs: list, task: int) -> dict:
         return torch.where((ids != 0) & (ids <= task), sets.dense_weights[i % n], zero)
 
     return {
-        "packnet": lambda i: packed_op(xs[i % n], sets.weights[i % n], sets.task_ids[i % n], task, None, *args),
+        # The packed layer's own layout on CUDA: K-contiguous conv weights and ids (channels_last memory).
+        "packnet": lambda i: packed_op(xs[i % n], sets.dense_weights[i % n], sets.dense_ids[i % n], task, None, *args),
         "packnet_nomask": lambda i: raw_kernel(
-            xs[i % n], sets.weights[i % n], sets.task_ids[i % n], task, None, *args, use_mask=False
+            xs[i % n], sets.dense_weights[i % n], sets.dense_ids[i % n], task, None, *args, use_mask=False
         ),
         "dense_masking": lambda i: dense(xs[i % n], sets.dense_weights[i % n] * masks[i % n]),
         "dense_masking_ids": lambda i: dense(xs[i % n], ids_mask(i)),

@@ -220,6 +220,23 @@ class PackedConv2d(_PackedLayer):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self._init_storage((out_channels, in_channels // groups, *kernel_size), num_tasks, bias, device, dtype, backend)
+        self._use_kernel_layout()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._use_kernel_layout()
+        return self
+
+    def _use_kernel_layout(self) -> None:
+        """On CUDA, hold ``weight`` and ``task_ids`` K-contiguous: ``[out, kh, kw, in/groups]`` in memory (PyTorch's
+        channels_last), so the Triton kernel loads a tap's input channels as 16-byte vectors. On the CPU, PyTorch's
+        default layout, so the reference path computes exactly what ``nn.Conv2d`` does. Shapes never change, and a
+        saved pack always holds the default layout."""
+        memory_format = torch.channels_last if self.weight.is_cuda else torch.contiguous_format
+        if not self.weight.is_contiguous(memory_format=memory_format):
+            self.weight.data = self.weight.data.contiguous(memory_format=memory_format)
+        if not self.task_ids.is_contiguous(memory_format=memory_format):
+            self.task_ids = self.task_ids.contiguous(memory_format=memory_format)
 
     @classmethod
     def from_dense(

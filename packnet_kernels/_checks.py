@@ -54,6 +54,21 @@ def require_kernel_device(what: str, x: torch.Tensor) -> None:
         )
 
 
+def direct_launch_allowed(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """True when a launcher may run straight away instead of through its registered op, whose dispatch costs tens of
+    microseconds of host time per call: plain CUDA tensors, outside ``torch.compile`` and any tracing or dispatch
+    mode (which need the op to see the kernel), and no input that autograd would have to track (the op then
+    reports that it has no backward; a direct launch would silently return a constant)."""
+    return (
+        x.is_cuda
+        and type(x) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)))
+    )
+
+
 def _check_vector(name: str, vector: torch.Tensor | None, length: int, like: torch.Tensor) -> None:
     if vector is None:
         return

@@ -20,11 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import KERNEL_DTYPES, check_conv2d, require_kernel_device
+from ._checks import KERNEL_DTYPES, check_conv2d, direct_launch_allowed, require_kernel_device
+from ._predicate import task_owns
 
 __all__ = ["masked_conv2d_triton"]
 
 _INT32_LIMIT = 2**31
+# Convs with at least this many input channels per group reduce tap by tap over channel blocks (vector loads);
+# thinner ones (an RGB stem) over all of (c, r, s) at once, which wastes less of each tile.
+_TAPS_OUTER_MIN_CHANNELS = 16
 
 # On a GPU, autotune the tiles (the default). When False, the first config of ``_configs`` runs untuned: tests set
 # this so that a CUDA test session compiles one config per kernel variant instead of tuning every shape.
@@ -73,6 +77,7 @@ def _masked_conv2d_gemm_kernel(
     dilation_w,
     KH: tl.constexpr,
     KW: tl.constexpr,
+    TAPS_OUTER: tl.constexpr,
     CHANNELS_INNER: tl.constexpr,
     USE_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -94,8 +99,9 @@ def _masked_conv2d_gemm_kernel(
     Pointers: ``x_ptr [N, C, H, W]``, ``w_ptr``/``ids_ptr [out, Cg, KH, KW]`` (uint8 ids),
     ``bias_ptr``/``scale_ptr``/``shift_ptr [out]``, ``out_ptr [N, out, H_out, W_out]``; any strides.
     Grid: ``(cdiv(M, BLOCK_M) * cdiv(out/groups, BLOCK_N), groups)``. ``m_bucket`` only keys the autotuner.
-    The reduction index ``k`` runs over ``(c, r, s)`` with ``c`` fastest when ``CHANNELS_INNER`` (channels_last
-    input: neighbouring ``k`` are neighbouring addresses), else ``(r, s)`` fastest as in an NCHW weight.
+    With ``TAPS_OUTER`` the reduction runs tap by tap over blocks of ``BLOCK_K`` channels (fast with a channels_last
+    input and a K-contiguous weight, whose channels are neighbouring addresses); else over all of ``(c, r, s)`` at
+    once, with ``c`` fastest when ``CHANNELS_INNER`` (channels_last input), for convs with few channels per group.
     """
     pid = tl.program_id(0)
     group = tl.program_id(1)
@@ -121,38 +127,81 @@ def _masked_conv2d_gemm_kernel(
     w_cols = w_ptr + out_channel * stride_wo
     ids_cols = ids_ptr + out_channel * stride_io
 
-    k_total = cin_per_group * KH * KW
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, k_total, BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        k_valid = offs_k < k_total
-        if CHANNELS_INNER:
-            channel = offs_k % cin_per_group
-            tap = offs_k // cin_per_group
-        else:
-            channel = offs_k // (KH * KW)
-            tap = offs_k % (KH * KW)
-        tap_row = tap // KW
-        tap_col = tap % KW
+    if TAPS_OUTER:
+        # k runs over (r, s, c) with c fastest, in one flat loop of (tap, channel block) steps so that the load
+        # pipeline spans the whole reduction. A step's BLOCK_K channels are neighbouring addresses in a channels_last
+        # input and in a K-contiguous ([out, KH, KW, Cg] in memory) weight and id tensor: 16-byte loads.
+        channel_blocks = tl.cdiv(cin_per_group, BLOCK_K)
+        for step in range(0, KH * KW * channel_blocks):
+            tap = step // channel_blocks
+            offs_c = (step % channel_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            c_valid = offs_c < cin_per_group
+            tap_row = tap // KW
+            tap_col = tap % KW
+            in_row = in_row0 + tap_row * dilation_h
+            in_col = in_col0 + tap_col * dilation_w
+            pixel_valid = m_valid & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
+            x_pixels = x_rows + in_row * stride_xh + in_col * stride_xw
+            x_tile = tl.load(
+                x_pixels[:, None] + (offs_c * stride_xc)[None, :],
+                mask=pixel_valid[:, None] & c_valid[None, :],
+                other=0.0,
+            )
+            wk_mask = c_valid[:, None] & n_valid[None, :]
+            w_tile = tl.load(
+                (w_cols + tap_row * stride_wh + tap_col * stride_ww)[None, :] + (offs_c * stride_wc)[:, None],
+                mask=wk_mask,
+                other=0.0,
+            )
+            if USE_MASK:
+                ids = tl.load(
+                    (ids_cols + tap_row * stride_ih + tap_col * stride_iw)[None, :] + (offs_c * stride_ic)[:, None],
+                    mask=wk_mask,
+                    other=0,
+                )
+                # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
+                w_tile = tl.where(task_owns(ids, active_task), w_tile, 0.0)
+            if UPCAST_DOT:
+                x_tile = x_tile.to(tl.float32)
+                w_tile = w_tile.to(tl.float32)
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+    else:
+        # Few channels per group (an RGB stem): k runs over all (c, r, s) at once so that a tile is not mostly
+        # padding; loads are gathers, like an im2col's.
+        k_total = cin_per_group * KH * KW
+        for k_start in range(0, k_total, BLOCK_K):
+            offs_k = k_start + tl.arange(0, BLOCK_K)
+            k_valid = offs_k < k_total
+            if CHANNELS_INNER:
+                channel = offs_k % cin_per_group
+                tap = offs_k // cin_per_group
+            else:
+                channel = offs_k // (KH * KW)
+                tap = offs_k % (KH * KW)
+            tap_row = tap // KW
+            tap_col = tap % KW
 
-        in_row = in_row0[:, None] + (tap_row * dilation_h)[None, :]
-        in_col = in_col0[:, None] + (tap_col * dilation_w)[None, :]
-        x_mask = m_valid[:, None] & k_valid[None, :] & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
-        x_offs = (channel * stride_xc)[None, :] + in_row * stride_xh + in_col * stride_xw
-        x_tile = tl.load(x_rows[:, None] + x_offs, mask=x_mask, other=0.0)
+            in_row = in_row0[:, None] + (tap_row * dilation_h)[None, :]
+            in_col = in_col0[:, None] + (tap_col * dilation_w)[None, :]
+            x_mask = (
+                m_valid[:, None] & k_valid[None, :] & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
+            )
+            x_offs = (channel * stride_xc)[None, :] + in_row * stride_xh + in_col * stride_xw
+            x_tile = tl.load(x_rows[:, None] + x_offs, mask=x_mask, other=0.0)
 
-        wk_mask = k_valid[:, None] & n_valid[None, :]
-        w_offs = channel * stride_wc + tap_row * stride_wh + tap_col * stride_ww
-        w_tile = tl.load(w_cols[None, :] + w_offs[:, None], mask=wk_mask, other=0.0)
-        if USE_MASK:
-            ids_offs = channel * stride_ic + tap_row * stride_ih + tap_col * stride_iw
-            ids = tl.load(ids_cols[None, :] + ids_offs[:, None], mask=wk_mask, other=0).to(tl.int32)
-            # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
-            w_tile = tl.where((ids != 0) & (ids <= active_task), w_tile, 0.0)
-        if UPCAST_DOT:
-            x_tile = x_tile.to(tl.float32)
-            w_tile = w_tile.to(tl.float32)
-        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+            wk_mask = k_valid[:, None] & n_valid[None, :]
+            w_offs = channel * stride_wc + tap_row * stride_wh + tap_col * stride_ww
+            w_tile = tl.load(w_cols[None, :] + w_offs[:, None], mask=wk_mask, other=0.0)
+            if USE_MASK:
+                ids_offs = channel * stride_ic + tap_row * stride_ih + tap_col * stride_iw
+                ids = tl.load(ids_cols[None, :] + ids_offs[:, None], mask=wk_mask, other=0)
+                # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
+                w_tile = tl.where(task_owns(ids, active_task), w_tile, 0.0)
+            if UPCAST_DOT:
+                x_tile = x_tile.to(tl.float32)
+                w_tile = w_tile.to(tl.float32)
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
@@ -268,9 +317,9 @@ def _masked_conv2d_direct_kernel(
                         ids_cols + (channel * stride_ic + tap_row * stride_ih + tap_col * stride_iw),
                         mask=n_valid,
                         other=0,
-                    ).to(tl.int32)
+                    )
                     # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
-                    w_vec = tl.where((ids != 0) & (ids <= active_task), w_vec, 0.0)
+                    w_vec = tl.where(task_owns(ids, active_task), w_vec, 0.0)
                 acc += x_tile.to(tl.float32) * w_vec.to(tl.float32)[None, :]
 
     if HAS_BIAS:
@@ -293,6 +342,10 @@ def _configs(kernel: str) -> list[triton.Config]:
         shapes = [
             # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
             (128, 128, 32, 8, 3),
+            (128, 128, 64, 8, 3),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 4),
             (128, 64, 32, 4, 4),
             (64, 128, 32, 4, 4),
             (64, 64, 32, 4, 4),
@@ -325,7 +378,7 @@ _INTERPRETER_CONFIGS = {"gemm": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, "
 
 # The row count enters the key only bucketed (``m_bucket``), so a new batch size does not re-tune.
 _AUTOTUNE_KEYS = {
-    "gemm": ["m_bucket", "cin_per_group", "cout_per_group", "KH", "KW", "CHANNELS_INNER"],
+    "gemm": ["m_bucket", "cin_per_group", "cout_per_group", "KH", "KW", "TAPS_OUTER", "CHANNELS_INNER"],
     "direct": ["m_bucket", "out_channels", "cin_per_group", "cout_per_group", "KH", "KW"],
 }
 _KERNELS = {"gemm": _masked_conv2d_gemm_kernel, "direct": _masked_conv2d_direct_kernel}
@@ -484,6 +537,7 @@ def _launch(x, weight, task_ids, task, bias, scale, shift, stride, padding, dila
         tf32 = x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32
         # The interpreter's bf16 dot is wrong (numpy has no bf16): upcast the tiles there.
         common.update(
+            TAPS_OUTER=cin_per_group >= _TAPS_OUTER_MIN_CHANNELS,
             CHANNELS_INNER=_strides_like_channels_last(x),
             UPCAST_DOT=_INTERPRETED and x.dtype == torch.bfloat16,
             INPUT_PRECISION="tf32" if tf32 else "ieee",
@@ -587,6 +641,13 @@ def masked_conv2d_triton(
     )
     require_kernel_device("masked_conv2d_triton", x)
     pads = _resolve_padding(padding, weight.shape[2:], dilation)
+    if direct_launch_allowed(x, weight, bias, scale, shift):
+        # Eager calls skip the registered op's dispatch: most of a small layer's host time.
+        args = (x, weight, task_ids, task, bias, scale, shift, stride, pads, dilation, groups, relu, use_mask)
+        if x.device.index == torch.cuda.current_device():
+            return _launch(*args)
+        with torch.cuda.device(x.device):
+            return _launch(*args)
     return torch.ops.packnet.masked_conv2d(
         x,
         weight,

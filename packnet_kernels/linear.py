@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._checks import KERNEL_DTYPES, check_linear, require_kernel_device
+from ._checks import KERNEL_DTYPES, check_linear, direct_launch_allowed, require_kernel_device
+from ._predicate import task_owns
 
 __all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton"]
 
@@ -48,6 +49,8 @@ _SPLIT_K_ALIGN = 256
 _MIN_K_PER_SPLIT = 512
 # The split count aims at this many programs per SM (several waves hide the tail of the last one).
 _PROGRAMS_PER_SM = 4
+# The large regime splits K only into chunks at least this long (its programs are tensor-core tiles).
+_MIN_K_PER_SPLIT_LARGE = 1024
 # The fixed interpreter config, small so that tests with tiny shapes still cover tails, grouping and split-K.
 _INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 16, "BLOCK_K": 32, "GROUP_N": 2}
 _INTERPRETER_MIN_K_PER_SPLIT = 64
@@ -176,7 +179,7 @@ def _masked_linear_kernel(
         if USE_MASK:
             ids = tl.load(ids_ptrs, mask=w_tile_mask, other=0)
             # A select, not a multiply: a NaN/Inf stored in a weight this task does not own is dropped here.
-            w = tl.where((ids != 0) & (ids <= active_task), w, 0.0)
+            w = tl.where(task_owns(ids, active_task), w, 0.0)
             ids_ptrs += BLOCK_K * stride_idk
         xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
         if UPCAST_BF16:
@@ -344,6 +347,11 @@ def _tuned_kernel(regime: str, capability_major: int):
 
 
 @functools.cache
+def _capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -360,18 +368,30 @@ def _m_bucket(m: int) -> int:
     return bucket
 
 
-def _split_plan(n: int, k: int, interpreted: bool, device: torch.device) -> tuple[int, int]:
-    """``(split_k, k_per_split)`` for the small regime: enough programs to fill the GPU, each K chunk long enough to
-    pipeline and a multiple of every candidate ``BLOCK_K``. Depends only on the shape and the device, so the same
-    call always reduces in the same order."""
+def _split_plan(m: int, n: int, k: int, interpreted: bool, device: torch.device) -> tuple[int, int]:
+    """``(split_k, k_per_split)``: split K when the output tiles alone would leave the GPU under-filled.
+
+    The small regime (GEMV-shaped, memory bound) aims at several waves of programs; the large regime splits only
+    while a typical tiling (128 x 128) gives fewer programs than SMs (a 256-row batch through a 4096-wide layer gives
+    64 tiles on 132 SMs), and never into chunks under 1024. Chunks are multiples of every candidate ``BLOCK_K`` and
+    depend only on the shape and the device, so the same call always reduces in the same order."""
+    small = choose_regime(m) == "small"
     if interpreted:
-        align, min_chunk, programs = _INTERPRETER_CONFIG["BLOCK_K"], _INTERPRETER_MIN_K_PER_SPLIT, _INTERPRETER_SM_COUNT
-        n_tiles = triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"])
+        align, programs = _INTERPRETER_CONFIG["BLOCK_K"], _INTERPRETER_SM_COUNT
+        min_chunk = _INTERPRETER_MIN_K_PER_SPLIT
+        tiles = triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]) * triton.cdiv(m, _INTERPRETER_CONFIG["BLOCK_M"])
     else:
-        align, min_chunk = _SPLIT_K_ALIGN, _MIN_K_PER_SPLIT
-        programs = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
-        n_tiles = triton.cdiv(n, 64)  # a typical small-regime BLOCK_N; the autotuner adjusts around it
-    split = max(1, min(triton.cdiv(programs, n_tiles), k // min_chunk))
+        sm_count = _sm_count(device.index if device.index is not None else 0)
+        align = _SPLIT_K_ALIGN
+        if small:
+            # A typical small-regime BLOCK_N; the autotuner adjusts around it.
+            min_chunk, programs, tiles = _MIN_K_PER_SPLIT, _PROGRAMS_PER_SM * sm_count, triton.cdiv(n, 64)
+        else:
+            min_chunk, programs = _MIN_K_PER_SPLIT_LARGE, sm_count
+            tiles = triton.cdiv(n, 128) * triton.cdiv(m, 128)
+    split = max(1, min(triton.cdiv(programs, tiles), k // min_chunk))
+    if split == 1:
+        return 1, max(k, 1)
     k_per_split = max(align, triton.cdiv(triton.cdiv(k, split), align) * align)
     return max(1, triton.cdiv(k, k_per_split)), k_per_split
 
@@ -408,10 +428,7 @@ def _launch(
 
     interpreted = not x.is_cuda
     regime = choose_regime(rows)
-    if regime == "small":
-        split_k, k_per_split = _split_plan(out_features, in_features, interpreted, x.device)
-    else:
-        split_k, k_per_split = 1, max(in_features, 1)
+    split_k, k_per_split = _split_plan(rows, out_features, in_features, interpreted, x.device)
     write_partials = split_k > 1
     partials = (
         torch.empty((split_k, rows, out_features), dtype=torch.float32, device=x.device) if write_partials else None
@@ -464,7 +481,7 @@ def _launch(
         # The interpreter cannot autotune (it cannot time anything): one small fixed config.
         wrap_triton(_masked_linear_kernel)[grid](*main_args, **main_flags, **_INTERPRETER_CONFIG)
     else:
-        major = torch.cuda.get_device_capability(x.device)[0]
+        major = _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device())
         if AUTOTUNE:
             wrap_triton(_tuned_kernel(regime, major))[grid](*main_args, **main_flags)
         else:
@@ -571,4 +588,10 @@ def masked_linear_triton(
     for name, flag in (("relu", relu), ("use_mask", use_mask)):
         if not isinstance(flag, bool):
             raise TypeError(f"masked_linear: {name} must be a bool, got {type(flag).__name__}")
+    if direct_launch_allowed(x, weight, bias, scale, shift):
+        # Eager calls skip the registered op's dispatch: most of a small layer's host time.
+        if x.device.index == torch.cuda.current_device():
+            return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)
+        with torch.cuda.device(x.device):
+            return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)
     return _masked_linear_op(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)

@@ -22,6 +22,26 @@ TOLERANCES = {
 }
 
 
+# fp32 inputs with TF32 tensor-core dots (10-bit mantissas), which PyTorch allows for convs by default
+# (torch.backends.cudnn.allow_tf32) and the kernels then use too; the autouse fixture below turns TF32 off so that
+# every other fp32 test checks true fp32 arithmetic.
+TF32_TOLERANCE = (2e-2, 1e-2)
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_on_cuda():
+    """On CUDA, fp32 means fp32 in every test (PyTorch defaults to TF32 for convs): restore the settings after."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.backends.cudnn.allow_tf32 = saved[0]
+    torch.set_float32_matmul_precision(saved[1])
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
     config.addinivalue_line("markers", "interpreter: runs Triton kernels under TRITON_INTERPRET=1 on the CPU")

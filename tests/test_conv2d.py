@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCES
+from conftest import TF32_TOLERANCE, TOLERANCES
 
 import packnet_kernels as pk
 import packnet_kernels.conv2d as conv2d_module
@@ -35,10 +35,15 @@ CONFIGS = [
     ("valid_3x3", (2, 5, 8, 7), 7, 3, 1, "valid", 1, 1),
     ("groups_2_small", (2, 8, 7, 7), 6, 3, 1, 1, 1, 2),
     ("groups_2_gemm", (1, 32, 5, 5), 34, 3, 1, 1, 1, 2),
+    ("taps_outer_3x3_c37", (2, 37, 7, 6), 19, 3, 1, 1, 1, 1),
+    ("taps_outer_s2_dil2_c17", (1, 17, 9, 9), 12, 3, 2, 2, 2, 1),
     ("depthwise_3x3", (2, 12, 7, 7), 12, 3, 1, 1, 1, 12),
     ("depthwise_x2_s2", (1, 6, 9, 9), 12, 3, 2, 1, 1, 6),
 ]
 CONFIG_IDS = [config[0] for config in CONFIGS]
+CONFIG_BY_NAME = {config[0]: config for config in CONFIGS}
+LAYOUT_CONFIGS = ["vgg_3x3", "resnet_stem_7x7_s2_p3", "groups_2_gemm", "taps_outer_3x3_c37", "depthwise_3x3"]
+AUTOTUNED_CONFIGS = ["vgg_3x3", "pointwise_1x1", "taps_outer_3x3_c37", "depthwise_3x3"]
 
 
 @pytest.fixture(autouse=True)
@@ -92,9 +97,15 @@ def _assert_close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype)
     torch.testing.assert_close(got.double().cpu(), expected, atol=atol, rtol=rtol)
 
 
-def test_configs_cover_both_kernels():
+def test_configs_cover_both_kernels_and_both_gemm_loops():
     paths = {_uses_direct_kernel(groups, shape[1] // groups, out // groups) for _, shape, out, *_, groups in CONFIGS}
     assert paths == {True, False}
+    taps_outer = {
+        shape[1] // groups >= conv2d_module._TAPS_OUTER_MIN_CHANNELS
+        for _, shape, out, *_, groups in CONFIGS
+        if not _uses_direct_kernel(groups, shape[1] // groups, out // groups)
+    }
+    assert taps_outer == {True, False}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -110,7 +121,7 @@ def test_matches_reference(config, dtype, kernel_device):
 
 
 @pytest.mark.parametrize("layout", ["x_nhwc", "w_nhwc", "both_nhwc"])
-@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1], CONFIGS[11], CONFIGS[12]], ids=lambda c: c[0])
+@pytest.mark.parametrize("config", [CONFIG_BY_NAME[name] for name in LAYOUT_CONFIGS], ids=LAYOUT_CONFIGS)
 def test_channels_last_values_and_output_format_follow_f_conv2d(config, layout, kernel_device):
     """Output layout as cuDNN's and CPU fp32 ``F.conv2d``: channels_last when the input or the weight is (CPU fp16
     ``F.conv2d`` looks at the input alone, so the layout is compared in fp32)."""
@@ -350,19 +361,34 @@ def test_compiles_to_one_graph_with_aot_eager(kernel_device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2], CONFIGS[12]], ids=lambda c: c[0])
+@pytest.mark.parametrize("config", [CONFIG_BY_NAME[name] for name in AUTOTUNED_CONFIGS], ids=AUTOTUNED_CONFIGS)
 def test_autotuned(config, dtype, monkeypatch):
-    """The autotuned GPU paths (implicit GEMM, 1x1, direct depthwise) on larger shapes, and their determinism."""
+    """The autotuned GPU paths (both GEMM loops, 1x1, direct depthwise) on larger shapes, and their determinism."""
     monkeypatch.setattr(conv2d_module, "AUTOTUNE", True)
     _, x_shape, out_channels, kernel, stride, padding, dilation, groups = config
     x_shape = (8, x_shape[1] * 4, 28, 28)
     out_channels *= 4
     groups = groups * 4 if groups > 1 else 1
     x, weight, task_ids, bias = _problem(x_shape, out_channels, kernel, groups, dtype, "cuda", seed=21)
-    x = x.contiguous(memory_format=torch.channels_last)
+    # The packed layer's layout on CUDA: channels_last activations, K-contiguous weight and ids.
+    x, weight, task_ids = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight, task_ids))
     got = masked_conv2d_triton(x, weight, task_ids, 2, bias, stride, padding, dilation, groups)
     _assert_close(got, _reference(x, weight, task_ids, 2, bias, stride, padding, dilation, groups), dtype)
     assert torch.equal(got, masked_conv2d_triton(x, weight, task_ids, 2, bias, stride, padding, dilation, groups))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
+def test_fp32_follows_pytorchs_tf32_setting_for_convs(allow_tf32, monkeypatch):
+    """fp32 convs use TF32 dots exactly when ``torch.backends.cudnn.allow_tf32`` says F.conv2d may."""
+    x, weight, task_ids, bias = _problem((4, 64, 12, 12), 48, 3, 1, torch.float32, "cuda", seed=31)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    exact = masked_conv2d_triton(x, weight, task_ids, 2, bias, 1, 1)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    got = masked_conv2d_triton(x, weight, task_ids, 2, bias, 1, 1)
+    atol, rtol = TF32_TOLERANCE if allow_tf32 else TOLERANCES[torch.float32]
+    torch.testing.assert_close(got.double().cpu(), _reference(x, weight, task_ids, 2, bias, 1, 1), atol=atol, rtol=rtol)
+    assert torch.equal(got, exact) is not allow_tf32  # TF32 rounds the operands: the results must differ
 
 
 @pytest.mark.gpu

@@ -52,15 +52,18 @@ def properties(examples: int):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _untuned_linear_on_gpu():
-    """On a GPU, one config per kernel variant instead of autotuning every drawn shape (as tests/test_linear.py)."""
+def _untuned_kernels_on_gpu():
+    """On a GPU, one config per kernel variant instead of autotuning every drawn shape (as the kernel tests do)."""
     if not torch.cuda.is_available():
         yield
         return
-    linear = importlib.import_module("packnet_kernels.linear")
-    saved, linear.AUTOTUNE = linear.AUTOTUNE, False
+    modules = [importlib.import_module(f"packnet_kernels.{name}") for name in ("linear", "conv2d")]
+    saved = [module.AUTOTUNE for module in modules]
+    for module in modules:
+        module.AUTOTUNE = False
     yield
-    linear.AUTOTUNE = saved
+    for module, value in zip(modules, saved, strict=True):
+        module.AUTOTUNE = value
 
 
 def _device() -> str:

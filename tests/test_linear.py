@@ -20,7 +20,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # its split-K chunks are multiples of 32 and at least 64 long, so these hit 1, primes, block +- 1, several tiles in
 # every dimension, grouped tile order, and split-K with a ragged last split.
 SMALL_SHAPES = [(1, 1, 1), (1, 31, 200), (7, 33, 129), (16, 32, 33), (15, 65, 64)]
-LARGE_SHAPES = [(17, 31, 31), (33, 97, 47), (40, 64, 130)]
+LARGE_SHAPES = [(17, 31, 31), (33, 97, 47), (40, 64, 130), (23, 29, 257)]
 
 
 @pytest.fixture(autouse=True)
@@ -73,12 +73,15 @@ def test_matches_reference(shape, dtype, kernel_device):
     _check(masked_linear(x, weight, task_ids, 2, bias, backend="triton"), x, weight, task_ids, 2, bias)
 
 
-def test_small_shapes_exercise_split_k():
-    """The interpreter's split plan really splits the small-regime shapes above (else split-K goes untested)."""
-    splits = {(n, k): linear._split_plan(n, k, True, torch.device("cpu"))[0] for _, n, k in SMALL_SHAPES}
-    assert splits[(31, 200)] == 3 and splits[(33, 129)] == 2 and splits[(32, 33)] == 1
-    k_per_split = linear._split_plan(31, 200, True, torch.device("cpu"))[1]
+def test_shapes_exercise_split_k_in_both_regimes():
+    """The interpreter's split plan really splits some shapes above in each regime (else split-K goes untested)."""
+    cpu = torch.device("cpu")
+    splits = {(m, n, k): linear._split_plan(m, n, k, True, cpu)[0] for m, n, k in SMALL_SHAPES + LARGE_SHAPES}
+    assert splits[(1, 31, 200)] == 3 and splits[(7, 33, 129)] == 2 and splits[(16, 32, 33)] == 1
+    assert splits[(23, 29, 257)] == 2 and splits[(33, 97, 47)] == 1
+    k_per_split = linear._split_plan(1, 31, 200, True, cpu)[1]
     assert k_per_split % 32 == 0 and 2 * k_per_split < 200 < 3 * k_per_split  # the last split is ragged
+    assert linear._split_plan(23, 29, 257, True, cpu)[1] % 32 == 0
 
 
 @pytest.mark.parametrize("m", [3, 20], ids=["small", "large"])
@@ -284,6 +287,17 @@ def test_autotuned(m, monkeypatch):
         y = masked_linear(x, weight, task_ids, 2, bias, backend="triton")
         _check(y, x, weight, task_ids, 2, bias)
         assert torch.equal(y, masked_linear(x, weight, task_ids, 2, bias, backend="triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 256], ids=lambda m: f"m{m}")
+def test_eager_direct_launch_equals_the_registered_op(m):
+    """Eager CUDA calls launch directly (no op dispatch); the registered op, which torch.compile sees, must agree."""
+    x, weight, task_ids, bias = _make(m, 96, 4096, torch.float16, "cuda", seed=3)
+    direct = linear.masked_linear_triton(x, weight, task_ids, 2, bias, relu=True)
+    via_op = torch.ops.packnet.masked_linear(x, weight, task_ids, 2, bias, None, None, True, True)
+    _check(direct, x, weight, task_ids, 2, bias, relu=True)
+    assert torch.equal(direct, via_op)
 
 
 @pytest.mark.gpu

@@ -29,6 +29,12 @@ BACKENDS = [
 ]
 
 
+def _device(backend: str) -> str:
+    """Where a module of ``backend`` computes: the Triton backend on the GPU when there is one (without one, the
+    CPU under the interpreter), the reference on the CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def _linear(backend="reference", dtype=torch.float32, device="cpu", num_tasks=NUM_TASKS) -> packnet.PackedLinear:
     torch.manual_seed(0)
     dense = nn.Linear(6, 5, device=device, dtype=dtype)
@@ -142,44 +148,49 @@ def test_trainer_task_errors():
     "dtype", [torch.float64, torch.float16, torch.bfloat16, torch.int64], ids=lambda d: str(d).removeprefix("torch.")
 )
 def test_input_of_the_wrong_dtype_names_both_dtypes(backend, dtype):
-    linear, conv = _linear(backend), _conv(backend)
+    device = _device(backend)
+    linear, conv = _linear(backend, device=device), _conv(backend, device=device)
     with pytest.raises(
         TypeError, match=rf"masked_linear: input dtype {dtype} does not match weight dtype torch\.float32"
     ):
-        linear(torch.ones(2, 6, dtype=dtype), task=1)
+        linear(torch.ones(2, 6, dtype=dtype, device=device), task=1)
     with pytest.raises(
         TypeError, match=rf"masked_conv2d: input dtype {dtype} does not match weight dtype torch\.float32"
     ):
-        conv(torch.ones(1, 4, 4, 4, dtype=dtype), task=1)
+        conv(torch.ones(1, 4, 4, 4, dtype=dtype, device=device), task=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_pack_rejects_float32_input(mlp_pack, backend):
+    device = _device(backend)
     model = packnet.load_pack(mlp_pack, backend=backend)
-    model.to(torch.bfloat16)
+    model.to(device=device, dtype=torch.bfloat16)
     with packnet.set_task(model, 1):
-        assert model(torch.randn(2, 6, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        assert model(torch.randn(2, 6, dtype=torch.bfloat16, device=device)).dtype == torch.bfloat16
         with pytest.raises(TypeError, match=r"input dtype torch\.float32 does not match weight dtype torch\.bfloat16"):
-            model(torch.randn(2, 6))
+            model(torch.randn(2, 6, device=device))
 
 
 @pytest.mark.interpreter
 @pytest.mark.skipif(not HAS_KERNELS, reason="the Triton kernels are not written yet")
 def test_triton_backend_names_the_dtypes_it_supports():
-    layer = _linear("triton", dtype=torch.float64)
+    device = _device("triton")
+    layer = _linear("triton", dtype=torch.float64, device=device)
     with pytest.raises(TypeError, match=r"weight dtype torch\.float64 is not supported; allowed: torch\.float32"):
-        layer(torch.ones(2, 6, dtype=torch.float64), task=1)
+        layer(torch.ones(2, 6, dtype=torch.float64, device=device), task=1)
     assert _linear("reference", dtype=torch.float64)(torch.ones(2, 6, dtype=torch.float64), task=1).shape == (2, 5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_input_of_the_wrong_shape_names_the_expected_size(backend):
+    device = _device(backend)
+    linear, conv = _linear(backend, device=device), _conv(backend, device=device)
     with pytest.raises(ValueError, match=r"masked_linear: input's last dimension must equal in_features=6, got shape"):
-        _linear(backend)(torch.ones(2, 7), task=1)
+        linear(torch.ones(2, 7, device=device), task=1)
     with pytest.raises(ValueError, match=r"masked_conv2d: input has 3 channels but weight expects in/groups=4"):
-        _conv(backend)(torch.ones(1, 3, 4, 4), task=1)
+        conv(torch.ones(1, 3, 4, 4, device=device), task=1)
     with pytest.raises(ValueError, match=r"masked_conv2d: input must be 4-D \[N, C, H, W\], got shape \(4, 4, 4\)"):
-        _conv(backend)(torch.ones(4, 4, 4), task=1)
+        conv(torch.ones(4, 4, 4, device=device), task=1)
 
 
 def test_input_on_another_device_names_both_devices():

@@ -39,6 +39,36 @@ def test_free_weights_are_stored_as_exact_zeros():
     assert torch.equal(model[3].weight[ids["3"] == 0], torch.zeros(int((ids["3"] == 0).sum())))
 
 
+def _k_contiguous(conv: packnet.PackedConv2d) -> bool:
+    return all(
+        t.is_contiguous(memory_format=torch.channels_last) and t.stride(1) == 1 for t in (conv.weight, conv.task_ids)
+    )
+
+
+def test_conv_weights_use_pytorchs_layout_on_the_cpu_and_survive_dtype_moves():
+    model, ids = _packed()
+    conv = model[0]
+    conv.to(torch.float64)
+    assert conv.weight.is_contiguous() and conv.task_ids.is_contiguous() and conv.weight.stride(1) != 1
+    assert torch.equal(conv.task_ids, ids["0"])
+
+
+@pytest.mark.gpu
+def test_conv_weights_are_k_contiguous_on_cuda_and_outputs_unchanged():
+    """On CUDA a packed conv holds [out, kh, kw, in] in memory (the kernel's vector loads); back on the CPU, the
+    default layout. Values, shapes and the saved pack are the same either way."""
+    model, ids = _packed()
+    x = torch.randn(2, 3, 5, 5)
+    with packnet.set_task(model, 2):
+        cpu_output = model(x)
+        model.cuda()
+        assert _k_contiguous(model[0]) and torch.equal(model[0].task_ids.cpu(), ids["0"])
+        torch.testing.assert_close(model(x.cuda()).cpu(), cpu_output, atol=1e-5, rtol=1e-5)
+        model.cpu()
+        assert model[0].weight.is_contiguous() and not _k_contiguous(model[0])
+        assert torch.equal(model(x), cpu_output)
+
+
 def test_set_task_is_persistent_or_scoped_and_per_call_overrides():
     model, _ = _packed()
     x = torch.randn(2, 3, 5, 5)

@@ -1,0 +1,121 @@
+"""Where the host time of one packed call goes: each layer of the call path timed alone, then a cProfile listing.
+
+    python benchmarks/host_profile.py [--out DIR]
+
+For a batch-1 linear (split-K: two launches), a batch-256 linear (one launch), a 3x3 conv and a depthwise conv,
+each stage of the call path is timed on its own: the public dispatcher, the registered op, the launcher alone, and
+``F.linear``/``F.conv2d`` for scale. A time is the host time to issue ``CALLS`` calls back to back (the GPU queue
+does not fill), divided by ``CALLS``. Then cProfile lists the functions where a dispatcher call spends its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import packnet_kernels as pk  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+# Without CUDA (a smoke run under TRITON_INTERPRET=1) the shapes and call counts are tiny.
+CALLS = 100 if CUDA else 2
+FEATURES = 4096 if CUDA else 64
+
+
+def synchronize() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def host_us(fn) -> float:
+    for _ in range(5 if CUDA else 1):
+        fn()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(CALLS):
+        fn()
+    elapsed = time.perf_counter() - start
+    synchronize()
+    return elapsed / CALLS * 1e6
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="write host_profile.txt here")
+    args = parser.parse_args(argv)
+    from packnet_kernels import conv2d as conv_module
+    from packnet_kernels import linear as linear_module
+
+    device, dtype = ("cuda" if CUDA else "cpu"), torch.float16
+    lines = []
+    cases = []
+    for batch in (1, 256 if CUDA else 20):
+        x = torch.randn(batch, FEATURES, device=device, dtype=dtype)
+        w = torch.randn(FEATURES, FEATURES, device=device, dtype=dtype)
+        ids = torch.randint(0, 4, w.shape, device=device, dtype=torch.uint8)
+        cases.append(
+            (
+                f"linear {FEATURES}x{FEATURES} b{batch}",
+                lambda x=x, w=w, ids=ids: pk.masked_linear(x, w, ids, 2, backend="triton"),
+                lambda x=x, w=w, ids=ids: torch.ops.packnet.masked_linear(x, w, ids, 2, None, None, None, False, True),
+                lambda x=x, w=w, ids=ids: linear_module._launch(x, w, ids, 2, None, None, None, False, True),
+                lambda x=x, w=w: F.linear(x, w),
+            )
+        )
+    for name, channels, groups in (
+        ("conv3x3 256@14", 256 if CUDA else 8, 1),
+        ("dw3x3 192@28", 192 if CUDA else 8, 192 if CUDA else 8),
+    ):
+        hw = (14 if groups == 1 else 28) if CUDA else 5
+        x = torch.randn(1, channels, hw, hw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        # The packed layer's layout on CUDA: K-contiguous weight and ids.
+        w = torch.randn(channels, channels // groups, 3, 3, device=device, dtype=dtype)
+        w = w.contiguous(memory_format=torch.channels_last)
+        ids = torch.randint(0, 4, w.shape, device=device, dtype=torch.uint8).contiguous(
+            memory_format=torch.channels_last
+        )
+        launch_args = (x, w, ids, 2, None, None, None, [1, 1], [1, 1, 1, 1], [1, 1], groups, False, True)
+        cases.append(
+            (
+                f"{name} b1",
+                lambda x=x, w=w, ids=ids, g=groups: pk.masked_conv2d(x, w, ids, 2, None, 1, 1, 1, g, backend="triton"),
+                lambda a=launch_args: torch.ops.packnet.masked_conv2d(*a),
+                lambda a=launch_args: conv_module._launch(*a),
+                lambda x=x, w=w, g=groups: F.conv2d(x, w, None, 1, 1, 1, g),
+            )
+        )
+    header = f"{'case':22s} {'dispatcher':>11s} {'op':>9s} {'launcher':>9s} {'torch op':>9s}   (host us per call)"
+    lines.append(header)
+    for name, dispatcher, op, launcher, dense in cases:
+        times = [host_us(fn) for fn in (dispatcher, op, launcher, dense)]
+        lines.append(f"{name:22s} " + " ".join(f"{t:9.1f}" for t in times))
+    for name, dispatcher, *_ in cases:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(CALLS):
+            dispatcher()
+        profiler.disable()
+        synchronize()
+        stream = io.StringIO()
+        pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(22)
+        lines.append(f"\n=== cProfile, {CALLS} dispatcher calls: {name} ===")
+        lines.append("\n".join(stream.getvalue().splitlines()[4:]))
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "host_profile.txt").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
