@@ -69,6 +69,12 @@ def direct_launch_allowed(x: torch.Tensor, *tensors: torch.Tensor | None) -> boo
     )
 
 
+def as_is(kernel):
+    """A Triton kernel launched as it is: the ``wrap`` of a direct eager launch (where the registered op would use
+    ``torch.library.wrap_triton``)."""
+    return kernel
+
+
 def _check_vector(name: str, vector: torch.Tensor | None, length: int, like: torch.Tensor) -> None:
     if vector is None:
         return

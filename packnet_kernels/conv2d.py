@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import KERNEL_DTYPES, check_conv2d, direct_launch_allowed, require_kernel_device
+from ._checks import KERNEL_DTYPES, as_is, check_conv2d, direct_launch_allowed, require_kernel_device
 from ._predicate import task_owns
 
 __all__ = ["masked_conv2d_triton"]
@@ -455,8 +455,13 @@ def _empty_output(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilati
     return torch.empty((batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=memory_format)
 
 
-def _launch(x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask):
-    """Launch on validated arguments; ``padding`` is ``[top, bottom, left, right]``."""
+def _launch(
+    x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, wrap=None
+):
+    """Launch on validated arguments; ``padding`` is ``[top, bottom, left, right]``. ``wrap`` turns a kernel into its
+    launchable form: ``wrap_triton`` (the default) inside the registered op, :func:`~packnet_kernels._checks.as_is`
+    for a direct eager launch (see ``packnet_kernels.linear._launch`` for why)."""
+    wrap = torch.library.wrap_triton if wrap is None else wrap
     if not x.is_cuda and not _INTERPRETED:
         raise RuntimeError(
             f"masked_conv2d: the Triton kernel needs CUDA tensors (got {x.device}) or TRITON_INTERPRET=1 set before "
@@ -548,12 +553,12 @@ def _launch(x, weight, task_ids, task, bias, scale, shift, stride, padding, dila
             return (row_blocks * triton.cdiv(cout_per_group, meta["BLOCK_N"]), groups)
 
     if _INTERPRETED:
-        torch.library.wrap_triton(_KERNELS[kernel_name])[grid](*pointers, **common, **_INTERPRETER_CONFIGS[kernel_name])
+        wrap(_KERNELS[kernel_name])[grid](*pointers, **common, **_INTERPRETER_CONFIGS[kernel_name])
     elif AUTOTUNE:
-        torch.library.wrap_triton(_gpu_kernel(kernel_name))[grid](*pointers, **common)
+        wrap(_gpu_kernel(kernel_name))[grid](*pointers, **common)
     else:
         default = _configs(kernel_name)[0]
-        torch.library.wrap_triton(_KERNELS[kernel_name])[grid](
+        wrap(_KERNELS[kernel_name])[grid](
             *pointers, **common, **default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages
         )
     return out
@@ -645,9 +650,9 @@ def masked_conv2d_triton(
         # Eager calls skip the registered op's dispatch: most of a small layer's host time.
         args = (x, weight, task_ids, task, bias, scale, shift, stride, pads, dilation, groups, relu, use_mask)
         if x.device.index == torch.cuda.current_device():
-            return _launch(*args)
+            return _launch(*args, wrap=as_is)
         with torch.cuda.device(x.device):
-            return _launch(*args)
+            return _launch(*args, wrap=as_is)
     return torch.ops.packnet.masked_conv2d(
         x,
         weight,

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._checks import KERNEL_DTYPES, check_linear, direct_launch_allowed, require_kernel_device
+from ._checks import KERNEL_DTYPES, as_is, check_linear, direct_launch_allowed, require_kernel_device
 from ._predicate import task_owns
 
 __all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton"]
@@ -413,8 +413,14 @@ def _launch(
     shift: torch.Tensor | None,
     relu: bool,
     use_mask: bool,
+    wrap=wrap_triton,
 ) -> torch.Tensor:
-    """Allocate the output (and split-K partials) and launch the kernels; arguments already validated."""
+    """Allocate the output (and split-K partials) and launch the kernels; arguments already validated.
+
+    ``wrap`` turns a kernel into its launchable form: ``wrap_triton`` inside the registered op (which traces it for
+    ``torch.compile``), :func:`~packnet_kernels._checks.as_is` for a direct eager launch. Outside the op,
+    ``wrap_triton`` routes every eager launch through its tracing machinery: with torch 2.11 on an H200 that cost
+    about a millisecond of host time per call and broke CUDA-graph capture."""
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
     rows = 1
@@ -479,20 +485,20 @@ def _launch(
 
     if interpreted:
         # The interpreter cannot autotune (it cannot time anything): one small fixed config.
-        wrap_triton(_masked_linear_kernel)[grid](*main_args, **main_flags, **_INTERPRETER_CONFIG)
+        wrap(_masked_linear_kernel)[grid](*main_args, **main_flags, **_INTERPRETER_CONFIG)
     else:
         major = _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device())
         if AUTOTUNE:
-            wrap_triton(_tuned_kernel(regime, major))[grid](*main_args, **main_flags)
+            wrap(_tuned_kernel(regime, major))[grid](*main_args, **main_flags)
         else:
             default = _configs(regime, major)[0]
-            wrap_triton(_masked_linear_kernel)[grid](
+            wrap(_masked_linear_kernel)[grid](
                 *main_args, **main_flags, **default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages
             )
 
     if write_partials:
         reduce_grid = (triton.cdiv(out_features, _REDUCE_BLOCK_N), triton.cdiv(rows, _REDUCE_BLOCK_M))
-        wrap_triton(_split_k_reduce_kernel)[reduce_grid](
+        wrap(_split_k_reduce_kernel)[reduce_grid](
             partials,
             bias,
             scale,
@@ -591,7 +597,7 @@ def masked_linear_triton(
     if direct_launch_allowed(x, weight, bias, scale, shift):
         # Eager calls skip the registered op's dispatch: most of a small layer's host time.
         if x.device.index == torch.cuda.current_device():
-            return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)
+            return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, wrap=as_is)
         with torch.cuda.device(x.device):
-            return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)
+            return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, wrap=as_is)
     return _masked_linear_op(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)

@@ -377,6 +377,22 @@ def test_autotuned(config, dtype, monkeypatch):
     assert torch.equal(got, masked_conv2d_triton(x, weight, task_ids, 2, bias, stride, padding, dilation, groups))
 
 
+@pytest.mark.parametrize("allowed", [True, False], ids=["direct", "via_op"])
+def test_direct_launches_never_go_through_wrap_triton(allowed, monkeypatch):
+    """As for linear: eager launches skip the registered op and launch the kernel as it is."""
+    from packnet_kernels._checks import as_is
+
+    calls = []
+    monkeypatch.setattr(conv2d_module, "direct_launch_allowed", lambda *tensors: allowed)
+    monkeypatch.setattr(conv2d_module, "_launch", lambda *args, **kwargs: calls.append(kwargs.get("wrap")) or args[0])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # a CPU tensor's device index
+    x, weight, task_ids, _ = _problem((1, 4, 5, 5), 6, 3, 1, torch.float32, "cpu")
+    if not allowed:
+        monkeypatch.setattr(torch.ops.packnet, "masked_conv2d", lambda *args: calls.append("op") or args[0])
+    masked_conv2d_triton(x, weight, task_ids, 1)
+    assert calls == ([as_is] if allowed else ["op"])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
 def test_fp32_follows_pytorchs_tf32_setting_for_convs(allow_tf32, monkeypatch):

@@ -289,6 +289,34 @@ def test_autotuned(m, monkeypatch):
         assert torch.equal(y, masked_linear(x, weight, task_ids, 2, bias, backend="triton"))
 
 
+@pytest.mark.parametrize("allowed", [True, False], ids=["direct", "via_op"])
+def test_direct_launches_never_go_through_wrap_triton(allowed, monkeypatch):
+    """Eager launches bypass the registered op and launch the kernels as they are: ``wrap_triton`` outside the op
+    takes its tracing path (a millisecond per call on an H200, and no CUDA-graph capture)."""
+    from packnet_kernels._checks import as_is
+
+    calls = []
+    monkeypatch.setattr(linear, "direct_launch_allowed", lambda *tensors: allowed)
+    monkeypatch.setattr(linear, "_launch", lambda *args, **kwargs: calls.append(kwargs.get("wrap")) or args[0])
+    monkeypatch.setattr(linear, "_masked_linear_op", lambda *args: calls.append("op") or args[0])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # a CPU tensor's device index
+    x, weight, task_ids, _ = _make(2, 8, 16, torch.float32, "cpu")
+    linear.masked_linear_triton(x, weight, task_ids, 1)
+    assert calls == ([as_is] if allowed else ["op"])
+
+
+@pytest.mark.gpu
+def test_direct_launches_can_be_captured_in_a_cuda_graph():
+    x, weight, task_ids, bias = _make(256, 512, 4096, torch.float16, "cuda", seed=4)
+    expected = masked_linear(x, weight, task_ids, 2, bias)  # compiles and autotunes outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = masked_linear(x, weight, task_ids, 2, bias)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 256], ids=lambda m: f"m{m}")
 def test_eager_direct_launch_equals_the_registered_op(m):
