@@ -1,0 +1,46 @@
+"""The headline benchmark script and its report, on the CPU: a quick run end to end, and the target check."""
+
+from __future__ import annotations
+
+import json
+
+import headline
+import headline_report
+
+
+def test_quick_run_writes_checked_results_and_a_cpu_report(tmp_path):
+    assert headline.main(["--out", str(tmp_path), "--quick", "--dtypes", "fp32"]) == 0
+    data = json.loads((tmp_path / "headline.json").read_text())
+    rows = data["results"]
+    layers = {layer.name for layer in headline.QUICK_LAYERS}
+    assert {row["layer"] for row in rows} == layers
+    assert all(row["ok"] and row["error"] < 1e-5 and row["event_ms"] > 0 for row in rows)
+    assert {"packnet", "dense_masking", "dense_masking_ids", "torch_prune", "premasked"} <= {r["method"] for r in rows}
+    written = headline_report.write_report(tmp_path / "headline.json")
+    text = written[0].read_text()
+    assert len(written) == 1 and "not kernel numbers" in text and "## Targets" not in text
+
+
+def _case(layer, op, batch, task, packed_ms, masking_ms, premasked_ms, host_us=10.0):
+    common = {"layer": layer, "op": op, "dtype": "float16", "batch": batch, "task": task, "ok": True, "bytes": 1}
+    return {
+        "packnet": {**common, "method": "packnet", "graph_ms": packed_ms, "host_us": host_us},
+        "dense_masking": {**common, "method": "dense_masking", "graph_ms": masking_ms},
+        "premasked": {**common, "method": "premasked", "graph_ms": premasked_ms},
+    }
+
+
+def test_targets_are_met_only_when_every_case_meets_them():
+    cases = {
+        ("fc", "float16", 1, 3): _case("fc", "linear", 1, 3, 1.0, 2.1, 0.95),
+        ("fc", "float16", 16, 3): _case("fc", "linear", 16, 3, 1.0, 1.9, 0.95),
+        ("fc", "float16", 4096, 3): _case("fc", "linear", 4096, 3, 1.0, 1.0, 0.9, host_us=16.0),
+        ("conv", "float16", 1, 3): _case("conv", "conv2d", 1, 3, 1.0, 1.6, 0.5),
+    }
+    met = {target: ok for target, _, ok in headline_report.targets(cases)}
+    assert met["linear batch <= 256: >= 2.0x dense masking"] is False  # 2.1x and 1.9x
+    assert met["linear batch <= 256: >= 0.6x pre-masked"] is True
+    assert met["linear batch <= 256, latest task: >= 0.9x pre-masked"] is True
+    assert met["linear batch >= 4096: >= 0.85x pre-masked"] is True
+    assert met["conv batch 1: >= 1.5x dense masking"] is True
+    assert met["host time per packed call <= 15 us"] is False  # one call took 16 us
