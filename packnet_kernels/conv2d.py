@@ -16,6 +16,8 @@ refuses a single image or weight of 2**31 elements or more.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -296,31 +298,33 @@ def _masked_conv2d_direct_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for channel in range(0, cin_per_group):
         x_channels = x_rows[:, None] + ((first_in_channel + channel) * stride_xc)[None, :]
-        for tap_row in tl.static_range(KH):
+        # A run-time loop over the taps, not an unrolled one: unrolled, all KH * KW input tiles were live at once and
+        # the larger tiles spilled registers (tests/test_codegen.py).
+        for tap in range(0, KH * KW):
+            tap_row = tap // KW
+            tap_col = tap % KW
             in_row = in_row0 + tap_row * dilation_h
-            row_valid = m_valid & (in_row >= 0) & (in_row < in_h)
-            for tap_col in tl.static_range(KW):
-                in_col = in_col0 + tap_col * dilation_w
-                pixel_valid = row_valid & (in_col >= 0) & (in_col < in_w)
-                x_tile = tl.load(
-                    x_channels + (in_row * stride_xh + in_col * stride_xw)[:, None],
-                    mask=pixel_valid[:, None] & n_valid[None, :],
-                    other=0.0,
-                )
-                w_vec = tl.load(
-                    w_cols + (channel * stride_wc + tap_row * stride_wh + tap_col * stride_ww),
+            in_col = in_col0 + tap_col * dilation_w
+            pixel_valid = m_valid & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
+            x_tile = tl.load(
+                x_channels + (in_row * stride_xh + in_col * stride_xw)[:, None],
+                mask=pixel_valid[:, None] & n_valid[None, :],
+                other=0.0,
+            )
+            w_vec = tl.load(
+                w_cols + (channel * stride_wc + tap_row * stride_wh + tap_col * stride_ww),
+                mask=n_valid,
+                other=0.0,
+            )
+            if USE_MASK:
+                ids = tl.load(
+                    ids_cols + (channel * stride_ic + tap_row * stride_ih + tap_col * stride_iw),
                     mask=n_valid,
-                    other=0.0,
+                    other=0,
                 )
-                if USE_MASK:
-                    ids = tl.load(
-                        ids_cols + (channel * stride_ic + tap_row * stride_ih + tap_col * stride_iw),
-                        mask=n_valid,
-                        other=0,
-                    )
-                    # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
-                    w_vec = tl.where(task_owns(ids, active_task), w_vec, 0.0)
-                acc += x_tile.to(tl.float32) * w_vec.to(tl.float32)[None, :]
+                # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
+                w_vec = tl.where(task_owns(ids, active_task), w_vec, 0.0)
+            acc += x_tile.to(tl.float32) * w_vec.to(tl.float32)[None, :]
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
@@ -343,7 +347,6 @@ def _configs(kernel: str) -> list[triton.Config]:
             # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
             (128, 128, 32, 8, 3),
             (128, 128, 64, 8, 3),
-            (128, 64, 64, 4, 4),
             (64, 128, 64, 4, 4),
             (64, 64, 64, 4, 4),
             (128, 64, 32, 4, 4),
@@ -354,6 +357,7 @@ def _configs(kernel: str) -> list[triton.Config]:
             (32, 64, 64, 4, 3),
             (32, 32, 64, 2, 4),
             (16, 64, 64, 4, 3),
+            (32, 32, 32, 2, 4),
         ]
         return [
             triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -385,12 +389,59 @@ _KERNELS = {"gemm": _masked_conv2d_gemm_kernel, "direct": _masked_conv2d_direct_
 _autotuned_kernels: dict = {}
 
 
+def config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, taps_outer: bool = True) -> bool:
+    """Whether ``config`` suits a GEMM launch for ``dtype`` on a GPU with ``shared_memory_bytes`` per block (opt-in):
+    its pipelined tiles fit (an upper bound: ``num_stages`` buffers of the input, weight and id tiles), and its operand
+    tiles do not spill registers (measured: operand elements per thread per K step at most 64 on the gather loop,
+    ``taps_outer`` False, in 16-bit dtypes; in fp32 under 48 with taps outer and 4 warps or more, and on the gather
+    loop at most 32 with at most 16 accumulators per thread). The direct kernel stages nothing."""
+    tile = config.kwargs
+    if "BLOCK_K" not in tile:
+        return True
+    # Operand elements per thread per K step, past which registers spill (tests/test_codegen.py): fp32 operands
+    # are split for the tensor cores, and the gather loop also holds every element's address.
+    threads = 32 * config.num_warps
+    operands = (tile["BLOCK_M"] + tile["BLOCK_N"]) * tile["BLOCK_K"] / threads
+    accumulators = tile["BLOCK_M"] * tile["BLOCK_N"] / threads
+    if dtype == torch.float32:
+        fits = operands < 48 and config.num_warps >= 4 if taps_outer else operands <= 32 and accumulators <= 16
+    else:
+        fits = taps_outer or operands <= 64
+    if not fits:
+        return False
+    element = torch.empty((), dtype=dtype).element_size()
+    per_stage = tile["BLOCK_M"] * tile["BLOCK_K"] * element + tile["BLOCK_K"] * tile["BLOCK_N"] * (element + 1)
+    return config.num_stages * per_stage <= shared_memory_bytes
+
+
+@functools.cache
+def _shared_memory_bytes(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
+def default_config(kernel: str, dtype: torch.dtype, shared_memory_bytes: int, taps_outer: bool = True) -> triton.Config:
+    """The untuned config (``AUTOTUNE = False``): the first of :func:`_configs` that fits."""
+    configs = _configs(kernel)
+    fitting = (config for config in configs if config_fits(config, dtype, shared_memory_bytes, taps_outer))
+    return next(fitting, configs[0])
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs whose tiles do not fit this GPU's shared memory for this dtype."""
+    x = named_args["x_ptr"]
+    limit = _shared_memory_bytes(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    taps_outer = kwargs.get("TAPS_OUTER", True)
+    return [config for config in configs if config_fits(config, x.dtype, limit, taps_outer)] or configs[:1]
+
+
 def _gpu_kernel(kernel: str):
     """The autotuned wrapper of a kernel, built on first GPU use (never under the interpreter)."""
     if kernel not in _autotuned_kernels:
-        _autotuned_kernels[kernel] = triton.autotune(configs=_configs(kernel), key=_AUTOTUNE_KEYS[kernel])(
-            _KERNELS[kernel]
-        )
+        _autotuned_kernels[kernel] = triton.autotune(
+            configs=_configs(kernel),
+            key=_AUTOTUNE_KEYS[kernel],
+            prune_configs_by={"early_config_prune": _prune_configs},
+        )(_KERNELS[kernel])
     return _autotuned_kernels[kernel]
 
 
@@ -538,14 +589,16 @@ def _launch(
 
     else:
         kernel_name = "gemm"
-        # fp32 dots follow PyTorch's own conv setting (TF32 on tensor cores unless cudnn.allow_tf32 is off).
+        # fp32 dots follow PyTorch's own conv setting: TF32 on tensor cores, unless cudnn.allow_tf32 is off; then
+        # 3xTF32 (each operand split in two TF32 parts, fp32-level accuracy), because Triton's exact fp32 dot runs
+        # on FMAs and spilled registers in every conv tile (triton 3.9, sm_90 and sm_80: tests/test_codegen.py).
         tf32 = x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32
         # The interpreter's bf16 dot is wrong (numpy has no bf16): upcast the tiles there.
         common.update(
             TAPS_OUTER=cin_per_group >= _TAPS_OUTER_MIN_CHANNELS,
             CHANNELS_INNER=_strides_like_channels_last(x),
             UPCAST_DOT=_INTERPRETED and x.dtype == torch.bfloat16,
-            INPUT_PRECISION="tf32" if tf32 else "ieee",
+            INPUT_PRECISION="tf32" if tf32 else "tf32x3",
         )
 
         def grid(meta):
@@ -557,7 +610,9 @@ def _launch(
     elif AUTOTUNE:
         wrap(_gpu_kernel(kernel_name))[grid](*pointers, **common)
     else:
-        default = _configs(kernel_name)[0]
+        default = default_config(
+            kernel_name, x.dtype, _shared_memory_bytes(x.device.index), common.get("TAPS_OUTER", True)
+        )
         wrap(_KERNELS[kernel_name])[grid](
             *pointers, **common, **default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages
         )

@@ -285,7 +285,6 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
         shapes = [
             (64, 64, 4, 3),
             (64, 128, 4, 4),
-            (32, 256, 4, 3),
             (64, 256, 4, 3),
             (128, 64, 4, 4),
             (128, 128, 4, 3),
@@ -301,7 +300,6 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
         shapes = [
             (128, 128, 32, 8, 4),
             (128, 256, 64, 8, 3),
-            (256, 128, 64, 8, 3),
             (128, 128, 64, 8, 4),
             (128, 128, 64, 4, 4),
             (128, 64, 64, 4, 4),
@@ -328,17 +326,55 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
     ]
 
 
-def _prune_large_configs(configs, named_args, **kwargs):
-    """Drop batch tiles more than twice the bucketed batch: they would compute mostly padding."""
-    limit = max(32, 2 * named_args["m_bucket"])
-    kept = [config for config in configs if config.kwargs["BLOCK_M"] <= limit]
-    return kept or configs
+def config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int) -> bool:
+    """Whether ``config`` suits ``dtype`` on a GPU with ``shared_memory_bytes`` per block (the opt-in limit).
+
+    Its pipelined tiles must fit: an upper bound of what Triton allocates, ``num_stages`` buffers of the weight, id and
+    activation tiles (``tests/test_codegen.py`` checks it against the real allocation); and fp32 tiles must not
+    spill registers (:func:`_registers_fit`)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    tile = config.kwargs
+    if not _registers_fit(tile["BLOCK_N"], tile["BLOCK_M"], tile["BLOCK_K"], config.num_warps, dtype):
+        return False
+    per_stage = tile["BLOCK_N"] * tile["BLOCK_K"] * (element + 1) + tile["BLOCK_K"] * tile["BLOCK_M"] * element
+    return config.num_stages * per_stage <= shared_memory_bytes
+
+
+def _registers_fit(rows: int, cols: int, block_k: int, num_warps: int, dtype: torch.dtype) -> bool:
+    """fp32 operand tiles of 48 or more elements per thread per K step spill registers (the dot splits each fp32
+    operand for the tensor cores, or runs on FMAs): measured by ``tests/test_codegen.py`` for sm_90 and sm_80."""
+    return dtype != torch.float32 or (rows + cols) * block_k < 48 * 32 * num_warps
+
+
+@functools.cache
+def _shared_memory_bytes(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
+def default_config(regime: str, capability_major: int, dtype: torch.dtype, shared_memory_bytes: int) -> triton.Config:
+    """The untuned config (``AUTOTUNE = False``): the first of :func:`_configs` that fits."""
+    configs = _configs(regime, capability_major)
+    return next((config for config in configs if config_fits(config, dtype, shared_memory_bytes)), configs[0])
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs whose tiles do not fit this GPU's shared memory for this dtype, and (large regime) batch tiles
+    more than twice the bucketed batch, which would compute mostly padding."""
+    x = named_args["x_ptr"]
+    limit = _shared_memory_bytes(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    kept = [config for config in configs if config_fits(config, x.dtype, limit)] or configs[:1]
+    return [config for config in kept if useful_batch_tile(config, named_args["M"])] or kept
+
+
+def useful_batch_tile(config: triton.Config, m: int) -> bool:
+    """False for a large-regime batch tile more than twice the bucketed batch: it would compute mostly padding."""
+    return m <= SMALL_M_MAX or config.kwargs["BLOCK_M"] <= max(32, 2 * _m_bucket(m))
 
 
 @functools.cache
 def _tuned_kernel(regime: str, capability_major: int):
     """The autotuned kernel for a regime and GPU generation, built on first use (never at import time)."""
-    prune = None if regime == "small" else {"early_config_prune": _prune_large_configs}
+    prune = {"early_config_prune": _prune_configs}
     return triton.autotune(
         configs=_configs(regime, capability_major),
         key=["m_bucket", "N", "K", "USE_MASK", "INPUT_PRECISION"],
@@ -491,7 +527,7 @@ def _launch(
         if AUTOTUNE:
             wrap(_tuned_kernel(regime, major))[grid](*main_args, **main_flags)
         else:
-            default = _configs(regime, major)[0]
+            default = default_config(regime, major, x.dtype, _shared_memory_bytes(x.device.index))
             wrap(_masked_linear_kernel)[grid](
                 *main_args, **main_flags, **default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages
             )

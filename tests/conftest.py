@@ -46,6 +46,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
     config.addinivalue_line("markers", "interpreter: runs Triton kernels under TRITON_INTERPRET=1 on the CPU")
     config.addinivalue_line("markers", "slow: longer end-to-end runs")
+    config.addinivalue_line(
+        "markers", "codegen: compiles kernels for sm_90/sm_80 on the CPU and reads the machine code"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,91 @@
+"""Compile a Triton kernel for a GPU that is not there, and read what the GPU would run (for tests/test_codegen.py).
+
+Triton builds PTX and cubins for any ``GPUTarget`` on a CPU-only machine, with its bundled ``ptxas``; the bundled
+``cuobjdump`` reads registers, stack and local memory (spills) from the cubin. This module imports Triton only inside
+:func:`compile_variant`, which runs in a fresh process whose environment has the interpreter off.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+
+# Per-block shared-memory limits (opt-in maximum) by compute capability major, in bytes.
+SHARED_MEMORY_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
+
+_LOAD = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld\.global[\w.]*|cp\.async\.c[ag]\.shared\.global[^;]*)", re.M)
+_RESOURCES = re.compile(r"REG:(\w+) STACK:(\w+) SHARED:(\w+) LOCAL:(\w+)")
+
+
+def signature(kernel, args: dict, constexprs: dict) -> tuple[dict, dict, dict]:
+    """``(signature, constants, attrs)`` as Triton's launcher would specialise ``args``: pointers (given as type
+    strings like ``"*fp16"``) 16-byte aligned, ints equal to 1 made constants and multiples of 16 marked divisible,
+    except the kernel's ``do_not_specialize`` arguments; ``None`` arguments are constants."""
+    unspecialised = set(kernel.do_not_specialize or ())
+    names = kernel.arg_names
+    unspecialised = {names[i] if isinstance(i, int) else i for i in unspecialised}
+    types, constants, attrs = {}, {}, {}
+    for index, name in enumerate(names):
+        value = constexprs[name] if name in constexprs else args[name]
+        if name in constexprs or value is None or (value == 1 and name not in unspecialised and type(value) is int):
+            types[name], constants[(index,)] = "constexpr", value
+        elif isinstance(value, str):
+            types[name], attrs[(index,)] = value, [["tt.divisibility", 16]]
+        else:
+            types[name] = "i32"
+            if name not in unspecialised and value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return types, constants, attrs
+
+
+def _load_bytes(instruction: str) -> int:
+    """Bytes one thread moves with a global load or ``cp.async`` instruction."""
+    if instruction.startswith("cp.async"):
+        return int(instruction.replace(" ", "").split(",")[2], 0)
+    vector = re.search(r"\.v(\d)", instruction)
+    bits = re.search(r"\.[bfsu](\d+)$", instruction)
+    return (int(vector.group(1)) if vector else 1) * int(bits.group(1)) // 8
+
+
+def compile_variant(spec: dict) -> dict:
+    """Compile one kernel variant and summarise it.
+
+    ``spec``: ``module`` and ``kernel`` (names in ``packnet_kernels``), ``args`` (pointer type strings and ints),
+    ``constexprs``, ``num_warps``, ``num_stages``, ``arch`` (compute capability, e.g. 90).
+
+    Returns: ``load_bytes`` (Counter of bytes per global load instruction), ``wgmma``/``mma`` instruction counts,
+    ``shared`` bytes, and ``registers``/``stack``/``local`` from the cubin.
+    """
+    os.environ["TRITON_INTERPRET"] = "0"
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(f"packnet_kernels.{spec['module']}"), spec["kernel"])
+    types, constants, attrs = signature(kernel, spec["args"], spec["constexprs"])
+    compiled = triton.compile(
+        ASTSource(kernel, types, constants, attrs),
+        target=GPUTarget("cuda", spec["arch"], 32),
+        options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]},
+    )
+    ptx = compiled.asm["ptx"]
+    summary = {
+        "load_bytes": dict(Counter(_load_bytes(instruction) for instruction in _LOAD.findall(ptx))),
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "mma": ptx.count("mma.sync"),
+        "shared": compiled.metadata.shared,
+    }
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as scratch:
+        cubin = os.path.join(scratch, "kernel.cubin")
+        with open(cubin, "wb") as handle:
+            handle.write(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    registers, stack, _, local = (int(value, 0) for value in _RESOURCES.search(usage).groups())
+    summary.update(registers=registers, stack=stack, local=local)
+    return summary

@@ -1,0 +1,330 @@
+"""What the GPU would run: every kernel variant and autotune config, compiled for sm_90 and sm_80 on the CPU.
+
+The interpreter checks the arithmetic; these tests check the machine code. Each variant (kernel, regime, dtype,
+autotune config, target) is compiled with Triton's own compiler for a ``GPUTarget`` (``tests/_codegen.py``), at
+representative shapes: linear M = 1, 64, 4096 with N = K = 4096; conv 3x3, 1x1, the 7x7 stride-2 RGB stem and a
+depthwise 3x3, channels_last, with the packed layer's K-contiguous weights. Asserted from the PTX and the cubin:
+
+- the main loop's weight, id and activation loads move at least 8 bytes per thread (``cp.async`` or vector
+  ``ld.global``), except where the data cannot be contiguous (the stem's 3 channels, the depthwise kernel's taps);
+- no register spills (no local memory);
+- shared memory within the target's limit, or the launcher prunes that config for that dtype;
+- wgmma (Hopper's tensor-core instruction) on sm_90 for fp16 and bf16 GEMM variants.
+
+Compiling runs in 2 fresh processes (the interpreter off) into a Triton cache made for this run only.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+from _codegen import SHARED_MEMORY_LIMIT, compile_variant
+
+pytest.importorskip("triton")
+linear = pytest.importorskip("packnet_kernels.linear")
+conv2d = pytest.importorskip("packnet_kernels.conv2d")
+
+pytestmark = pytest.mark.codegen
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ARCHS = (90, 80)
+# Triton's name for each dtype in a pointer type.
+POINTER = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+
+
+def _selected(arch: int, dtype: str, shape: str, main_shapes: tuple[str, ...], configs: list, default) -> list:
+    """The configs compiled for one (target, dtype, shape), within the time a CPU run can afford (about 200 compiles,
+    under 3 minutes on 2 cores): on sm_90 (the GPUs we serve on) every config of the main shapes in every dtype and
+    of the other shapes in fp16; on sm_80 every config in fp16 of the main shapes; else the untuned default."""
+    if (arch == 90 and (dtype == "fp16" or shape in main_shapes)) or (dtype == "fp16" and shape in main_shapes):
+        return configs
+    return [default]
+
+
+def _linear_variants() -> list[dict]:
+    n = k = 4096
+    variants = []
+    for arch in ARCHS:
+        for dtype in DTYPES:
+            for m in (1, 64, 4096):
+                regime = linear.choose_regime(m)
+                # The split plans of a 132-SM GPU: M = 1 and M = 64 split K, M = 4096 does not.
+                k_per_split = {1: 512, 64: 1024, 4096: k}[m]
+                configs = linear._configs(regime, arch // 10)
+                configs = [config for config in configs if linear.useful_batch_tile(config, m)]
+                limit = SHARED_MEMORY_LIMIT[arch // 10]
+                default = linear.default_config(regime, arch // 10, DTYPES[dtype], limit)
+                configs = _selected(arch, dtype, f"m{m}", ("m1", "m4096"), configs, default)
+                for config in configs:
+                    args = {
+                        "x_ptr": POINTER[dtype],
+                        "w_ptr": POINTER[dtype],
+                        "ids_ptr": "*u8",
+                        "bias_ptr": None,
+                        "scale_ptr": None,
+                        "shift_ptr": None,
+                        "y_ptr": POINTER[dtype],
+                        "partials_ptr": "*fp32" if k_per_split < k else None,
+                        "M": m,
+                        "N": n,
+                        "K": k,
+                        "active_task": 2,
+                        "k_per_split": k_per_split,
+                        "m_bucket": linear._m_bucket(m),
+                        "stride_split": m * n,
+                        "stride_xm": k,
+                        "stride_xk": 1,
+                        "stride_wn": k,
+                        "stride_wk": 1,
+                        "stride_idn": k,
+                        "stride_idk": 1,
+                        "stride_bias": 0,
+                        "stride_scale": 0,
+                        "stride_shift": 0,
+                        "stride_ym": n,
+                        "stride_yn": 1,
+                    }
+                    constexprs = {
+                        "HAS_BIAS": False,
+                        "HAS_SCALE": False,
+                        "HAS_SHIFT": False,
+                        "RELU": True,
+                        "USE_MASK": True,
+                        "WRITE_PARTIALS": k_per_split < k,
+                        "UPCAST_BF16": False,
+                        # fp32 linear layers follow torch.get_float32_matmul_precision(), "highest" by default
+                        "INPUT_PRECISION": "tf32" if dtype != "fp32" else "ieee",
+                        **config.kwargs,
+                    }
+                    name = (
+                        f"linear-m{m}-{dtype}-sm{arch}-"
+                        + "-".join(f"{key}{value}" for key, value in config.kwargs.items() if key != "GROUP_N")
+                        + f"-w{config.num_warps}-s{config.num_stages}"
+                    )
+                    variants.append(
+                        dict(
+                            name=name,
+                            module="linear",
+                            kernel="_masked_linear_kernel",
+                            args=args,
+                            constexprs=constexprs,
+                            num_warps=config.num_warps,
+                            num_stages=config.num_stages,
+                            arch=arch,
+                            dtype=dtype,
+                            config=config,
+                            wide_loads=True,
+                            gemm=True,
+                        )
+                    )
+    return variants
+
+
+CONV_SHAPES = {
+    # name: (in channels, out channels, kernel, stride, image size, groups)
+    "3x3": (256, 256, 3, 1, 14, 1),
+    "1x1": (1024, 256, 1, 1, 14, 1),
+    "7x7s2": (3, 64, 7, 2, 224, 1),
+    "dw3x3": (192, 192, 3, 1, 28, 192),
+}
+
+
+def _conv_variants() -> list[dict]:
+    variants = []
+    batch = 64
+    for arch in ARCHS:
+        for dtype in DTYPES:
+            for shape_name, (cin, cout, kernel, stride, size, groups) in CONV_SHAPES.items():
+                cin_g, cout_g = cin // groups, cout // groups
+                out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+                direct = conv2d._uses_direct_kernel(groups, cin_g, cout_g)
+                kernel_name = "direct" if direct else "gemm"
+                args = {
+                    "x_ptr": POINTER[dtype],
+                    "w_ptr": POINTER[dtype],
+                    "ids_ptr": "*u8",
+                    "bias_ptr": None,
+                    "scale_ptr": None,
+                    "shift_ptr": None,
+                    "out_ptr": POINTER[dtype],
+                    "active_task": 2,
+                    "total_pixels": batch * out_size * out_size,
+                    "m_bucket": conv2d._row_bucket(batch * out_size * out_size),
+                    "in_h": size,
+                    "in_w": size,
+                    "out_h": out_size,
+                    "out_w": out_size,
+                    "cin_per_group": cin_g,
+                    "cout_per_group": cout_g,
+                    # channels_last input and output; K-contiguous ([out, kh, kw, in/groups]) weight and ids
+                    "stride_xn": cin * size * size,
+                    "stride_xc": 1,
+                    "stride_xh": size * cin,
+                    "stride_xw": cin,
+                    "stride_wo": cin_g * kernel * kernel,
+                    "stride_wc": 1,
+                    "stride_wh": kernel * cin_g,
+                    "stride_ww": cin_g,
+                    "stride_io": cin_g * kernel * kernel,
+                    "stride_ic": 1,
+                    "stride_ih": kernel * cin_g,
+                    "stride_iw": cin_g,
+                    "stride_on": cout * out_size * out_size,
+                    "stride_oc": 1,
+                    "stride_oh": out_size * cout,
+                    "stride_ow": cout,
+                    "conv_stride_h": stride,
+                    "conv_stride_w": stride,
+                    "pad_top": kernel // 2,
+                    "pad_left": kernel // 2,
+                    "dilation_h": 1,
+                    "dilation_w": 1,
+                }
+                if direct:
+                    args["out_channels"] = cout
+                constexprs = {
+                    "KH": kernel,
+                    "KW": kernel,
+                    "USE_MASK": True,
+                    "HAS_BIAS": False,
+                    "HAS_SCALE": False,
+                    "HAS_SHIFT": False,
+                    "APPLY_RELU": True,
+                }
+                if not direct:
+                    constexprs.update(
+                        TAPS_OUTER=cin_g >= conv2d._TAPS_OUTER_MIN_CHANNELS,
+                        CHANNELS_INNER=True,
+                        UPCAST_DOT=False,
+                        INPUT_PRECISION="tf32",
+                    )
+                # fp32 convs run TF32 dots by default (PyTorch's cudnn.allow_tf32) and 3xTF32 when it is off.
+                precisions = ["tf32", "tf32x3"] if dtype == "fp32" and not direct and arch == 90 else ["tf32"]
+                taps_outer = constexprs.get("TAPS_OUTER", True)
+                limit = SHARED_MEMORY_LIMIT[arch // 10]
+                default = conv2d.default_config(kernel_name, DTYPES[dtype], limit, taps_outer)
+                configs = _selected(arch, dtype, shape_name, ("3x3", "dw3x3"), conv2d._configs(kernel_name), default)
+                for precision, config in ((p, c) for p in precisions for c in configs):
+                    if precision == "tf32x3" and shape_name != "3x3":
+                        continue
+                    name = (
+                        f"conv{shape_name}-{dtype}{'-tf32x3' if precision == 'tf32x3' else ''}-sm{arch}-"
+                        + "-".join(f"{key}{value}" for key, value in config.kwargs.items())
+                        + f"-w{config.num_warps}-s{config.num_stages}"
+                    )
+                    variants.append(
+                        dict(
+                            name=name,
+                            module="conv2d",
+                            kernel=f"_masked_conv2d_{kernel_name}_kernel",
+                            args=args,
+                            constexprs={**constexprs, **config.kwargs}
+                            | ({} if direct else {"INPUT_PRECISION": precision}),
+                            num_warps=config.num_warps,
+                            num_stages=config.num_stages,
+                            arch=arch,
+                            dtype=dtype,
+                            config=config,
+                            # The stem gathers 3 channels per pixel, the depthwise kernel one weight per channel
+                            # and tap: neither has 8 contiguous bytes to load.
+                            wide_loads=not direct and cin_g >= conv2d._TAPS_OUTER_MIN_CHANNELS,
+                            gemm=not direct,
+                        )
+                    )
+    return variants
+
+
+VARIANTS = _linear_variants() + _conv_variants()
+
+
+def _spec(variant: dict) -> dict:
+    keys = ("module", "kernel", "args", "constexprs", "num_warps", "num_stages", "arch")
+    return {key: variant[key] for key in keys}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    """Every variant compiled once, on 2 processes, into a Triton cache made for this run."""
+    saved = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
+    try:
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {variant["name"]: pool.submit(compile_variant, _spec(variant)) for variant in VARIANTS}
+            results = {}
+            for name, future in futures.items():
+                try:
+                    results[name] = future.result()
+                except Exception as error:  # reported by the variant's own test
+                    results[name] = error
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return results
+
+
+def _pruned(variant: dict) -> bool:
+    """Whether the launcher drops this config for this dtype on this target before trying it."""
+    dtype, major = DTYPES[variant["dtype"]], variant["arch"] // 10
+    if variant["module"] == "linear":
+        return not linear.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major])
+    taps_outer = variant["constexprs"].get("TAPS_OUTER", True)
+    return not conv2d.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], taps_outer)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[variant["name"] for variant in VARIANTS])
+def test_compiled_code(variant, compiled):
+    summary = compiled[variant["name"]]
+    if isinstance(summary, Exception):
+        raise summary
+    if _pruned(variant):
+        return  # never launched: its shared memory or registers do not fit, the launcher says so itself
+    assert summary["shared"] <= SHARED_MEMORY_LIMIT[variant["arch"] // 10], (
+        f"{summary['shared']} bytes of shared memory, over the sm_{variant['arch']} limit, and the launcher does "
+        "not prune this config"
+    )
+    assert summary["local"] == 0 and summary["stack"] == 0, f"register spills: {summary}"
+    if variant["wide_loads"]:
+        # Compiled without epilogue vectors, so every global load is a main-loop load.
+        narrow = {width: count for width, count in summary["load_bytes"].items() if width < 8}
+        assert not narrow, f"narrow main-loop loads (bytes: instructions): {summary['load_bytes']}"
+    # wgmma needs a 64-row left operand (the weight tile in linear, the pixel tile in conv) and a whole warpgroup.
+    dot_rows = variant["config"].kwargs["BLOCK_N" if variant["module"] == "linear" else "BLOCK_M"]
+    if variant["gemm"] and variant["arch"] == 90 and variant["dtype"] != "fp32" and dot_rows >= 64:
+        assert summary["wgmma"] > 0, f"no wgmma on sm_90: {summary}"
+
+
+def test_every_launchable_config_is_compiled():
+    """The variants above are every config the launchers can pick: a new config or target is not missed."""
+    names = {variant["name"] for variant in VARIANTS}
+    assert len(names) == len(VARIANTS)
+
+    def key(config):
+        return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+    for arch in ARCHS:
+        for regime, m in (("small", "m1"), ("large", "m4096")):
+            compiled = {key(v["config"]) for v in VARIANTS if v["name"].startswith(f"linear-{m}-fp16-sm{arch}-")}
+            assert compiled == {key(config) for config in linear._configs(regime, arch // 10)}
+    compiled_conv = {key(v["config"]) for v in VARIANTS if v["module"] == "conv2d" and v["arch"] == 90}
+    assert compiled_conv == {key(config) for config in conv2d._configs("gemm") + conv2d._configs("direct")}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_every_path_has_a_config_that_fits(arch, dtype):
+    """The untuned launch (``AUTOTUNE = False``) and the autotuner's pruning need at least one fitting config for
+    every dtype, target and loop."""
+    limit, major = SHARED_MEMORY_LIMIT[arch // 10], arch // 10
+    for regime in ("small", "large"):
+        assert linear.config_fits(linear.default_config(regime, major, DTYPES[dtype], limit), DTYPES[dtype], limit)
+    for kernel, taps_outer in (("gemm", True), ("gemm", False), ("direct", True)):
+        default = conv2d.default_config(kernel, DTYPES[dtype], limit, taps_outer)
+        assert conv2d.config_fits(default, DTYPES[dtype], limit, taps_outer)
