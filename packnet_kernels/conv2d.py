@@ -390,11 +390,13 @@ _autotuned_kernels: dict = {}
 
 
 def config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, taps_outer: bool = True) -> bool:
-    """Whether ``config`` suits a GEMM launch for ``dtype`` on a GPU with ``shared_memory_bytes`` per block (opt-in):
-    its pipelined tiles fit (an upper bound: ``num_stages`` buffers of the input, weight and id tiles), and its operand
-    tiles do not spill registers (measured: operand elements per thread per K step at most 64 on the gather loop,
-    ``taps_outer`` False, in 16-bit dtypes; in fp32 under 48 with taps outer and 4 warps or more, and on the gather
-    loop at most 32 with at most 16 accumulators per thread). The direct kernel stages nothing."""
+    """Whether ``config`` suits a GEMM launch for ``dtype`` on a GPU with ``shared_memory_bytes`` per block (opt-in).
+
+    Its pipelined tiles must fit (an upper bound: ``num_stages`` buffers of the input, weight and id tiles), and its
+    operand tiles must not spill registers. Measured with triton 3.6 and 3.9 (``tests/test_codegen.py``), in operand
+    elements per thread per K step: in 16-bit dtypes at most 40 on the gather loop (``taps_outer`` False); in fp32
+    under 48 with taps outer and 4 warps or more, and at most 32 with at most 16 accumulators per thread on the gather
+    loop. The direct kernel stages nothing: any config fits."""
     tile = config.kwargs
     if "BLOCK_K" not in tile:
         return True
@@ -406,7 +408,7 @@ def config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: 
     if dtype == torch.float32:
         fits = operands < 48 and config.num_warps >= 4 if taps_outer else operands <= 32 and accumulators <= 16
     else:
-        fits = taps_outer or operands <= 64
+        fits = taps_outer or operands <= 40
     if not fits:
         return False
     element = torch.empty((), dtype=dtype).element_size()

@@ -271,6 +271,17 @@ def test_compiles_to_one_graph(kernel_device):
     assert torch.equal(result, block(x))
 
 
+@pytest.mark.parametrize("m", [3, 20], ids=["split_k_reduce", "tiled"])
+def test_relu_keeps_nan_like_torch(m, kernel_device):
+    """A NaN input row stays NaN through the fused ReLU in both epilogues (PTX max.f32 alone would make it 0; the
+    interpreter cannot tell, so this matters on the GPU)."""
+    x, weight, task_ids, bias = _make(m, 40, 300, torch.float32, kernel_device, seed=5)
+    x[1, 7] = float("nan")
+    got = masked_linear(x, weight, task_ids, 2, bias, relu=True, backend="triton")
+    expected = torch.relu(masked_linear_ref(x, weight, task_ids, 2, bias))
+    assert got[1].isnan().all() and torch.equal(got.isnan(), expected.isnan())
+
+
 def test_registered_op_schema():
     schema = str(torch.ops.packnet.masked_linear.default._schema)
     # Python ints in triton_op schemas become SymInt: one compiled graph can serve every task.
