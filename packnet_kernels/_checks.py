@@ -69,6 +69,12 @@ def direct_launch_allowed(x: torch.Tensor, *tensors: torch.Tensor | None) -> boo
     )
 
 
+def ceil_div(numerator: int, denominator: int) -> int:
+    """``ceil(numerator / denominator)`` for host-side grid and split arithmetic: ``triton.cdiv`` also works on the
+    host, but through Triton's JIT wrapper, at several microseconds a call."""
+    return -(-numerator // denominator)
+
+
 def as_is(kernel):
     """A Triton kernel launched as it is: the ``wrap`` of a direct eager launch (where the registered op would use
     ``torch.library.wrap_triton``)."""

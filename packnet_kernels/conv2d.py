@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import KERNEL_DTYPES, as_is, check_conv2d, direct_launch_allowed, require_kernel_device
+from ._checks import KERNEL_DTYPES, as_is, ceil_div, check_conv2d, direct_launch_allowed, require_kernel_device
 from ._predicate import task_owns
 
 __all__ = ["masked_conv2d_triton"]
@@ -490,8 +490,10 @@ def _output_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.shape[0] > 0 and (_strides_like_channels_last(x) or _strides_like_channels_last(weight))
 
 
-def _max_offset(tensor: torch.Tensor, dims) -> int:
-    return sum((tensor.shape[d] - 1) * abs(tensor.stride(d)) for d in dims if tensor.shape[d] > 0)
+def _max_offset(shape, strides, first_dim: int) -> int:
+    """The largest element offset of a tensor of ``shape``/``strides`` from dimension ``first_dim`` on."""
+    pairs = zip(shape[first_dim:], strides[first_dim:], strict=True)
+    return sum((size - 1) * abs(step) for size, step in pairs if size > 0)
 
 
 # Under TRITON_INTERPRET=1, ``triton.jit`` returns an interpreted function instead of a ``JITFunction``.
@@ -528,13 +530,14 @@ def _launch(
     cout_per_group = out_channels // groups
     out_h, out_w = out.shape[2:]
 
-    for name, tensor, dims in (
-        ("one input image", x, (1, 2, 3)),
-        ("one output image", out, (1, 2, 3)),
-        ("weight", weight, (0, 1, 2, 3)),
-        ("task_ids", task_ids, (0, 1, 2, 3)),
+    sx, sw, si, so = x.stride(), weight.stride(), task_ids.stride(), out.stride()
+    for name, shape, strides, first_dim in (
+        ("one input image", x.shape, sx, 1),
+        ("one output image", out.shape, so, 1),
+        ("weight", weight.shape, sw, 0),
+        ("task_ids", task_ids.shape, si, 0),
     ):
-        if _max_offset(tensor, dims) >= _INT32_LIMIT:
+        if _max_offset(shape, strides, first_dim) >= _INT32_LIMIT:
             raise ValueError(f"masked_conv2d: {name} spans 2**31 elements or more, which the kernel does not index")
 
     total_pixels = batch * out_h * out_w
@@ -548,22 +551,22 @@ def _launch(
         out_w=out_w,
         cin_per_group=cin_per_group,
         cout_per_group=cout_per_group,
-        stride_xn=x.stride(0),
-        stride_xc=x.stride(1),
-        stride_xh=x.stride(2),
-        stride_xw=x.stride(3),
-        stride_wo=weight.stride(0),
-        stride_wc=weight.stride(1),
-        stride_wh=weight.stride(2),
-        stride_ww=weight.stride(3),
-        stride_io=task_ids.stride(0),
-        stride_ic=task_ids.stride(1),
-        stride_ih=task_ids.stride(2),
-        stride_iw=task_ids.stride(3),
-        stride_on=out.stride(0),
-        stride_oc=out.stride(1),
-        stride_oh=out.stride(2),
-        stride_ow=out.stride(3),
+        stride_xn=sx[0],
+        stride_xc=sx[1],
+        stride_xh=sx[2],
+        stride_xw=sx[3],
+        stride_wo=sw[0],
+        stride_wc=sw[1],
+        stride_wh=sw[2],
+        stride_ww=sw[3],
+        stride_io=si[0],
+        stride_ic=si[1],
+        stride_ih=si[2],
+        stride_iw=si[3],
+        stride_on=so[0],
+        stride_oc=so[1],
+        stride_oh=so[2],
+        stride_ow=so[3],
         conv_stride_h=stride[0],
         conv_stride_w=stride[1],
         pad_top=padding[0],
@@ -587,7 +590,7 @@ def _launch(
         common["out_channels"] = out_channels
 
         def grid(meta):
-            return (triton.cdiv(total_pixels, meta["BLOCK_M"]), triton.cdiv(out_channels, meta["BLOCK_N"]))
+            return (ceil_div(total_pixels, meta["BLOCK_M"]), ceil_div(out_channels, meta["BLOCK_N"]))
 
     else:
         kernel_name = "gemm"
@@ -604,8 +607,8 @@ def _launch(
         )
 
         def grid(meta):
-            row_blocks = triton.cdiv(total_pixels, meta["BLOCK_M"])
-            return (row_blocks * triton.cdiv(cout_per_group, meta["BLOCK_N"]), groups)
+            row_blocks = ceil_div(total_pixels, meta["BLOCK_M"])
+            return (row_blocks * ceil_div(cout_per_group, meta["BLOCK_N"]), groups)
 
     if _INTERPRETED:
         wrap(_KERNELS[kernel_name])[grid](*pointers, **common, **_INTERPRETER_CONFIGS[kernel_name])

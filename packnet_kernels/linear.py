@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._checks import KERNEL_DTYPES, as_is, check_linear, direct_launch_allowed, require_kernel_device
+from ._checks import KERNEL_DTYPES, as_is, ceil_div, check_linear, direct_launch_allowed, require_kernel_device
 from ._predicate import task_owns
 
 __all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton"]
@@ -414,21 +414,21 @@ def _split_plan(m: int, n: int, k: int, interpreted: bool, device: torch.device)
     if interpreted:
         align, programs = _INTERPRETER_CONFIG["BLOCK_K"], _INTERPRETER_SM_COUNT
         min_chunk = _INTERPRETER_MIN_K_PER_SPLIT
-        tiles = triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]) * triton.cdiv(m, _INTERPRETER_CONFIG["BLOCK_M"])
+        tiles = ceil_div(n, _INTERPRETER_CONFIG["BLOCK_N"]) * ceil_div(m, _INTERPRETER_CONFIG["BLOCK_M"])
     else:
         sm_count = _sm_count(device.index if device.index is not None else 0)
         align = _SPLIT_K_ALIGN
         if small:
             # A typical small-regime BLOCK_N; the autotuner adjusts around it.
-            min_chunk, programs, tiles = _MIN_K_PER_SPLIT, _PROGRAMS_PER_SM * sm_count, triton.cdiv(n, 64)
+            min_chunk, programs, tiles = _MIN_K_PER_SPLIT, _PROGRAMS_PER_SM * sm_count, ceil_div(n, 64)
         else:
             min_chunk, programs = _MIN_K_PER_SPLIT_LARGE, sm_count
-            tiles = triton.cdiv(n, 128) * triton.cdiv(m, 128)
-    split = max(1, min(triton.cdiv(programs, tiles), k // min_chunk))
+            tiles = ceil_div(n, 128) * ceil_div(m, 128)
+    split = max(1, min(ceil_div(programs, tiles), k // min_chunk))
     if split == 1:
         return 1, max(k, 1)
-    k_per_split = max(align, triton.cdiv(triton.cdiv(k, split), align) * align)
-    return max(1, triton.cdiv(k, k_per_split)), k_per_split
+    k_per_split = max(align, ceil_div(ceil_div(k, split), align) * align)
+    return max(1, ceil_div(k, k_per_split)), k_per_split
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -516,7 +516,7 @@ def _launch(
     }
 
     def grid(meta):
-        return (triton.cdiv(out_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]), split_k)
+        return (ceil_div(out_features, meta["BLOCK_N"]) * ceil_div(rows, meta["BLOCK_M"]), split_k)
 
     if interpreted:
         # The interpreter cannot autotune (it cannot time anything): one small fixed config.
@@ -532,7 +532,7 @@ def _launch(
             )
 
     if write_partials:
-        reduce_grid = (triton.cdiv(out_features, _REDUCE_BLOCK_N), triton.cdiv(rows, _REDUCE_BLOCK_M))
+        reduce_grid = (ceil_div(out_features, _REDUCE_BLOCK_N), ceil_div(rows, _REDUCE_BLOCK_M))
         wrap(_split_k_reduce_kernel)[reduce_grid](
             partials,
             bias,

@@ -377,6 +377,27 @@ def test_autotuned(config, dtype, monkeypatch):
     assert torch.equal(got, masked_conv2d_triton(x, weight, task_ids, 2, bias, stride, padding, dilation, groups))
 
 
+@pytest.mark.parametrize("target", ["one input image", "one output image", "weight", "task_ids"])
+def test_offsets_past_int32_are_refused_by_name(target):
+    """The kernel indexes one image, the weight and the ids with int32: larger ones are refused, naming which (meta
+    tensors: strides without memory)."""
+    huge = (2**29, 1, 1, 1)
+    x = torch.empty(1, 4, 5, 5, device="meta")
+    weight = torch.empty(6, 4, 3, 3, device="meta")
+    task_ids = torch.empty(6, 4, 3, 3, dtype=torch.uint8, device="meta")
+    if target == "one input image":
+        x = torch.empty(1, 4, 2**15, 2**15, device="meta")
+    elif target == "one output image":  # 2**27 output channels of 7 x 7 pixels, from a small input
+        weight = torch.empty(2**27, 4, 1, 1, device="meta")
+        task_ids = torch.empty(2**27, 4, 1, 1, dtype=torch.uint8, device="meta")
+    elif target == "weight":
+        weight = weight.as_strided(weight.shape, huge)
+    else:
+        task_ids = task_ids.as_strided(task_ids.shape, huge)
+    with pytest.raises(ValueError, match=f"masked_conv2d: {target} spans 2\\*\\*31 elements or more"):
+        conv2d_module._launch(x, weight, task_ids, 1, None, None, None, (1, 1), [1, 1, 1, 1], (1, 1), 1, False, True)
+
+
 @pytest.mark.parametrize("allowed", [True, False], ids=["direct", "via_op"])
 def test_direct_launches_never_go_through_wrap_triton(allowed, monkeypatch):
     """As for linear: eager launches skip the registered op and launch the kernel as it is."""
