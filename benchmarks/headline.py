@@ -35,7 +35,6 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ from torch.nn.utils import prune
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import shapes  # noqa: E402
 import timing  # noqa: E402
 
 from packnet.pruning import magnitude_task_ids  # noqa: E402
@@ -62,47 +62,21 @@ GRAPH_MIN_CALLS = 8
 GRAPH_REPLAYS = 7
 
 
-@dataclass(frozen=True)
-class Layer:
-    name: str
-    op: str  # "linear" or "conv2d"
-    in_ch: int
-    out_ch: int
-    kernel: int = 1
-    hw: int = 0
-    groups: int = 1
-    batches: tuple[int, ...] = ()
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        if self.op == "linear":
-            return (self.out_ch, self.in_ch)
-        return (self.out_ch, self.in_ch // self.groups, self.kernel, self.kernel)
-
-    def input_shape(self, batch: int) -> tuple[int, ...]:
-        return (batch, self.in_ch) if self.op == "linear" else (batch, self.in_ch, self.hw, self.hw)
-
-    def output_numel(self, batch: int) -> int:
-        return batch * self.out_ch * (1 if self.op == "linear" else self.hw * self.hw)
-
-    def flops(self, batch: int) -> int:
-        return 2 * self.output_numel(batch) * math.prod(self.weight_shape[1:])
-
-
 LINEAR_BATCHES = (1, 16, 256, 4096)
 CONV_BATCHES = (1, 64)
+# (layer shape, batches), named as in the committed results.
 LAYERS = (
-    Layer("vgg16.fc6", "linear", 25088, 4096, batches=LINEAR_BATCHES),
-    Layer("linear.4096", "linear", 4096, 4096, batches=LINEAR_BATCHES),
-    Layer("mlp.up.4096-11008", "linear", 4096, 11008, batches=LINEAR_BATCHES),
-    Layer("resnet50.conv3x3.256@14", "conv2d", 256, 256, 3, 14, batches=CONV_BATCHES),
-    Layer("resnet50.conv1x1.1024-256@14", "conv2d", 1024, 256, 1, 14, batches=CONV_BATCHES),
-    Layer("mobilenetv2.dw3x3.192@28", "conv2d", 192, 192, 3, 28, groups=192, batches=CONV_BATCHES),
+    (shapes.linear_shape("vgg16.fc6", 25088, 4096), LINEAR_BATCHES),
+    (shapes.linear_shape("linear.4096", 4096, 4096), LINEAR_BATCHES),
+    (shapes.linear_shape("mlp.up.4096-11008", 4096, 11008), LINEAR_BATCHES),
+    (shapes.conv_shape("resnet50.conv3x3.256@14", 256, 256, 3, 14), CONV_BATCHES),
+    (shapes.conv_shape("resnet50.conv1x1.1024-256@14", 1024, 256, 1, 14), CONV_BATCHES),
+    (shapes.conv_shape("mobilenetv2.dw3x3.192@28", 192, 192, 3, 28, groups=192), CONV_BATCHES),
 )
 QUICK_LAYERS = (
-    Layer("tiny.linear", "linear", 96, 80, batches=(1, 20)),
-    Layer("tiny.conv", "conv2d", 16, 24, 3, 9, batches=(1, 2)),
-    Layer("tiny.dw", "conv2d", 16, 16, 3, 9, groups=16, batches=(1,)),
+    (shapes.linear_shape("tiny.linear", 96, 80), (1, 20)),
+    (shapes.conv_shape("tiny.conv", 16, 24, 3, 9), (1, 2)),
+    (shapes.conv_shape("tiny.dw", 16, 16, 3, 9, groups=16), (1,)),
 )
 
 
@@ -111,7 +85,7 @@ class LayerSets:
     (as in a pack), and channels-last copies: the cuDNN methods' fastest layout and, for a conv, the packed layer's
     K-contiguous layout on CUDA."""
 
-    def __init__(self, layer: Layer, dtype: torch.dtype, device: str, count: int):
+    def __init__(self, layer: shapes.LayerShape, dtype: torch.dtype, device: str, count: int):
         fan_in = math.prod(layer.weight_shape[1:])
         generator = torch.Generator(device=device).manual_seed(sum(map(ord, layer.name)))
         self.weights, self.task_ids = [], []
@@ -125,15 +99,11 @@ class LayerSets:
         self.dense_ids = [ids.contiguous(memory_format=layout) for ids in self.task_ids]
 
 
-def _conv_args(layer: Layer) -> tuple:
-    return (1, layer.kernel // 2, 1, layer.groups)  # stride, padding, dilation, groups
-
-
-def build_methods(layer: Layer, sets: LayerSets, xs: list, task: int) -> dict:
+def build_methods(layer: shapes.LayerShape, sets: LayerSets, xs: list, task: int) -> dict:
     """``{method: fn(i)}``; ``fn(i)`` runs the method on rotation ``i % len(xs)``."""
     n = len(xs)
     conv = layer.op == "conv2d"
-    args = _conv_args(layer) if conv else ()
+    args = layer.conv_args() if conv else ()
 
     def dense(x, weight):
         return F.conv2d(x, weight, None, *args) if conv else F.linear(x, weight)
@@ -150,8 +120,8 @@ def build_methods(layer: Layer, sets: LayerSets, xs: list, task: int) -> dict:
     for weight, ids in zip(sets.dense_weights, sets.dense_ids, strict=True):
         factory = {"device": weight.device, "dtype": weight.dtype}
         if conv:
-            module = nn.Conv2d(layer.in_ch, layer.out_ch, layer.kernel, 1, layer.kernel // 2, groups=layer.groups,
-                               bias=False, **factory)  # fmt: skip
+            module = nn.Conv2d(layer.in_ch, layer.out_ch, layer.kernel, layer.stride, layer.padding,
+                               groups=layer.groups, bias=False, **factory)  # fmt: skip
         else:
             module = nn.Linear(layer.in_ch, layer.out_ch, bias=False, **factory)
         module.weight = nn.Parameter(weight.clone(), requires_grad=False)
@@ -216,11 +186,11 @@ def host_us(fn, calls: int = 50) -> float:
     return elapsed / calls * 1e6
 
 
-def traffic_bytes(layer: Layer, batch: int, element: int, method: str) -> int:
+def traffic_bytes(layer: shapes.LayerShape, batch: int, element: int, method: str) -> int:
     """Compulsory DRAM traffic: x, W and y; the ids for the packed kernel; the mask and a written-then-read masked
     copy for the methods that materialise it."""
     numel = math.prod(layer.weight_shape)
-    gemm = (math.prod(layer.input_shape(batch)) + layer.output_numel(batch) + numel) * element
+    gemm = (math.prod(layer.input_shape(batch)) + math.prod(layer.output_shape(batch)) + numel) * element
     if method == "packnet":
         return gemm + numel
     if method in ("packnet_nomask", "premasked"):
@@ -252,7 +222,7 @@ def run_case(layer, dtype, batch, task, sets, device, rotations, warm_only) -> l
         if for_task not in references:
             weight = effective_weight(sets.weights[0].double(), sets.task_ids[0], for_task)
             if layer.op == "conv2d":
-                references[for_task] = F.conv2d(xs[0].double(), weight, None, *_conv_args(layer))
+                references[for_task] = F.conv2d(xs[0].double(), weight, None, *layer.conv_args())
             else:
                 references[for_task] = F.linear(xs[0].double(), weight)
         return references[for_task]
@@ -327,7 +297,7 @@ def main(argv=None) -> int:
     dtypes = [DTYPES[name] for name in args.dtypes.split(",") if name]
     layers = QUICK_LAYERS if args.quick or device == "cpu" else LAYERS
     if args.layers:
-        layers = tuple(layer for layer in layers if layer.name in args.layers.split(","))
+        layers = tuple((layer, batches) for layer, batches in layers if layer.name in args.layers.split(","))
     info = timing.device_info(device)
     if device == "cuda":
         info["driver"] = _driver_version()
@@ -338,9 +308,9 @@ def main(argv=None) -> int:
     path = out_dir / "headline.json"
     case_index = 0
     for dtype in dtypes:
-        for layer in layers:
+        for layer, batches in layers:
             sets = None
-            for batch in layer.batches:
+            for batch in batches:
                 for task in TASKS:
                     case_index += 1
                     if args.warm and (case_index - 1) % shards != shard:

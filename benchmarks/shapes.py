@@ -33,6 +33,7 @@ class LayerShape:
     padding: int = 0
     hw: int = 0
     count: int = 1
+    groups: int = 1
 
     @property
     def family(self) -> str:
@@ -42,7 +43,7 @@ class LayerShape:
     def weight_shape(self) -> tuple[int, ...]:
         if self.op == "linear":
             return (self.out_ch, self.in_ch)
-        return (self.out_ch, self.in_ch, self.kernel, self.kernel)
+        return (self.out_ch, self.in_ch // self.groups, self.kernel, self.kernel)
 
     @property
     def out_hw(self) -> int:
@@ -58,11 +59,11 @@ class LayerShape:
         """Multiply-adds x 2 of the dense op (a masked weight does the same work on the tensor cores)."""
         if self.op == "linear":
             return 2 * batch * self.out_ch * self.in_ch
-        return 2 * batch * self.out_hw**2 * self.out_ch * self.in_ch * self.kernel**2
+        return 2 * batch * self.out_hw**2 * self.out_ch * (self.in_ch // self.groups) * self.kernel**2
 
     def conv_args(self) -> tuple[int, int, int, int]:
         """``(stride, padding, dilation, groups)`` for ``masked_conv2d``/``F.conv2d``."""
-        return self.stride, self.padding, 1, 1
+        return self.stride, self.padding, 1, self.groups
 
     def describe(self) -> str:
         if self.op == "linear":
@@ -71,65 +72,66 @@ class LayerShape:
         return f"{self.in_ch}->{self.out_ch} {self.kernel}x{self.kernel}{stride} @{self.hw}"
 
 
-def _conv(name, in_ch, out_ch, kernel, hw, stride=1, padding=None, count=1) -> LayerShape:
+def conv_shape(name, in_ch, out_ch, kernel, hw, stride=1, padding=None, count=1, groups=1) -> LayerShape:
+    """A conv layer shape; ``padding`` defaults to ``kernel // 2`` (same size at stride 1)."""
     padding = kernel // 2 if padding is None else padding
-    return LayerShape(name, "conv2d", in_ch, out_ch, kernel, stride, padding, hw, count)
+    return LayerShape(name, "conv2d", in_ch, out_ch, kernel, stride, padding, hw, count, groups)
 
 
-def _linear(name, in_features, out_features, count=1) -> LayerShape:
+def linear_shape(name, in_features, out_features, count=1) -> LayerShape:
     return LayerShape(name, "linear", in_features, out_features, count=count)
 
 
 VGG16 = (
-    _conv("vgg16.features.0", 3, 64, 3, 224),
-    _conv("vgg16.features.2", 64, 64, 3, 224),
-    _conv("vgg16.features.5", 64, 128, 3, 112),
-    _conv("vgg16.features.7", 128, 128, 3, 112),
-    _conv("vgg16.features.10", 128, 256, 3, 56),
-    _conv("vgg16.features.12", 256, 256, 3, 56, count=2),
-    _conv("vgg16.features.17", 256, 512, 3, 28),
-    _conv("vgg16.features.19", 512, 512, 3, 28, count=2),
-    _conv("vgg16.features.24", 512, 512, 3, 14, count=3),
-    _linear("vgg16.classifier.0", 512 * 7 * 7, 4096),
-    _linear("vgg16.classifier.3", 4096, 4096),
-    _linear("vgg16.classifier.6", 4096, 1000),
+    conv_shape("vgg16.features.0", 3, 64, 3, 224),
+    conv_shape("vgg16.features.2", 64, 64, 3, 224),
+    conv_shape("vgg16.features.5", 64, 128, 3, 112),
+    conv_shape("vgg16.features.7", 128, 128, 3, 112),
+    conv_shape("vgg16.features.10", 128, 256, 3, 56),
+    conv_shape("vgg16.features.12", 256, 256, 3, 56, count=2),
+    conv_shape("vgg16.features.17", 256, 512, 3, 28),
+    conv_shape("vgg16.features.19", 512, 512, 3, 28, count=2),
+    conv_shape("vgg16.features.24", 512, 512, 3, 14, count=3),
+    linear_shape("vgg16.classifier.0", 512 * 7 * 7, 4096),
+    linear_shape("vgg16.classifier.3", 4096, 4096),
+    linear_shape("vgg16.classifier.6", 4096, 1000),
 )
 
 # ResNet-50 v1.5 (the stride sits on the 3x3 conv of each stage's first bottleneck).
 RESNET50 = (
-    _conv("resnet50.conv1", 3, 64, 7, 224, stride=2),
-    _conv("resnet50.layer1.0.conv1", 64, 64, 1, 56),
-    _conv("resnet50.layer1.0.conv2", 64, 64, 3, 56, count=3),
-    _conv("resnet50.layer1.0.conv3", 64, 256, 1, 56, count=4),  # the three conv3 and the first downsample
-    _conv("resnet50.layer1.1.conv1", 256, 64, 1, 56, count=2),
-    _conv("resnet50.layer2.0.conv1", 256, 128, 1, 56),
-    _conv("resnet50.layer2.0.conv2", 128, 128, 3, 56, stride=2),
-    _conv("resnet50.layer2.0.conv3", 128, 512, 1, 28, count=4),
-    _conv("resnet50.layer2.0.downsample.0", 256, 512, 1, 56, stride=2),
-    _conv("resnet50.layer2.1.conv1", 512, 128, 1, 28, count=3),
-    _conv("resnet50.layer2.1.conv2", 128, 128, 3, 28, count=3),
-    _conv("resnet50.layer3.0.conv1", 512, 256, 1, 28),
-    _conv("resnet50.layer3.0.conv2", 256, 256, 3, 28, stride=2),
-    _conv("resnet50.layer3.0.conv3", 256, 1024, 1, 14, count=6),
-    _conv("resnet50.layer3.0.downsample.0", 512, 1024, 1, 28, stride=2),
-    _conv("resnet50.layer3.1.conv1", 1024, 256, 1, 14, count=5),
-    _conv("resnet50.layer3.1.conv2", 256, 256, 3, 14, count=5),
-    _conv("resnet50.layer4.0.conv1", 1024, 512, 1, 14),
-    _conv("resnet50.layer4.0.conv2", 512, 512, 3, 14, stride=2),
-    _conv("resnet50.layer4.0.conv3", 512, 2048, 1, 7, count=3),
-    _conv("resnet50.layer4.0.downsample.0", 1024, 2048, 1, 14, stride=2),
-    _conv("resnet50.layer4.1.conv1", 2048, 512, 1, 7, count=2),
-    _conv("resnet50.layer4.1.conv2", 512, 512, 3, 7, count=2),
-    _linear("resnet50.fc", 2048, 1000),
+    conv_shape("resnet50.conv1", 3, 64, 7, 224, stride=2),
+    conv_shape("resnet50.layer1.0.conv1", 64, 64, 1, 56),
+    conv_shape("resnet50.layer1.0.conv2", 64, 64, 3, 56, count=3),
+    conv_shape("resnet50.layer1.0.conv3", 64, 256, 1, 56, count=4),  # the three conv3 and the first downsample
+    conv_shape("resnet50.layer1.1.conv1", 256, 64, 1, 56, count=2),
+    conv_shape("resnet50.layer2.0.conv1", 256, 128, 1, 56),
+    conv_shape("resnet50.layer2.0.conv2", 128, 128, 3, 56, stride=2),
+    conv_shape("resnet50.layer2.0.conv3", 128, 512, 1, 28, count=4),
+    conv_shape("resnet50.layer2.0.downsample.0", 256, 512, 1, 56, stride=2),
+    conv_shape("resnet50.layer2.1.conv1", 512, 128, 1, 28, count=3),
+    conv_shape("resnet50.layer2.1.conv2", 128, 128, 3, 28, count=3),
+    conv_shape("resnet50.layer3.0.conv1", 512, 256, 1, 28),
+    conv_shape("resnet50.layer3.0.conv2", 256, 256, 3, 28, stride=2),
+    conv_shape("resnet50.layer3.0.conv3", 256, 1024, 1, 14, count=6),
+    conv_shape("resnet50.layer3.0.downsample.0", 512, 1024, 1, 28, stride=2),
+    conv_shape("resnet50.layer3.1.conv1", 1024, 256, 1, 14, count=5),
+    conv_shape("resnet50.layer3.1.conv2", 256, 256, 3, 14, count=5),
+    conv_shape("resnet50.layer4.0.conv1", 1024, 512, 1, 14),
+    conv_shape("resnet50.layer4.0.conv2", 512, 512, 3, 14, stride=2),
+    conv_shape("resnet50.layer4.0.conv3", 512, 2048, 1, 7, count=3),
+    conv_shape("resnet50.layer4.0.downsample.0", 1024, 2048, 1, 14, stride=2),
+    conv_shape("resnet50.layer4.1.conv1", 2048, 512, 1, 7, count=2),
+    conv_shape("resnet50.layer4.1.conv2", 512, 512, 3, 7, count=2),
+    linear_shape("resnet50.fc", 2048, 1000),
 )
 
 # The up projection of a LLaMA-7B-sized MLP; the batch is the number of tokens.
-TRANSFORMER = (_linear("transformer.mlp.up", 4096, 11008),)
+TRANSFORMER = (linear_shape("transformer.mlp.up", 4096, 11008),)
 
 # Small enough for the reference path on a 2-core CPU, large enough to have several tiles and every task id.
 TINY = (
-    _linear("tiny.linear", 40, 72),
-    _conv("tiny.conv", 6, 10, 3, 9),
+    linear_shape("tiny.linear", 40, 72),
+    conv_shape("tiny.conv", 6, 10, 3, 9),
 )
 
 ALL_SHAPES = {shape.name: shape for shape in (*VGG16, *RESNET50, *TRANSFORMER, *TINY)}

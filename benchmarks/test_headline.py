@@ -12,7 +12,7 @@ def test_quick_run_writes_checked_results_and_a_cpu_report(tmp_path):
     assert headline.main(["--out", str(tmp_path), "--quick", "--dtypes", "fp32"]) == 0
     data = json.loads((tmp_path / "headline.json").read_text())
     rows = data["results"]
-    layers = {layer.name for layer in headline.QUICK_LAYERS}
+    layers = {layer.name for layer, _ in headline.QUICK_LAYERS}
     assert {row["layer"] for row in rows} == layers
     assert all(row["ok"] and row["error"] < 1e-5 and row["event_ms"] > 0 for row in rows)
     assert {"packnet", "dense_masking", "dense_masking_ids", "torch_prune", "premasked"} <= {r["method"] for r in rows}
