@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -67,6 +69,25 @@ def direct_launch_allowed(x: torch.Tensor, *tensors: torch.Tensor | None) -> boo
         and not torch._C._is_torch_function_mode_enabled()
         and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)))
     )
+
+
+@functools.cache
+def _properties_of(device_index: int):
+    return torch.cuda.get_device_properties(device_index)
+
+
+def device_properties(device: torch.device):
+    """``torch.cuda.get_device_properties`` of a CUDA ``device`` (the current one when it has no index), queried once
+    per device and never at import."""
+    return _properties_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def on_device(device: torch.device):
+    """A context making ``device`` the current CUDA device for a Triton launch; nothing to do (no context switch)
+    when it already is."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def ceil_div(numerator: int, denominator: int) -> int:

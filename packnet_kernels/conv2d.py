@@ -16,13 +16,20 @@ refuses a single image or weight of 2**31 elements or more.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import KERNEL_DTYPES, as_is, ceil_div, check_conv2d, direct_launch_allowed, require_kernel_device
+from ._checks import (
+    KERNEL_DTYPES,
+    as_is,
+    ceil_div,
+    check_conv2d,
+    device_properties,
+    direct_launch_allowed,
+    on_device,
+    require_kernel_device,
+)
 from ._predicate import task_owns
 
 __all__ = ["masked_conv2d_triton"]
@@ -416,11 +423,6 @@ def config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: 
     return config.num_stages * per_stage <= shared_memory_bytes
 
 
-@functools.cache
-def _shared_memory_bytes(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-
-
 def default_config(kernel: str, dtype: torch.dtype, shared_memory_bytes: int, taps_outer: bool = True) -> triton.Config:
     """The untuned config (``AUTOTUNE = False``): the first of :func:`_configs` that fits."""
     configs = _configs(kernel)
@@ -431,7 +433,7 @@ def default_config(kernel: str, dtype: torch.dtype, shared_memory_bytes: int, ta
 def _prune_configs(configs, named_args, **kwargs):
     """Drop configs whose tiles do not fit this GPU's shared memory for this dtype."""
     x = named_args["x_ptr"]
-    limit = _shared_memory_bytes(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    limit = device_properties(x.device).shared_memory_per_block_optin
     taps_outer = kwargs.get("TAPS_OUTER", True)
     return [config for config in configs if config_fits(config, x.dtype, limit, taps_outer)] or configs[:1]
 
@@ -616,7 +618,10 @@ def _launch(
         wrap(_gpu_kernel(kernel_name))[grid](*pointers, **common)
     else:
         default = default_config(
-            kernel_name, x.dtype, _shared_memory_bytes(x.device.index), common.get("TAPS_OUTER", True)
+            kernel_name,
+            x.dtype,
+            device_properties(x.device).shared_memory_per_block_optin,
+            common.get("TAPS_OUTER", True),
         )
         wrap(_KERNELS[kernel_name])[grid](
             *pointers, **common, **default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages
@@ -709,9 +714,7 @@ def masked_conv2d_triton(
     if direct_launch_allowed(x, weight, bias, scale, shift):
         # Eager calls skip the registered op's dispatch: most of a small layer's host time.
         args = (x, weight, task_ids, task, bias, scale, shift, stride, pads, dilation, groups, relu, use_mask)
-        if x.device.index == torch.cuda.current_device():
-            return _launch(*args, wrap=as_is)
-        with torch.cuda.device(x.device):
+        with on_device(x.device):
             return _launch(*args, wrap=as_is)
     return torch.ops.packnet.masked_conv2d(
         x,

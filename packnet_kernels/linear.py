@@ -30,7 +30,16 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._checks import KERNEL_DTYPES, as_is, ceil_div, check_linear, direct_launch_allowed, require_kernel_device
+from ._checks import (
+    KERNEL_DTYPES,
+    as_is,
+    ceil_div,
+    check_linear,
+    device_properties,
+    direct_launch_allowed,
+    on_device,
+    require_kernel_device,
+)
 from ._predicate import task_owns
 
 __all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton"]
@@ -345,11 +354,6 @@ def _registers_fit(rows: int, cols: int, block_k: int, num_warps: int, dtype: to
     return dtype != torch.float32 or (rows + cols) * block_k < 48 * 32 * num_warps
 
 
-@functools.cache
-def _shared_memory_bytes(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-
-
 def default_config(regime: str, capability_major: int, dtype: torch.dtype, shared_memory_bytes: int) -> triton.Config:
     """The untuned config (``AUTOTUNE = False``): the first of :func:`_configs` that fits."""
     configs = _configs(regime, capability_major)
@@ -360,7 +364,7 @@ def _prune_configs(configs, named_args, **kwargs):
     """Drop configs whose tiles do not fit this GPU's shared memory for this dtype, and (large regime) batch tiles
     more than twice the bucketed batch, which would compute mostly padding."""
     x = named_args["x_ptr"]
-    limit = _shared_memory_bytes(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    limit = device_properties(x.device).shared_memory_per_block_optin
     kept = [config for config in configs if config_fits(config, x.dtype, limit)] or configs[:1]
     return [config for config in kept if useful_batch_tile(config, named_args["M"])] or kept
 
@@ -379,16 +383,6 @@ def _tuned_kernel(regime: str, capability_major: int):
         key=["m_bucket", "N", "K", "USE_MASK", "INPUT_PRECISION"],
         prune_configs_by=prune,
     )(_masked_linear_kernel)
-
-
-@functools.cache
-def _capability_major(device_index: int) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def choose_regime(m: int) -> str:
@@ -416,7 +410,7 @@ def _split_plan(m: int, n: int, k: int, interpreted: bool, device: torch.device)
         min_chunk = _INTERPRETER_MIN_K_PER_SPLIT
         tiles = ceil_div(n, _INTERPRETER_CONFIG["BLOCK_N"]) * ceil_div(m, _INTERPRETER_CONFIG["BLOCK_M"])
     else:
-        sm_count = _sm_count(device.index if device.index is not None else 0)
+        sm_count = device_properties(device).multi_processor_count
         align = _SPLIT_K_ALIGN
         if small:
             # A typical small-regime BLOCK_N; the autotuner adjusts around it.
@@ -522,11 +516,11 @@ def _launch(
         # The interpreter cannot autotune (it cannot time anything): one small fixed config.
         wrap(_masked_linear_kernel)[grid](*main_args, **main_flags, **_INTERPRETER_CONFIG)
     else:
-        major = _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        properties = device_properties(x.device)
         if AUTOTUNE:
-            wrap(_tuned_kernel(regime, major))[grid](*main_args, **main_flags)
+            wrap(_tuned_kernel(regime, properties.major))[grid](*main_args, **main_flags)
         else:
-            default = default_config(regime, major, x.dtype, _shared_memory_bytes(x.device.index))
+            default = default_config(regime, properties.major, x.dtype, properties.shared_memory_per_block_optin)
             wrap(_masked_linear_kernel)[grid](
                 *main_args, **main_flags, **default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages
             )
@@ -631,8 +625,6 @@ def masked_linear_triton(
             raise TypeError(f"masked_linear: {name} must be a bool, got {type(flag).__name__}")
     if direct_launch_allowed(x, weight, bias, scale, shift):
         # Eager calls skip the registered op's dispatch: most of a small layer's host time.
-        if x.device.index == torch.cuda.current_device():
-            return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, wrap=as_is)
-        with torch.cuda.device(x.device):
+        with on_device(x.device):
             return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, wrap=as_is)
     return _masked_linear_op(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)

@@ -406,7 +406,6 @@ def test_direct_launches_never_go_through_wrap_triton(allowed, monkeypatch):
     calls = []
     monkeypatch.setattr(conv2d_module, "direct_launch_allowed", lambda *tensors: allowed)
     monkeypatch.setattr(conv2d_module, "_launch", lambda *args, **kwargs: calls.append(kwargs.get("wrap")) or args[0])
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # a CPU tensor's device index
     x, weight, task_ids, _ = _problem((1, 4, 5, 5), 6, 3, 1, torch.float32, "cpu")
     if not allowed:
         monkeypatch.setattr(torch.ops.packnet, "masked_conv2d", lambda *args: calls.append("op") or args[0])
