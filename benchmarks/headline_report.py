@@ -14,7 +14,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-METHOD_ORDER = ("packnet", "packnet_nomask", "dense_masking", "dense_masking_ids", "torch_prune", "premasked")
 METHOD_LABELS = {
     "packnet": "packed kernel",
     "packnet_nomask": "kernel, no predicate",
