@@ -492,6 +492,14 @@ def _output_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.shape[0] > 0 and (_strides_like_channels_last(x) or _strides_like_channels_last(weight))
 
 
+def kernel_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    """``tensor``'s strides as the kernel gets them: 0 along dimensions of size 1, whose stride PyTorch leaves
+    arbitrary (a 1x1 weight made channels_last keeps ``stride(2) == stride(3) == 1``). A stride that is not a multiple
+    of 16 hides the tap offsets' alignment from Triton and turns every weight and id load into a 1- or 2-byte one;
+    0 multiplies an index that is always 0 anyway."""
+    return tuple(0 if size == 1 else step for size, step in zip(tensor.shape, tensor.stride(), strict=True))
+
+
 def _max_offset(shape, strides, first_dim: int) -> int:
     """The largest element offset of a tensor of ``shape``/``strides`` from dimension ``first_dim`` on."""
     pairs = zip(shape[first_dim:], strides[first_dim:], strict=True)
@@ -532,7 +540,7 @@ def _launch(
     cout_per_group = out_channels // groups
     out_h, out_w = out.shape[2:]
 
-    sx, sw, si, so = x.stride(), weight.stride(), task_ids.stride(), out.stride()
+    sx, sw, si, so = (kernel_strides(tensor) for tensor in (x, weight, task_ids, out))
     for name, shape, strides, first_dim in (
         ("one input image", x.shape, sx, 1),
         ("one output image", out.shape, so, 1),

@@ -133,6 +133,14 @@ CONV_SHAPES = {
 }
 
 
+def _channels_last_strides(prefix: str, shape: tuple[int, ...]) -> dict:
+    """``{"stride_<prefix>n": ..., ...}``: the strides the launcher passes for a channels_last tensor of ``shape``
+    (``n``, ``c``, ``h``, ``w`` for activations; ``o``, ``c``, ``h``, ``w`` for a weight and its ids)."""
+    strides = conv2d.kernel_strides(torch.empty(shape, device="meta").contiguous(memory_format=torch.channels_last))
+    dims = "nchw" if prefix in "xo" else "ochw"
+    return {f"stride_{prefix}{dim}": step for dim, step in zip(dims, strides, strict=True)}
+
+
 def _conv_variants() -> list[dict]:
     variants = []
     batch = 64
@@ -160,23 +168,12 @@ def _conv_variants() -> list[dict]:
                     "out_w": out_size,
                     "cin_per_group": cin_g,
                     "cout_per_group": cout_g,
-                    # channels_last input and output; K-contiguous ([out, kh, kw, in/groups]) weight and ids
-                    "stride_xn": cin * size * size,
-                    "stride_xc": 1,
-                    "stride_xh": size * cin,
-                    "stride_xw": cin,
-                    "stride_wo": cin_g * kernel * kernel,
-                    "stride_wc": 1,
-                    "stride_wh": kernel * cin_g,
-                    "stride_ww": cin_g,
-                    "stride_io": cin_g * kernel * kernel,
-                    "stride_ic": 1,
-                    "stride_ih": kernel * cin_g,
-                    "stride_iw": cin_g,
-                    "stride_on": cout * out_size * out_size,
-                    "stride_oc": 1,
-                    "stride_oh": out_size * cout,
-                    "stride_ow": cout,
+                    # channels_last input and output; K-contiguous ([out, kh, kw, in/groups]) weight and ids, as a
+                    # packed conv holds them on CUDA
+                    **_channels_last_strides("x", (batch, cin, size, size)),
+                    **_channels_last_strides("w", (cout, cin_g, kernel, kernel)),
+                    **_channels_last_strides("i", (cout, cin_g, kernel, kernel)),
+                    **_channels_last_strides("o", (batch, cout, out_size, out_size)),
                     "conv_stride_h": stride,
                     "conv_stride_w": stride,
                     "pad_top": kernel // 2,
