@@ -90,6 +90,21 @@ def on_device(device: torch.device):
     return torch.cuda.device(device)
 
 
+# How long the autotuners time each candidate config, in ms. Triton's default (25 warm-up, 100 measured) spends
+# seconds per shape on a config list and minutes on a model's layers from a cold cache; 20 ms is still hundreds of
+# runs of a batch-1 layer and tens of the largest GEMMs.
+AUTOTUNE_WARMUP_MS = 5
+AUTOTUNE_REP_MS = 20
+
+
+def autotune_bench(kernel_call, quantiles):
+    """The autotuners' timer (``triton.autotune(do_bench=...)``): ``triton.testing.do_bench`` with the short times
+    above. Imports Triton when called, never at import."""
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
+
+
 def ceil_div(numerator: int, denominator: int) -> int:
     """``ceil(numerator / denominator)`` for host-side grid and split arithmetic: ``triton.cdiv`` also works on the
     host, but through Triton's JIT wrapper, at several microseconds a call."""

@@ -23,6 +23,7 @@ import triton.language as tl
 from ._checks import (
     KERNEL_DTYPES,
     as_is,
+    autotune_bench,
     ceil_div,
     check_conv2d,
     device_properties,
@@ -445,6 +446,7 @@ def _gpu_kernel(kernel: str):
             configs=_configs(kernel),
             key=_AUTOTUNE_KEYS[kernel],
             prune_configs_by={"early_config_prune": _prune_configs},
+            do_bench=autotune_bench,
         )(_KERNELS[kernel])
     return _autotuned_kernels[kernel]
 

@@ -9,11 +9,14 @@ small batch then fills the dot's narrow side (``BLOCK_M = 16``) instead of wasti
 Two regimes share the kernel (:func:`choose_regime`):
 
 - small batch (``M <= SMALL_M_MAX``, memory bound): ``BLOCK_M = 16`` and split-K, so that enough programs stream the
-  weight and ids (each byte read once) to fill the GPU. Every split writes its fp32 partial tile to a small
-  ``[SPLIT_K, M, N]`` buffer and a second kernel sums the splits in a fixed order and applies the epilogue: no atomics,
-  so two runs are bitwise equal.
-- large batch (tensor-core bound): autotuned tiles, no split, grouped tile ordering so that ``GROUP_N`` weight tiles
-  stay in L2 while the batch tiles stream past them.
+  weight and ids (each byte read once) to fill the GPU.
+- large batch (tensor-core bound): autotuned tiles, grouped tile ordering so that ``GROUP_N`` weight tiles stay in L2
+  while the batch tiles stream past them; split-K only while the output tiles alone leave SMs idle.
+
+Split-K runs in one launch: every split writes its fp32 partial tile to a small ``[SPLIT_K, M, N]`` workspace and
+counts itself done on the tile's counter; the split that finds itself last sums the partials in increasing split
+order, applies the epilogue, writes ``y`` and resets the counter to zero for the next call. Nothing is added to the
+output atomically, so two runs are bitwise equal whichever split finishes last.
 
 Accumulation is fp32. fp32 inputs use TF32 tensor-core dots when PyTorch allows TF32 for matmuls
 (``torch.get_float32_matmul_precision() != "highest"``, as for cuBLAS) and exact fp32 dots otherwise. Autotuning keys
@@ -33,6 +36,7 @@ from torch.library import triton_op, wrap_triton
 from ._checks import (
     KERNEL_DTYPES,
     as_is,
+    autotune_bench,
     ceil_div,
     check_linear,
     device_properties,
@@ -42,7 +46,7 @@ from ._checks import (
 )
 from ._predicate import task_owns
 
-__all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton"]
+__all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton", "release_workspaces"]
 
 # On a GPU, autotune the tiles (the default). When False, the first config of ``_configs`` runs untuned: tests set
 # this so that a CUDA test session compiles one config per kernel variant instead of tuning every shape.
@@ -64,9 +68,11 @@ _MIN_K_PER_SPLIT_LARGE = 1024
 _INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 16, "BLOCK_K": 32, "GROUP_N": 2}
 _INTERPRETER_MIN_K_PER_SPLIT = 64
 _INTERPRETER_SM_COUNT = 4
-# Tile of the split-K reduction kernel (an elementwise pass over M x N, fixed config).
-_REDUCE_BLOCK_N = 128
-_REDUCE_BLOCK_M = 16
+# Bounds of the output tiles of every config (and the interpreter's): they size the split-K workspace.
+_MIN_BLOCK_N = 32
+_MIN_BLOCK_M = 16
+_MAX_BLOCK_N = 256
+_MAX_BLOCK_M = {"small": 16, "large": 256}
 
 
 @triton.jit
@@ -98,7 +104,7 @@ def _epilogue(
     return acc
 
 
-@triton.jit(do_not_specialize=["active_task", "m_bucket", "stride_split"])
+@triton.jit(do_not_specialize=["active_task", "m_bucket"])
 def _masked_linear_kernel(
     x_ptr,
     w_ptr,
@@ -108,13 +114,13 @@ def _masked_linear_kernel(
     shift_ptr,
     y_ptr,
     partials_ptr,
+    counters_ptr,
     M,
     N,
     K,
     active_task,
     k_per_split,
     m_bucket,
-    stride_split,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -131,7 +137,7 @@ def _masked_linear_kernel(
     HAS_SHIFT: tl.constexpr,
     RELU: tl.constexpr,
     USE_MASK: tl.constexpr,
-    WRITE_PARTIALS: tl.constexpr,
+    SPLIT: tl.constexpr,
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -143,13 +149,16 @@ def _masked_linear_kernel(
 
     Pointers: ``x_ptr`` ``[M, K]``, ``w_ptr`` ``[N, K]`` (float), ``ids_ptr`` ``[N, K]`` uint8 (not read when
     ``USE_MASK`` is off), ``bias_ptr``/``scale_ptr``/``shift_ptr`` ``[N]`` (read only when their ``HAS_*`` is set),
-    ``y_ptr`` ``[M, N]``, ``partials_ptr`` ``[SPLIT_K, M, N]`` fp32 contiguous, ``stride_split = M * N`` (only with
-    ``WRITE_PARTIALS``).
+    ``y_ptr`` ``[M, N]``; with ``SPLIT`` only: ``partials_ptr`` fp32 ``[SPLIT_K, tiles, BLOCK_N, BLOCK_M]`` (one
+    whole tile per split and axis-0 program, in the accumulator's order) and ``counters_ptr`` int32 ``[tiles]``,
+    zero on entry and left zero on exit.
 
     Grid: axis 0 walks the ``[N / BLOCK_N, M / BLOCK_M]`` output tiles in groups of ``GROUP_N`` weight-tile rows;
-    axis 1 is the K split: program ``s`` covers ``K`` in ``[s * k_per_split, (s + 1) * k_per_split)``. With
-    ``WRITE_PARTIALS`` the raw fp32 sums go to ``partials[s]`` (the epilogue runs in the reduction kernel), otherwise
-    the epilogue is applied and ``y`` written. ``m_bucket`` is unused in the body: it is the autotuning key.
+    axis 1 is the K split (``SPLIT_K`` programs): program ``s`` covers ``K`` in ``[s * k_per_split, (s + 1) *
+    k_per_split)``. Without ``SPLIT`` (one split) the epilogue is applied and ``y`` written at once. With ``SPLIT``
+    each program stores its raw fp32 sums to ``partials[s]`` and increments its tile's counter; the program that
+    counts ``SPLIT_K`` sums ``partials[0..SPLIT_K)`` in increasing ``s``, applies the epilogue, writes ``y`` and
+    zeroes the counter. ``m_bucket`` is unused in the body: it is the autotuning key.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -199,9 +208,48 @@ def _masked_linear_kernel(
         xt_ptrs += BLOCK_K * stride_xk
 
     out_mask = n_mask[:, None] & m_mask[None, :]
-    if WRITE_PARTIALS:
-        partial_ptrs = partials_ptr + pid_k.to(tl.int64) * stride_split + offs_m[None, :] * N + offs_n[:, None]
-        tl.store(partial_ptrs, acc, mask=out_mask)
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+    if SPLIT:
+        # Whole tiles at compile-time offsets from one base pointer: few registers, so the reduction below fits beside
+        # a 128 x 128 accumulator. Padding rows past M are neither stored nor loaded (a batch of 1 moves 1 row).
+        tile_size = BLOCK_N * BLOCK_M
+        split_stride = tl.num_programs(0).to(tl.int64) * tile_size
+        partial_ptrs = (
+            partials_ptr
+            + pid.to(tl.int64) * tile_size
+            + (tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :])
+        )
+        row_mask = m_mask[None, :]
+        tl.store(partial_ptrs + pid_k * split_stride, acc, mask=row_mask)
+        # Every thread's stores are issued before one thread counts this split done; the atomic's release then covers
+        # them all, and its acquire orders the last split's loads after every other split's stores (the pattern of
+        # CUDA's threadfence reduction and cooperative grid sync).
+        tl.debug_barrier()
+        num_splits = tl.num_programs(1)
+        if tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for _ in range(0, num_splits):
+                # .cg reads L2, where the other SMs' partials are, never a stale L1 line.
+                acc += tl.load(partial_ptrs, mask=row_mask, other=0.0, cache_modifier=".cg")
+                partial_ptrs += split_stride
+            acc = _epilogue(
+                acc,
+                offs_n,
+                n_mask,
+                bias_ptr,
+                scale_ptr,
+                shift_ptr,
+                stride_bias,
+                stride_scale,
+                stride_shift,
+                HAS_BIAS,
+                HAS_SCALE,
+                HAS_SHIFT,
+                RELU,
+            )
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+            # Zero again, so the next call on this stream reuses the counters without clearing them first.
+            tl.store(counters_ptr + pid, 0)
     else:
         acc = _epilogue(
             acc,
@@ -218,65 +266,7 @@ def _masked_linear_kernel(
             HAS_SHIFT,
             RELU,
         )
-        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit(do_not_specialize=["split_k", "stride_split"])
-def _split_k_reduce_kernel(
-    partials_ptr,
-    bias_ptr,
-    scale_ptr,
-    shift_ptr,
-    y_ptr,
-    M,
-    N,
-    split_k,
-    stride_split,
-    stride_bias,
-    stride_scale,
-    stride_shift,
-    stride_ym,
-    stride_yn,
-    HAS_BIAS: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    RELU: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """``y[m, n] = epilogue(sum_{s < split_k} partials[s, m, n])``, summed in increasing ``s`` (deterministic).
-
-    Pointers: ``partials_ptr`` ``[split_k, M, N]`` fp32 contiguous (``stride_split = M * N``),
-    ``bias_ptr``/``scale_ptr``/``shift_ptr`` ``[N]``, ``y_ptr`` ``[M, N]``. Grid: ``(N / BLOCK_N, M / BLOCK_M)``;
-    tiles are ``[BLOCK_N, BLOCK_M]`` like the main kernel's.
-    """
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_mask = offs_n < N
-    out_mask = n_mask[:, None] & (offs_m < M)[None, :]
-    partial_ptrs = partials_ptr + offs_m[None, :] * N + offs_n[:, None]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for _ in range(0, split_k):
-        acc += tl.load(partial_ptrs, mask=out_mask, other=0.0)
-        partial_ptrs += stride_split
-    acc = _epilogue(
-        acc,
-        offs_n,
-        n_mask,
-        bias_ptr,
-        scale_ptr,
-        shift_ptr,
-        stride_bias,
-        stride_scale,
-        stride_shift,
-        HAS_BIAS,
-        HAS_SCALE,
-        HAS_SHIFT,
-        RELU,
-    )
-    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _configs(regime: str, capability_major: int) -> list[triton.Config]:
@@ -382,6 +372,7 @@ def _tuned_kernel(regime: str, capability_major: int):
         configs=_configs(regime, capability_major),
         key=["m_bucket", "N", "K", "USE_MASK", "INPUT_PRECISION"],
         prune_configs_by=prune,
+        do_bench=autotune_bench,
     )(_masked_linear_kernel)
 
 
@@ -432,6 +423,44 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+# Split-K workspaces of direct launches, per (device, stream): fp32 partials and int32 tile counters, grown on demand.
+# Launches on one stream run in order, so they can share one; the kernel leaves the counters zero. Like cuBLAS's
+# workspace, it stays allocated until :func:`release_workspaces`.
+_WORKSPACES: dict[tuple[str, int | None, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def release_workspaces() -> None:
+    """Free the split-K workspaces kept for direct launches (the next split-K call allocates a new one)."""
+    _WORKSPACES.clear()
+
+
+def _split_workspace(device: torch.device, partial_count: int, counter_count: int, reuse: bool):
+    """``(partials, counters)``: flat fp32 and zeroed int32 tensors of at least the given lengths on ``device``.
+
+    ``reuse`` returns this stream's kept workspace (grown when too small): for direct eager launches and the
+    interpreter, never inside the registered op (``torch.compile`` must see each allocation) nor during CUDA-graph
+    capture (the graph must own its memory, and a workspace first zeroed inside a capture is not zero outside it)."""
+    if device.type == "cuda":
+        reuse = reuse and not torch.cuda.is_current_stream_capturing()
+        key = (device.type, device.index, torch._C._cuda_getCurrentRawStream(device.index) if reuse else 0)
+    else:
+        key = (device.type, device.index, 0)
+    kept = _WORKSPACES.get(key) if reuse else None
+    if kept is not None and kept[0].numel() >= partial_count and kept[1].numel() >= counter_count:
+        return kept
+    if kept is not None:
+        # Doubling bounds how often a stream that sees growing shapes reallocates.
+        partial_count = max(partial_count, 2 * kept[0].numel())
+        counter_count = max(counter_count, 2 * kept[1].numel())
+    workspace = (
+        torch.empty(partial_count, dtype=torch.float32, device=device),
+        torch.zeros(counter_count, dtype=torch.int32, device=device),
+    )
+    if reuse:
+        _WORKSPACES[key] = workspace
+    return workspace
+
+
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -443,13 +472,15 @@ def _launch(
     relu: bool,
     use_mask: bool,
     wrap=wrap_triton,
+    reuse_workspace: bool = False,
 ) -> torch.Tensor:
-    """Allocate the output (and split-K partials) and launch the kernels; arguments already validated.
+    """Allocate the output (and the split-K workspace) and launch the kernel once; arguments already validated.
 
     ``wrap`` turns a kernel into its launchable form: ``wrap_triton`` inside the registered op (which traces it for
     ``torch.compile``), :func:`~packnet_kernels._checks.as_is` for a direct eager launch. Outside the op,
     ``wrap_triton`` routes every eager launch through its tracing machinery: with torch 2.11 on an H200 that cost
-    about a millisecond of host time per call and broke CUDA-graph capture."""
+    about a millisecond of host time per call and broke CUDA-graph capture. ``reuse_workspace``: see
+    :func:`_split_workspace`."""
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
     rows = 1
@@ -464,10 +495,12 @@ def _launch(
     interpreted = not x.is_cuda
     regime = choose_regime(rows)
     split_k, k_per_split = _split_plan(rows, out_features, in_features, interpreted, x.device)
-    write_partials = split_k > 1
-    partials = (
-        torch.empty((split_k, rows, out_features), dtype=torch.float32, device=x.device) if write_partials else None
-    )
+    partials = counters = None
+    if split_k > 1:
+        counter_count = ceil_div(out_features, _MIN_BLOCK_N) * ceil_div(rows, _MIN_BLOCK_M)
+        # Whole tiles: at most (N + BLOCK_N) x (M + BLOCK_M) elements per split, whichever config runs.
+        partial_count = split_k * (out_features + _MAX_BLOCK_N) * (rows + _MAX_BLOCK_M[regime])
+        partials, counters = _split_workspace(x.device, partial_count, counter_count, reuse_workspace)
     epilogue_args = {
         "HAS_BIAS": bias is not None,
         "HAS_SCALE": scale is not None,
@@ -484,13 +517,13 @@ def _launch(
         shift,
         y,
         partials,
+        counters,
         rows,
         out_features,
         in_features,
         task,
         k_per_split,
         _m_bucket(rows),
-        rows * out_features,
         x2d.stride(0),
         x2d.stride(1),
         weight.stride(0),
@@ -504,7 +537,7 @@ def _launch(
     main_flags = {
         **epilogue_args,
         "USE_MASK": use_mask,
-        "WRITE_PARTIALS": write_partials,
+        "SPLIT": split_k > 1,
         "UPCAST_BF16": interpreted and x.dtype == torch.bfloat16,
         "INPUT_PRECISION": _input_precision(x.dtype),
     }
@@ -525,25 +558,6 @@ def _launch(
                 *main_args, **main_flags, **default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages
             )
 
-    if write_partials:
-        reduce_grid = (ceil_div(out_features, _REDUCE_BLOCK_N), ceil_div(rows, _REDUCE_BLOCK_M))
-        wrap(_split_k_reduce_kernel)[reduce_grid](
-            partials,
-            bias,
-            scale,
-            shift,
-            y,
-            rows,
-            out_features,
-            split_k,
-            rows * out_features,
-            *vector_strides,
-            out_features,
-            1,
-            **epilogue_args,
-            BLOCK_N=_REDUCE_BLOCK_N,
-            BLOCK_M=_REDUCE_BLOCK_M,
-        )
     return y
 
 
@@ -557,7 +571,7 @@ _OP_ARGS = (
 def _masked_linear_interpreted(x, weight, task_ids, task, bias, scale, shift, relu, use_mask):
     """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
     ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
-    return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)
+    return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, reuse_workspace=True)
 
 
 @_masked_linear_interpreted.register_fake
@@ -626,5 +640,7 @@ def masked_linear_triton(
     if direct_launch_allowed(x, weight, bias, scale, shift):
         # Eager calls skip the registered op's dispatch: most of a small layer's host time.
         with on_device(x.device):
-            return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, wrap=as_is)
+            return _launch(
+                x, weight, task_ids, task, bias, scale, shift, relu, use_mask, wrap=as_is, reuse_workspace=True
+            )
     return _masked_linear_op(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)

@@ -56,8 +56,10 @@ def compile_variant(spec: dict) -> dict:
     ``spec``: ``module`` and ``kernel`` (names in ``packnet_kernels``), ``args`` (pointer type strings and ints),
     ``constexprs``, ``num_warps``, ``num_stages``, ``arch`` (compute capability, e.g. 90).
 
-    Returns: ``load_bytes`` (Counter of bytes per global load instruction), ``wgmma``/``mma`` instruction counts,
-    ``shared`` bytes, and ``registers``/``stack``/``local`` from the cubin.
+    Returns: ``load_bytes`` (Counter of bytes per global load instruction, L2-only ``ld.global.cg`` loads left out),
+    ``cg_loads`` (their count: the split-K reduction's), ``atomics`` (global atomic instructions),
+    ``barrier_before_atomic`` (a ``bar.sync`` between the last global store and the first atomic), ``wgmma``/``mma``
+    instruction counts, ``shared`` bytes, and ``registers``/``stack``/``local`` from the cubin.
     """
     os.environ["TRITON_INTERPRET"] = "0"
     import importlib
@@ -74,8 +76,14 @@ def compile_variant(spec: dict) -> dict:
         options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]},
     )
     ptx = compiled.asm["ptx"]
+    loads = _LOAD.findall(ptx)
+    first_atomic = ptx.find("atom.global")
     summary = {
-        "load_bytes": dict(Counter(_load_bytes(instruction) for instruction in _LOAD.findall(ptx))),
+        "load_bytes": dict(Counter(_load_bytes(load) for load in loads if not load.startswith("ld.global.cg"))),
+        "cg_loads": sum(load.startswith("ld.global.cg") for load in loads),
+        "atomics": ptx.count("atom.global"),
+        "barrier_before_atomic": first_atomic >= 0
+        and "bar.sync" in ptx[ptx.rfind("st.global", 0, first_atomic) : first_atomic],
         "wgmma": ptx.count("wgmma.mma_async"),
         "mma": ptx.count("mma.sync"),
         "shared": compiled.metadata.shared,

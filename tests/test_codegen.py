@@ -9,7 +9,9 @@ depthwise 3x3, channels_last, with the packed layer's K-contiguous weights. Asse
   ``ld.global``), except where the data cannot be contiguous (the stem's 3 channels, the depthwise kernel's taps);
 - no register spills (no local memory);
 - shared memory within the target's limit, or the launcher prunes that config for that dtype;
-- wgmma (Hopper's tensor-core instruction) on sm_90 for fp16 and bf16 GEMM variants.
+- wgmma (Hopper's tensor-core instruction) on sm_90 for fp16 and bf16 GEMM variants;
+- split-K linear reduces in its one launch: one acquire-release atomic on the tile counter, after a barrier that
+  follows the partial stores, and the partials read back through L2 (``ld.global.cg``); no atomic anywhere else.
 
 Compiling runs in 2 fresh processes (the interpreter off) into a Triton cache made for this run only.
 """
@@ -69,13 +71,13 @@ def _linear_variants() -> list[dict]:
                         "shift_ptr": None,
                         "y_ptr": POINTER[dtype],
                         "partials_ptr": "*fp32" if k_per_split < k else None,
+                        "counters_ptr": "*i32" if k_per_split < k else None,
                         "M": m,
                         "N": n,
                         "K": k,
                         "active_task": 2,
                         "k_per_split": k_per_split,
                         "m_bucket": linear._m_bucket(m),
-                        "stride_split": m * n,
                         "stride_xm": k,
                         "stride_xk": 1,
                         "stride_wn": k,
@@ -94,7 +96,7 @@ def _linear_variants() -> list[dict]:
                         "HAS_SHIFT": False,
                         "RELU": True,
                         "USE_MASK": True,
-                        "WRITE_PARTIALS": k_per_split < k,
+                        "SPLIT": k_per_split < k,
                         "UPCAST_BF16": False,
                         # fp32 linear layers follow torch.get_float32_matmul_precision(), "highest" by default
                         "INPUT_PRECISION": "tf32" if dtype != "fp32" else "ieee",
@@ -288,8 +290,13 @@ def test_compiled_code(variant, compiled):
         "not prune this config"
     )
     assert summary["local"] == 0 and summary["stack"] == 0, f"register spills: {summary}"
+    split = variant["constexprs"].get("SPLIT", False)
+    assert summary["atomics"] == int(split), f"{summary['atomics']} atomics (split-K: {split})"
+    assert bool(summary["cg_loads"]) == split, f"{summary['cg_loads']} L2-only loads (split-K: {split})"
+    if split:
+        assert summary["barrier_before_atomic"], "the split counter may be bumped before every partial is stored"
     if variant["wide_loads"]:
-        # Compiled without epilogue vectors, so every global load is a main-loop load.
+        # Compiled without epilogue vectors, so every global load but the split reduction's is a main-loop load.
         narrow = {width: count for width, count in summary["load_bytes"].items() if width < 8}
         assert not narrow, f"narrow main-loop loads (bytes: instructions): {summary['load_bytes']}"
     # wgmma needs a 64-row left operand (the weight tile in linear, the pixel tile in conv) and a whole warpgroup.

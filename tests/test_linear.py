@@ -165,6 +165,51 @@ def test_two_runs_are_bitwise_equal(m, kernel_device):
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_k_is_one_launch_that_leaves_its_counters_zero(dtype, kernel_device):
+    """Split-K reduces inside its single launch (the last split of each tile sums the partials). The stream's kept
+    workspace serves the next call: its tile counters are zero again after every call, and it grows for a larger one
+    (the second shape needs more partials and more counters than the first)."""
+    linear.release_workspaces()
+    launched = []
+
+    def counting(kernel):
+        launched.append(kernel)
+        return kernel
+
+    for seed, (m, n, k) in enumerate([(1, 31, 200), (23, 29, 257), (1, 31, 200)]):
+        assert linear._split_plan(m, n, k, kernel_device == "cpu", torch.device(kernel_device))[0] > 1
+        x, weight, task_ids, bias = _make(m, n, k, dtype, kernel_device, seed=seed)
+        launched.clear()
+        y = linear._launch(x, weight, task_ids, 2, bias, None, None, True, True, wrap=counting, reuse_workspace=True)
+        assert launched == [linear._masked_linear_kernel]
+        _check(y, x, weight, task_ids, 2, bias, relu=True)
+        ((partials, counters),) = linear._WORKSPACES.values()
+        assert counters.count_nonzero().item() == 0
+    assert partials.numel() >= 2 * 23 * 29 and counters.numel() >= 2  # grown for the second shape, kept for the third
+    linear.release_workspaces()
+    assert not linear._WORKSPACES
+
+
+def test_split_workspace_holds_every_config():
+    """The split-K workspace is sized from tile bounds, before the autotuner picks a config: every config's (and the
+    interpreter's) whole tiles and counters must fit it, or splits would write past its end."""
+    configs = [linear._configs(regime, major) for regime in ("small", "large") for major in (8, 9)]
+    tiles = [
+        dict(config.kwargs, regime="small" if i < 2 else "large") for i, group in enumerate(configs) for config in group
+    ]
+    tiles.append(dict(linear._INTERPRETER_CONFIG, regime="small"))
+    tiles.append(dict(linear._INTERPRETER_CONFIG, regime="large"))
+    for m, n in [(1, 1), (1, 4096), (16, 4095), (17, 1000), (256, 4096), (300, 257)]:
+        for tile in tiles:
+            tiles_n, tiles_m = linear.ceil_div(n, tile["BLOCK_N"]), linear.ceil_div(m, tile["BLOCK_M"])
+            assert tiles_n * tiles_m <= linear.ceil_div(n, linear._MIN_BLOCK_N) * linear.ceil_div(
+                m, linear._MIN_BLOCK_M
+            )
+            assert tiles_n * tile["BLOCK_N"] <= n + linear._MAX_BLOCK_N, (n, tile)
+            assert tiles_m * tile["BLOCK_M"] <= m + linear._MAX_BLOCK_M[tile["regime"]], (m, tile)
+
+
 def test_empty_inputs(kernel_device):
     x, weight, task_ids, bias = _make(3, 12, 20, torch.float16, kernel_device)
     for empty in (x[:0], x[:0].reshape(0, 4, 20), x.reshape(3, 1, 20)[:, :0]):
@@ -300,6 +345,31 @@ def test_autotuned(m, monkeypatch):
         assert torch.equal(y, masked_linear(x, weight, task_ids, 2, bias, backend="triton"))
 
 
+def test_autotuner_times_each_config_briefly(monkeypatch):
+    """A cold cache must autotune within a device session: the autotuners get the short timer, not Triton's default
+    (25 ms warm-up and 100 ms per config), and the timer passes those short times on."""
+    import triton
+    import triton.testing
+
+    from packnet_kernels import _checks
+
+    conv2d = pytest.importorskip("packnet_kernels.conv2d")
+    built = []
+    monkeypatch.setattr(triton, "autotune", lambda **kwargs: built.append(kwargs) or (lambda kernel: kernel))
+    monkeypatch.setattr(conv2d, "_autotuned_kernels", {})
+    linear._tuned_kernel.cache_clear()
+    try:
+        linear._tuned_kernel("small", 9)
+        conv2d._gpu_kernel("gemm")
+    finally:
+        linear._tuned_kernel.cache_clear()
+    assert [kwargs["do_bench"] for kwargs in built] == [_checks.autotune_bench] * 2
+    timed = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: timed.append(kwargs) or [1.0])
+    _checks.autotune_bench(lambda: None, quantiles=(0.5,))
+    assert timed == [{"warmup": 5, "rep": 20, "quantiles": (0.5,)}]
+
+
 @pytest.mark.parametrize("allowed", [True, False], ids=["direct", "via_op"])
 def test_direct_launches_never_go_through_wrap_triton(allowed, monkeypatch):
     """Eager launches bypass the registered op and launch the kernels as they are: ``wrap_triton`` outside the op
@@ -319,12 +389,16 @@ def test_direct_launches_never_go_through_wrap_triton(allowed, monkeypatch):
 def test_direct_launches_can_be_captured_in_a_cuda_graph():
     x, weight, task_ids, bias = _make(256, 512, 4096, torch.float16, "cuda", seed=4)
     expected = masked_linear(x, weight, task_ids, 2, bias)  # compiles and autotunes outside the capture
+    assert linear._split_plan(256, 512, 4096, False, x.device)[0] > 1  # the graph holds a split-K reduction
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = masked_linear(x, weight, task_ids, 2, bias)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, expected)
+    for _ in range(3):  # the graph's own counters must be zero again after each replay
+        captured.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, expected)
+    assert torch.equal(masked_linear(x, weight, task_ids, 2, bias), expected)  # the eager workspace is untouched
 
 
 @pytest.mark.gpu
