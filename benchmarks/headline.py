@@ -1,6 +1,6 @@
 """The headline GPU benchmark: the layers and methods the README quotes, timed two ways, written case by case.
 
-    python benchmarks/headline.py --out DIR [--budget-s SECONDS] [--dtypes fp16,bf16] [--quick]
+    python benchmarks/headline.py (--out DIR | --json FILE) [--budget-s SECONDS] [--dtypes fp16,bf16] [--quick]
 
 Layers: linear VGG-16 fc6 (25088->4096), 4096->4096 and a transformer MLP up projection (4096->11008) at batch 1,
 16, 256 and 4096; a 3x3, a 1x1 and a depthwise 3x3 conv at batch 1 and 64. Each is packed for 3 tasks by nested
@@ -18,9 +18,11 @@ magnitude pruning (50 %, then 50 % of the rest) and queried for task 1 and task 
 Every method's output is first checked against a float64 reference (normwise relative error). Then two times:
 ``event_ms``, the median CUDA-event interval around single eager calls (host launch gaps included, each call reading
 the next of several buffer sets so that L2 cannot hold them), and ``graph_ms``, the same calls captured in a CUDA
-graph and replayed (pure GPU time). For ``packnet``, ``host_us`` is the host time to issue one call. The measured
-copy bandwidth and matmul rate come first. Results go to ``DIR/headline.json``, rewritten after every case, so a run
-stopped by a time limit keeps what it measured; ``--budget-s`` stops starting new cases after that many seconds.
+graph and replayed (pure GPU time), each with its spread (interquartile range over median; a row whose quoted time
+spreads more than ``timing.UNSTABLE_SPREAD`` is marked ``unstable``). For ``packnet``, ``host_us`` is the host time
+to issue one call. The measured copy bandwidth and matmul rate come first. Results go to ``DIR/headline.json`` (or
+``--json FILE``), rewritten after every case, so a run stopped by a time limit keeps what it measured; ``--budget-s``
+stops starting new cases after that many seconds.
 
 ``--warm --shard I/N`` only runs the packed kernels once per case (compiling and autotuning them), for filling
 Triton's on-disk cache from several processes before the timed run.
@@ -147,8 +149,9 @@ def build_methods(layer: shapes.LayerShape, sets: LayerSets, xs: list, task: int
     return methods
 
 
-def graph_ms(fn, rotations: int) -> float:
-    """Median GPU time of one call, from CUDA-graph replays of ``calls`` consecutive rotated calls."""
+def graph_latency(fn, rotations: int) -> dict:
+    """``{"median_ms", "spread"}``: GPU time of one call from CUDA-graph replays of ``calls`` consecutive rotated calls
+    (median, and interquartile range over median, of ``GRAPH_REPLAYS`` replays)."""
     calls = max(GRAPH_MIN_CALLS, rotations)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -171,7 +174,7 @@ def graph_ms(fn, rotations: int) -> float:
         end.synchronize()
         samples.append(begin.elapsed_time(end) / calls)
     del graph
-    return statistics.median(samples)
+    return {"median_ms": statistics.median(samples), "spread": timing.relative_spread(samples)}
 
 
 def host_us(fn, calls: int = 50) -> float:
@@ -247,8 +250,15 @@ def run_case(layer, dtype, batch, task, sets, device, rotations, warm_only) -> l
             row["ok"] = bool(row["error"] <= MAX_ERROR[dtype])
             if not row["ok"]:
                 row["note"] = f"normwise error {row['error']:.2e} > {MAX_ERROR[dtype]:.0e}"
-            row["event_ms"] = timing.median_ms(fn, device, rep_ms=25.0)
-            row["graph_ms"] = graph_ms(fn, rotations) if device == "cuda" else None
+            event = timing.latency(fn, device, rep_ms=25.0)
+            row["event_ms"], row["event_spread"] = event["median_ms"], event["spread"]
+            if device == "cuda":
+                graph = graph_latency(fn, rotations)
+                row["graph_ms"], row["graph_spread"] = graph["median_ms"], graph["spread"]
+            else:
+                row["graph_ms"] = row["graph_spread"] = None
+            # The ratios the report quotes use graph times where there are some.
+            row["unstable"] = (row["graph_spread"] if device == "cuda" else event["spread"]) > timing.UNSTABLE_SPREAD
             if method == "packnet" and device == "cuda":
                 row["host_us"] = host_us(fn)
         except Exception as error:  # a failing method is a result too; the others still run
@@ -278,7 +288,9 @@ def _summary_line(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="directory for headline.json")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="directory for headline.json")
+    target.add_argument("--json", help="the results file (instead of --out)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
     parser.add_argument("--dtypes", default="fp16,bf16", help="comma-separated: fp16, bf16, fp32")
     parser.add_argument("--layers", default="", help="comma-separated layer names (default: all)")
@@ -291,8 +303,8 @@ def main(argv=None) -> int:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(args.json) if args.json else Path(args.out) / "headline.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     shard, shards = (int(part) for part in args.shard.split("/"))
     dtypes = [DTYPES[name] for name in args.dtypes.split(",") if name]
     layers = QUICK_LAYERS if args.quick or device == "cpu" else LAYERS
@@ -305,7 +317,6 @@ def main(argv=None) -> int:
     if not args.warm:
         result["limits"] = timing.measure_limits(device, dtypes)
         print(f"limits: copy {result['limits']['copy_gbps']:.0f} GB/s, matmul {result['limits']['matmul_tflops']}")
-    path = out_dir / "headline.json"
     case_index = 0
     for dtype in dtypes:
         for layer, batches in layers:

@@ -102,7 +102,10 @@ def markdown(report: dict) -> str:
         f"driver {device.get('driver', '-')}, {device.get('sm_count', '-')} SMs.",
     ]
     if limits:
-        rates = ", ".join(f"{name} {rate:.0f} TFLOP/s" for name, rate in limits["matmul_tflops"].items())
+        rates = ", ".join(
+            f"{name} {rate:.0f} TFLOP/s" if rate >= 10 else f"{name} {rate:.2g} TFLOP/s"
+            for name, rate in limits["matmul_tflops"].items()
+        )
         lines.append(
             f"Measured limits: copy {limits['copy_gbps']:.0f} GB/s (read + write); {limits['matmul_size']}^3 matmul "
             f"{rates}."
@@ -114,28 +117,38 @@ def markdown(report: dict) -> str:
         "Times in microseconds: pure GPU time from CUDA-graph replay; `event` is one eager call between CUDA events "
         "(host launch included), `host` the host time to issue one packed call. `vs masking` and `vs pre-masked` are "
         "speeds relative to the packed kernel's (graph times; > 1 means the packed kernel is faster). "
+        "`spread` is the packed time's interquartile range over its median; a method whose time spreads more than "
+        "10 % is listed as `unstable` (its ratios are not to be trusted). "
         "A row whose check against the float64 reference failed is marked `FAILED`.",
         "",
-        "| layer | dtype | batch | task | packed | packed event | host | no predicate | masking | masking (ids) "
-        "| prune | pre-masked | vs masking | vs pre-masked | packed GB/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layer | dtype | batch | task | packed | spread | packed event | host | no predicate | masking "
+        "| masking (ids) | prune | pre-masked | vs masking | vs pre-masked | packed GB/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    unstable_rows = 0
     for (layer, dtype, batch, task), methods in cases.items():
         packed = methods.get("packnet", {})
         failed = [m for m, row in methods.items() if not row.get("ok")]
+        unstable = [m for m, row in methods.items() if row.get("unstable")]
+        unstable_rows += bool(unstable)
         graph = packed.get("graph_ms")
+        spread = packed.get("graph_spread" if graph else "event_spread")
         gbps = None if not graph else packed["bytes"] / graph / 1e6
         host = packed.get("host_us")
         lines.append(
-            f"| {layer} | {dtype} | {batch} | {task} | {_us(packed, 'graph_ms')} | {_us(packed, 'event_ms')} "
+            f"| {layer} | {dtype} | {batch} | {task} | {_us(packed, 'graph_ms')} "
+            f"| {'-' if spread is None else f'{100 * spread:.0f} %'} | {_us(packed, 'event_ms')} "
             f"| {_fmt(host, 0)} | {_us(methods.get('packnet_nomask'), 'graph_ms')} "
             f"| {_us(methods.get('dense_masking'), 'graph_ms')} | {_us(methods.get('dense_masking_ids'), 'graph_ms')} "
             f"| {_us(methods.get('torch_prune'), 'graph_ms')} | {_us(methods.get('premasked'), 'graph_ms')} "
             f"| {_fmt(_ratio(methods.get('dense_masking', {}).get('graph_ms'), graph))} "
             f"| {_fmt(_ratio(methods.get('premasked', {}).get('graph_ms'), graph))} | {_fmt(gbps, 0)}"
             + (f" FAILED: {', '.join(failed)}" if failed else "")
+            + (f" unstable: {', '.join(unstable)}" if unstable else "")
             + " |"
         )
+    if unstable_rows:
+        lines += ["", f"{unstable_rows} of {len(cases)} rows have an unstable method (spread over 10 %)."]
     skipped = report["raw"].get("skipped") or []
     if skipped:
         lines += ["", f"{len(skipped)} cases were not run (time budget)."]

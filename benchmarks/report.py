@@ -82,6 +82,20 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f} %"
+
+
+def _unstable(by_method: dict[str, dict]) -> str:
+    """The methods of one group whose latency spread was flagged unstable, or ``-``."""
+    return ", ".join(METHOD_LABELS.get(m, m) for m, row in by_method.items() if row.get("unstable")) or "-"
+
+
+def on_gpu(meta: dict) -> bool:
+    """Whether the results are GPU measurements (a CPU run times the reference path, not the kernels)."""
+    return meta.get("device") == "cuda" or bool(meta.get("gpu_name"))
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -113,8 +127,16 @@ def markdown(rows: dict) -> str:
     lines.append("")
     lines.append(
         "Latencies are medians in milliseconds (CUDA events on a GPU). A speedup is the baseline's time over the "
-        "method's, both measured side by side in the same run: above 1 the method is faster."
+        "method's, both measured side by side in the same run: above 1 the method is faster. `spread` is packnet's "
+        "interquartile range over its median; `unstable` lists the methods whose spread exceeds 10 % (their ratios "
+        "are not to be trusted)."
     )
+    if not on_gpu(meta):
+        lines += [
+            "",
+            "**CPU run: these numbers are not kernel numbers.** Packed layers run the PyTorch reference here, not the "
+            "Triton kernels; the run checks that the suite works. No plot is drawn.",
+        ]
 
     if rows["limit"]:
         limit = rows["limit"][0]
@@ -138,7 +160,7 @@ def markdown(rows: dict) -> str:
         )
         lines.append("")
         header = ["layer", "shape", "dtype", "batch", "task", *(METHOD_LABELS[m] + " ms" for m in methods)]
-        header += ["vs dense masking", "vs pre-masked", "packnet rate", "of limit"]
+        header += ["vs dense masking", "vs pre-masked", "packnet rate", "of limit", "spread", "unstable"]
         table = []
         layer_rank = _first_seen(layer_rows, "layer")
         for key in sorted(grouped, key=lambda k: (layer_rank[k[0]], _dtype_rank(k[1]), k[2], k[3])):
@@ -158,9 +180,11 @@ def markdown(rows: dict) -> str:
                     _ratio(ours.get("speedup_vs_premasked")),
                     rate if "gbps" in ours else "-",
                     f"{100 * ours['limit_fraction']:.0f} % ({ours['bound']})" if "limit_fraction" in ours else "-",
+                    _percent(ours.get("spread")),
                 ]
             else:
-                cells += ["-"] * 4
+                cells += ["-"] * 5
+            cells.append(_unstable(by_method))
             table.append(cells)
         lines += _table(header, table)
 
@@ -216,10 +240,11 @@ def markdown(rows: dict) -> str:
                     "-" if peak is None else f"{peak / 2**20:.1f}",
                     _ratio(row.get("speedup_vs_dense_masking")),
                     _ratio(row.get("speedup_vs_premasked")),
+                    _percent(row.get("spread")) + (" unstable" if row.get("unstable") else ""),
                 ]
             )
         header = ["model", "dtype", "batch", "task", "method", "ms", "weights MiB", "peak MiB"]
-        lines += _table([*header, "vs dense masking", "vs dense copies"], table)
+        lines += _table([*header, "vs dense masking", "vs dense copies", "spread"], table)
     return "\n".join(lines) + "\n"
 
 
@@ -286,11 +311,12 @@ def plot(rows: dict, path: str | Path, dtype: str | None = None, task: int | Non
 
 
 def write_report(json_path: str | Path, md_path: str | Path, png_path: str | Path | None) -> dict:
-    """Write the Markdown report (and the plot when ``png_path`` is given and there are layer results)."""
+    """Write the Markdown report, and the plot when ``png_path`` is given and there are GPU layer results (a CPU
+    run's latencies are the reference path's: a plot of them would be noise)."""
     rows = load(json_path)
     Path(md_path).write_text(markdown(rows), encoding="utf-8")
     written = {"md": Path(md_path)}
-    if png_path is not None and rows["layer"]:
+    if png_path is not None and rows["layer"] and on_gpu(rows["meta"]):
         written["png"] = plot(rows, png_path)
     return written
 

@@ -15,6 +15,7 @@ def test_quick_run_writes_checked_results_and_a_cpu_report(tmp_path):
     layers = {layer.name for layer, _ in headline.QUICK_LAYERS}
     assert {row["layer"] for row in rows} == layers
     assert all(row["ok"] and row["error"] < 1e-5 and row["event_ms"] > 0 for row in rows)
+    assert all(row["event_spread"] >= 0 and isinstance(row["unstable"], bool) for row in rows)
     assert {"packnet", "dense_masking", "dense_masking_ids", "torch_prune", "premasked"} <= {r["method"] for r in rows}
     written = headline_report.write_report(tmp_path / "headline.json")
     text = written[0].read_text()
@@ -44,3 +45,18 @@ def test_targets_are_met_only_when_every_case_meets_them():
     assert met["linear batch >= 4096: >= 0.85x pre-masked"] is True
     assert met["conv batch 1: >= 1.5x dense masking"] is True
     assert met["host time per packed call <= 15 us"] is False  # one call took 16 us
+
+
+def test_report_shows_spread_and_flags_unstable_rows():
+    cases = {
+        ("fc", "float16", 1, 3): _case("fc", "linear", 1, 3, 1.0, 2.1, 0.95),
+        ("fc", "float16", 16, 3): _case("fc", "linear", 16, 3, 1.0, 1.9, 0.95),
+    }
+    cases[("fc", "float16", 1, 3)]["packnet"].update(graph_spread=0.04, unstable=False)
+    cases[("fc", "float16", 16, 3)]["packnet"].update(graph_spread=0.02, unstable=False)
+    cases[("fc", "float16", 16, 3)]["dense_masking"].update(graph_spread=0.3, unstable=True)
+    report = {"device": {"device": "cuda", "gpu_name": "Test GPU"}, "limits": None, "cases": cases, "raw": {}}
+    rows = [line for line in headline_report.markdown(report).splitlines() if line.startswith("| fc |")]
+    assert "| 4 % |" in rows[0] and "unstable" not in rows[0]
+    assert "| 2 % |" in rows[1] and rows[1].endswith("unstable: dense_masking |")
+    assert "1 of 2 rows have an unstable method" in headline_report.markdown(report)

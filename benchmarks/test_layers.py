@@ -127,7 +127,7 @@ class LayerCase:
             effective_weight(w, ids, task) for w, ids in zip(self.dense_weights, self.dense_ids, strict=True)
         ]
         self._expected: dict[bool, torch.Tensor] = {}
-        self.baseline_ms: dict[str, float] = {}
+        self.baselines: dict[str, dict] = {}  # method -> timing.latency(...)
 
     @property
     def key(self) -> tuple:
@@ -291,11 +291,11 @@ def prologue_fused(launches: list[str]) -> bool:
 
 
 def _measure_baselines(case: LayerCase, smoke: bool) -> None:
-    if case.baseline_ms:
+    if case.baselines:
         return
     for method in BASELINES:
         fn, _ = build_method(method, case)
-        case.baseline_ms[method] = timing.median_ms(fn, case.device, smoke=smoke)
+        case.baselines[method] = timing.latency(fn, case.device, smoke=smoke)
 
 
 def _result_facts(device_facts: dict) -> dict:
@@ -345,7 +345,9 @@ def test_layer(benchmark, bench_device, device_facts, limits, tolerances, shape_
         rtol = tolerances[dtype][1]
         assert error <= rtol, f"{method} differs from the float64 reference by {error:.2e} (normwise) > {rtol}"
         _measure_baselines(case, smoke=benchmark.disabled)
-        ms = case.baseline_ms.get(method) or timing.median_ms(fn, bench_device, smoke=benchmark.disabled)
+        measured = case.baselines.get(method) or timing.latency(fn, bench_device, smoke=benchmark.disabled)
+        ms = measured["median_ms"]
+        dense_masking_ms, premasked_ms = (case.baselines[name]["median_ms"] for name in ("dense_masking", "premasked"))
         traffic = case.traffic_bytes(method, fused=info.get("prologue_fused", False))
         benchmark.group = f"{shape_name} {shapes.DTYPE_NAMES[dtype]} batch {batch} task {task}"
         benchmark.extra_info.update(
@@ -359,15 +361,17 @@ def test_layer(benchmark, bench_device, device_facts, limits, tolerances, shape_
             task=task,
             method=method,
             median_ms=ms,
+            spread=measured["spread"],
+            unstable=measured["unstable"],
             timer="cuda_events" if bench_device == "cuda" else "perf_counter",
             rotations=case.rotations,
             traffic_bytes=traffic,
             flops=case.shape.flops(batch),
             normwise_error=error,
-            dense_masking_ms=case.baseline_ms["dense_masking"],
-            premasked_ms=case.baseline_ms["premasked"],
-            speedup_vs_dense_masking=case.baseline_ms["dense_masking"] / ms,
-            speedup_vs_premasked=case.baseline_ms["premasked"] / ms,
+            dense_masking_ms=dense_masking_ms,
+            premasked_ms=premasked_ms,
+            speedup_vs_dense_masking=dense_masking_ms / ms,
+            speedup_vs_premasked=premasked_ms / ms,
             **timing.roofline(case.shape.flops(batch), traffic, ms, dtype, limits),
             **info,
             **_result_facts(device_facts),

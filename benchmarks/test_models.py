@@ -69,7 +69,7 @@ class ServedModel:
             ],
         }
         self.weight_bytes = {method: models.state_bytes(*form) for method, form in self.forms.items()}
-        self.baseline_ms: dict[tuple, dict[str, float]] = {}
+        self.baselines: dict[tuple, dict[str, dict]] = {}  # (batch, task) -> method -> timing.latency(...)
 
     def forward_fn(self, method: str, task: int) -> torch.nn.Module:
         """The module that serves ``task`` with ``method`` (the packed forms are switched to ``task``)."""
@@ -99,9 +99,9 @@ def served_model(name: str, device: str) -> ServedModel:
     return _SERVED[key]
 
 
-def _latency(served: ServedModel, method: str, task: int, xs: list, device: str, smoke: bool) -> float:
+def _latency(served: ServedModel, method: str, task: int, xs: list, device: str, smoke: bool) -> dict:
     model = served.forward_fn(method, task)
-    return timing.median_ms(lambda i: model(xs[i % len(xs)]), device, smoke=smoke)
+    return timing.latency(lambda i: model(xs[i % len(xs)]), device, smoke=smoke)
 
 
 def _peak_bytes(model, x: torch.Tensor, device: str) -> int | None:
@@ -141,13 +141,16 @@ def test_model(benchmark, bench_device, device_facts, tolerances, model_name, ba
         assert error <= bound, f"{model_name} {method} task {task}: normwise error {error:.2e} > {bound}"
 
         key = (batch, task)
-        if key not in served.baseline_ms:
-            served.baseline_ms[key] = {
+        if key not in served.baselines:
+            served.baselines[key] = {
                 baseline: _latency(served, baseline, task, xs, bench_device, benchmark.disabled)
                 for baseline in ("dense_masking", "dense_copies")
             }
-        baselines = served.baseline_ms[key]
-        ms = baselines.get(method) or _latency(served, method, task, xs, bench_device, benchmark.disabled)
+        baselines = {name: measured["median_ms"] for name, measured in served.baselines[key].items()}
+        measured = served.baselines[key].get(method) or _latency(
+            served, method, task, xs, bench_device, benchmark.disabled
+        )
+        ms = measured["median_ms"]
         benchmark.group = f"{model_name} {shapes.DTYPE_NAMES[served.dtype]} batch {batch} task {task}"
         benchmark.extra_info.update(
             kind="model",
@@ -158,6 +161,8 @@ def test_model(benchmark, bench_device, device_facts, tolerances, model_name, ba
             task=task,
             method=method,
             median_ms=ms,
+            spread=measured["spread"],
+            unstable=measured["unstable"],
             timer="cuda_events" if bench_device == "cuda" else "perf_counter",
             weight_bytes=served.weight_bytes[method],
             peak_bytes=peak,

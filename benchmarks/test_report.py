@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+from pathlib import Path
 
 import pytest
 import report
@@ -46,6 +48,8 @@ def _synthetic() -> dict:
                     "limit_fraction": 0.5,
                     "speedup_vs_dense_masking": LAYER_MS["dense_masking"] / ms,
                     "speedup_vs_premasked": LAYER_MS["premasked"] / ms,
+                    "spread": 0.25 if (method, batch) == ("dense_masking", 8) else 0.03,
+                    "unstable": (method, batch) == ("dense_masking", 8),
                     **FACTS,
                 }
                 if method == "compiled_masking":
@@ -105,11 +109,28 @@ def test_markdown_tables(results_json):
     row = next(line for line in text.splitlines() if line.startswith("| vgg16.classifier.0 | 25088->4096 | fp16 | 8 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[5:9] == ["8.000", "16.000", "6.400", "15.200"]  # packnet, dense masking, pre-masked, compiled
-    assert cells[9:] == ["2.00x", "0.80x", "1500 GB/s", "50 % (memory)"]
+    assert cells[9:] == ["2.00x", "0.80x", "1500 GB/s", "50 % (memory)", "3 %", "dense masking"]
+    batch_1 = next(
+        line for line in text.splitlines() if line.startswith("| vgg16.classifier.0 | 25088->4096 | fp16 | 1 |")
+    )
+    assert batch_1.endswith("| 3 % | - |")  # nothing unstable there
     assert "| vgg16.classifier.0 | fp16 | 1 | no | `triton_poi_fused_where_0`, `extern_kernels.mm` | 1.05x |" in text
-    assert "| vgg16 | fp16 | 1 | 1 | 3 dense copies | 2.000 | 6.0 | - | 1.50x | 1.00x |" in text
+    assert "| vgg16 | fp16 | 1 | 1 | 3 dense copies | 2.000 | 6.0 | - | 1.50x | 1.00x | - |" in text
+    assert "not kernel numbers" not in text
     # Layer rows keep the suite's order (first appearance), not alphabetical order.
     assert text.index("| vgg16.classifier.0 |") < text.index("| resnet50.conv1 |")
+
+
+def test_cpu_results_are_labelled_and_not_plotted(tmp_path):
+    """A CPU run times the reference path: the report says so and draws no plot of noise."""
+    data = _synthetic()
+    for entry in data["benchmarks"]:
+        entry["extra_info"].update(device="cpu", gpu_name=None)
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    written = report.write_report(path, tmp_path / "cpu.md", tmp_path / "cpu.png")
+    assert set(written) == {"md"} and not (tmp_path / "cpu.png").exists()
+    assert "**CPU run: these numbers are not kernel numbers.**" in written["md"].read_text()
 
 
 def test_plot_writes_png(results_json, tmp_path):
@@ -131,7 +152,64 @@ def test_bench_cli_helpers(results_json, tmp_path):
 
     assert bench.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert bench.device_slug(None) == "cpu"
-    assert bench._gpu_name_of(results_json) == "Test GPU 80GB"
-    command = bench.pytest_command(tmp_path / "out.json", "tiny and packnet")
+    command = bench.pytest_command(tmp_path / "out.json", "tiny and packnet", "models")
     assert command[1:3] == ["-m", "pytest"] and command[-2:] == ["-k", "tiny and packnet"]
+    assert command[3].endswith("test_models.py") and not any("test_layers" in part for part in command)
     assert f"--benchmark-json={tmp_path / 'out.json'}" in command
+
+
+def _fake_suite(calls: list, headline_status: int = 0):
+    """Stands in for the stages' subprocesses: writes what each would write, records the command lines."""
+
+    def call(command, cwd, env):
+        calls.append(command)
+        if command[1].endswith("headline.py"):
+            row = {"layer": "fc", "op": "linear", "dtype": "float16", "batch": 1, "task": 3, "ok": True, "bytes": 3}
+            results = [
+                {**row, "method": method, "graph_ms": ms, "event_ms": ms, "graph_spread": 0.01, "unstable": False}
+                for method, ms in (("packnet", 1.0), ("dense_masking", 2.0), ("premasked", 0.8))
+            ]
+            path = Path(command[command.index("--json") + 1])
+            path.write_text(json.dumps({"device": {"device": "cuda", "gpu_name": "Test GPU"}, "results": results}))
+            return headline_status
+        target = next(part for part in command if part.startswith("--benchmark-json="))
+        Path(target.split("=", 1)[1]).write_text(json.dumps(_synthetic()))
+        return 0
+
+    return call
+
+
+def test_bench_runs_the_chosen_stages_and_reports_each(tmp_path, monkeypatch):
+    import argparse
+
+    from packnet import bench
+
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "call", _fake_suite(calls))
+    monkeypatch.setattr(bench, "_gpu_name", lambda: "Test GPU 80GB")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path), "--stage", "headline", "--stage", "models", "--budget-s", "300"])
+    assert bench.run(args) == 0
+    assert calls[0][1].endswith("headline.py") and calls[0][-2:] == ["--budget-s", "300.0"]
+    assert calls[1][3].endswith("test_models.py") and len(calls) == 2
+    stem = f"test-gpu-80gb-{datetime.date.today().isoformat()}"
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert written == sorted(
+        f"{stem}-{stage}.{ext}" for stage in ("headline", "models") for ext in ("json", "md", "png")
+    )
+    assert (tmp_path / f"{stem}-headline.md").read_text().startswith("# Headline benchmark: Test GPU")
+
+
+def test_bench_reports_a_headline_stage_cut_short(tmp_path, monkeypatch):
+    """A headline stage stopped by a time limit (status 124) keeps and reports the cases it measured."""
+    import argparse
+
+    from packnet import bench
+
+    monkeypatch.setattr(bench.subprocess, "call", _fake_suite([], headline_status=124))
+    monkeypatch.setattr(bench, "_gpu_name", lambda: None)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--out", str(tmp_path), "--stage", "headline"])) == 124
+    assert "| fc | float16 | 1 | 3 |" in (tmp_path / f"cpu-{datetime.date.today().isoformat()}-headline.md").read_text()

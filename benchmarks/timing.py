@@ -21,6 +21,9 @@ import torch
 REP_MS = float(os.environ.get("PACKNET_BENCH_REP_MS", "40"))
 WARMUP_MS = 10.0
 MIN_REPS, MAX_REPS = 5, 300
+# A latency whose interquartile range exceeds this fraction of its median is flagged unstable (clock changes, another
+# process, a noisy neighbour); the reports say so beside the row rather than letting its ratios pass as measured.
+UNSTABLE_SPREAD = 0.10
 # Rotated buffer sets span this many L2 caches, so each call finds its operands evicted. The CPU subset only
 # exercises the rotation (its timings are not the point), so it keeps few sets.
 L2_SPAN = 4
@@ -69,7 +72,32 @@ def synchronize(device: str) -> None:
 
 
 def median_ms(fn: Callable[[int], object], device: str, *, rep_ms: float = REP_MS, smoke: bool = False) -> float:
-    """Median latency of ``fn(i)`` in milliseconds over about ``rep_ms`` of calls, after a warm-up.
+    """Median latency of ``fn(i)`` in milliseconds (see :func:`latency_samples`)."""
+    return statistics.median(latency_samples(fn, device, rep_ms=rep_ms, smoke=smoke))
+
+
+def latency(fn: Callable[[int], object], device: str, *, rep_ms: float = REP_MS, smoke: bool = False) -> dict:
+    """``{"median_ms", "spread", "unstable"}`` of ``fn(i)``'s latency (see :func:`latency_samples` and
+    :func:`relative_spread`)."""
+    samples = latency_samples(fn, device, rep_ms=rep_ms, smoke=smoke)
+    spread = relative_spread(samples)
+    return {"median_ms": statistics.median(samples), "spread": spread, "unstable": spread > UNSTABLE_SPREAD}
+
+
+def relative_spread(samples: list[float]) -> float:
+    """Interquartile range over median: 0.05 means the middle half of the samples lie within 5 % of the median's
+    width. 0 for fewer than 2 samples."""
+    if len(samples) < 2:
+        return 0.0
+    first, _, third = statistics.quantiles(samples, n=4, method="inclusive")
+    middle = statistics.median(samples)
+    return (third - first) / middle if middle > 0 else 0.0
+
+
+def latency_samples(
+    fn: Callable[[int], object], device: str, *, rep_ms: float = REP_MS, smoke: bool = False
+) -> list[float]:
+    """Latencies of single calls of ``fn(i)`` in milliseconds over about ``rep_ms`` of calls, after a warm-up.
 
     ``fn(i)`` is called with increasing ``i`` (the rotation index). On CUDA each call sits between two events on the
     current stream and nothing synchronises in between, so the interval is what the GPU spent on the call plus any
@@ -111,7 +139,7 @@ def median_ms(fn: Callable[[int], object], device: str, *, rep_ms: float = REP_M
             start = time.perf_counter()
             call()
             samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return samples
 
 
 def synced_calls(fn: Callable[[int], object], device: str) -> Callable[[], object]:
