@@ -156,9 +156,10 @@ def check_common(
         raise TypeError(f"{op}: weight dtype {weight.dtype} is not supported; allowed: {', '.join(map(str, dtypes))}")
     if x.dtype != weight.dtype:
         raise TypeError(f"{op}: input dtype {x.dtype} does not match weight dtype {weight.dtype}")
+    device = x.device  # a new object per access: read once
     for name, tensor in (("weight", weight), ("task_ids", task_ids)):
-        if tensor.device != x.device:
-            raise ValueError(f"{op}: {name} is on {tensor.device} but the input is on {x.device}")
+        if tensor.device != device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but the input is on {device}")
     out_features = weight.shape[0]
     _check_vector(f"{op}: bias", bias, out_features, x)
     _check_vector(f"{op}: scale", scale, out_features, x)

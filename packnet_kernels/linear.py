@@ -487,7 +487,7 @@ def _launch(
     for size in lead:
         rows *= size
     # A view whenever the strides allow one (the kernel takes any 2-D strides); a copy only for odd N-D layouts.
-    x2d = x.reshape(rows, in_features)
+    x2d = x if x.dim() == 2 else x.reshape(rows, in_features)
     y = torch.empty((*lead, out_features), dtype=x.dtype, device=x.device)
     if rows == 0 or out_features == 0:
         return y
@@ -501,12 +501,6 @@ def _launch(
         # Whole tiles: at most (N + BLOCK_N) x (M + BLOCK_M) elements per split, whichever config runs.
         partial_count = split_k * (out_features + _MAX_BLOCK_N) * (rows + _MAX_BLOCK_M[regime])
         partials, counters = _split_workspace(x.device, partial_count, counter_count, reuse_workspace)
-    epilogue_args = {
-        "HAS_BIAS": bias is not None,
-        "HAS_SCALE": scale is not None,
-        "HAS_SHIFT": shift is not None,
-        "RELU": relu,
-    }
     vector_strides = [0 if v is None else v.stride(0) for v in (bias, scale, shift)]
     main_args = (
         x2d,
@@ -524,18 +518,18 @@ def _launch(
         task,
         k_per_split,
         _m_bucket(rows),
-        x2d.stride(0),
-        x2d.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        task_ids.stride(0),
-        task_ids.stride(1),
+        *x2d.stride(),
+        *weight.stride(),
+        *task_ids.stride(),
         *vector_strides,
         out_features,
         1,
     )
     main_flags = {
-        **epilogue_args,
+        "HAS_BIAS": bias is not None,
+        "HAS_SCALE": scale is not None,
+        "HAS_SHIFT": shift is not None,
+        "RELU": relu,
         "USE_MASK": use_mask,
         "SPLIT": split_k > 1,
         "UPCAST_BF16": interpreted and x.dtype == torch.bfloat16,
