@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from packnet_kernels import MAX_TASKS, masked_conv2d, masked_linear
+from packnet_kernels import MAX_TASKS, masked_conv2d, masked_linear, tile_map
 from packnet_kernels._checks import check_backend
 
 __all__ = ["PackedConv2d", "PackedLinear", "TaskSwitch", "set_task", "swap_packed_", "task_modules"]
@@ -63,6 +63,9 @@ class _PackedLayer(_TaskSelecting):
         # The unfused normalisation a compile folded in, kept so a pack can be saved with its original parameters.
         self.fused_norm_name: str | None = None
         self.fused_norm_keys: list[str] = []
+        # Let the kernels skip what a task does not use (see tile_map_state); never saved, always recomputed.
+        self.use_tile_map = True
+        self._tile_state: tuple | None = None
 
     def load_packed(
         self,
@@ -125,6 +128,33 @@ class _PackedLayer(_TaskSelecting):
         shift = None if self.shift is None else self.shift[task - 1]
         return bias, scale, shift
 
+    def tile_map_state(self) -> tuple[torch.Tensor, bool]:
+        """``(tile_map, free_weights_zero)`` of the current ``task_ids`` and ``weight``, recomputed whenever either was
+        replaced or modified in place (their version counters say so) and reused otherwise.
+
+        ``tile_map`` is :func:`packnet_kernels.tile_map` of ``task_ids`` on their device; ``free_weights_zero`` is
+        True when every free weight (id 0) is exactly zero, checked here (one device sync per recomputation), never
+        assumed: only then may the kernels read tiles whose owners are all visible without their ids. Inside
+        ``torch.compile`` the state last computed eagerly is used as it is."""
+        if torch.compiler.is_compiling():
+            return self._tile_state[1], self._tile_state[2]
+        weight, task_ids = self.weight, self.task_ids
+        key = (weight.data_ptr(), weight._version, task_ids.data_ptr(), task_ids._version, weight.device)
+        if self._tile_state is None or self._tile_state[0] != key:
+            with torch.no_grad():
+                free_weights_zero = bool(((task_ids != 0) | (weight == 0)).all())
+            self._tile_state = (key, tile_map(task_ids).contiguous(), free_weights_zero)
+        return self._tile_state[1], self._tile_state[2]
+
+    def _kernel_tile_args(self, x: torch.Tensor) -> dict:
+        """The tile-map keywords of a kernel call: none when the reference path runs (it has no use for them) or the
+        map is switched off (``use_tile_map = False``), or inside ``torch.compile`` before any eager call made one."""
+        kernel_path = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+        if not (kernel_path and self.use_tile_map) or (torch.compiler.is_compiling() and self._tile_state is None):
+            return {}
+        cells, free_weights_zero = self.tile_map_state()
+        return {"tile_map": cells, "free_weights_zero": free_weights_zero}
+
     def owned_counts(self) -> list[int]:
         """Weights owned per task, index 0 = free."""
         return torch.bincount(self.task_ids.flatten().long(), minlength=self.num_tasks + 1).tolist()
@@ -183,7 +213,16 @@ class PackedLinear(_PackedLayer):
         task = self._resolve_task(task)
         bias, scale, shift = self._epilogue(task)
         return masked_linear(
-            x, self.weight, self.task_ids, task, bias, scale=scale, shift=shift, relu=self.relu, backend=self.backend
+            x,
+            self.weight,
+            self.task_ids,
+            task,
+            bias,
+            scale=scale,
+            shift=shift,
+            relu=self.relu,
+            backend=self.backend,
+            **self._kernel_tile_args(x),
         )
 
     def extra_repr(self) -> str:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from packnet_kernels import MAX_TASKS, effective_weight
 
 from .distributed import broadcast_, ddp_group, is_main_process, mean_across_ranks
-from .pruning import prune_ratio_for, release_smallest
+from .pruning import check_granularity, prune_ratio_for, release_smallest, release_smallest_blocks
 
 __all__ = ["LayerOwnership", "PackNet", "default_prunable"]
 
@@ -67,13 +67,18 @@ class PackNet:
         model: any ``nn.Module``; it is trained in place. It may be wrapped in ``DistributedDataParallel``; the
             trainer then keeps all ranks identical (see :meth:`learn_task`).
         prune_ratio: fraction of a task's weights released after training it: a float, or one float per task.
+        prune_granularity: ``"element"`` (the default: PackNet's unstructured magnitude pruning) or ``(rows, cols)``
+            to prune whole blocks of the weight as the kernels read it, by their L2 norm
+            (:func:`packnet.pruning.release_smallest_blocks`; ``prune_ratio`` is then the fraction of the task's
+            blocks). With ``(32, 32)`` every block has one owner, so a packed layer's early tasks skip the tiles of
+            later ones.
         prunable: ``(name, module) -> bool`` picking the shared layers; default every ``nn.Linear``/``nn.Conv2d``
             outside ``head``. Picked modules must be ``nn.Linear`` or ``nn.Conv2d``.
         head: qualified name of the classifier head. Its parameters are per task and re-initialised (its modules'
             ``reset_parameters``) when a new task starts; other per-task state starts from the previous task's.
 
     Raises:
-        ValueError: a bad ``prune_ratio``, an unknown ``head``, or no prunable layer.
+        ValueError: a bad ``prune_ratio`` or ``prune_granularity``, an unknown ``head``, or no prunable layer.
         TypeError: the filter picked a module that is not ``nn.Linear``/``nn.Conv2d``.
     """
 
@@ -82,12 +87,14 @@ class PackNet:
         model: nn.Module,
         *,
         prune_ratio: float | Sequence[float] = 0.5,
+        prune_granularity: str | tuple[int, int] = "element",
         prunable: Callable[[str, nn.Module], bool] | None = None,
         head: str | None = None,
     ):
         self.model = model
         self.prune_ratio = prune_ratio
         prune_ratio_for(prune_ratio, 1)
+        self.prune_granularity = check_granularity(prune_granularity)
         net = _unwrap(model)
         if head is not None:
             try:
@@ -208,7 +215,8 @@ class PackNet:
                 layer.weight.grad.mul_(self._trainable(name))
 
     def prune(self, prune_ratio: float | None = None) -> dict[str, int]:
-        """Release the smallest-magnitude fraction of the current task's weights in each layer (set to 0, id 0).
+        """Release the smallest-magnitude fraction of the current task's weights (or blocks, with a block
+        ``prune_granularity``) in each layer: set to 0, id 0.
 
         Returns the number of weights released per layer.
         """
@@ -218,7 +226,12 @@ class PackNet:
         released_counts = {}
         with torch.no_grad():
             for name, layer in self.layers.items():
-                release = release_smallest(layer.weight, self.task_ids[name], self.current_task, ratio)
+                if self.prune_granularity == "element":
+                    release = release_smallest(layer.weight, self.task_ids[name], self.current_task, ratio)
+                else:
+                    release = release_smallest_blocks(
+                        layer.weight, self.task_ids[name], self.current_task, ratio, self.prune_granularity
+                    )
                 layer.weight.masked_fill_(release, 0.0)
                 self.task_ids[name][release] = 0
                 released_counts[name] = int(release.sum())

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import MAX_TASKS, check_conv2d, check_linear, interpreter_enabled, resolve_backend
-from .reference import effective_weight, masked_conv2d_ref, masked_linear_ref, task_mask
+from ._checks import MAX_TASKS, check_conv2d, check_linear, check_tile_map, interpreter_enabled, resolve_backend
+from .reference import effective_weight, masked_conv2d_ref, masked_linear_ref, task_mask, tile_map
 
 __all__ = [
     "MAX_TASKS",
@@ -21,6 +21,7 @@ __all__ = [
     "masked_linear",
     "masked_linear_ref",
     "task_mask",
+    "tile_map",
     "triton_available",
 ]
 
@@ -49,6 +50,8 @@ def masked_linear(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     relu: bool = False,
+    tile_map: torch.Tensor | None = None,
+    free_weights_zero: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``relu?((x @ W_t^T + bias) * scale + shift)`` where ``W_t = where(task_ids in 1..task, weight, 0)``.
@@ -60,6 +63,10 @@ def masked_linear(
         task: int in 1..255; the weights of tasks 1..task are used.
         bias, scale, shift: optional ``[out]`` vectors in ``x``'s dtype (the per-task epilogue).
         relu: apply ReLU last.
+        tile_map: optional :func:`~packnet_kernels.reference.tile_map` of ``task_ids`` (what the packed layers
+            pass): the Triton kernels then skip the tiles task ``task`` does not use. It only changes what is read.
+        free_weights_zero: with ``tile_map``, the caller guarantees free weights are exactly zero, so tiles whose
+            owners are all visible to ``task`` read no ids (see :func:`packnet_kernels.linear.masked_linear_triton`).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -73,11 +80,23 @@ def masked_linear(
     backend = resolve_backend(backend, x)
     if backend == "reference":
         task = check_linear(x, weight, task_ids, task, bias, scale, shift)
+        check_tile_map("masked_linear", tile_map, weight, free_weights_zero)
         return masked_linear_ref(x, weight, task_ids, task, bias, scale=scale, shift=shift, relu=relu)
     _require_triton("masked_linear")
     from .linear import masked_linear_triton
 
-    return masked_linear_triton(x, weight, task_ids, task, bias, scale=scale, shift=shift, relu=relu)
+    return masked_linear_triton(
+        x,
+        weight,
+        task_ids,
+        task,
+        bias,
+        scale=scale,
+        shift=shift,
+        relu=relu,
+        tile_map=tile_map,
+        free_weights_zero=free_weights_zero,
+    )
 
 
 def masked_conv2d(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 
 import torch
@@ -165,6 +166,33 @@ def check_common(
     _check_vector(f"{op}: scale", scale, out_features, x)
     _check_vector(f"{op}: shift", shift, out_features, x)
     return task
+
+
+# Rows x columns of weight elements per tile-map cell, over the weight as a GEMM operand ``[out, K]`` in the kernels'
+# K-contiguous order (``packnet_kernels.reference.tile_map``); every autotuned kernel tile covers whole cells.
+TILE_CELL = (32, 32)
+
+
+def check_tile_map(op: str, tile_map: torch.Tensor | None, weight: torch.Tensor, free_weights_zero) -> None:
+    """A tile map must be the ``[2, ceil(out / 32), ceil(K / 32)]`` contiguous uint8 of
+    :func:`packnet_kernels.reference.tile_map` on the weight's device; ``free_weights_zero`` a bool (and meaningless
+    without a map). What the map says is trusted: it must describe these very ids."""
+    if not isinstance(free_weights_zero, bool):
+        raise TypeError(f"{op}: free_weights_zero must be a bool, got {type(free_weights_zero).__name__}")
+    if tile_map is None:
+        if free_weights_zero:
+            raise ValueError(f"{op}: free_weights_zero=True needs a tile_map (it tells which tiles to read raw)")
+        return
+    if not isinstance(tile_map, torch.Tensor):
+        raise TypeError(f"{op}: tile_map must be a tensor or None, got {type(tile_map).__name__}")
+    expected = (2, -(-weight.shape[0] // TILE_CELL[0]), -(-math.prod(weight.shape[1:]) // TILE_CELL[1]))
+    if tile_map.dtype != torch.uint8 or tuple(tile_map.shape) != expected or not tile_map.is_contiguous():
+        raise ValueError(
+            f"{op}: tile_map must be a contiguous uint8 tensor of shape {expected} (packnet_kernels.reference."
+            f"tile_map of the task ids), got {tile_map.dtype} {tuple(tile_map.shape)}"
+        )
+    if tile_map.device != weight.device:
+        raise ValueError(f"{op}: tile_map is on {tile_map.device} but the weight is on {weight.device}")
 
 
 def check_linear(x, weight, task_ids, task, bias=None, scale=None, shift=None, dtypes=REFERENCE_DTYPES) -> int:

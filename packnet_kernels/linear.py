@@ -35,16 +35,18 @@ from torch.library import triton_op, wrap_triton
 
 from ._checks import (
     KERNEL_DTYPES,
+    TILE_CELL,
     as_is,
     autotune_bench,
     ceil_div,
     check_linear,
+    check_tile_map,
     device_properties,
     direct_launch_allowed,
     on_device,
     require_kernel_device,
 )
-from ._predicate import task_owns
+from ._predicate import task_owns, tile_use
 
 __all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton", "release_workspaces"]
 
@@ -115,12 +117,15 @@ def _masked_linear_kernel(
     y_ptr,
     partials_ptr,
     counters_ptr,
+    tile_map_ptr,
     M,
     N,
     K,
     active_task,
     k_per_split,
     m_bucket,
+    stride_map_plane,
+    stride_map_row,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -137,6 +142,10 @@ def _masked_linear_kernel(
     HAS_SHIFT: tl.constexpr,
     RELU: tl.constexpr,
     USE_MASK: tl.constexpr,
+    TILE_MAP: tl.constexpr,
+    RAW_TILES: tl.constexpr,
+    CELL_N: tl.constexpr,
+    CELL_K: tl.constexpr,
     SPLIT: tl.constexpr,
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -149,9 +158,11 @@ def _masked_linear_kernel(
 
     Pointers: ``x_ptr`` ``[M, K]``, ``w_ptr`` ``[N, K]`` (float), ``ids_ptr`` ``[N, K]`` uint8 (not read when
     ``USE_MASK`` is off), ``bias_ptr``/``scale_ptr``/``shift_ptr`` ``[N]`` (read only when their ``HAS_*`` is set),
-    ``y_ptr`` ``[M, N]``; with ``SPLIT`` only: ``partials_ptr`` fp32 ``[SPLIT_K, tiles, BLOCK_N, BLOCK_M]`` (one
-    whole tile per split and axis-0 program, in the accumulator's order) and ``counters_ptr`` int32 ``[tiles]``,
-    zero on entry and left zero on exit.
+    ``y_ptr`` ``[M, N]``; with ``TILE_MAP`` only: ``tile_map_ptr`` uint8 ``[2, N / CELL_N, K / CELL_K]`` (strides
+    ``stride_map_plane``, ``stride_map_row``, 1; see :func:`packnet_kernels.reference.tile_map`); with ``SPLIT``
+    only: ``partials_ptr`` fp32 ``[SPLIT_K, tiles, BLOCK_N, BLOCK_M]`` (one whole tile per split and axis-0
+    program, in the accumulator's order) and ``counters_ptr`` int32 ``[tiles]``, zero on entry and left zero on
+    exit.
 
     Grid: axis 0 walks the ``[N / BLOCK_N, M / BLOCK_M]`` output tiles in groups of ``GROUP_N`` weight-tile rows;
     axis 1 is the K split (``SPLIT_K`` programs): program ``s`` covers ``K`` in ``[s * k_per_split, (s + 1) *
@@ -159,6 +170,11 @@ def _masked_linear_kernel(
     each program stores its raw fp32 sums to ``partials[s]`` and increments its tile's counter; the program that
     counts ``SPLIT_K`` sums ``partials[0..SPLIT_K)`` in increasing ``s``, applies the epilogue, writes ``y`` and
     zeroes the counter. ``m_bucket`` is unused in the body: it is the autotuning key.
+
+    ``TILE_MAP``: before each K step the program reads the tile's cells. A tile no weight of tasks 1..active_task
+    lives in reads nothing (its weight, ids and activations load as zeros, masked, so no bytes move); with
+    ``RAW_TILES`` (the caller guarantees free weights are exactly zero) a tile whose owners are all <= active_task
+    reads no ids and uses its weights as stored. Either way the sums are those of the predicate on every element.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -189,15 +205,40 @@ def _masked_linear_kernel(
     ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_k64[None, :] * stride_idk
     xt_ptrs = x_ptr + offs_k64[:, None] * stride_xk + offs_m[None, :] * stride_xm
 
+    if TILE_MAP:
+        cell_rows = pid_n * (BLOCK_N // CELL_N) + tl.arange(0, BLOCK_N // CELL_N)
+        cell_row_mask = cell_rows < tl.cdiv(N, CELL_N)
+        offs_cell_k = tl.arange(0, BLOCK_K // CELL_K)
+        map_ptrs = tile_map_ptr + cell_rows[:, None] * stride_map_row + (k_start // CELL_K + offs_cell_k)[None, :]
+
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
-        k_mask = offs_k < K - k
-        w_tile_mask = n_mask[:, None] & k_mask[None, :]
-        w = tl.load(w_ptrs, mask=w_tile_mask, other=0.0)
+        # Masks compare offsets with scalar bounds only (what keeps the loads 16-byte cp.async): the tile map narrows
+        # the bounds, to 0 for what this tile need not read.
+        k_remaining = K - k
+        ids_remaining = k_remaining
+        if TILE_MAP:
+            cell_mask = cell_row_mask[:, None] & (k // CELL_K + offs_cell_k < tl.cdiv(K, CELL_K))[None, :]
+            smallest = tl.load(map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
+            largest = tl.load(map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last")
+            used, all_visible = tile_use(smallest, largest, active_task)
+            map_ptrs += BLOCK_K // CELL_K
+            k_remaining = tl.where(used, k_remaining, 0)
+            ids_remaining = k_remaining
+            if RAW_TILES:
+                ids_remaining = tl.where(all_visible, 0, k_remaining)
+        k_mask = offs_k < k_remaining
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if USE_MASK:
-            ids = tl.load(ids_ptrs, mask=w_tile_mask, other=0)
+            ids_k_mask = offs_k < ids_remaining
+            ids = tl.load(ids_ptrs, mask=n_mask[:, None] & ids_k_mask[None, :], other=0)
+            # Columns whose ids were not read hold either raw-tile weights (kept as stored: every owner is visible and
+            # free weights are zero) or zeros (skipped tiles, the tail past K).
+            owned = task_owns(ids, active_task)
+            if TILE_MAP:
+                owned = owned | (offs_k >= ids_remaining)[None, :]
             # A select, not a multiply: a NaN/Inf stored in a weight this task does not own is dropped here.
-            w = tl.where(task_owns(ids, active_task), w, 0.0)
+            w = tl.where(owned, w, 0.0)
             ids_ptrs += BLOCK_K * stride_idk
         xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
         if UPCAST_BF16:
@@ -324,30 +365,38 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
     ]
 
 
-def config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int) -> bool:
-    """Whether ``config`` suits ``dtype`` on a GPU with ``shared_memory_bytes`` per block (the opt-in limit).
+def config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, tile_map: bool = False) -> bool:
+    """Whether ``config`` suits ``dtype`` on a GPU with ``shared_memory_bytes`` per block (the opt-in limit), with or
+    without a tile map.
 
     Its pipelined tiles must fit: an upper bound of what Triton allocates, ``num_stages`` buffers of the weight, id and
-    activation tiles (``tests/test_codegen.py`` checks it against the real allocation); and fp32 tiles must not
-    spill registers (:func:`_registers_fit`)."""
+    activation tiles (``tests/test_codegen.py`` checks it against the real allocation); and its tiles must not spill
+    registers (:func:`_registers_fit`)."""
     element = torch.empty((), dtype=dtype).element_size()
     tile = config.kwargs
-    if not _registers_fit(tile["BLOCK_N"], tile["BLOCK_M"], tile["BLOCK_K"], config.num_warps, dtype):
+    if not _registers_fit(tile["BLOCK_N"], tile["BLOCK_M"], tile["BLOCK_K"], config.num_warps, dtype, tile_map):
         return False
     per_stage = tile["BLOCK_N"] * tile["BLOCK_K"] * (element + 1) + tile["BLOCK_K"] * tile["BLOCK_M"] * element
     return config.num_stages * per_stage <= shared_memory_bytes
 
 
-def _registers_fit(rows: int, cols: int, block_k: int, num_warps: int, dtype: torch.dtype) -> bool:
-    """fp32 operand tiles of 48 or more elements per thread per K step spill registers (the dot splits each fp32
-    operand for the tensor cores, or runs on FMAs): measured by ``tests/test_codegen.py`` for sm_90 and sm_80."""
-    return dtype != torch.float32 or (rows + cols) * block_k < 48 * 32 * num_warps
+def _registers_fit(rows: int, cols: int, block_k: int, num_warps: int, dtype: torch.dtype, tile_map: bool) -> bool:
+    """Measured by ``tests/test_codegen.py`` for sm_90 and sm_80: fp32 operand tiles of 48 or more elements per thread
+    per K step spill registers (the dot splits each fp32 operand for the tensor cores, or runs on FMAs); with a tile
+    map, weight tiles of more than 64 elements per thread do (128 x 128 on 4 warps spills 120 bytes)."""
+    threads = 32 * num_warps
+    if tile_map and rows * block_k > 64 * threads:
+        return False
+    return dtype != torch.float32 or (rows + cols) * block_k < 48 * threads
 
 
-def default_config(regime: str, capability_major: int, dtype: torch.dtype, shared_memory_bytes: int) -> triton.Config:
+def default_config(
+    regime: str, capability_major: int, dtype: torch.dtype, shared_memory_bytes: int, tile_map: bool = False
+) -> triton.Config:
     """The untuned config (``AUTOTUNE = False``): the first of :func:`_configs` that fits."""
     configs = _configs(regime, capability_major)
-    return next((config for config in configs if config_fits(config, dtype, shared_memory_bytes)), configs[0])
+    fitting = (config for config in configs if config_fits(config, dtype, shared_memory_bytes, tile_map))
+    return next(fitting, configs[0])
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -355,7 +404,8 @@ def _prune_configs(configs, named_args, **kwargs):
     more than twice the bucketed batch, which would compute mostly padding."""
     x = named_args["x_ptr"]
     limit = device_properties(x.device).shared_memory_per_block_optin
-    kept = [config for config in configs if config_fits(config, x.dtype, limit)] or configs[:1]
+    tile_map = named_args["tile_map_ptr"] is not None
+    kept = [config for config in configs if config_fits(config, x.dtype, limit, tile_map)] or configs[:1]
     return [config for config in kept if useful_batch_tile(config, named_args["M"])] or kept
 
 
@@ -370,7 +420,7 @@ def _tuned_kernel(regime: str, capability_major: int):
     prune = {"early_config_prune": _prune_configs}
     return triton.autotune(
         configs=_configs(regime, capability_major),
-        key=["m_bucket", "N", "K", "USE_MASK", "INPUT_PRECISION"],
+        key=["m_bucket", "N", "K", "USE_MASK", "TILE_MAP", "RAW_TILES", "INPUT_PRECISION"],
         prune_configs_by=prune,
         do_bench=autotune_bench,
     )(_masked_linear_kernel)
@@ -471,6 +521,8 @@ def _launch(
     shift: torch.Tensor | None,
     relu: bool,
     use_mask: bool,
+    tile_map: torch.Tensor | None = None,
+    free_weights_zero: bool = False,
     wrap=wrap_triton,
     reuse_workspace: bool = False,
 ) -> torch.Tensor:
@@ -512,12 +564,14 @@ def _launch(
         y,
         partials,
         counters,
+        tile_map,
         rows,
         out_features,
         in_features,
         task,
         k_per_split,
         _m_bucket(rows),
+        *(tile_map.stride()[:2] if tile_map is not None else (0, 0)),
         *x2d.stride(),
         *weight.stride(),
         *task_ids.stride(),
@@ -531,6 +585,10 @@ def _launch(
         "HAS_SHIFT": shift is not None,
         "RELU": relu,
         "USE_MASK": use_mask,
+        "TILE_MAP": tile_map is not None,
+        "RAW_TILES": free_weights_zero,
+        "CELL_N": TILE_CELL[0],
+        "CELL_K": TILE_CELL[1],
         "SPLIT": split_k > 1,
         "UPCAST_BF16": interpreted and x.dtype == torch.bfloat16,
         "INPUT_PRECISION": _input_precision(x.dtype),
@@ -547,7 +605,9 @@ def _launch(
         if AUTOTUNE:
             wrap(_tuned_kernel(regime, properties.major))[grid](*main_args, **main_flags)
         else:
-            default = default_config(regime, properties.major, x.dtype, properties.shared_memory_per_block_optin)
+            default = default_config(
+                regime, properties.major, x.dtype, properties.shared_memory_per_block_optin, tile_map is not None
+            )
             wrap(_masked_linear_kernel)[grid](
                 *main_args, **main_flags, **default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages
             )
@@ -557,19 +617,21 @@ def _launch(
 
 _OP_ARGS = (
     "Tensor x, Tensor weight, Tensor task_ids, int task, Tensor? bias, Tensor? scale, Tensor? shift, bool relu, "
-    "bool use_mask"
+    "bool use_mask, Tensor? tile_map, bool free_weights_zero"
 )
 
 
 @torch.library.custom_op("packnet::masked_linear_interpreted", mutates_args=(), schema=f"({_OP_ARGS}) -> Tensor")
-def _masked_linear_interpreted(x, weight, task_ids, task, bias, scale, shift, relu, use_mask):
+def _masked_linear_interpreted(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles):
     """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
     ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
-    return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, reuse_workspace=True)
+    return _launch(
+        x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, reuse_workspace=True
+    )
 
 
 @_masked_linear_interpreted.register_fake
-def _(x, weight, task_ids, task, bias, scale, shift, relu, use_mask):
+def _(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -584,14 +646,17 @@ def _masked_linear_op(
     shift: torch.Tensor | None,
     relu: bool,
     use_mask: bool,
+    tile_map: torch.Tensor | None,
+    free_weights_zero: bool,
 ) -> torch.Tensor:
     """The registered op (also its own fake implementation); arguments already validated by
     :func:`masked_linear_triton`. CUDA launches go through ``wrap_triton`` so ``torch.compile`` sees the kernels."""
+    args = (x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero)
     if not x.is_cuda:
-        return _masked_linear_interpreted(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)
+        return _masked_linear_interpreted(*args)
     # Triton launches on the current device: make it the tensors' one (they may live on another GPU).
     with torch.cuda.device(x.device):
-        return _launch(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)
+        return _launch(*args)
 
 
 def masked_linear_triton(
@@ -605,6 +670,8 @@ def masked_linear_triton(
     shift: torch.Tensor | None = None,
     relu: bool = False,
     use_mask: bool = True,
+    tile_map: torch.Tensor | None = None,
+    free_weights_zero: bool = False,
 ) -> torch.Tensor:
     """``relu?(((x @ W_t^T) + bias) * scale + shift)`` with ``W_t = where((task_ids != 0) & (task_ids <= task), W, 0)``.
 
@@ -617,6 +684,12 @@ def masked_linear_triton(
         relu: apply ReLU last.
         use_mask: ``False`` runs the same kernel with the predicate compiled out (``task_ids`` is not read), i.e. a
             plain ``F.linear`` on the raw weight; for benchmarks separating the mask's cost.
+        tile_map: ``packnet_kernels.reference.tile_map(task_ids)`` (uint8 ``[2, ceil(out / 32), ceil(in / 32)]``,
+            contiguous, on ``x``'s device), or ``None``. Tiles holding no weight of tasks 1..task are then not read.
+            It must describe these very ids: a stale map gives wrong results. Ignored with ``use_mask=False``.
+        free_weights_zero: with a tile map, the caller guarantees that every weight whose id is 0 is exactly zero
+            (as in a validated pack): tiles whose owners are all <= task then read no ids and use the weights as
+            stored. With a nonzero free weight this changes results; leave it ``False`` unless checked.
 
     Returns:
         ``[..., out]`` in ``x``'s dtype, contiguous; fp32 accumulation (TF32 dots for fp32 inputs when
@@ -631,10 +704,12 @@ def masked_linear_triton(
     for name, flag in (("relu", relu), ("use_mask", use_mask)):
         if not isinstance(flag, bool):
             raise TypeError(f"masked_linear: {name} must be a bool, got {type(flag).__name__}")
+    check_tile_map("masked_linear", tile_map, weight, free_weights_zero)
+    if not use_mask:
+        tile_map, free_weights_zero = None, False
+    args = (x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero)
     if direct_launch_allowed(x, weight, bias, scale, shift):
         # Eager calls skip the registered op's dispatch: most of a small layer's host time.
         with on_device(x.device):
-            return _launch(
-                x, weight, task_ids, task, bias, scale, shift, relu, use_mask, wrap=as_is, reuse_workspace=True
-            )
-    return _masked_linear_op(x, weight, task_ids, task, bias, scale, shift, relu, use_mask)
+            return _launch(*args, wrap=as_is, reuse_workspace=True)
+    return _masked_linear_op(*args)

@@ -3,12 +3,49 @@
 The effective weight of task ``t`` is ``where((task_ids != 0) & (task_ids <= t), weight, 0)``: a select, not a
 multiply, so an Inf or NaN stored in a weight that task ``t`` does not own never reaches task ``t``'s output.
 Everything here runs in any floating dtype, float64 included, on any device.
+
+A tile map (:func:`tile_map`) summarises which tasks own weights in each cell of a fixed grid over a weight; kernels
+given one skip tiles a task does not use and read no ids where every owner is visible to the task. It changes which
+bytes are read, never a result: the ops here ignore it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ._checks import TILE_CELL
+
+
+def gemm_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor as the kernels' ``[out, K]`` operand: a Linear's ``[out, in]`` as it is, a Conv2d's
+    ``[out, in/groups, kh, kw]`` with K ordered (kh, kw, channel), channels fastest."""
+    if tensor.dim() == 2:
+        return tensor
+    if tensor.dim() == 4:
+        return tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
+    raise ValueError(f"expected a 2-D linear or 4-D conv weight, got shape {tuple(tensor.shape)}")
+
+
+def tile_map(task_ids: torch.Tensor, cell: tuple[int, int] = TILE_CELL) -> torch.Tensor:
+    """Per cell of ``gemm_matrix(task_ids)`` (``cell`` = rows x columns; the last row and column of cells may be
+    partial), the smallest and the largest nonzero task id, both 0 when every id in the cell is 0 (free).
+
+    Returns ``[2, ceil(out / cell[0]), ceil(K / cell[1])]`` uint8: plane 0 the smallest, plane 1 the largest.
+    """
+    if task_ids.dtype != torch.uint8:
+        raise TypeError(f"task_ids must be torch.uint8, got {task_ids.dtype}")
+    ids = gemm_matrix(task_ids).to(torch.int16)
+    rows, cols = ids.shape
+    cell_rows, cell_cols = cell
+    grid_rows, grid_cols = -(-rows // cell_rows), -(-cols // cell_cols)
+    padded = ids.new_zeros(grid_rows * cell_rows, grid_cols * cell_cols)  # padding is free
+    padded[:rows, :cols] = ids
+    cells = padded.reshape(grid_rows, cell_rows, grid_cols, cell_cols).transpose(1, 2)
+    largest = cells.amax(dim=(2, 3))
+    smallest = torch.where(cells == 0, 256, cells).amin(dim=(2, 3))
+    smallest = torch.where(smallest == 256, 0, smallest)
+    return torch.stack([smallest, largest]).to(torch.uint8)
 
 
 def task_mask(task_ids: torch.Tensor, task: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from collections import Counter
 # Per-block shared-memory limits (opt-in maximum) by compute capability major, in bytes.
 SHARED_MEMORY_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
 
-_LOAD = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld\.global[\w.]*|cp\.async\.c[ag]\.shared\.global[^;]*)", re.M)
+_LOAD = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld\.global[\w.:]*|cp\.async\.c[ag]\.shared\.global[^;]*)", re.M)
 _RESOURCES = re.compile(r"REG:(\w+) STACK:(\w+) SHARED:(\w+) LOCAL:(\w+)")
 
 
@@ -41,6 +41,12 @@ def signature(kernel, args: dict, constexprs: dict) -> tuple[dict, dict, dict]:
     return types, constants, attrs
 
 
+def _side_load(instruction: str) -> bool:
+    """Loads outside the main loop's operand stream: the split-K reduction's L2-only partials (``ld.global.cg``) and
+    the tile map's few bytes per step, marked ``evict_last`` so that they stay in cache."""
+    return instruction.startswith("ld.global.cg") or "evict_last" in instruction
+
+
 def _load_bytes(instruction: str) -> int:
     """Bytes one thread moves with a global load or ``cp.async`` instruction."""
     if instruction.startswith("cp.async"):
@@ -56,10 +62,11 @@ def compile_variant(spec: dict) -> dict:
     ``spec``: ``module`` and ``kernel`` (names in ``packnet_kernels``), ``args`` (pointer type strings and ints),
     ``constexprs``, ``num_warps``, ``num_stages``, ``arch`` (compute capability, e.g. 90).
 
-    Returns: ``load_bytes`` (Counter of bytes per global load instruction, L2-only ``ld.global.cg`` loads left out),
-    ``cg_loads`` (their count: the split-K reduction's), ``atomics`` (global atomic instructions),
-    ``barrier_before_atomic`` (a ``bar.sync`` between the last global store and the first atomic), ``wgmma``/``mma``
-    instruction counts, ``shared`` bytes, and ``registers``/``stack``/``local`` from the cubin.
+    Returns: ``load_bytes`` (Counter of bytes per global load instruction, the side loads of :func:`_side_load` left
+    out), ``cg_loads`` (the split-K reduction's L2-only loads), ``evict_last_loads`` (the tile map's), ``atomics``
+    (global atomic instructions), ``barrier_before_atomic`` (a ``bar.sync`` between the last global store and the
+    first atomic), ``wgmma``/``mma`` instruction counts, ``shared`` bytes, and ``registers``/``stack``/``local`` from
+    the cubin.
     """
     os.environ["TRITON_INTERPRET"] = "0"
     import importlib
@@ -79,8 +86,9 @@ def compile_variant(spec: dict) -> dict:
     loads = _LOAD.findall(ptx)
     first_atomic = ptx.find("atom.global")
     summary = {
-        "load_bytes": dict(Counter(_load_bytes(load) for load in loads if not load.startswith("ld.global.cg"))),
+        "load_bytes": dict(Counter(_load_bytes(load) for load in loads if not _side_load(load))),
         "cg_loads": sum(load.startswith("ld.global.cg") for load in loads),
+        "evict_last_loads": sum("evict_last" in load for load in loads),
         "atomics": ptx.count("atom.global"),
         "barrier_before_atomic": first_atomic >= 0
         and "bar.sync" in ptx[ptx.rfind("st.global", 0, first_atomic) : first_atomic],

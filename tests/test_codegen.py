@@ -10,6 +10,7 @@ depthwise 3x3, channels_last, with the packed layer's K-contiguous weights. Asse
 - no register spills (no local memory);
 - shared memory within the target's limit, or the launcher prunes that config for that dtype;
 - wgmma (Hopper's tensor-core instruction) on sm_90 for fp16 and bf16 GEMM variants;
+- the tile-map path keeps all of that, its few map bytes per K step loaded apart (``evict_last``);
 - split-K linear reduces in its one launch: one acquire-release atomic on the tile counter, after a barrier that
   follows the partial stores, and the partials read back through L2 (``ld.global.cg``); no atomic anywhere else.
 
@@ -72,12 +73,15 @@ def _linear_variants() -> list[dict]:
                         "y_ptr": POINTER[dtype],
                         "partials_ptr": "*fp32" if k_per_split < k else None,
                         "counters_ptr": "*i32" if k_per_split < k else None,
+                        "tile_map_ptr": None,
                         "M": m,
                         "N": n,
                         "K": k,
                         "active_task": 2,
                         "k_per_split": k_per_split,
                         "m_bucket": linear._m_bucket(m),
+                        "stride_map_plane": 0,
+                        "stride_map_row": 0,
                         "stride_xm": k,
                         "stride_xk": 1,
                         "stride_wn": k,
@@ -96,6 +100,10 @@ def _linear_variants() -> list[dict]:
                         "HAS_SHIFT": False,
                         "RELU": True,
                         "USE_MASK": True,
+                        "TILE_MAP": False,
+                        "RAW_TILES": False,
+                        "CELL_N": 32,
+                        "CELL_K": 32,
                         "SPLIT": k_per_split < k,
                         "UPCAST_BF16": False,
                         # fp32 linear layers follow torch.get_float32_matmul_precision(), "highest" by default
@@ -123,7 +131,16 @@ def _linear_variants() -> list[dict]:
                             gemm=True,
                         )
                     )
+    # The packed layers' tile-map path (raw tiles allowed): every sm_90 fp16 config of the main shapes.
+    for variant in list(variants):
+        if variant["arch"] == 90 and variant["dtype"] == "fp16" and variant["name"].startswith(tuple(MAIN_LINEAR)):
+            args = dict(variant["args"], tile_map_ptr="*u8", stride_map_plane=128 * 128, stride_map_row=128)
+            constexprs = dict(variant["constexprs"], TILE_MAP=True, RAW_TILES=True)
+            variants.append(dict(variant, name=variant["name"] + "-tilemap", args=args, constexprs=constexprs))
     return variants
+
+
+MAIN_LINEAR = ("linear-m1-", "linear-m4096-")
 
 
 CONV_SHAPES = {
@@ -273,7 +290,8 @@ def _pruned(variant: dict) -> bool:
     """Whether the launcher drops this config for this dtype on this target before trying it."""
     dtype, major = DTYPES[variant["dtype"]], variant["arch"] // 10
     if variant["module"] == "linear":
-        return not linear.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major])
+        tile_map = variant["constexprs"]["TILE_MAP"]
+        return not linear.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], tile_map)
     taps_outer = variant["constexprs"].get("TAPS_OUTER", True)
     return not conv2d.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], taps_outer)
 
@@ -290,6 +308,8 @@ def test_compiled_code(variant, compiled):
         "not prune this config"
     )
     assert summary["local"] == 0 and summary["stack"] == 0, f"register spills: {summary}"
+    tile_map = variant["constexprs"].get("TILE_MAP", False)
+    assert bool(summary["evict_last_loads"]) == tile_map, f"{summary['evict_last_loads']} tile-map loads"
     split = variant["constexprs"].get("SPLIT", False)
     assert summary["atomics"] == int(split), f"{summary['atomics']} atomics (split-K: {split})"
     assert bool(summary["cg_loads"]) == split, f"{summary['cg_loads']} L2-only loads (split-K: {split})"
@@ -328,7 +348,9 @@ def test_every_path_has_a_config_that_fits(arch, dtype):
     every dtype, target and loop."""
     limit, major = SHARED_MEMORY_LIMIT[arch // 10], arch // 10
     for regime in ("small", "large"):
-        assert linear.config_fits(linear.default_config(regime, major, DTYPES[dtype], limit), DTYPES[dtype], limit)
+        for tile_map in (False, True):
+            default = linear.default_config(regime, major, DTYPES[dtype], limit, tile_map)
+            assert linear.config_fits(default, DTYPES[dtype], limit, tile_map)
     for kernel, taps_outer in (("gemm", True), ("gemm", False), ("direct", True)):
         default = conv2d.default_config(kernel, DTYPES[dtype], limit, taps_outer)
         assert conv2d.config_fits(default, DTYPES[dtype], limit, taps_outer)

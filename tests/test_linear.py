@@ -407,7 +407,7 @@ def test_eager_direct_launch_equals_the_registered_op(m):
     """Eager CUDA calls launch directly (no op dispatch); the registered op, which torch.compile sees, must agree."""
     x, weight, task_ids, bias = _make(m, 96, 4096, torch.float16, "cuda", seed=3)
     direct = linear.masked_linear_triton(x, weight, task_ids, 2, bias, relu=True)
-    via_op = torch.ops.packnet.masked_linear(x, weight, task_ids, 2, bias, None, None, True, True)
+    via_op = torch.ops.packnet.masked_linear(x, weight, task_ids, 2, bias, None, None, True, True, None, False)
     _check(direct, x, weight, task_ids, 2, bias, relu=True)
     assert torch.equal(direct, via_op)
 

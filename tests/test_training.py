@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 import packnet
-from packnet.pruning import magnitude_task_ids, prune_ratio_for, release_smallest
+from packnet.pruning import magnitude_task_ids, prune_ratio_for, release_smallest, release_smallest_blocks
+from packnet_kernels import tile_map
 
 OPTIMIZERS = {
     "sgd_momentum_wd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-2),
@@ -23,13 +24,16 @@ def _task_data(seed, image=True, batches=3):
     ]
 
 
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize(
+    ("optimizer", "granularity"),
+    [(name, "element") for name in sorted(OPTIMIZERS)] + [("sgd_momentum_wd", (4, 4)), ("adamw", (2, 8))],
+)
 @pytest.mark.parametrize("builder", ["small_cnn", "mlp"])
-def test_earlier_tasks_stay_bit_identical(optimizer, builder):
+def test_earlier_tasks_stay_bit_identical(optimizer, granularity, builder):
     torch.manual_seed(0)
     image = builder == "small_cnn"
     model = packnet.small_cnn(width=4) if image else packnet.mlp(in_features=12, hidden=16)
-    trainer = packnet.PackNet(model, prune_ratio=0.5, head="head")
+    trainer = packnet.PackNet(model, prune_ratio=0.5, prune_granularity=granularity, head="head")
     probe = torch.randn(10, 1, 8, 8) if image else torch.randn(10, 12)
     recorded, weights_after = {}, {}
     for task in range(1, 5):
@@ -49,6 +53,50 @@ def test_earlier_tasks_stay_bit_identical(optimizer, builder):
             assert torch.equal(weight[ids == 0], torch.zeros(int((ids == 0).sum())))
     # Later tasks changed the network, so the equality above is not vacuous.
     assert not torch.equal(recorded[4], recorded[1])
+    if granularity != "element":
+        # Every block of the kernels' layout has one owner or none: its smallest and largest owner agree, and no
+        # block mixes free and owned weights.
+        for ids in trainer.task_ids.values():
+            cells = tile_map(ids, granularity)
+            any_free = tile_map((ids == 0).to(torch.uint8), granularity)[1] == 1
+            assert torch.equal(cells[0], cells[1]) and not (any_free & (cells[1] > 0)).any()
+
+
+def test_release_smallest_blocks_picks_whole_blocks_by_norm():
+    """Linear: 4 x 6 ids in 2 x 3 blocks; the task owns 3 of the 4 blocks; with ratio 2/3 the two of smallest L2
+    norm go (ties by position), the fourth block (another task's) is never touched. Conv: blocks over the
+    (kh, kw, channel) columns map back to the right elements."""
+    weight = torch.tensor(
+        [
+            [1.0, 1.0, 1.0, 9.0, 9.0, 9.0],
+            [1.0, 1.0, 1.0, 9.0, 9.0, 9.0],
+            [2.0, 2.0, -2.0, 0.1, 0.1, 0.1],
+            [2.0, 2.0, 2.0, 0.1, 0.1, 0.1],
+        ]
+    )
+    task_ids = torch.full((4, 6), 1, dtype=torch.uint8)
+    task_ids[2:, 3:] = 2
+    release = release_smallest_blocks(weight, task_ids, 1, 2 / 3, (2, 3))
+    expected = torch.zeros(4, 6, dtype=torch.bool)
+    expected[:, :3] = True  # norms: block (0, 0) sqrt(6), (1, 0) sqrt(24) < (0, 1) sqrt(486)
+    assert torch.equal(release, expected)
+    assert not release_smallest_blocks(weight, task_ids, 2, 0.4, (2, 3)).any()  # round(0.4 * 1) = 0 blocks
+    conv_ids = torch.ones(2, 3, 2, 2, dtype=torch.uint8)  # columns (kh, kw, channel): 12 per output channel
+    conv_weight = torch.ones(2, 3, 2, 2)
+    conv_weight[0, :, 0, 0] = 0.5  # tap (0, 0), every channel: columns 0..2 of row 0
+    conv_release = release_smallest_blocks(conv_weight, conv_ids, 1, 0.25, (1, 3))  # 8 blocks, release 2
+    assert conv_release.shape == (2, 3, 2, 2) and int(conv_release.sum()) == 6
+    assert conv_release[0, :, 0, 0].all() and conv_release[0, :, 0, 1].all()  # first two blocks (ties by position)
+
+
+def test_block_pruning_releases_the_requested_fraction_of_blocks():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 96, generator=generator)
+    task_ids = torch.ones(64, 96, dtype=torch.uint8)
+    release = release_smallest_blocks(weight, task_ids, 1, 0.5, (32, 32))
+    assert int(release.sum()) == 3 * 32 * 32  # 6 blocks, half released
+    cells = tile_map(torch.where(release, 0, task_ids).to(torch.uint8))
+    assert sorted(cells[1].flatten().tolist()) == [0, 0, 0, 1, 1, 1]
 
 
 def test_predict_leaves_the_training_state_untouched():
@@ -106,6 +154,9 @@ def test_heads_are_per_task_and_reinitialised():
         (dict(head="classifier"), ValueError, r"head 'classifier' is not a submodule"),
         (dict(prunable=lambda name, module: isinstance(module, nn.ReLU)), TypeError, r"only Linear/Conv2d"),
         (dict(prunable=lambda name, module: False), ValueError, r"no prunable"),
+        (dict(prune_granularity="block"), ValueError, r"'element' or a \(rows, cols\) pair"),
+        (dict(prune_granularity=(32, 0)), ValueError, r"pair of positive ints"),
+        (dict(prune_granularity=(32, 32, 1)), ValueError, r"pair of positive ints"),
     ],
 )
 def test_constructor_errors(kwargs, error, message):
