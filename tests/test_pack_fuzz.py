@@ -3,7 +3,8 @@
 Every damaged file must either load correctly or raise ``packnet.PackFormatError`` with a message; any other
 exception, a hang or a crash is a bug. The golden pack (tests/data/golden_v1.pack, written once by
 tests/data/make_golden.py and never regenerated here) pins format version 1: its bytes, its metadata and its
-outputs (exact in float32 by construction, so ``torch.equal`` holds on any CPU).
+outputs (exact in float32 by construction, so ``torch.equal`` holds on any CPU). The writer now writes format 2,
+and every version-1 rule below still holds for version-1 files.
 
 Fuzzing uses hypothesis with ``derandomize=True`` so CI sees the same few hundred cases every run; set
 ``PACKNET_FUZZ_SCALE=20`` to run twenty times as many random cases locally.
@@ -234,20 +235,29 @@ def test_golden_pack_exports_the_same_outputs(expected):
             assert torch.equal(plain(expected["input"]), expected[f"output/task{task}"]), task
 
 
-def test_writer_still_writes_format_v1(tmp_path):
+def test_writer_rewrites_a_v1_pack_as_v2_with_the_same_tensors(tmp_path, expected):
+    """Format 2 adds shared_keys, fingerprint and input_shape to the metadata and nothing else: a v1 pack read and
+    written again holds the same tensors under the same names, and loads with the golden outputs."""
     again = tmp_path / "again.pack"
     packnet.save_pack(packnet.read_pack(GOLDEN), again)
     header, _ = split(again.read_bytes())
     golden_header, _ = split(GOLDEN.read_bytes())
     meta = meta_of(header)
     assert {k: v for k, v in meta.items() if k != "producer"} == {
-        k: v for k, v in GOLDEN_META.items() if k != "producer"
+        **{k: v for k, v in GOLDEN_META.items() if k != "producer"},
+        "version": 2,
+        "shared_keys": [],
+        "fingerprint": None,
+        "input_shape": None,
     }
     layout = {name: (entry["dtype"], entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
     golden_layout = {name: (e["dtype"], e["shape"]) for name, e in golden_header.items() if name != "__metadata__"}
     assert layout == golden_layout
     saved, golden = load_file(again), golden_tensors()
     assert all(torch.equal(saved[name], golden[name]) for name in golden)
+    model = packnet.load_pack(again, backend="reference")
+    for task, output in outputs(model, expected["input"]).items():
+        assert torch.equal(output, expected[f"output/task{task}"]), task
 
 
 @pytest.mark.interpreter
@@ -393,7 +403,8 @@ RULES = {
     "free_weight_nan": (_nonzero_free(float("nan")), r"layer 'features\.3' has non-zero values in free weights"),
     "free_weight_inf": (_nonzero_free(float("-inf")), r"non-zero values in free weights"),
     # metadata
-    "version_2": (_meta("version", 2), r"unsupported format version 2; this packnet reads 1"),
+    "version_3": (_meta("version", 3), r"unsupported format version 3; this packnet reads 1, 2"),
+    "version_2_without_its_fields": (_meta("version", 2), r"shared_keys must be a list of strings"),
     "version_string": (_meta("version", "1"), r"unsupported format version '1'"),
     "version_missing": (_meta("version", _DELETE), r"unsupported format version None"),
     "format_name": (_meta("format", "other-pack"), r"format is 'other-pack', expected 'packnet-pack'"),
@@ -410,7 +421,10 @@ RULES = {
     "layer_entry": (_layer_entry(0, ["features.0"]), r"malformed layer entry \['features\.0'\]"),
     "task_keys": (_meta("task_keys", "head.bias"), r"task_keys must be a list of strings"),
     "arch_shape": (_meta("arch", "small_cnn"), r"arch must be null or \{'builder': str, 'kwargs': \{\.\.\.\}\}"),
-    "arch_unknown_builder": (_meta("arch", {"builder": "resnet", "kwargs": {}}), r"unknown model builder 'resnet'"),
+    "arch_unknown_builder": (
+        _meta("arch", {"builder": "resnet", "kwargs": {}}),
+        r"model builder 'resnet', which is not registered in this process",
+    ),
     "arch_bad_kwargs": (_arch(depth=3), r"cannot rebuild the architecture .*unexpected keyword argument 'depth'"),
     "arch_other_width": (_arch(width=3), r"'features\.0' has weight shape \(2, 1, 3, 3\) but the model's is \(3, 1"),
     "arch_null": (_meta("arch", None), r"records no architecture spec; pass the model skeleton"),
