@@ -260,6 +260,40 @@ def test_writer_rewrites_a_v1_pack_as_v2_with_the_same_tensors(tmp_path, expecte
         assert torch.equal(output, expected[f"output/task{task}"]), task
 
 
+# ---------------------------------------------------------------------------------------------------- format 2
+GOLDEN_V2 = DATA / "golden_v2.pack"
+GOLDEN_V2_SHA256 = "803eff099cd61ae3069e2baf76113e6a8372511cd1c0a2437c5cf44785fcb0c6"
+
+
+def test_golden_v2_bytes_and_metadata_are_unchanged():
+    data = GOLDEN_V2.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == GOLDEN_V2_SHA256, "tests/data/golden_v2.pack was modified"
+    meta = meta_of(split(data)[0])
+    assert meta["version"] == 2 and meta["input_shape"] == [1, 8, 8]
+    assert meta["shared_keys"] == [
+        f"features.4.{field}" for field in ("bias", "num_batches_tracked", "running_mean", "running_var", "weight")
+    ]
+    assert not any(key.startswith("features.4.") for key in meta["task_keys"])
+    assert meta["fingerprint"] == packnet.module_fingerprint(packnet.small_cnn(**GOLDEN_META["arch"]["kwargs"]))
+    assert checksum(load_file(GOLDEN_V2)) == meta["sha256"]
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_golden_v2_pack_loads_with_the_same_outputs(fuse):
+    expected = load_file(DATA / "golden_v2_expected.safetensors")
+    model = packnet.load_pack(GOLDEN_V2, fuse=fuse, backend="reference")
+    assert model.packnet_folding["folded"] == (4 if fuse else 0)
+    got = outputs(model, expected["input"])
+    for task in range(1, NUM_TASKS + 1):
+        assert torch.equal(got[task], expected[f"output/task{task}"]), task
+
+
+def test_writer_writes_the_golden_v2_pack_byte_for_byte(tmp_path):
+    again = tmp_path / "again.pack"
+    packnet.save_pack(packnet.read_pack(GOLDEN_V2), again)
+    assert again.read_bytes() == GOLDEN_V2.read_bytes()
+
+
 @pytest.mark.interpreter
 @pytest.mark.skipif(
     importlib.util.find_spec("packnet_kernels.linear") is None
