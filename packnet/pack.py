@@ -752,8 +752,9 @@ def save_pack(model: nn.Module | Pack, path: str | os.PathLike, *, probe: torch.
     with :func:`read_pack`, rebuilds it on the model's plain architecture (recorded by ``swap_packed_``,
     ``compile_pack`` and ``load_pack``) and compares the outputs of every task with the model's on ``probe`` (a
     batch of inputs; by default two random inputs of the model's recorded input shape, and when the model records
-    none, the probe's per-sample shape is recorded in the file), bit for bit. A
-    :class:`Pack` of a registered builder must rebuild. The file gets the mode the umask gives an ordinary file.
+    none, the probe's per-sample shape is recorded in the file), bit for bit. The check costs a CPU copy of the
+    model, one rebuild and two forward passes per task. A :class:`Pack` of a registered builder must rebuild. The
+    file gets the mode the umask gives an ordinary file.
 
     Raises:
         PackSaveError: the written file does not read back into the model; no file is left.
@@ -991,13 +992,16 @@ def load_pack(
 
     Args:
         path: a file written by :func:`save_pack`.
-        model: the plain architecture to build on; needed only when the pack was trained on a user's own model
-            (packs of the project's builders record their architecture).
+        model: the plain architecture to build on; needed only when the pack records no architecture spec (a
+            user's own model not built by a builder registered with :func:`packnet.register_builder`). When the
+            pack records a module-tree fingerprint (format 2), ``model`` must match it, module by module, before
+            anything is copied.
         fuse: fold BatchNorm (+ReLU) into the packed layers' epilogues.
         backend: kernel backend of the packed layers.
 
     Raises:
-        PackFormatError: the file is not a valid pack, or does not fit ``model``.
+        PackFormatError: the file is not a valid pack, does not fit ``model``, or names a builder that is not
+            registered in this process (a pack's builder name is only ever looked up, never imported).
     """
     pack = read_pack(path)
     if model is not None and getattr(model, ARCH_ATTR, None) not in (None, pack.arch) and pack.arch is not None:

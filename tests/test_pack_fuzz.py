@@ -480,6 +480,85 @@ def test_each_rule_is_reached_and_named(tmp_path, rule):
         packnet.load_pack(path, backend="reference")
 
 
+def _share(key):
+    """Move task 1's ``key`` to the shared state and drop it from every task."""
+
+    def mutate(tensors, meta):
+        tensors[f"shared/{key}"] = tensors[f"tasks/1/{key}"]
+        for task in range(1, NUM_TASKS + 1):
+            del tensors[f"tasks/{task}/{key}"]
+        meta["task_keys"].remove(key)
+        meta["shared_keys"] = sorted([*meta["shared_keys"], key])
+
+    return mutate
+
+
+def _also_per_task(key):
+    """Store shared ``key`` per task as well."""
+
+    def mutate(tensors, meta):
+        for task in range(1, NUM_TASKS + 1):
+            tensors[f"tasks/{task}/{key}"] = tensors[f"shared/{key}"].clone()
+        meta["task_keys"] = sorted([*meta["task_keys"], key])
+
+    return mutate
+
+
+def _fingerprint_entry(index, entry):
+    def mutate(tensors, meta):
+        meta["fingerprint"][index] = entry
+
+    return mutate
+
+
+def golden_meta_v2() -> dict:
+    return meta_of(split((DATA / "golden_v2.pack").read_bytes())[0])
+
+
+# Rules that only format 2 has, applied to the v2 golden pack.
+RULES_V2 = {
+    "shared_keys_type": (_meta("shared_keys", "features.4.bias"), r"shared_keys must be a list of strings"),
+    "shared_tensor_missing": (_drop("shared/features.4.bias"), r"missing tensors: \['shared/features\.4\.bias'\]"),
+    "shared_and_per_task": (
+        _also_per_task("features.4.bias"),
+        r"keys both shared and per task: \['features\.4\.bias'\]",
+    ),
+    "shared_layer_bias": (_share("features.10.bias"), r"pack layer 'features\.10' has a shared bias"),
+    "shared_per_task_mix": (_share("features.1.bias"), r"module 'features\.1' holds per-task state and shared state"),
+    "fingerprint_type": (_meta("fingerprint", {"features.0": "Conv2d"}), r"fingerprint must be null or a list of"),
+    "fingerprint_entry": (_fingerprint_entry(1, ["features", "Sequential"]), r"fingerprint must be null or a list"),
+    "fingerprint_negative_dim": (
+        _fingerprint_entry(2, ["features.0", "Conv2d", [["weight", [-2, 1, 3, 3]]]]),
+        r"fingerprint must be null or a list",
+    ),
+    "fingerprint_other_class": (
+        _fingerprint_entry(2, ["features.0", "Conv3d", [["weight", [2, 1, 3, 3]]]]),
+        r"not the pack's architecture: module 'features\.0' is a Conv3d in the pack but a Conv2d in the model",
+    ),
+    "fingerprint_extra_module": (
+        lambda tensors, meta: meta["fingerprint"].append(["features.99", "Dropout", []]),
+        r"the pack's module 'features\.99' \(Dropout\) is missing from the model",
+    ),
+    "fingerprint_missing_module": (
+        lambda tensors, meta: meta["fingerprint"].pop(),
+        r"the model's module 'head' \(Linear\) is not in the pack",
+    ),
+    "input_shape_type": (_meta("input_shape", "1x8x8"), r"input_shape must be null or a list of positive ints"),
+    "input_shape_zero": (_meta("input_shape", [1, 0, 8]), r"input_shape must be null or a list of positive ints"),
+    "input_shape_huge": (_meta("input_shape", [4096, 4096, 4096]), r"at most 67108864 values"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES_V2))
+def test_each_format_2_rule_is_reached_and_named(tmp_path, rule):
+    mutate, message = RULES_V2[rule]
+    tensors, meta = load_file(DATA / "golden_v2.pack"), golden_meta_v2()
+    mutate(tensors, meta)
+    path = write_pack(tmp_path / "damaged.pack", tensors, meta)
+    with pytest.raises(packnet.PackFormatError, match=message):
+        packnet.load_pack(path, backend="reference")
+
+
 def test_layer_renamed_to_a_module_that_is_not_prunable(tmp_path):
     tensors, meta = golden_tensors(), golden_meta()
     tensors["layers/features.1/weight"] = torch.zeros(2, 2)
@@ -699,6 +778,25 @@ def test_rewritten_metadata_loads_correctly_or_fails_cleanly(scratch, expected, 
     scratch.write_bytes(join(with_meta(header, meta), body))
     # Only the checksum covers the tensors; any metadata edit that passes validation describes the same network.
     load_outcome(scratch, expected, f"meta {'delete' if delete else 'set'} {path} = {value!r}")
+
+
+@pytest.fixture(scope="module")
+def expected_v2():
+    return load_file(DATA / "golden_v2_expected.safetensors")
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_rewritten_v2_metadata_loads_correctly_or_fails_cleanly(scratch, expected_v2, data):
+    """The same on the v2 golden pack, whose metadata adds shared keys, the fingerprint and the input shape."""
+    header, body = split(GOLDEN_V2.read_bytes())
+    meta = meta_of(header)
+    path = data.draw(st.sampled_from(list(_paths(meta))), label="path")
+    delete = bool(path) and data.draw(st.booleans(), label="delete")
+    value = None if delete else data.draw(JSON_VALUES, label="value")
+    meta = _replace(meta, path, value, delete)
+    scratch.write_bytes(join(with_meta(header, meta), body))
+    load_outcome(scratch, expected_v2, f"v2 meta {'delete' if delete else 'set'} {path} = {value!r}")
 
 
 @fuzz(100)
