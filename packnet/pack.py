@@ -633,8 +633,12 @@ def _tensor_names(pack: Pack) -> dict[str, torch.Tensor]:
 
 def default_file_mode() -> int:
     """The permission bits the process's umask gives a newly created ordinary file (``0o666 & ~umask``)."""
-    umask = os.umask(0o022)  # the only portable way to read the umask is to set it; put it straight back
-    os.umask(umask)
+    try:  # Linux reports the umask without changing it (other threads may be creating files right now)
+        with open("/proc/self/status", encoding="ascii") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it straight back
+        os.umask(umask)
     return 0o666 & ~umask
 
 
@@ -725,7 +729,14 @@ def _written_file_check(model: nn.Module | Pack, pack: Pack, probe: torch.Tensor
     probe_input = _probe_input(probe, pack)
     folding = getattr(model, FOLDING_ATTR, None)
     fuse = bool(folding and folding["method"])
-    expected = _task_outputs(_reference_copy(model), probe_input, pack.num_tasks)
+    try:
+        expected = _task_outputs(_reference_copy(model), probe_input, pack.num_tasks)
+    except Exception as error:  # noqa: BLE001 - the model's own forward code on an input it may not accept
+        raise ValueError(
+            f"save_pack checks the file by running the model on a probe input of shape {tuple(probe_input.shape)}"
+            f" and dtype {probe_input.dtype}, which failed ({type(error).__name__}: {error}); pass"
+            " probe=<a small batch of inputs the model accepts>"
+        ) from error
 
     def check(read_back: Pack) -> None:
         rebuilt = build_packed_model(read_back, skeleton, fuse=fuse, backend="reference")

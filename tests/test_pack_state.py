@@ -137,6 +137,15 @@ def test_save_without_a_probe_or_input_shape_says_what_to_pass(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_probe_the_model_does_not_accept_is_named(tmp_path):
+    model = _swapped(MODULE_TYPES["LayerNorm"][0])
+    with pytest.raises(
+        ValueError, match=r"running the model on a probe input of shape \(2, 5\) and dtype torch.float32"
+    ):
+        packnet.save_pack(model, tmp_path / "model.pack", probe=torch.randn(2, 5))
+    assert os.listdir(tmp_path) == []
+
+
 def test_hand_built_packed_model_cannot_be_checked(tmp_path):
     model = nn.Sequential(packnet.PackedLinear(4, 2, NUM_TASKS))
     with pytest.raises(ValueError, match="records no plain architecture"):
