@@ -455,7 +455,8 @@ def fold_norms(model: nn.Module) -> dict[str, Any]:
     """Fold every ``packed layer -> BatchNorm (-> ReLU)`` chain of ``model`` into the layer's epilogue, in place.
 
     A chain folds when, in the ``torch.fx`` graph of ``model.forward``, the packed layer and the BatchNorm are each
-    called once, the layer's output is read by the BatchNorm alone and nothing else is passed to it; the ReLU is
+    called once, the layer's output is read by the BatchNorm alone, nothing else is passed to it and ``forward``
+    reads none of the BatchNorm's parameters or buffers directly; the ReLU is
     fused too when it is an ``nn.ReLU`` module called once, on the BatchNorm's output alone, which nothing else
     reads. Folded modules become ``nn.Identity``. A model that cannot be traced falls back to chains of adjacent
     children of ``nn.Sequential`` containers, and the reason is logged.
@@ -476,6 +477,8 @@ def fold_norms(model: nn.Module) -> dict[str, Any]:
         )
         return {"norms": norms, "folded": _fold_in_sequentials(model), "method": "sequential", "reason": reason}
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    # Modules whose parameters or buffers forward reads directly: replacing them by nn.Identity would break that.
+    read_directly = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
     folded = 0
     for node in list(graph.nodes):
         if node.op != "call_module" or calls[node.target] != 1:
@@ -486,7 +489,7 @@ def fold_norms(model: nn.Module) -> dict[str, Any]:
         (norm_node,) = node.users
         if norm_node.op != "call_module" or norm_node.args != (node,) or norm_node.kwargs:
             continue
-        if calls[norm_node.target] != 1:
+        if calls[norm_node.target] != 1 or norm_node.target in read_directly:
             continue
         found = _foldable_norms(layer, model.get_submodule(norm_node.target))
         if found is None:
@@ -496,6 +499,7 @@ def fold_norms(model: nn.Module) -> dict[str, Any]:
             relu_node is not None
             and relu_node.op == "call_module"
             and calls[relu_node.target] == 1
+            and relu_node.target not in read_directly
             and relu_node.args == (norm_node,)
             and not relu_node.kwargs
             and type(model.get_submodule(relu_node.target)) is nn.ReLU

@@ -83,6 +83,18 @@ class ConvUsedTwice(nn.Module):
         return self.bn2(self.conv2(z))
 
 
+class NormReadDirectly(nn.Module):
+    """forward reads the BatchNorm's weight itself: the BatchNorm must stay a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.bn.weight.view(1, -1, 1, 1)
+
+
 class Untraceable(nn.Module):
     """Data-dependent control flow: torch.fx cannot trace it."""
 
@@ -160,6 +172,13 @@ def test_conv_output_used_elsewhere_is_not_folded(tmp_path):
     assert fused.packnet_folding == {"norms": 2, "folded": 1, "method": "fx"}
     assert fused.conv.scale is None and type(fused.bn) is nn.BatchNorm2d
     assert fused.conv2.scale is not None and isinstance(fused.bn2, nn.Identity)
+    _assert_same_outputs(unfused, fused, probe)
+
+
+def test_batchnorm_whose_parameters_forward_reads_is_not_folded(tmp_path):
+    unfused, fused, probe = _loaded(NormReadDirectly, tmp_path)
+    assert fused.packnet_folding == {"norms": 1, "folded": 0, "method": "fx"}
+    assert type(fused.bn) is nn.BatchNorm2d
     _assert_same_outputs(unfused, fused, probe)
 
 
