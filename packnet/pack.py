@@ -478,7 +478,11 @@ def fold_norms(model: nn.Module) -> dict[str, Any]:
         return {"norms": norms, "folded": _fold_in_sequentials(model), "method": "sequential", "reason": reason}
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     # Modules whose parameters or buffers forward reads directly: replacing them by nn.Identity would break that.
-    read_directly = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
+    attributes_read = [node.target for node in graph.nodes if node.op == "get_attr"]
+
+    def read_directly(name: str) -> bool:
+        return any(target.startswith(name + ".") for target in attributes_read)
+
     folded = 0
     for node in list(graph.nodes):
         if node.op != "call_module" or calls[node.target] != 1:
@@ -489,7 +493,7 @@ def fold_norms(model: nn.Module) -> dict[str, Any]:
         (norm_node,) = node.users
         if norm_node.op != "call_module" or norm_node.args != (node,) or norm_node.kwargs:
             continue
-        if calls[norm_node.target] != 1 or norm_node.target in read_directly:
+        if calls[norm_node.target] != 1 or read_directly(norm_node.target):
             continue
         found = _foldable_norms(layer, model.get_submodule(norm_node.target))
         if found is None:
@@ -499,7 +503,7 @@ def fold_norms(model: nn.Module) -> dict[str, Any]:
             relu_node is not None
             and relu_node.op == "call_module"
             and calls[relu_node.target] == 1
-            and relu_node.target not in read_directly
+            and not read_directly(relu_node.target)
             and relu_node.args == (norm_node,)
             and not relu_node.kwargs
             and type(model.get_submodule(relu_node.target)) is nn.ReLU
