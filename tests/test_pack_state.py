@@ -196,3 +196,17 @@ def test_save_into_a_missing_directory_names_it(tmp_path):
     model = _swapped(MODULE_TYPES["LayerNorm"][0])
     with pytest.raises(FileNotFoundError, match=r"directory .*nowhere does not exist"):
         packnet.save_pack(model, tmp_path / "nowhere" / "model.pack", probe=torch.randn(2, 12))
+
+
+def test_the_reported_case_swapped_small_cnn_saves_and_loads_without_a_skeleton(tmp_path):
+    """swap_packed_ then save_pack on a model with BatchNorm used to write a pack missing every BatchNorm."""
+    model = _randomize_(packnet.small_cnn(width=4), seed=2)
+    names = ["features.0", "features.3", "features.6", "features.10"]
+    ids = {name: magnitude_task_ids(model.get_submodule(name).weight, NUM_TASKS, 0.5) for name in names}
+    packnet.swap_packed_(model, ids, NUM_TASKS, backend="reference")
+    meta = packnet.save_pack(model, tmp_path / "model.pack")  # the builder recorded the input shape
+    assert meta["input_shape"] == [1, 8, 8] and len(meta["shared_keys"]) == 4 * 5 + 2  # 4 BatchNorms and the head
+    loaded = packnet.load_pack(tmp_path / "model.pack", fuse=False, backend="reference")
+    probe = torch.randn(6, 1, 8, 8)
+    for want, got in zip(_outputs(model, probe), _outputs(loaded, probe), strict=True):
+        assert torch.equal(want, got)
