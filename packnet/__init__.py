@@ -4,14 +4,16 @@ Train with :class:`PackNet`, compile with :func:`compile_pack`, save and load wi
 :func:`load_pack`, and pick the task with :func:`set_task`. The masked kernels live in ``packnet_kernels``.
 """
 
-from .models import build_model, mlp, small_cnn
+from .models import build_model, mlp, module_fingerprint, register_builder, small_cnn
 from .modules import PackedConv2d, PackedLinear, TaskSwitch, set_task, swap_packed_, task_modules
 from .pack import (
     Pack,
     PackFormatError,
+    PackSaveError,
     build_packed_model,
     compile_pack,
     export_task_state_dict,
+    fold_norms,
     load_pack,
     pack_from_model,
     pack_from_trainer,
@@ -27,6 +29,7 @@ __all__ = [
     "LayerOwnership",
     "Pack",
     "PackFormatError",
+    "PackSaveError",
     "PackNet",
     "PackedConv2d",
     "PackedLinear",
@@ -35,12 +38,15 @@ __all__ = [
     "build_packed_model",
     "compile_pack",
     "export_task_state_dict",
+    "fold_norms",
     "load_pack",
     "magnitude_task_ids",
     "mlp",
+    "module_fingerprint",
     "pack_from_model",
     "pack_from_trainer",
     "read_pack",
+    "register_builder",
     "save_pack",
     "set_task",
     "small_cnn",

@@ -10,16 +10,64 @@ import sys
 
 log = logging.getLogger("packnet")
 
+# Extensions that promise another format than the safetensors `export` writes: a reader would call torch.load
+# (pickle) on them, or take the file for a pack.
+_MISLEADING_EXPORT_EXTENSIONS = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar", ".pack"}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _prune_ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _check_writable_directory(directory: str, what: str) -> None:
+    """Raise OSError (one line) unless ``directory`` exists as a directory we can write, or can be created."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory):
+        if not os.path.isdir(directory):
+            raise OSError(f"{what} {directory} exists and is not a directory")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise OSError(f"{what} {directory} is not writable")
+        return
+    parent = os.path.dirname(directory)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(f"cannot create {what} {directory}: {parent} is not a writable directory")
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import format_report, run_demo
 
+    # Check every output before training, so a bad path fails in a second, not after the run.
+    _check_writable_directory(args.out, "output directory")
+    if args.json:
+        if os.path.isdir(args.json):
+            raise OSError(f"--json {args.json} is a directory; give a file name")
+        _check_writable_directory(os.path.dirname(os.path.abspath(args.json)), "directory of --json")
     result = run_demo(
         args.out,
         epochs=args.epochs,
         finetune_epochs=args.finetune_epochs,
         prune_ratio=args.prune_ratio,
         seed=args.seed,
+        show_progress=not args.no_progress,
     )
     print(format_report(result))
     if args.json:
@@ -30,6 +78,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folding_line(pack) -> str:
+    """How many BatchNorms fold when the pack loads: built here when its architecture is registered."""
+    from .models import BUILDERS
+    from .pack import FOLDING_ATTR, build_packed_model
+
+    if pack.arch is None or pack.arch["builder"] not in BUILDERS:
+        why = "no architecture recorded" if pack.arch is None else f"builder {pack.arch['builder']!r} not registered"
+        return f"folded norms: unknown here ({why}; load_pack(path, model=...).packnet_folding says)"
+    folding = getattr(build_packed_model(pack, fuse=True, backend="reference"), FOLDING_ATTR)
+    how = "torch.fx graph" if folding["method"] == "fx" else f"nn.Sequential rule; {folding.get('reason')}"
+    return f"folded norms: {folding['folded']} of {folding['norms']} BatchNorms fold on load ({how})"
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .pack import read_pack
 
@@ -38,6 +99,10 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"{args.pack}: {meta['format']} v{meta['version']} by {meta['producer']}")
     print(f"tasks: {pack.num_tasks}   dtype: {meta['dtype']}   architecture: {json.dumps(pack.arch)}")
     print(f"tensor bytes: {pack.nbytes()}   sha256: {meta['sha256']}")
+    print(
+        f"shared state: {len(pack.shared_state)} tensors   per-task state: {len(pack.task_states[0])} tensors per task"
+    )
+    print(_folding_line(pack))
     header = "".join(f"{'task ' + str(t):>10}" for t in range(1, pack.num_tasks + 1))
     print(f"{'layer':<24}{'shape':<20}{'free':>10}{header}")
     for name, counts in pack.ownership().items():
@@ -51,36 +116,62 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from .pack import read_pack
+    from .pack import read_pack, write_file_atomically
 
+    out, extension = args.out, os.path.splitext(args.out)[1].lower()
+    if os.path.exists(out) and os.path.exists(args.pack) and os.path.samefile(out, args.pack):
+        raise OSError(f"--out {out} is the input pack itself; refusing to overwrite it")
+    if extension in _MISLEADING_EXPORT_EXTENSIONS:
+        raise OSError(
+            f"--out {out}: export writes a safetensors state_dict, which a {extension} name misrepresents"
+            " (torch.load or packnet would fail on it); name it .safetensors"
+        )
+    if extension != ".safetensors":
+        log.warning("export: %s does not end in .safetensors, but the file is safetensors", out)
+    if os.path.isdir(out):
+        raise OSError(f"--out {out} is a directory; give a file name")
+    if os.path.exists(out) and not args.force:
+        raise OSError(f"--out {out} exists; pass --force to overwrite it")
     state = read_pack(args.pack).task_state_dict(args.task)
-    save_file({key: value.contiguous() for key, value in state.items()}, args.out)
-    print(f"task {args.task} written to {args.out} as a plain state_dict ({len(state)} tensors)")
+    tensors = {key: value.contiguous() for key, value in state.items()}
+    write_file_atomically(out, lambda tmp_path: save_file(tensors, tmp_path))
+    print(f"task {args.task} written to {out} as a plain state_dict ({len(state)} tensors)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="packnet", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"packnet {__version__}", help="print the version")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
 
     demo = commands.add_parser("demo", help="Split-Digits: train, compile, check and time a 5-task pack")
     demo.add_argument("--out", default="demo-out", help="directory for the pack (default: demo-out)")
     demo.add_argument("--json", help="also write every figure to this JSON file")
-    demo.add_argument("--epochs", type=int, default=10, help="training epochs per task (default: 10)")
-    demo.add_argument("--finetune-epochs", type=int, default=3, help="post-prune epochs per task (default: 3)")
-    demo.add_argument("--prune-ratio", type=float, default=0.5, help="fraction released per task (default: 0.5)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=_positive_int, default=10, help="training epochs per task, 1+ (default: 10)")
+    demo.add_argument(
+        "--finetune-epochs", type=_non_negative_int, default=3, help="post-prune epochs per task, 0+ (default: 3)"
+    )
+    demo.add_argument(
+        "--prune-ratio", type=_prune_ratio, default=0.5, help="fraction released per task, in [0, 1) (default: 0.5)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data split, initialisation and batches")
+    demo.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (they are shown only on a terminal anyway)"
+    )
     demo.set_defaults(run=_demo)
 
-    inspect = commands.add_parser("inspect", help="print a pack's tasks and per-layer ownership")
-    inspect.add_argument("pack")
+    inspect = commands.add_parser("inspect", help="print a pack's tasks, state, folding and per-layer ownership")
+    inspect.add_argument("pack", help="the pack file to read")
     inspect.set_defaults(run=_inspect)
 
     export = commands.add_parser("export", help="write one task as a plain safetensors state_dict")
-    export.add_argument("pack")
-    export.add_argument("--task", type=int, required=True)
-    export.add_argument("--out", required=True)
+    export.add_argument("pack", help="the pack file to read")
+    export.add_argument("--task", type=_positive_int, required=True, help="the task to export, 1..number of tasks")
+    export.add_argument("--out", required=True, help="the .safetensors file to write (never the input pack)")
+    export.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     export.set_defaults(run=_export)
 
     try:

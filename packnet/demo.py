@@ -83,14 +83,23 @@ def _optimizer(params):
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-def train_packnet(tasks: list[TaskData], epochs: int, finetune_epochs: int, prune_ratio: float, seed: int):
+def _progress(show_progress: bool) -> bool | None:
+    """tqdm's ``disable``: None shows the bar on a terminal only (logs stay free of bar updates)."""
+    return None if show_progress else True
+
+
+def train_packnet(
+    tasks: list[TaskData], epochs: int, finetune_epochs: int, prune_ratio: float, seed: int, show_progress: bool = True
+):
     """Train PackNet task by task; returns the trainer and the accuracy matrix ``acc[task][stage]`` (None above)."""
     torch.manual_seed(seed)
     trainer = PackNet(small_cnn(), prune_ratio=prune_ratio, head="head")
     matrix: list[list[float | None]] = [[None] * len(tasks) for _ in tasks]
-    for stage, data in enumerate(tqdm(tasks, desc="PackNet tasks"), 1):
+    for stage, data in enumerate(tqdm(tasks, desc="PackNet tasks", disable=_progress(show_progress)), 1):
         batches = Batches(data.train_x, data.train_y, 32, seed + stage)
-        trainer.learn_task(batches, _optimizer, epochs=epochs, finetune_epochs=finetune_epochs)
+        trainer.learn_task(
+            batches, _optimizer, epochs=epochs, finetune_epochs=finetune_epochs, show_progress=show_progress
+        )
         for task in range(1, stage + 1):
             matrix[task - 1][stage - 1] = accuracy(
                 trainer.predict(tasks[task - 1].test_x, task), tasks[task - 1].test_y
@@ -98,13 +107,15 @@ def train_packnet(tasks: list[TaskData], epochs: int, finetune_epochs: int, prun
     return trainer, matrix
 
 
-def train_finetuning(tasks: list[TaskData], epochs: int, seed: int) -> list[list[float | None]]:
+def train_finetuning(
+    tasks: list[TaskData], epochs: int, seed: int, show_progress: bool = True
+) -> list[list[float | None]]:
     """Plain sequential fine-tuning of the same network (own head per task, shared trunk): the forgetting baseline."""
     torch.manual_seed(seed)
     model = small_cnn()
     heads: list[dict[str, torch.Tensor]] = []
     matrix: list[list[float | None]] = [[None] * len(tasks) for _ in tasks]
-    for stage, data in enumerate(tqdm(tasks, desc="fine-tuning tasks"), 1):
+    for stage, data in enumerate(tqdm(tasks, desc="fine-tuning tasks", disable=_progress(show_progress)), 1):
         model.head.reset_parameters()
         optimizer = _optimizer(model.parameters())
         model.train()
@@ -181,8 +192,17 @@ def time_packed_layers(model: nn.Module, sample: torch.Tensor, task: int, device
     return rows
 
 
-def run_demo(out_dir: str, epochs: int = 10, finetune_epochs: int = 3, prune_ratio: float = 0.5, seed: int = 0) -> dict:
+def run_demo(
+    out_dir: str,
+    epochs: int = 10,
+    finetune_epochs: int = 3,
+    prune_ratio: float = 0.5,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict:
     """Run the whole demo, write the pack to ``out_dir``; returns every figure as a JSON-ready dict.
+
+    Progress bars are shown when ``show_progress`` and stderr is a terminal.
 
     Raises:
         AssertionError: the reloaded pack disagrees with the compiled model, or the compiled model (unfused) with
@@ -190,8 +210,8 @@ def run_demo(out_dir: str, epochs: int = 10, finetune_epochs: int = 3, prune_rat
     """
     started = time.perf_counter()
     tasks = split_digits(seed)
-    trainer, packnet_matrix = train_packnet(tasks, epochs, finetune_epochs, prune_ratio, seed)
-    finetune_matrix = train_finetuning(tasks, epochs + finetune_epochs, seed)
+    trainer, packnet_matrix = train_packnet(tasks, epochs, finetune_epochs, prune_ratio, seed, show_progress)
+    finetune_matrix = train_finetuning(tasks, epochs + finetune_epochs, seed, show_progress)
 
     exact = compile_pack(trainer, fuse=False, backend="reference")
     packed = compile_pack(trainer, fuse=True)
@@ -239,6 +259,7 @@ def run_demo(out_dir: str, epochs: int = 10, finetune_epochs: int = 3, prune_rat
             "separate_networks_bytes": NUM_TASKS * dense_network_bytes,
         },
         "pack_path": pack_path,
+        "folding": loaded.packnet_folding,
         "checks": checks,
         "timing": {
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -282,6 +303,11 @@ def format_report(result: dict) -> str:
         f"Pack: {size['pack_file_bytes'] / 1024:.1f} KiB on disk for {NUM_TASKS} tasks vs"
         f" {size['separate_networks_bytes'] / 1024:.1f} KiB for {NUM_TASKS} separate networks"
         f" ({size['separate_networks_bytes'] / size['pack_file_bytes']:.2f}x smaller); saved to {result['pack_path']}"
+    )
+    folding = result["folding"]
+    how = "found in the torch.fx graph" if folding["method"] == "fx" else "nn.Sequential rule only"
+    lines.append(
+        f"Folded {folding['folded']} of {folding['norms']} BatchNorms into the packed layers' epilogues ({how})"
     )
     worst = max(check["fused_max_abs_diff"] for check in result["checks"])
     lines.append(

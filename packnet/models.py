@@ -1,5 +1,9 @@
-"""The project's own model builders. A pack records ``{"builder": name, "kwargs": {...}}`` so that
-:func:`packnet.load_pack` can rebuild the architecture without a user-supplied skeleton."""
+"""Model builders, the project's and the user's. A pack records ``{"builder": name, "kwargs": {...}}`` so that
+:func:`packnet.load_pack` can rebuild the architecture without a user-supplied skeleton.
+
+Builders are looked up by name in this process's registry only: a pack names a builder, it never names code to
+import or run. A user registers their own with :func:`register_builder` before loading such a pack.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +12,74 @@ from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["ARCH_ATTR", "BUILDERS", "arch_spec", "build_model", "mlp", "register_builder", "small_cnn"]
+__all__ = [
+    "ARCH_ATTR",
+    "BUILDERS",
+    "INPUT_SHAPE_ATTR",
+    "arch_spec",
+    "build_model",
+    "mlp",
+    "module_fingerprint",
+    "register_builder",
+    "small_cnn",
+]
 
 ARCH_ATTR = "packnet_arch"
+# Per-sample input shape (no batch dimension) a model takes, e.g. (1, 8, 8); save_pack draws its probe input from it.
+INPUT_SHAPE_ATTR = "packnet_input_shape"
 BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_builder(name: str):
-    """Decorator: register a builder whose model is rebuilt from ``{"builder": name, "kwargs": kwargs}``."""
+def register_builder(name: str, fn: Callable[..., nn.Module] | None = None):
+    """Register ``fn`` as the builder called ``name``; packs of its models then load without a skeleton.
+
+    ``fn(**kwargs)`` must return an ``nn.Module``; call the returned wrapper (``register_builder(name, fn)(**kwargs)``
+    or ``packnet.build_model({"builder": name, "kwargs": kwargs})``) so that the model records its spec. Keyword
+    values must be JSON-serialisable (they are written into the pack). Setting ``model.packnet_input_shape`` (the
+    per-sample input shape, e.g. ``(3, 32, 32)``) lets :func:`packnet.save_pack` check packs without a ``probe``.
+    Without ``fn``, returns a decorator. Registering a name again replaces the earlier builder.
+
+    Raises:
+        TypeError: ``name`` is not a non-empty string or ``fn`` is not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_builder: name must be a non-empty str, got {name!r}")
 
     def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if not callable(builder):
+            raise TypeError(f"register_builder: the builder for {name!r} must be callable, got {builder!r}")
+
         def build(**kwargs: Any) -> nn.Module:
             model = builder(**kwargs)
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"builder {name!r} returned a {type(model).__name__}, not an nn.Module")
             setattr(model, ARCH_ATTR, {"builder": name, "kwargs": dict(kwargs)})
             return model
 
-        build.__name__, build.__doc__ = builder.__name__, builder.__doc__
+        build.__name__, build.__doc__ = getattr(builder, "__name__", name), builder.__doc__
         BUILDERS[name] = build
         return build
 
-    return register
+    return register if fn is None else register(fn)
+
+
+def module_fingerprint(model: nn.Module) -> list[list]:
+    """The module tree of ``model`` as JSON-ready data: per module (``named_modules`` order) its qualified name, its
+    class name and the shape of each parameter and persistent buffer it holds itself.
+
+    Returns ``[[name, class_name, [[state_name, [dim, ...]], ...]], ...]``; ``""`` names the root. No values, so two
+    models of one architecture have one fingerprint whatever their weights, dtype or device.
+    """
+    fingerprint = []
+    for name, module in model.named_modules():
+        state = [[key, list(param.shape)] for key, param in module._parameters.items() if param is not None]
+        state += [
+            [key, list(buffer.shape)]
+            for key, buffer in module._buffers.items()
+            if buffer is not None and key not in module._non_persistent_buffers_set
+        ]
+        fingerprint.append([name, type(module).__name__, state])
+    return fingerprint
 
 
 def arch_spec(model: nn.Module) -> dict[str, Any] | None:
@@ -37,9 +89,17 @@ def arch_spec(model: nn.Module) -> dict[str, Any] | None:
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from its spec. Raises ``KeyError`` for an unknown builder, ``TypeError`` for bad kwargs."""
+    """Rebuild a model from its spec ``{"builder": name, "kwargs": {...}}`` by looking ``name`` up in the registry.
+
+    Raises:
+        KeyError: no builder of that name is registered in this process.
+        TypeError: the kwargs do not fit the builder.
+    """
     if spec["builder"] not in BUILDERS:
-        raise KeyError(f"unknown model builder {spec['builder']!r}; known: {sorted(BUILDERS)}")
+        raise KeyError(
+            f"no model builder {spec['builder']!r} is registered in this process (known: {sorted(BUILDERS)}); call"
+            f" packnet.register_builder({spec['builder']!r}, fn) first, or pass the model skeleton (model=...)"
+        )
     return BUILDERS[spec["builder"]](**spec["kwargs"])
 
 
@@ -78,7 +138,9 @@ def small_cnn(in_channels: int = 1, num_classes: int = 2, width: int = 16, image
         nn.BatchNorm1d(4 * width),
         nn.ReLU(),
     )
-    return Classifier(features, nn.Linear(4 * width, num_classes))
+    model = Classifier(features, nn.Linear(4 * width, num_classes))
+    setattr(model, INPUT_SHAPE_ATTR, (in_channels, image_size, image_size))
+    return model
 
 
 @register_builder("mlp")
@@ -89,4 +151,6 @@ def mlp(in_features: int = 64, hidden: int = 64, depth: int = 2, num_classes: in
     for _ in range(depth):
         layers += [nn.Linear(width, hidden), nn.ReLU()]
         width = hidden
-    return Classifier(nn.Sequential(*layers), nn.Linear(width, num_classes))
+    model = Classifier(nn.Sequential(*layers), nn.Linear(width, num_classes))
+    setattr(model, INPUT_SHAPE_ATTR, (in_features,))
+    return model

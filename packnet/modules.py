@@ -7,6 +7,7 @@ module whose state is per task (a BatchNorm, a classifier head). The active task
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -16,6 +17,37 @@ from packnet_kernels import MAX_TASKS, masked_conv2d, masked_linear, tile_map
 from packnet_kernels._checks import check_backend
 
 __all__ = ["PackedConv2d", "PackedLinear", "TaskSwitch", "set_task", "swap_packed_", "task_modules"]
+
+# Attribute of a packed model holding its plain architecture (the model before packing) on the meta device: shapes
+# and module classes, no weights. save_pack rebuilds the written file on it to check it, and fingerprints it.
+SKELETON_ATTR = "_packnet_skeleton"
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and persistent buffers are on the meta device (no memory).
+
+    Non-persistent buffers stay real: a pack does not store them, so a model rebuilt on this skeleton needs them.
+    """
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
+        for key, buffer in module._buffers.items():
+            if buffer is not None and key not in module._non_persistent_buffers_set:
+                memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def record_skeleton(model: nn.Module, skeleton: nn.Module) -> None:
+    """Attach ``skeleton`` (the plain model ``model`` was packed from) to ``model`` as a meta-device copy."""
+    # object.__setattr__: an nn.Module attribute would register it as a submodule (and put it in the state dict).
+    object.__setattr__(model, SKELETON_ATTR, meta_skeleton(skeleton))
+
+
+def recorded_skeleton(model: nn.Module) -> nn.Module | None:
+    """The meta-device plain skeleton recorded by :func:`record_skeleton`, or None."""
+    return getattr(model, SKELETON_ATTR, None)
 
 
 def _check_num_tasks(num_tasks: int) -> int:
@@ -63,6 +95,8 @@ class _PackedLayer(_TaskSelecting):
         # The unfused normalisation a compile folded in, kept so a pack can be saved with its original parameters.
         self.fused_norm_name: str | None = None
         self.fused_norm_keys: list[str] = []
+        # True when the folded normalisation was one module shared by all tasks, not one per task.
+        self.fused_norm_shared = False
         # Let the kernels skip what a task does not use (see tile_map_state); never saved, always recomputed.
         self.use_tile_map = True
         self._tile_state: tuple | None = None
@@ -101,11 +135,13 @@ class _PackedLayer(_TaskSelecting):
         relu: bool,
         norm_name: str | None = None,
         norm_state: Mapping[str, torch.Tensor] | None = None,
+        norm_shared: bool = False,
     ) -> None:
         """Fuse a per-task affine epilogue: ``scale``/``shift`` ``[num_tasks, out]``; ReLU last if ``relu``.
 
         ``norm_state`` (per-task stacked tensors of the folded normalisation, keyed by its state-dict keys) is kept
-        only so that the unfused parameters can be written back into a pack.
+        only so that the unfused parameters can be written back into a pack; ``norm_shared`` says they were one
+        module shared by all tasks (then every task's slice is the same) and go back as shared state.
         """
         expected = (self.num_tasks, self.weight.shape[0])
         if scale.shape != expected or shift.shape != expected:
@@ -115,6 +151,7 @@ class _PackedLayer(_TaskSelecting):
         self.relu = bool(relu)
         self.fused_norm_name = norm_name
         self.fused_norm_keys = list(norm_state or {})
+        self.fused_norm_shared = bool(norm_shared)
         for key, value in (norm_state or {}).items():
             self.register_buffer(_norm_buffer_name(key), value.clone())
 
@@ -404,12 +441,17 @@ def swap_packed_(
     """Replace in place each ``nn.Linear``/``nn.Conv2d`` named in ``task_ids`` by its packed twin.
 
     ``task_ids`` maps qualified module names to ``uint8`` tensors shaped like that module's weight. Biases are
-    shared by all tasks (use :func:`packnet.compile_pack` for per-task biases from training). Returns ``model``.
+    shared by all tasks (use :func:`packnet.compile_pack` for per-task biases from training); every other module
+    (BatchNorm, LayerNorm, unpacked layers) stays as it is and is saved in a pack as state shared by all tasks. The
+    plain model is recorded (shapes only) so that :func:`packnet.save_pack` can check what it writes. Returns
+    ``model``.
 
     Raises:
         KeyError: a name that is not a submodule. TypeError: a module that is not Linear/Conv2d.
     """
     _check_num_tasks(num_tasks)
+    if recorded_skeleton(model) is None:
+        record_skeleton(model, model)
     for name, ids in task_ids.items():
         try:
             module = model.get_submodule(name)

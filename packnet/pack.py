@@ -1,10 +1,14 @@
 """Compiled packs: build, save, load and export.
 
-A pack holds, per prunable layer, the shared dense weight and its ``uint8`` task ids; per task, every other entry of
-the model's state dict (biases, BatchNorm parameters and statistics, the head); and metadata. On disk it is a single
-safetensors file (no pickle: loading an untrusted pack never runs code) whose header metadata key ``"packnet"`` holds
-a JSON document: format name and version, producer, number of tasks, dtype, layers, per-task keys, architecture spec
-and the SHA-256 of the tensors. The reader parses the file itself and validates everything before building a model.
+A pack holds, per prunable layer, the shared dense weight and its ``uint8`` task ids; per task, the model's state
+that differs between tasks (biases, BatchNorm parameters and statistics, the head); the state shared by all tasks
+(a BatchNorm or LayerNorm left unpacked, an unpacked layer); and metadata. On disk it is a single safetensors file
+(no pickle: loading an untrusted pack never runs code) whose header metadata key ``"packnet"`` holds a JSON document:
+format name and version, producer, number of tasks, dtype, layers, per-task keys, shared keys, architecture spec,
+module-tree fingerprint, input shape and the SHA-256 of the tensors. The reader parses the file itself and validates
+everything before building a model.
+
+Format versions: 1 (no shared state, fingerprint or input shape) and 2 (this writer). Both are read.
 """
 
 from __future__ import annotations
@@ -12,28 +16,42 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn as nn
 from safetensors.torch import save_file
 
 from packnet_kernels import MAX_TASKS, effective_weight
 
-from .models import ARCH_ATTR, arch_spec, build_model
-from .modules import PackedConv2d, PackedLinear, TaskSwitch, _PackedLayer, _replace_submodule
+from .models import ARCH_ATTR, BUILDERS, INPUT_SHAPE_ATTR, arch_spec, build_model, module_fingerprint
+from .modules import (
+    PackedConv2d,
+    PackedLinear,
+    TaskSwitch,
+    _PackedLayer,
+    _replace_submodule,
+    record_skeleton,
+    recorded_skeleton,
+    set_task,
+)
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "FOLDING_ATTR",
     "Pack",
     "PackFormatError",
+    "PackSaveError",
     "build_packed_model",
     "compile_pack",
     "export_task_state_dict",
@@ -44,8 +62,13 @@ __all__ = [
     "save_pack",
 ]
 
+log = logging.getLogger(__name__)
+
 FORMAT_NAME = "packnet-pack"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# Attribute of a built model: how many BatchNorms it holds, how many were folded and how they were found.
+FOLDING_ATTR = "packnet_folding"
 PRODUCER = "packnet 0.1.0"
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # safetensors dtype codes the reader accepts, with their torch dtype.
@@ -68,6 +91,10 @@ class PackFormatError(ValueError):
     """A pack file or pack contents that cannot be used; the message names what is wrong."""
 
 
+class PackSaveError(RuntimeError):
+    """:func:`save_pack` wrote a file that does not read back into the model it was given; no file was left."""
+
+
 @dataclass
 class Pack:
     """A pack in memory.
@@ -77,6 +104,10 @@ class Pack:
         layers: qualified layer name -> ``(weight, task_ids)``; weight ``[out, in]`` or ``[out, in/g, kh, kw]``.
         task_states: one dict per task: state-dict key of the plain model -> tensor.
         arch: the architecture spec of a registered builder, or None.
+        meta: the file's metadata when read from a file.
+        shared_state: state-dict key of the plain model -> tensor, for state shared by all tasks.
+        fingerprint: :func:`packnet.models.module_fingerprint` of the plain model, or None (unknown; format v1).
+        input_shape: per-sample input shape of the model (no batch dimension), or None when unknown.
     """
 
     num_tasks: int
@@ -84,6 +115,9 @@ class Pack:
     task_states: list[dict[str, torch.Tensor]]
     arch: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    shared_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    fingerprint: list | None = None
+    input_shape: list[int] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,7 +134,8 @@ class Pack:
         """A plain ``state_dict`` of the original architecture for ``task`` alone (masked weights)."""
         if isinstance(task, bool) or not isinstance(task, int) or not 1 <= task <= self.num_tasks:
             raise ValueError(f"task must be in 1..{self.num_tasks}, got {task!r}")
-        state = {key: value.clone() for key, value in self.task_states[task - 1].items()}
+        state = {key: value.clone() for key, value in self.shared_state.items()}
+        state.update({key: value.clone() for key, value in self.task_states[task - 1].items()})
         for name, (weight, ids) in self.layers.items():
             state[f"{name}.weight"] = effective_weight(weight, ids, task).clone()
         return state
@@ -108,6 +143,7 @@ class Pack:
     def nbytes(self) -> int:
         tensors = [t for pair in self.layers.values() for t in pair]
         tensors += [t for state in self.task_states for t in state.values()]
+        tensors += list(self.shared_state.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -130,7 +166,44 @@ def pack_from_trainer(trainer, dtype: torch.dtype | None = None) -> Pack:
         for name, layer in trainer.layers.items()
     }
     task_states = [{key: _cast(value, dtype).cpu() for key, value in state.items()} for state in trainer.task_states]
-    return Pack(trainer.num_tasks, layers, task_states, arch_spec(trainer.net))
+    input_shape = trainer.input_shape or getattr(trainer.net, INPUT_SHAPE_ATTR, None)
+    return Pack(
+        trainer.num_tasks,
+        layers,
+        task_states,
+        arch_spec(trainer.net),
+        fingerprint=module_fingerprint(trainer.net),
+        input_shape=None if input_shape is None else list(input_shape),
+    )
+
+
+def _describe_state(state: list) -> str:
+    return ", ".join(f"{key} {tuple(shape)}" for key, shape in state) or "no state"
+
+
+def check_fingerprint(fingerprint: list, skeleton: nn.Module) -> None:
+    """Raise PackFormatError naming the first module where ``skeleton`` differs from the pack's module tree.
+
+    Compares module names, classes and the shapes of the state each module holds, and copies nothing.
+    """
+    ours = {name: (kind, state) for name, kind, state in fingerprint}
+    theirs = {name: (kind, state) for name, kind, state in module_fingerprint(skeleton)}
+    prefix = "the model given is not the pack's architecture:"
+    for name, (kind, state) in ours.items():
+        label = repr(name) if name else "<root>"
+        if name not in theirs:
+            raise PackFormatError(f"{prefix} the pack's module {label} ({kind}) is missing from the model")
+        their_kind, their_state = theirs[name]
+        if their_kind != kind:
+            raise PackFormatError(f"{prefix} module {label} is a {kind} in the pack but a {their_kind} in the model")
+        if their_state != state:
+            raise PackFormatError(
+                f"{prefix} module {label} ({kind}) holds {_describe_state(state)} in the pack but"
+                f" {_describe_state(their_state)} in the model"
+            )
+    for name, (kind, _) in theirs.items():
+        if name not in ours:
+            raise PackFormatError(f"{prefix} the model's module {name!r} ({kind}) is not in the pack")
 
 
 def _check_against_skeleton(pack: Pack, skeleton: nn.Module) -> None:
@@ -149,20 +222,32 @@ def _check_against_skeleton(pack: Pack, skeleton: nn.Module) -> None:
                 f" {tuple(module.weight.shape)}: the pack is for another architecture"
             )
     expected = {key: value for key, value in state.items() if key[: -len(".weight")] not in pack.layers}
-    for task, task_state in enumerate(pack.task_states, 1):
-        missing = sorted(set(expected) - set(task_state))
-        extra = sorted(set(task_state) - set(expected))
+    shared_extra = sorted(set(pack.shared_state) - set(expected))
+    if shared_extra:
+        raise PackFormatError(f"the pack's shared state does not match the model: unexpected {shared_extra[:5]}")
+    for name in pack.layers:
+        if f"{name}.bias" in pack.shared_state:
+            raise PackFormatError(f"pack layer {name!r} has a shared bias; a packed layer's bias must be per task")
+    per_task = {key: value for key, value in expected.items() if key not in pack.shared_state}
+    states = [(f"task {task}'s", task_state) for task, task_state in enumerate(pack.task_states, 1)]
+    for what, task_state in states:
+        missing = sorted(set(per_task) - set(task_state))
+        extra = sorted(set(task_state) - set(per_task))
         if missing or extra:
+            both = sorted(set(task_state) & set(pack.shared_state))
+            if both:
+                raise PackFormatError(f"{what} state and the shared state both hold {both[:5]}")
             raise PackFormatError(
-                f"task {task}'s state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+                f"{what} state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
             )
-        for key, value in task_state.items():
+    for what, some_state in [*states, ("the shared", pack.shared_state)]:
+        for key, value in some_state.items():
             want = pack.dtype if expected[key].is_floating_point() else expected[key].dtype
             if value.dtype != want:
-                raise PackFormatError(f"task {task}'s {key!r} has dtype {value.dtype}, expected {want}")
+                raise PackFormatError(f"{what} {key!r} has dtype {value.dtype}, expected {want}")
             if tuple(value.shape) != tuple(expected[key].shape):
                 raise PackFormatError(
-                    f"task {task}'s {key!r} has shape {tuple(value.shape)} but the model's is"
+                    f"{what} {key!r} has shape {tuple(value.shape)} but the model's is"
                     f" {tuple(expected[key].shape)}: the pack is for another architecture"
                 )
 
@@ -173,15 +258,25 @@ def _rebuild_checked(pack: Pack) -> nn.Module:
     The spec comes from the file and is not covered by the checksum: a crafted size must neither allocate without
     bound nor raise anything but PackFormatError.
     """
+    if pack.arch["builder"] not in BUILDERS:  # looked up by name only: a pack never names code to import
+        raise PackFormatError(
+            f"the pack was built by model builder {pack.arch['builder']!r}, which is not registered in this process"
+            f" (known: {sorted(BUILDERS)}); call packnet.register_builder({pack.arch['builder']!r}, fn) before"
+            " loading, or pass the model skeleton (model=...)"
+        )
     stored = sum(t.numel() for pair in pack.layers.values() for t in pair)
     stored += sum(t.numel() for state in pack.task_states for t in state.values())
+    stored += sum(t.numel() for t in pack.shared_state.values())
     for key, value in pack.arch["kwargs"].items():
         # No size, width or depth of a model exceeds the number of values it stores.
         if type(value) is int and not 0 <= value <= max(stored, 1):
             raise PackFormatError(f"architecture argument {key}={value} cannot describe a model of {stored} values")
     try:
         with torch.device("meta"):  # shapes only, no memory
-            _check_against_skeleton(pack, build_model(pack.arch))
+            skeleton = build_model(pack.arch)
+            if pack.fingerprint is not None:
+                check_fingerprint(pack.fingerprint, skeleton)
+            _check_against_skeleton(pack, skeleton)
         return build_model(pack.arch)
     except PackFormatError:
         raise
@@ -189,10 +284,15 @@ def _rebuild_checked(pack: Pack) -> nn.Module:
         raise PackFormatError(f"cannot rebuild the architecture {pack.arch}: {error}") from error
 
 
-def _own_state(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False)) or any(
-        buffer is not None for buffer in module.buffers(recurse=False)
-    )
+def _own_state_keys(module: nn.Module) -> list[str]:
+    """Local state-dict keys of the parameters and persistent buffers ``module`` holds itself."""
+    keys = [key for key, param in module._parameters.items() if param is not None]
+    keys += [
+        key
+        for key, buffer in module._buffers.items()
+        if buffer is not None and key not in module._non_persistent_buffers_set
+    ]
+    return keys
 
 
 def _subtree(name: str, key: str) -> bool:
@@ -204,25 +304,47 @@ def _local_state(task_state: Mapping[str, torch.Tensor], name: str) -> dict[str,
     return {key[len(prefix) :]: value for key, value in task_state.items() if key.startswith(prefix)}
 
 
+def _materialize(model: nn.Module) -> nn.Module:
+    """Give every meta-device parameter and buffer of ``model`` real (uninitialised) CPU memory, in place.
+
+    Used on recorded skeletons; every such value is then overwritten from the pack (the skeleton check makes sure
+    the pack holds all of them).
+    """
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                module._parameters[key] = nn.Parameter(torch.empty_like(param, device="cpu"), param.requires_grad)
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[key] = torch.empty_like(buffer, device="cpu")
+    return model
+
+
 def build_packed_model(
     pack: Pack, skeleton: nn.Module | None = None, *, fuse: bool = True, backend: str = "auto"
 ) -> nn.Module:
     """Build the inference model of ``pack`` on a copy of ``skeleton`` (default: rebuilt from ``pack.arch``).
 
-    Prunable layers become :class:`PackedLinear`/:class:`PackedConv2d`; every other module with state becomes a
-    :class:`TaskSwitch` of per-task copies. With ``fuse``, inside ``nn.Sequential`` containers a packed layer
-    followed by an eval-mode BatchNorm (and optionally a ReLU) becomes one packed layer with a per-task epilogue.
-    The model is returned in eval mode, on the CPU, with no active task.
+    Prunable layers become :class:`PackedLinear`/:class:`PackedConv2d`; every other module with per-task state
+    becomes a :class:`TaskSwitch` of per-task copies; shared state is loaded into the modules as they are. With
+    ``fuse``, a packed layer whose output only an eval-mode BatchNorm reads (and whose BatchNorm output only a ReLU
+    reads) becomes one packed layer with a per-task epilogue; the matches are found in the ``torch.fx`` graph of
+    the model, or, when the model cannot be traced, inside ``nn.Sequential`` containers only (the reason is logged).
+    ``model.packnet_folding`` then says how many BatchNorms were folded. The model is returned in eval mode, on the
+    CPU, with no active task.
 
     Raises:
-        PackFormatError: the pack does not fit the architecture.
+        PackFormatError: the pack does not fit the architecture (checked against the pack's module-tree fingerprint
+            first, when it has one, before anything is copied), or the architecture cannot be rebuilt.
     """
     if skeleton is None:
         if pack.arch is None:
             raise PackFormatError("the pack records no architecture spec; pass the model skeleton (model=...)")
         skeleton = _rebuild_checked(pack)
+    if pack.fingerprint is not None:
+        check_fingerprint(pack.fingerprint, skeleton)
     _check_against_skeleton(pack, skeleton)
-    model = copy.deepcopy(skeleton).to(device="cpu", dtype=pack.dtype)
+    model = _materialize(copy.deepcopy(skeleton)).to(device="cpu", dtype=pack.dtype)
     num_tasks = pack.num_tasks
     for name, (weight, ids) in pack.layers.items():
         module = model.get_submodule(name)
@@ -231,17 +353,28 @@ def build_packed_model(
         with torch.no_grad():
             module.weight.copy_(weight)
         _replace_submodule(model, name, kind.from_dense(module, ids, num_tasks, biases, backend=backend))
+    with torch.no_grad():
+        for key, value in pack.shared_state.items():
+            module_name, _, local = key.rpartition(".")
+            getattr(model.get_submodule(module_name) if module_name else model, local).copy_(value)
     covered: list[str] = list(pack.layers)
     for name, module in list(model.named_modules()):
         if any(_subtree(done, name) for done in covered) or isinstance(module, (_PackedLayer, TaskSwitch)):
             continue
-        if not _own_state(module):
+        own = [f"{name}.{key}" if name else key for key in _own_state_keys(module)]
+        if not own or all(key in pack.shared_state for key in own):
             continue
         inside = [layer for layer in pack.layers if _subtree(name, layer)]
         if inside or not name:
             raise PackFormatError(
                 f"module {name or '<root>'!r} holds its own per-task state and contains shared layers {inside};"
                 " move the state into a submodule of its own"
+            )
+        shared_inside = sorted(key for key in pack.shared_state if _subtree(name, key))
+        if shared_inside:
+            raise PackFormatError(
+                f"module {name!r} holds per-task state and shared state {shared_inside[:5]}; a module's state must"
+                " be all per task or all shared"
             )
         copies = []
         for task_state in pack.task_states:
@@ -250,44 +383,162 @@ def build_packed_model(
             copies.append(per_task)
         _replace_submodule(model, name, TaskSwitch(copies))
         covered.append(name)
-    if fuse:
-        _fuse_norms(model)
+    folding = fold_norms(model) if fuse else {"norms": _count_norms(model), "folded": 0, "method": None}
+    setattr(model, FOLDING_ATTR, folding)
     setattr(model, ARCH_ATTR, pack.arch)
+    input_shape = pack.input_shape or getattr(skeleton, INPUT_SHAPE_ATTR, None)
+    if input_shape is not None:
+        setattr(model, INPUT_SHAPE_ATTR, tuple(input_shape))
+    record_skeleton(model, skeleton)
     return model.eval()
 
 
-def _fuse_norms(model: nn.Module) -> None:
-    """Fold ``Packed* -> TaskSwitch(BatchNorm) -> (ReLU)`` chains inside ``nn.Sequential`` containers."""
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _count_norms(model: nn.Module) -> int:
+    """BatchNorms in ``model``: a TaskSwitch of per-task BatchNorms counts once, as do folded ones."""
+    count, per_task_copies = 0, set()
+    for module in model.modules():  # pre-order: a TaskSwitch comes before its copies
+        if isinstance(module, TaskSwitch):
+            per_task_copies.update(id(copy_module) for copy_module in module.per_task.modules())
+            count += isinstance(module.per_task[0], _NORMS)
+        elif isinstance(module, _PackedLayer):
+            count += module.fused_norm_name is not None
+        elif isinstance(module, _NORMS) and id(module) not in per_task_copies:
+            count += 1
+    return count
+
+
+def _foldable_norms(layer: _PackedLayer, norm: nn.Module) -> tuple[list[nn.Module], bool] | None:
+    """The per-task BatchNorms ``norm`` holds and whether it is one shared module, or None when not foldable."""
+    expected = nn.BatchNorm2d if isinstance(layer, PackedConv2d) else nn.BatchNorm1d
+    if isinstance(norm, TaskSwitch):
+        norms, shared = list(norm.per_task), False
+    elif type(norm) is expected:
+        norms, shared = [norm] * layer.num_tasks, True
+    else:
+        return None
+    if len(norms) != layer.num_tasks or not all(
+        type(bn) is expected and bn.running_mean is not None and bn.num_features == layer.weight.shape[0]
+        for bn in norms
+    ):
+        return None
+    return norms, shared
+
+
+@torch.no_grad()  # the epilogue is a constant: no autograd history into BatchNorm parameters
+def _fold_into(layer: _PackedLayer, norms: list[nn.Module], shared: bool, relu: bool, norm_name: str) -> None:
+    """Fold eval-mode BatchNorms (one per task) and an optional ReLU into ``layer``'s epilogue."""
+    scales, shifts = [], []
+    for bn in norms:
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        shift = -bn.running_mean.double() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.double()
+        scales.append(scale)
+        shifts.append(shift)
+    norm_state = {key: torch.stack([bn.state_dict()[key] for bn in norms]) for key in norms[0].state_dict()}
+    layer.set_epilogue(torch.stack(scales), torch.stack(shifts), relu, norm_name, norm_state, norm_shared=shared)
+
+
+class _PackedTracer(torch.fx.Tracer):
+    """Symbolic tracer that keeps packed layers and task switches as single calls."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (_PackedLayer, TaskSwitch)) or super().is_leaf_module(module, qualified_name)
+
+
+def fold_norms(model: nn.Module) -> dict[str, Any]:
+    """Fold every ``packed layer -> BatchNorm (-> ReLU)`` chain of ``model`` into the layer's epilogue, in place.
+
+    A chain folds when, in the ``torch.fx`` graph of ``model.forward``, the packed layer and the BatchNorm are each
+    called once, the layer's output is read by the BatchNorm alone, nothing else is passed to it and ``forward``
+    reads none of the BatchNorm's parameters or buffers directly; the ReLU is
+    fused too when it is an ``nn.ReLU`` module called once, on the BatchNorm's output alone, which nothing else
+    reads. Folded modules become ``nn.Identity``. A model that cannot be traced falls back to chains of adjacent
+    children of ``nn.Sequential`` containers, and the reason is logged.
+
+    Returns:
+        ``{"norms": BatchNorms in the model, "folded": how many were folded, "method": "fx" or "sequential",
+        "reason": why tracing failed (fallback only)}``.
+    """
+    norms = _count_norms(model)
+    try:
+        graph = _PackedTracer().trace(model)
+    except Exception as error:  # noqa: BLE001 - tracing runs the model's own forward code, which may raise anything
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        log.warning(
+            "cannot trace %s with torch.fx (%s); folding BatchNorms only inside nn.Sequential containers",
+            type(model).__name__,
+            reason,
+        )
+        return {"norms": norms, "folded": _fold_in_sequentials(model), "method": "sequential", "reason": reason}
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    # Modules whose parameters or buffers forward reads directly: replacing them by nn.Identity would break that.
+    attributes_read = [node.target for node in graph.nodes if node.op == "get_attr"]
+
+    def read_directly(name: str) -> bool:
+        return any(target.startswith(name + ".") for target in attributes_read)
+
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or calls[node.target] != 1:
+            continue
+        layer = model.get_submodule(node.target)
+        if not isinstance(layer, _PackedLayer) or layer.scale is not None or len(node.users) != 1:
+            continue
+        (norm_node,) = node.users
+        if norm_node.op != "call_module" or norm_node.args != (node,) or norm_node.kwargs:
+            continue
+        if calls[norm_node.target] != 1 or read_directly(norm_node.target):
+            continue
+        found = _foldable_norms(layer, model.get_submodule(norm_node.target))
+        if found is None:
+            continue
+        relu_node = next(iter(norm_node.users)) if len(norm_node.users) == 1 else None
+        relu = (
+            relu_node is not None
+            and relu_node.op == "call_module"
+            and calls[relu_node.target] == 1
+            and not read_directly(relu_node.target)
+            and relu_node.args == (norm_node,)
+            and not relu_node.kwargs
+            and type(model.get_submodule(relu_node.target)) is nn.ReLU
+        )
+        _fold_into(layer, *found, relu, norm_node.target)
+        _replace_submodule(model, norm_node.target, nn.Identity())
+        if relu:
+            _replace_submodule(model, relu_node.target, nn.Identity())
+        folded += 1
+    return {"norms": norms, "folded": folded, "method": "fx"}
+
+
+def _fold_in_sequentials(model: nn.Module) -> int:
+    """Fold ``Packed* -> BatchNorm -> (ReLU)`` chains of adjacent ``nn.Sequential`` children; returns the count."""
+    folded = 0
     for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
         children = list(seq)
         for index in range(len(children) - 1):
             layer, norm = children[index], children[index + 1]
-            if not isinstance(layer, _PackedLayer) or layer.scale is not None or not isinstance(norm, TaskSwitch):
+            if not isinstance(layer, _PackedLayer) or layer.scale is not None:
                 continue
-            expected = nn.BatchNorm2d if isinstance(layer, PackedConv2d) else nn.BatchNorm1d
-            norms = list(norm.per_task)
-            if not all(type(bn) is expected and bn.running_mean is not None for bn in norms):
+            found = _foldable_norms(layer, norm)
+            if found is None:
                 continue
             relu = index + 2 < len(children) and type(children[index + 2]) is nn.ReLU
-            scales, shifts = [], []
-            for bn in norms:
-                scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-                if bn.weight is not None:
-                    scale = scale * bn.weight.double()
-                shift = -bn.running_mean.double() * scale
-                if bn.bias is not None:
-                    shift = shift + bn.bias.double()
-                scales.append(scale)
-                shifts.append(shift)
             prefix = f"{seq_name}." if seq_name else ""
-            norm_state = {key: torch.stack([bn.state_dict()[key] for bn in norms]) for key in norms[0].state_dict()}
-            layer.set_epilogue(torch.stack(scales), torch.stack(shifts), relu, f"{prefix}{index + 1}", norm_state)
+            _fold_into(layer, *found, relu, f"{prefix}{index + 1}")
             seq[index + 1] = nn.Identity()
             if relu:
                 seq[index + 2] = nn.Identity()
             children = list(seq)
+            folded += 1
+    return folded
 
 
 def compile_pack(trainer, *, dtype: torch.dtype | None = None, fuse: bool = True, backend: str = "auto") -> nn.Module:
@@ -296,17 +547,30 @@ def compile_pack(trainer, *, dtype: torch.dtype | None = None, fuse: bool = True
 
 
 def pack_from_model(model: nn.Module) -> Pack:
-    """Recover the :class:`Pack` of a packed model (fused epilogues give back their unfused parameters)."""
+    """Recover the :class:`Pack` of a packed model (fused epilogues give back their unfused parameters).
+
+    State outside packed layers and task switches (an unpacked BatchNorm, LayerNorm or layer, any parameter or
+    buffer) is shared by all tasks and goes into ``shared_state``.
+
+    Raises:
+        ValueError: the model has no packed layers, or its packed modules disagree on the number of tasks.
+    """
     layers, num_tasks = {}, None
+    shared_state: dict[str, torch.Tensor] = {}
+    task_owned: list[str] = []
     task_states: list[dict[str, torch.Tensor]] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, (_PackedLayer, TaskSwitch)):
             continue
+        task_owned.append(name)
         if num_tasks is None:
             num_tasks = module.num_tasks
             task_states = [{} for _ in range(num_tasks)]
         elif module.num_tasks != num_tasks:
             raise ValueError(f"module {name!r} holds {module.num_tasks} tasks, others {num_tasks}")
+        if isinstance(module, _PackedLayer) and module.fused_norm_shared:
+            for key, value in module.fused_norm_state(1).items():
+                shared_state[f"{module.fused_norm_name}.{key}"] = value.detach().cpu().clone()
         for task in range(1, num_tasks + 1):
             state = task_states[task - 1]
             if isinstance(module, TaskSwitch):
@@ -315,13 +579,27 @@ def pack_from_model(model: nn.Module) -> Pack:
                 continue
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias[task - 1].detach().cpu().clone()
-            for key, value in module.fused_norm_state(task).items():
-                state[f"{module.fused_norm_name}.{key}"] = value.detach().cpu().clone()
+            if not module.fused_norm_shared:
+                for key, value in module.fused_norm_state(task).items():
+                    state[f"{module.fused_norm_name}.{key}"] = value.detach().cpu().clone()
         if isinstance(module, _PackedLayer):
             layers[name] = (module.weight.detach().cpu().clone(), module.task_ids.detach().cpu().clone())
     if not layers:
-        raise ValueError("the model has no packed layers; build one with compile_pack or load_pack")
-    return Pack(num_tasks, layers, task_states, getattr(model, ARCH_ATTR, None))
+        raise ValueError("the model has no packed layers; build one with compile_pack, load_pack or swap_packed_")
+    for key, value in model.state_dict().items():
+        if not any(_subtree(owner, key) for owner in task_owned):
+            shared_state[key] = value.detach().cpu().clone()
+    skeleton = recorded_skeleton(model)
+    input_shape = getattr(model, INPUT_SHAPE_ATTR, None)
+    return Pack(
+        num_tasks,
+        layers,
+        task_states,
+        getattr(model, ARCH_ATTR, None),
+        shared_state=shared_state,
+        fingerprint=None if skeleton is None else module_fingerprint(skeleton),
+        input_shape=None if input_shape is None else list(input_shape),
+    )
 
 
 def export_task_state_dict(source: nn.Module | Pack, task: int) -> dict[str, torch.Tensor]:
@@ -356,18 +634,159 @@ def _tensor_names(pack: Pack) -> dict[str, torch.Tensor]:
     for task, state in enumerate(pack.task_states, 1):
         for key, value in state.items():
             tensors[f"tasks/{task}/{key}"] = value
+    for key, value in pack.shared_state.items():
+        tensors[f"shared/{key}"] = value
     return tensors
 
 
-def save_pack(model: nn.Module | Pack, path: str | os.PathLike) -> dict[str, Any]:
+def default_file_mode() -> int:
+    """The permission bits the process's umask gives a newly created ordinary file (``0o666 & ~umask``)."""
+    try:  # Linux reports the umask without changing it (other threads may be creating files right now)
+        with open("/proc/self/status", encoding="ascii") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it straight back
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_file_atomically(
+    path: str | os.PathLike, write: Callable[[str], None], check: Callable[[str], None] | None = None
+) -> None:
+    """Create ``path`` through a temporary file in its directory: ``write(tmp)``, then ``check(tmp)``, then rename.
+
+    The file gets the mode the umask gives an ordinary file. If ``write`` or ``check`` raises, the temporary file is
+    removed, ``path`` is left as it was and the error propagates.
+
+    Raises:
+        FileNotFoundError: the directory of ``path`` does not exist.
+        PermissionError: the directory is not writable.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {path}: directory {directory} does not exist")
+    try:
+        handle, tmp_path = tempfile.mkstemp(prefix=".packnet-", suffix=".tmp", dir=directory)
+    except PermissionError:
+        raise PermissionError(f"cannot write {path}: directory {directory} is not writable") from None
+    os.close(handle)
+    try:
+        write(tmp_path)
+        if check is not None:
+            check(tmp_path)
+        os.chmod(tmp_path, default_file_mode())  # mkstemp creates 0600
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+
+
+def _probe_input(probe: torch.Tensor | None, pack: Pack) -> torch.Tensor:
+    if probe is not None:
+        if not isinstance(probe, torch.Tensor):
+            raise TypeError(f"save_pack: probe must be a tensor (a batch of inputs), got {type(probe).__name__}")
+        return probe.detach().cpu()
+    if pack.input_shape is None:
+        raise ValueError(
+            "save_pack checks the file it writes by running the model on a probe input, but the model records no"
+            " input shape; pass probe=<a small batch of inputs>, e.g. probe=torch.randn(2, 3, 32, 32)"
+        )
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn((2, *pack.input_shape), generator=generator).to(pack.dtype)
+
+
+def _task_outputs(model: nn.Module, probe: torch.Tensor, num_tasks: int) -> list[torch.Tensor]:
+    outputs = []
+    with torch.no_grad():
+        for task in range(1, num_tasks + 1):
+            with set_task(model, task):
+                outputs.append(model(probe))
+    return outputs
+
+
+def _reference_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy of ``model`` whose packed layers run the PyTorch reference: what a rebuilt model computes."""
+    reference = copy.deepcopy(model).cpu().eval()
+    for module in reference.modules():
+        if isinstance(module, _PackedLayer):
+            module.backend = "reference"
+    return reference
+
+
+def _written_file_check(model: nn.Module | Pack, pack: Pack, probe: torch.Tensor | None) -> Callable[[Pack], None]:
+    """Prepare, before anything is written, the check of the written pack; returns it as ``check(read_back)``.
+
+    A model: the file must rebuild (from the model's recorded plain skeleton) into a model whose outputs equal the
+    model's for every task on the probe input. A :class:`Pack` of a registered builder: the file must rebuild.
+    """
+    if isinstance(model, Pack):
+        if pack.arch is None or pack.arch.get("builder") not in BUILDERS:
+            return lambda read_back: None  # nothing to build on; read_pack has checked tensors and checksum
+        return lambda read_back: build_packed_model(read_back, fuse=False, backend="reference")
+    skeleton = recorded_skeleton(model)
+    if skeleton is None and pack.arch is not None and pack.arch.get("builder") in BUILDERS:
+        with torch.device("meta"):
+            skeleton = build_model(pack.arch)
+    if skeleton is None:
+        raise ValueError(
+            "save_pack checks the file it writes by rebuilding the model, but this model records no plain"
+            " architecture; build packed models with packnet.swap_packed_, compile_pack or load_pack"
+        )
+    probe_input = _probe_input(probe, pack)
+    folding = getattr(model, FOLDING_ATTR, None)
+    fuse = bool(folding and folding["method"])
+    try:
+        expected = _task_outputs(_reference_copy(model), probe_input, pack.num_tasks)
+    except Exception as error:  # noqa: BLE001 - the model's own forward code on an input it may not accept
+        raise ValueError(
+            f"save_pack checks the file by running the model on a probe input of shape {tuple(probe_input.shape)}"
+            f" and dtype {probe_input.dtype}, which failed ({type(error).__name__}: {error}); pass"
+            " probe=<a small batch of inputs the model accepts>"
+        ) from error
+
+    def check(read_back: Pack) -> None:
+        rebuilt = build_packed_model(read_back, skeleton, fuse=fuse, backend="reference")
+        for task, (want, got) in enumerate(
+            zip(expected, _task_outputs(rebuilt, probe_input, pack.num_tasks), strict=True), 1
+        ):
+            if (
+                want.shape != got.shape
+                or not torch.equal(want.isnan(), got.isnan())
+                or not torch.equal(want.nan_to_num(), got.nan_to_num())
+            ):
+                raise PackSaveError(
+                    f"the file written does not reproduce the model: task {task}'s outputs on the probe input differ"
+                )
+
+    return check
+
+
+def save_pack(model: nn.Module | Pack, path: str | os.PathLike, *, probe: torch.Tensor | None = None) -> dict[str, Any]:
     """Write a packed model (or a :class:`Pack`) to ``path`` as one safetensors file; returns the metadata.
 
-    The file is written to a temporary name in the same directory and renamed, so a reader never sees half a pack.
+    The file is written to a temporary name in the same directory, read back and checked, then renamed, so a
+    reader never sees half a pack and a pack that would not load is never left behind. The check reads the file
+    with :func:`read_pack`, rebuilds it on the model's plain architecture (recorded by ``swap_packed_``,
+    ``compile_pack`` and ``load_pack``) and compares the outputs of every task with the model's on ``probe`` (a
+    batch of inputs; by default two random inputs of the model's recorded input shape, and when the model records
+    none, the probe's per-sample shape is recorded in the file), bit for bit. The check costs a CPU copy of the
+    model, one rebuild and two forward passes per task. A :class:`Pack` of a registered builder must rebuild. The
+    file gets the mode the umask gives an ordinary file.
+
+    Raises:
+        PackSaveError: the written file does not read back into the model; no file is left.
+        ValueError: the model has no packed layers, records no architecture to check against, or no input shape
+            and no ``probe`` was given.
+        TypeError: the weights are not fp32, fp16 or bf16.
+        OSError: the directory does not exist or is not writable.
     """
     pack = model if isinstance(model, Pack) else pack_from_model(model)
     if pack.dtype not in WEIGHT_DTYPES.values():
         raise TypeError(f"pack weights must be one of {list(WEIGHT_DTYPES)}, got {pack.dtype}")
     tensors = {name: tensor.detach().contiguous().cpu().clone() for name, tensor in _tensor_names(pack).items()}
+    check_outputs = _written_file_check(model, pack, probe)  # refuses a bad probe before anything is written
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -379,21 +798,30 @@ def save_pack(model: nn.Module | Pack, path: str | os.PathLike) -> dict[str, Any
             for name, (weight, _) in pack.layers.items()
         ],
         "task_keys": sorted(pack.task_states[0]),
+        "shared_keys": sorted(pack.shared_state),
         "arch": pack.arch,
+        "fingerprint": pack.fingerprint,
+        # A probe given once tells the shape for later saves of the loaded pack.
+        "input_shape": pack.input_shape if pack.input_shape is not None or probe is None else list(probe.shape[1:]),
         "sha256": _digest(tensors),
     }
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(prefix=".packnet-", suffix=".tmp", dir=directory)
-    os.close(handle)
-    try:
-        save_file(tensors, tmp_path, metadata={"packnet": json.dumps(meta, sort_keys=True)})
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
+
+    def check(tmp_path: str) -> None:
+        try:
+            # read_pack validates everything and its checksum proves the tensors are the ones meant to be written.
+            read_back = read_pack(tmp_path)
+            check_outputs(read_back)
+        except PackFormatError as error:
+            raise PackSaveError(f"{path}: the file written does not read back ({error}); nothing was saved") from None
+        except PackSaveError as error:
+            raise PackSaveError(f"{path}: {error}; nothing was saved") from None
+
+    write_file_atomically(
+        path,
+        lambda tmp_path: save_file(tensors, tmp_path, metadata={"packnet": json.dumps(meta, sort_keys=True)}),
+        check,
+    )
     return meta
 
 
@@ -455,8 +883,9 @@ def _fail(path: str, message: str) -> PackFormatError:
 def read_pack(path: str | os.PathLike) -> Pack:
     """Read and validate a pack file without building a model.
 
-    Checks: the format name and version, the checksum, the tensor set (nothing missing, nothing extra), dtypes
-    and shapes, task ids within 1..num_tasks, free weights exactly zero, every task's state present.
+    Checks: the format name and version (1 or 2), the checksum, the tensor set (nothing missing, nothing extra),
+    dtypes and shapes, task ids within 1..num_tasks, free weights exactly zero, every task's state present, and
+    (version 2) the shared keys, fingerprint and input shape well formed.
 
     Raises:
         PackFormatError: naming the first problem found.
@@ -472,8 +901,10 @@ def read_pack(path: str | os.PathLike) -> Pack:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         found = meta.get("format") if isinstance(meta, dict) else meta
         raise _fail(path, f"format is {found!r}, expected {FORMAT_NAME!r}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise _fail(path, f"unsupported format version {meta.get('version')!r}; this packnet reads {FORMAT_VERSION}")
+    version = meta.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        readable = ", ".join(str(v) for v in READABLE_VERSIONS)
+        raise _fail(path, f"unsupported format version {version!r}; this packnet reads {readable}")
     if meta.get("sha256") != _digest(tensors):
         raise _fail(path, "checksum mismatch: the tensors are not the ones this pack was written with")
     num_tasks = meta.get("num_tasks")
@@ -491,7 +922,8 @@ def read_pack(path: str | os.PathLike) -> Pack:
         isinstance(arch, dict) and isinstance(arch.get("builder"), str) and isinstance(arch.get("kwargs"), dict)
     ):
         raise _fail(path, f"arch must be null or {{'builder': str, 'kwargs': {{...}}}}, got {arch!r}")
-    expected = set()
+    shared_keys, fingerprint, input_shape = _read_v2_fields(path, meta) if version >= 2 else ([], None, None)
+    expected = {f"shared/{key}" for key in shared_keys}
     for entry in layer_entries:
         if not (
             isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("shape"), list)
@@ -529,7 +961,47 @@ def read_pack(path: str | os.PathLike) -> Pack:
         for task, state in enumerate(task_states[1:], 2):
             if state[key].shape != first.shape or state[key].dtype != first.dtype:
                 raise _fail(path, f"task {task}'s {key!r} differs in shape or dtype from task 1's")
-    return Pack(num_tasks, layers, task_states, arch, meta)
+    both = sorted(set(shared_keys) & set(task_keys))
+    if both:
+        raise _fail(path, f"keys both shared and per task: {both[:5]}")
+    shared_state = {key: tensors[f"shared/{key}"] for key in shared_keys}
+    return Pack(num_tasks, layers, task_states, arch, meta, shared_state, fingerprint, input_shape)
+
+
+_MAX_INPUT_VALUES = 2**26  # per sample; save_pack draws a probe of this shape, so a crafted pack must not be huge
+
+
+def _read_v2_fields(path: str, meta: dict) -> tuple[list[str], list | None, list[int] | None]:
+    """Validate format 2's ``shared_keys``, ``fingerprint`` and ``input_shape``. Raises PackFormatError."""
+    shared_keys, fingerprint, input_shape = meta.get("shared_keys"), meta.get("fingerprint"), meta.get("input_shape")
+    if not isinstance(shared_keys, list) or not all(isinstance(key, str) for key in shared_keys):
+        raise _fail(path, "shared_keys must be a list of strings")
+    if fingerprint is not None:
+        well_formed = isinstance(fingerprint, list) and all(
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], str)
+            and isinstance(entry[2], list)
+            and all(
+                isinstance(item, list)
+                and len(item) == 2
+                and isinstance(item[0], str)
+                and isinstance(item[1], list)
+                and all(type(dim) is int and dim >= 0 for dim in item[1])
+                for item in entry[2]
+            )
+            for entry in fingerprint
+        )
+        if not well_formed:
+            raise _fail(path, "fingerprint must be null or a list of [module name, class name, [[key, shape], ...]]")
+    if input_shape is not None and not (
+        isinstance(input_shape, list)
+        and all(type(dim) is int and 1 <= dim <= _MAX_INPUT_VALUES for dim in input_shape)
+        and math.prod(input_shape) <= _MAX_INPUT_VALUES
+    ):
+        raise _fail(path, f"input_shape must be null or a list of positive ints, at most {_MAX_INPUT_VALUES} values")
+    return shared_keys, fingerprint, input_shape
 
 
 def load_pack(
@@ -539,13 +1011,16 @@ def load_pack(
 
     Args:
         path: a file written by :func:`save_pack`.
-        model: the plain architecture to build on; needed only when the pack was trained on a user's own model
-            (packs of the project's builders record their architecture).
+        model: the plain architecture to build on; needed only when the pack records no architecture spec (a
+            user's own model not built by a builder registered with :func:`packnet.register_builder`). When the
+            pack records a module-tree fingerprint (format 2), ``model`` must match it, module by module, before
+            anything is copied.
         fuse: fold BatchNorm (+ReLU) into the packed layers' epilogues.
         backend: kernel backend of the packed layers.
 
     Raises:
-        PackFormatError: the file is not a valid pack, or does not fit ``model``.
+        PackFormatError: the file is not a valid pack, does not fit ``model``, or names a builder that is not
+            registered in this process (a pack's builder name is only ever looked up, never imported).
     """
     pack = read_pack(path)
     if model is not None and getattr(model, ARCH_ATTR, None) not in (None, pack.arch) and pack.arch is not None:

@@ -123,6 +123,9 @@ class PackNet:
         self._frozen_weights: dict[str, torch.Tensor] = {}
         self._trainable_masks: dict[str, torch.Tensor] = {}
         self._epochs_run = 0  # passes over the data so far, for DistributedSampler.set_epoch
+        # Per-sample shape of the first training input (no batch dimension), recorded into packs so that
+        # save_pack can draw a probe input; None until a tensor input is seen.
+        self.input_shape: tuple[int, ...] | None = None
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -263,8 +266,9 @@ class PackNet:
         """Train the current task for ``epochs`` passes over ``data`` (an iterable of ``(inputs, targets)``).
 
         Gradients of weights the task does not own are zeroed and those weights are restored after every step.
-        Returns the mean loss of the last epoch (under DDP, averaged over the ranks). Progress is shown on rank 0
-        only. A ``torch.utils.data.DataLoader`` with a ``DistributedSampler`` gets ``set_epoch`` before each pass.
+        Returns the mean loss of the last epoch (under DDP, averaged over the ranks). A progress bar is shown when
+        ``show_progress``, on rank 0 only, and only when stderr is a terminal (so logs stay free of bar updates). A
+        ``torch.utils.data.DataLoader`` with a ``DistributedSampler`` gets ``set_epoch`` before each pass.
         """
         if not self.current_task:
             raise RuntimeError("no task is being trained; call start_task() first")
@@ -272,7 +276,10 @@ class PackNet:
         mean_loss = float("nan")
         group = ddp_group(self.model)
         show_progress = show_progress and is_main_process()
-        bar = tqdm(range(epochs), desc=f"task {self.current_task} {desc}", leave=False, disable=not show_progress)
+        # disable=None: tqdm shows the bar on a terminal only.
+        bar = tqdm(
+            range(epochs), desc=f"task {self.current_task} {desc}", leave=False, disable=None if show_progress else True
+        )
         for _ in bar:
             sampler = getattr(data, "sampler", None)
             if isinstance(sampler, DistributedSampler):
@@ -280,6 +287,8 @@ class PackNet:
             self._epochs_run += 1
             total, batches = 0.0, 0
             for inputs, targets in data:
+                if self.input_shape is None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 1:
+                    self.input_shape = tuple(inputs.shape[1:])
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(self.model(inputs), targets)
                 loss.backward()

@@ -40,6 +40,7 @@ def test_pack_is_saved_checked_and_timed(demo_result):
         "features.10",
     }
     assert all(row["packed_ms"] > 0 for row in result["timing"]["layers"])
+    assert result["folding"] == {"norms": 4, "folded": 4, "method": "fx"}
 
 
 def test_finetuning_baseline_is_reported(demo_result):

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import packnet
+from packnet.models import Classifier
 from packnet.pruning import magnitude_task_ids
 
 NUM_TASKS = 3
@@ -233,54 +234,88 @@ def test_pack_of_the_same_builder_with_other_sizes(mlp_pack):
         packnet.load_pack(mlp_pack, model=packnet.mlp(in_features=6, hidden=9, depth=1))
 
 
-class _Unregistered(nn.Module):
-    """A user's model: no architecture spec, so only the layer and state checks can tell it apart."""
+def _unregistered(features: nn.Module, head: nn.Module) -> nn.Module:
+    """A model of mlp's classes built by hand: no architecture spec, so only the fingerprint (format 2) or the
+    layer and state checks (format 1) can tell it apart."""
+    return Classifier(features, head)
 
-    def __init__(self, features: nn.Module, head: nn.Module):
-        super().__init__()
-        self.features, self.head = features, head
 
-    def forward(self, x):
-        return self.head(self.features(x))
+_FP = r"the model given is not the pack's architecture: "
 
 
 @pytest.mark.parametrize(
-    ("skeleton", "message"),
+    ("skeleton", "fingerprint_message", "state_message"),
     [
         (
-            lambda: _Unregistered(nn.Sequential(nn.Linear(6, 9), nn.ReLU()), nn.Linear(9, 2)),
+            lambda: _unregistered(nn.Sequential(nn.Linear(6, 9), nn.ReLU()), nn.Linear(9, 2)),
+            _FP + r"module 'features\.0' \(Linear\) holds weight \(8, 6\), bias \(8,\) in the pack but weight"
+            r" \(9, 6\), bias \(9,\) in the model",
             r"pack layer 'features\.0' has weight shape \(8, 6\) but the model's is \(9, 6\): the pack is for another",
         ),
         (
-            lambda: _Unregistered(nn.Sequential(nn.ReLU(), nn.Linear(6, 8)), nn.Linear(8, 2)),
+            lambda: _unregistered(nn.Sequential(nn.ReLU(), nn.Linear(6, 8)), nn.Linear(8, 2)),
+            _FP + r"module 'features\.0' is a Linear in the pack but a ReLU in the model",
             r"pack layer 'features\.0' is a ReLU in the model, not Linear/Conv2d",
         ),
-        (lambda: _Unregistered(nn.Sequential(), nn.Linear(8, 2)), r"pack layer 'features\.0' is not a module"),
         (
-            lambda: _Unregistered(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8)), nn.Linear(8, 2)),
+            lambda: _unregistered(nn.Sequential(), nn.Linear(8, 2)),
+            _FP + r"the pack's module 'features\.0' \(Linear\) is missing from the model",
+            r"pack layer 'features\.0' is not a module",
+        ),
+        (
+            lambda: _unregistered(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8)), nn.Linear(8, 2)),
+            _FP + r"module 'features\.1' is a ReLU in the pack but a BatchNorm1d in the model",
             r"task 1's state does not match the model: missing \['features\.1\.bias', ",
         ),
         (
-            lambda: _Unregistered(nn.Sequential(nn.Linear(6, 8), nn.ReLU()), nn.Linear(8, 3)),
+            lambda: _unregistered(nn.Sequential(nn.Linear(6, 8), nn.ReLU()), nn.Linear(8, 3)),
+            _FP + r"module 'head' \(Linear\) holds weight \(2, 8\), bias \(2,\) in the pack but weight \(3, 8\)",
             r"task 1's 'head\.bias' has shape \(2,\) but the model's is \(3,\): the pack is for another architecture",
         ),
         (
-            lambda: _Unregistered(nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU()), nn.Linear(8, 2)),
+            lambda: _unregistered(nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU()), nn.Linear(8, 2)),
+            _FP + r"module 'features\.0' \(Linear\) holds weight \(8, 6\), bias \(8,\) in the pack but weight"
+            r" \(8, 6\) in the model",
             r"task 1's state does not match the model: missing \[\], unexpected \['features\.0\.bias'\]",
         ),
     ],
     ids=["layer_shape", "layer_kind", "layer_missing", "extra_state", "head_shape", "no_bias"],
 )
-def test_pack_into_a_skeleton_of_another_architecture(mlp_pack, skeleton, message):
-    with pytest.raises(packnet.PackFormatError, match=message):
+def test_pack_into_a_skeleton_of_another_architecture(mlp_pack, skeleton, fingerprint_message, state_message):
+    with pytest.raises(packnet.PackFormatError, match=fingerprint_message):
         packnet.load_pack(mlp_pack, model=skeleton())
-    with pytest.raises(packnet.PackFormatError, match=message):
+    with pytest.raises(packnet.PackFormatError, match=fingerprint_message):
         packnet.build_packed_model(packnet.read_pack(mlp_pack), skeleton())
+    # A format-1 pack has no fingerprint: the layer and state checks still refuse the skeleton by name.
+    pack = packnet.read_pack(mlp_pack)
+    pack.fingerprint = None
+    with pytest.raises(packnet.PackFormatError, match=state_message):
+        packnet.build_packed_model(pack, skeleton())
+
+
+def test_skeleton_of_another_class_is_refused_before_anything_is_copied(mlp_pack, monkeypatch):
+    class Lookalike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features, self.head = nn.Sequential(nn.Linear(6, 8), nn.ReLU()), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a tensor was copied before the skeleton was checked")
+
+    monkeypatch.setattr(torch.Tensor, "copy_", no_copy)
+    monkeypatch.setattr("packnet.pack.copy.deepcopy", no_copy)
+    with pytest.raises(
+        packnet.PackFormatError, match=_FP + r"module <root> is a Classifier in the pack but a Lookalike"
+    ):
+        packnet.load_pack(mlp_pack, model=Lookalike())
 
 
 def test_the_matching_skeleton_loads(mlp_pack):
     """The skeletons above differ from this one in one respect each, so they fail for the reason they name."""
-    model = packnet.load_pack(mlp_pack, model=_Unregistered(nn.Sequential(nn.Linear(6, 8), nn.ReLU()), nn.Linear(8, 2)))
+    model = packnet.load_pack(mlp_pack, model=_unregistered(nn.Sequential(nn.Linear(6, 8), nn.ReLU()), nn.Linear(8, 2)))
     with packnet.set_task(model, 2):
         assert model(torch.randn(3, 6)).shape == (3, 2)
 

@@ -113,7 +113,9 @@ def test_user_model_needs_its_skeleton(tmp_path):
     x = torch.randn(3, 5)
     with packnet.set_task(loaded, 2):
         assert torch.equal(loaded(x), trainer.predict(x, 2))
-    with pytest.raises(packnet.PackFormatError, match="not a module of the model|another architecture"):
+    with pytest.raises(
+        packnet.PackFormatError, match="not the pack's architecture: module <root> is a Net in the pack"
+    ):
         packnet.load_pack(path, model=packnet.mlp(in_features=5, hidden=9, depth=1))
 
 
@@ -125,7 +127,9 @@ def test_load_errors_name_the_problem(trained, tmp_path):
         packnet.load_pack(path, model=packnet.small_cnn(width=8))
     unnamed = packnet.small_cnn(width=8)
     del unnamed.packnet_arch
-    with pytest.raises(packnet.PackFormatError, match=r"'features.0' has weight shape \(4, 1, 3, 3\).*another arch"):
+    with pytest.raises(
+        packnet.PackFormatError, match=r"'features.0' \(Conv2d\) holds weight \(4, 1, 3, 3\) in the pack"
+    ):
         packnet.load_pack(path, model=unnamed)
     with pytest.raises(packnet.PackFormatError, match="cannot read pack"):
         packnet.load_pack(tmp_path / "missing.pack")

@@ -3,7 +3,8 @@
 Every damaged file must either load correctly or raise ``packnet.PackFormatError`` with a message; any other
 exception, a hang or a crash is a bug. The golden pack (tests/data/golden_v1.pack, written once by
 tests/data/make_golden.py and never regenerated here) pins format version 1: its bytes, its metadata and its
-outputs (exact in float32 by construction, so ``torch.equal`` holds on any CPU).
+outputs (exact in float32 by construction, so ``torch.equal`` holds on any CPU). The writer now writes format 2,
+and every version-1 rule below still holds for version-1 files.
 
 Fuzzing uses hypothesis with ``derandomize=True`` so CI sees the same few hundred cases every run; set
 ``PACKNET_FUZZ_SCALE=20`` to run twenty times as many random cases locally.
@@ -234,20 +235,63 @@ def test_golden_pack_exports_the_same_outputs(expected):
             assert torch.equal(plain(expected["input"]), expected[f"output/task{task}"]), task
 
 
-def test_writer_still_writes_format_v1(tmp_path):
+def test_writer_rewrites_a_v1_pack_as_v2_with_the_same_tensors(tmp_path, expected):
+    """Format 2 adds shared_keys, fingerprint and input_shape to the metadata and nothing else: a v1 pack read and
+    written again holds the same tensors under the same names, and loads with the golden outputs."""
     again = tmp_path / "again.pack"
     packnet.save_pack(packnet.read_pack(GOLDEN), again)
     header, _ = split(again.read_bytes())
     golden_header, _ = split(GOLDEN.read_bytes())
     meta = meta_of(header)
     assert {k: v for k, v in meta.items() if k != "producer"} == {
-        k: v for k, v in GOLDEN_META.items() if k != "producer"
+        **{k: v for k, v in GOLDEN_META.items() if k != "producer"},
+        "version": 2,
+        "shared_keys": [],
+        "fingerprint": None,
+        "input_shape": None,
     }
     layout = {name: (entry["dtype"], entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
     golden_layout = {name: (e["dtype"], e["shape"]) for name, e in golden_header.items() if name != "__metadata__"}
     assert layout == golden_layout
     saved, golden = load_file(again), golden_tensors()
     assert all(torch.equal(saved[name], golden[name]) for name in golden)
+    model = packnet.load_pack(again, backend="reference")
+    for task, output in outputs(model, expected["input"]).items():
+        assert torch.equal(output, expected[f"output/task{task}"]), task
+
+
+# ---------------------------------------------------------------------------------------------------- format 2
+GOLDEN_V2 = DATA / "golden_v2.pack"
+GOLDEN_V2_SHA256 = "803eff099cd61ae3069e2baf76113e6a8372511cd1c0a2437c5cf44785fcb0c6"
+
+
+def test_golden_v2_bytes_and_metadata_are_unchanged():
+    data = GOLDEN_V2.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == GOLDEN_V2_SHA256, "tests/data/golden_v2.pack was modified"
+    meta = meta_of(split(data)[0])
+    assert meta["version"] == 2 and meta["input_shape"] == [1, 8, 8]
+    assert meta["shared_keys"] == [
+        f"features.4.{field}" for field in ("bias", "num_batches_tracked", "running_mean", "running_var", "weight")
+    ]
+    assert not any(key.startswith("features.4.") for key in meta["task_keys"])
+    assert meta["fingerprint"] == packnet.module_fingerprint(packnet.small_cnn(**GOLDEN_META["arch"]["kwargs"]))
+    assert checksum(load_file(GOLDEN_V2)) == meta["sha256"]
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_golden_v2_pack_loads_with_the_same_outputs(fuse):
+    expected = load_file(DATA / "golden_v2_expected.safetensors")
+    model = packnet.load_pack(GOLDEN_V2, fuse=fuse, backend="reference")
+    assert model.packnet_folding["folded"] == (4 if fuse else 0)
+    got = outputs(model, expected["input"])
+    for task in range(1, NUM_TASKS + 1):
+        assert torch.equal(got[task], expected[f"output/task{task}"]), task
+
+
+def test_writer_writes_the_golden_v2_pack_byte_for_byte(tmp_path):
+    again = tmp_path / "again.pack"
+    packnet.save_pack(packnet.read_pack(GOLDEN_V2), again)
+    assert again.read_bytes() == GOLDEN_V2.read_bytes()
 
 
 @pytest.mark.interpreter
@@ -393,7 +437,8 @@ RULES = {
     "free_weight_nan": (_nonzero_free(float("nan")), r"layer 'features\.3' has non-zero values in free weights"),
     "free_weight_inf": (_nonzero_free(float("-inf")), r"non-zero values in free weights"),
     # metadata
-    "version_2": (_meta("version", 2), r"unsupported format version 2; this packnet reads 1"),
+    "version_3": (_meta("version", 3), r"unsupported format version 3; this packnet reads 1, 2"),
+    "version_2_without_its_fields": (_meta("version", 2), r"shared_keys must be a list of strings"),
     "version_string": (_meta("version", "1"), r"unsupported format version '1'"),
     "version_missing": (_meta("version", _DELETE), r"unsupported format version None"),
     "format_name": (_meta("format", "other-pack"), r"format is 'other-pack', expected 'packnet-pack'"),
@@ -410,7 +455,10 @@ RULES = {
     "layer_entry": (_layer_entry(0, ["features.0"]), r"malformed layer entry \['features\.0'\]"),
     "task_keys": (_meta("task_keys", "head.bias"), r"task_keys must be a list of strings"),
     "arch_shape": (_meta("arch", "small_cnn"), r"arch must be null or \{'builder': str, 'kwargs': \{\.\.\.\}\}"),
-    "arch_unknown_builder": (_meta("arch", {"builder": "resnet", "kwargs": {}}), r"unknown model builder 'resnet'"),
+    "arch_unknown_builder": (
+        _meta("arch", {"builder": "resnet", "kwargs": {}}),
+        r"model builder 'resnet', which is not registered in this process",
+    ),
     "arch_bad_kwargs": (_arch(depth=3), r"cannot rebuild the architecture .*unexpected keyword argument 'depth'"),
     "arch_other_width": (_arch(width=3), r"'features\.0' has weight shape \(2, 1, 3, 3\) but the model's is \(3, 1"),
     "arch_null": (_meta("arch", None), r"records no architecture spec; pass the model skeleton"),
@@ -426,6 +474,85 @@ def test_each_rule_is_reached_and_named(tmp_path, rule):
     """Each damage, with the checksum recomputed so that the later checks are really reached."""
     mutate, message = RULES[rule]
     tensors, meta = golden_tensors(), golden_meta()
+    mutate(tensors, meta)
+    path = write_pack(tmp_path / "damaged.pack", tensors, meta)
+    with pytest.raises(packnet.PackFormatError, match=message):
+        packnet.load_pack(path, backend="reference")
+
+
+def _share(key):
+    """Move task 1's ``key`` to the shared state and drop it from every task."""
+
+    def mutate(tensors, meta):
+        tensors[f"shared/{key}"] = tensors[f"tasks/1/{key}"]
+        for task in range(1, NUM_TASKS + 1):
+            del tensors[f"tasks/{task}/{key}"]
+        meta["task_keys"].remove(key)
+        meta["shared_keys"] = sorted([*meta["shared_keys"], key])
+
+    return mutate
+
+
+def _also_per_task(key):
+    """Store shared ``key`` per task as well."""
+
+    def mutate(tensors, meta):
+        for task in range(1, NUM_TASKS + 1):
+            tensors[f"tasks/{task}/{key}"] = tensors[f"shared/{key}"].clone()
+        meta["task_keys"] = sorted([*meta["task_keys"], key])
+
+    return mutate
+
+
+def _fingerprint_entry(index, entry):
+    def mutate(tensors, meta):
+        meta["fingerprint"][index] = entry
+
+    return mutate
+
+
+def golden_meta_v2() -> dict:
+    return meta_of(split((DATA / "golden_v2.pack").read_bytes())[0])
+
+
+# Rules that only format 2 has, applied to the v2 golden pack.
+RULES_V2 = {
+    "shared_keys_type": (_meta("shared_keys", "features.4.bias"), r"shared_keys must be a list of strings"),
+    "shared_tensor_missing": (_drop("shared/features.4.bias"), r"missing tensors: \['shared/features\.4\.bias'\]"),
+    "shared_and_per_task": (
+        _also_per_task("features.4.bias"),
+        r"keys both shared and per task: \['features\.4\.bias'\]",
+    ),
+    "shared_layer_bias": (_share("features.10.bias"), r"pack layer 'features\.10' has a shared bias"),
+    "shared_per_task_mix": (_share("features.1.bias"), r"module 'features\.1' holds per-task state and shared state"),
+    "fingerprint_type": (_meta("fingerprint", {"features.0": "Conv2d"}), r"fingerprint must be null or a list of"),
+    "fingerprint_entry": (_fingerprint_entry(1, ["features", "Sequential"]), r"fingerprint must be null or a list"),
+    "fingerprint_negative_dim": (
+        _fingerprint_entry(2, ["features.0", "Conv2d", [["weight", [-2, 1, 3, 3]]]]),
+        r"fingerprint must be null or a list",
+    ),
+    "fingerprint_other_class": (
+        _fingerprint_entry(2, ["features.0", "Conv3d", [["weight", [2, 1, 3, 3]]]]),
+        r"not the pack's architecture: module 'features\.0' is a Conv3d in the pack but a Conv2d in the model",
+    ),
+    "fingerprint_extra_module": (
+        lambda tensors, meta: meta["fingerprint"].append(["features.99", "Dropout", []]),
+        r"the pack's module 'features\.99' \(Dropout\) is missing from the model",
+    ),
+    "fingerprint_missing_module": (
+        lambda tensors, meta: meta["fingerprint"].pop(),
+        r"the model's module 'head' \(Linear\) is not in the pack",
+    ),
+    "input_shape_type": (_meta("input_shape", "1x8x8"), r"input_shape must be null or a list of positive ints"),
+    "input_shape_zero": (_meta("input_shape", [1, 0, 8]), r"input_shape must be null or a list of positive ints"),
+    "input_shape_huge": (_meta("input_shape", [4096, 4096, 4096]), r"at most 67108864 values"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES_V2))
+def test_each_format_2_rule_is_reached_and_named(tmp_path, rule):
+    mutate, message = RULES_V2[rule]
+    tensors, meta = load_file(DATA / "golden_v2.pack"), golden_meta_v2()
     mutate(tensors, meta)
     path = write_pack(tmp_path / "damaged.pack", tensors, meta)
     with pytest.raises(packnet.PackFormatError, match=message):
@@ -651,6 +778,25 @@ def test_rewritten_metadata_loads_correctly_or_fails_cleanly(scratch, expected, 
     scratch.write_bytes(join(with_meta(header, meta), body))
     # Only the checksum covers the tensors; any metadata edit that passes validation describes the same network.
     load_outcome(scratch, expected, f"meta {'delete' if delete else 'set'} {path} = {value!r}")
+
+
+@pytest.fixture(scope="module")
+def expected_v2():
+    return load_file(DATA / "golden_v2_expected.safetensors")
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_rewritten_v2_metadata_loads_correctly_or_fails_cleanly(scratch, expected_v2, data):
+    """The same on the v2 golden pack, whose metadata adds shared keys, the fingerprint and the input shape."""
+    header, body = split(GOLDEN_V2.read_bytes())
+    meta = meta_of(header)
+    path = data.draw(st.sampled_from(list(_paths(meta))), label="path")
+    delete = bool(path) and data.draw(st.booleans(), label="delete")
+    value = None if delete else data.draw(JSON_VALUES, label="value")
+    meta = _replace(meta, path, value, delete)
+    scratch.write_bytes(join(with_meta(header, meta), body))
+    load_outcome(scratch, expected_v2, f"v2 meta {'delete' if delete else 'set'} {path} = {value!r}")
 
 
 @fuzz(100)

@@ -1,13 +1,18 @@
-"""Write the v1 golden pack and its expected outputs (tests/data/golden_v1.pack, golden_v1_expected.safetensors).
+"""Write the golden pack of the current format and its expected outputs (tests/data/golden_v2.pack,
+golden_v2_expected.safetensors).
 
-The golden files pin pack format version 1: tests/test_pack_fuzz.py loads the committed bytes and asserts the same
+The golden files pin a pack format version: tests/test_pack_fuzz.py loads the committed bytes and asserts the same
 outputs bit for bit, so a change to the writer or the reader that alters the format fails CI. The test never runs
-this script. Run it by hand only to create the golden files of a new format version (then name them ``_v2``, keep
-the v1 files, and keep testing that v1 packs still load):
+this script. Run it by hand only to create the golden files of a new format version (then name them ``_v3``, keep
+the older files, and keep testing that older packs still load). golden_v1.pack and golden_v1_expected.safetensors
+were written by this script under format version 1 (before shared state existed; every BatchNorm per task) and are
+never regenerated: today's writer writes version 2.
 
     PYTHONPATH=. .venv/bin/python tests/data/make_golden.py [--out-dir tests/data]
 
-The pack is a 3-task ``packnet.small_cnn(width=2)`` (convolutions, BatchNorm, a Linear with per-task bias, a head).
+The pack is a 3-task ``packnet.small_cnn(width=2)`` (convolutions, BatchNorm, a Linear with per-task bias, a head);
+in version 2 the BatchNorm ``features.4`` is shared by all tasks, and the pack records its module-tree fingerprint
+and input shape.
 No training is involved, so the script writes the same bytes on every run: the weights are small integers drawn
 from a seeded generator, the task ids come from nested magnitude pruning, and every per-task value is a multiple of
 1/4. Each BatchNorm's ``running_var + eps`` rounds in float32 to exactly 4, 16 or 64, so its scale is a power of
@@ -27,14 +32,15 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import packnet
-from packnet.models import arch_spec
+from packnet.models import arch_spec, module_fingerprint
 from packnet.pruning import magnitude_task_ids
 
 NUM_TASKS = 3
 SPEC = {"in_channels": 1, "num_classes": 3, "width": 2, "image_size": 8}
 SEED = 20240601
-PACK_NAME = "golden_v1.pack"
-EXPECTED_NAME = "golden_v1_expected.safetensors"
+PACK_NAME = "golden_v2.pack"
+EXPECTED_NAME = "golden_v2_expected.safetensors"
+SHARED_MODULE = "features.4"  # a BatchNorm whose state all tasks share
 BN_EPS = 1e-5  # nn.BatchNorm's default, which small_cnn uses
 
 
@@ -62,35 +68,47 @@ def build_pack() -> packnet.Pack:
             weight = magnitude * sign
             ids = magnitude_task_ids(weight, NUM_TASKS, 0.5)
             layers[name] = (torch.where(ids != 0, weight, torch.zeros(())), ids)
-    task_states = []
+    task_states, shared_state = [], {}
     for task in range(1, NUM_TASKS + 1):
         state = {}
         for key, value in model.state_dict().items():
             if key[: -len(".weight")] in layers:
                 continue
             module_name, _, field = key.rpartition(".")
+            if module_name == SHARED_MODULE and task > 1:
+                continue
+            target = shared_state if module_name == SHARED_MODULE else state
             module = model.get_submodule(module_name)
             if field == "num_batches_tracked":
-                state[key] = torch.tensor(100 * task, dtype=torch.int64)
+                target[key] = torch.tensor(100 * task, dtype=torch.int64)
             elif field == "running_var":
-                state[key] = _exact_running_var(generator, value.numel())
+                target[key] = _exact_running_var(generator, value.numel())
             elif isinstance(module, nn.modules.batchnorm._BatchNorm) and field == "weight":
-                state[key] = _quarters(generator, value.shape, 2, 6)  # 0.5 .. 1.5
+                target[key] = _quarters(generator, value.shape, 2, 6)  # 0.5 .. 1.5
             elif module_name == "head" and field == "weight":
-                state[key] = _quarters(generator, value.shape, -4, 4)
+                target[key] = _quarters(generator, value.shape, -4, 4)
             else:  # biases and running means
-                state[key] = _quarters(generator, value.shape, -4, 4)
+                target[key] = _quarters(generator, value.shape, -4, 4)
         task_states.append(state)
-    return packnet.Pack(NUM_TASKS, layers, task_states, arch_spec(model))
+    return packnet.Pack(
+        NUM_TASKS,
+        layers,
+        task_states,
+        arch_spec(model),
+        shared_state=shared_state,
+        fingerprint=module_fingerprint(model),
+        input_shape=[SPEC["in_channels"], SPEC["image_size"], SPEC["image_size"]],
+    )
 
 
 def exact_forward(pack: packnet.Pack, x: torch.Tensor, task: int) -> torch.Tensor:
     """The outputs in float64 with BatchNorm's 1/sqrt(var + eps) taken as the exact power of two float32 gives."""
     model = packnet.small_cnn(**SPEC).double().eval()
     state = {key: value.double() for key, value in pack.task_state_dict(task).items()}
+    stored = {**pack.shared_state, **pack.task_states[task - 1]}
     for key in list(state):
         if key.endswith("running_var"):
-            state[key] = (pack.task_states[task - 1][key] + torch.tensor(BN_EPS, dtype=torch.float32)).double()
+            state[key] = (stored[key] + torch.tensor(BN_EPS, dtype=torch.float32)).double()
     model.load_state_dict(state)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
