@@ -66,7 +66,9 @@ def main(argv=None) -> int:
             (
                 f"linear {FEATURES}x{FEATURES} b{batch}",
                 lambda x=x, w=w, ids=ids: pk.masked_linear(x, w, ids, 2, backend="triton"),
-                lambda x=x, w=w, ids=ids: torch.ops.packnet.masked_linear(x, w, ids, 2, None, None, None, False, True),
+                lambda x=x, w=w, ids=ids: torch.ops.packnet.masked_linear(
+                    x, w, ids, 2, None, None, None, False, True, None, False
+                ),
                 lambda x=x, w=w, ids=ids: linear_module._launch(x, w, ids, 2, None, None, None, False, True),
                 lambda x=x, w=w: F.linear(x, w),
             )
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
         ids = torch.randint(0, 4, w.shape, device=device, dtype=torch.uint8).contiguous(
             memory_format=torch.channels_last
         )
-        launch_args = (x, w, ids, 2, None, None, None, [1, 1], [1, 1, 1, 1], [1, 1], groups, False, True)
+        launch_args = (x, w, ids, 2, None, None, None, [1, 1], [1, 1, 1, 1], [1, 1], groups, False, True, None, False)
         cases.append(
             (
                 f"{name} b1",

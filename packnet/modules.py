@@ -366,6 +366,7 @@ class PackedConv2d(_PackedLayer):
             shift=shift,
             relu=self.relu,
             backend=self.backend,
+            **self._kernel_tile_args(x),
         )
 
     def extra_repr(self) -> str:

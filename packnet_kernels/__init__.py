@@ -113,6 +113,8 @@ def masked_conv2d(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     relu: bool = False,
+    tile_map: torch.Tensor | None = None,
+    free_weights_zero: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``relu?((conv2d(x, W_t) + bias) * scale + shift)`` where ``W_t = where(task_ids in 1..task, weight, 0)``.
@@ -123,6 +125,8 @@ def masked_conv2d(
         task: int in 1..255.
         bias, scale, shift: optional ``[out]`` vectors (the per-task epilogue, e.g. a folded BatchNorm).
         stride, dilation: int or pair; padding: int, pair, ``"same"`` or ``"valid"``; groups: int.
+        tile_map, free_weights_zero: as for :func:`masked_linear`, the map of ``reference.gemm_matrix(task_ids)``;
+            the kernel uses it where its tiles line up with the cells (``C/groups`` a multiple of 32).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -136,6 +140,7 @@ def masked_conv2d(
         task, stride, padding, dilation = check_conv2d(
             x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale, shift
         )
+        check_tile_map("masked_conv2d", tile_map, weight, free_weights_zero)
         return masked_conv2d_ref(
             x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale=scale, shift=shift, relu=relu
         )
@@ -143,5 +148,18 @@ def masked_conv2d(
     from .conv2d import masked_conv2d_triton
 
     return masked_conv2d_triton(
-        x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale=scale, shift=shift, relu=relu
+        x,
+        weight,
+        task_ids,
+        task,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        scale=scale,
+        shift=shift,
+        relu=relu,
+        tile_map=tile_map,
+        free_weights_zero=free_weights_zero,
     )

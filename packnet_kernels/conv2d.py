@@ -22,16 +22,18 @@ import triton.language as tl
 
 from ._checks import (
     KERNEL_DTYPES,
+    TILE_CELL,
     as_is,
     autotune_bench,
     ceil_div,
     check_conv2d,
+    check_tile_map,
     device_properties,
     direct_launch_allowed,
     on_device,
     require_kernel_device,
 )
-from ._predicate import task_owns
+from ._predicate import task_owns, tile_use
 
 __all__ = ["masked_conv2d_triton"]
 
@@ -54,9 +56,12 @@ def _masked_conv2d_gemm_kernel(
     scale_ptr,
     shift_ptr,
     out_ptr,
+    tile_map_ptr,
     active_task,
     total_pixels,
     m_bucket,
+    stride_map_plane,
+    stride_map_row,
     in_h,
     in_w,
     out_h,
@@ -90,6 +95,10 @@ def _masked_conv2d_gemm_kernel(
     TAPS_OUTER: tl.constexpr,
     CHANNELS_INNER: tl.constexpr,
     USE_MASK: tl.constexpr,
+    TILE_MAP: tl.constexpr,
+    RAW_TILES: tl.constexpr,
+    CELL_N: tl.constexpr,
+    CELL_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
@@ -112,6 +121,13 @@ def _masked_conv2d_gemm_kernel(
     With ``TAPS_OUTER`` the reduction runs tap by tap over blocks of ``BLOCK_K`` channels (fast with a channels_last
     input and a K-contiguous weight, whose channels are neighbouring addresses); else over all of ``(c, r, s)`` at
     once, with ``c`` fastest when ``CHANNELS_INNER`` (channels_last input), for convs with few channels per group.
+
+    ``TILE_MAP`` (``TAPS_OUTER`` only; the launcher ensures ``Cg`` and, with groups, ``out/groups`` are multiples
+    of 32): ``tile_map_ptr`` uint8 ``[2, out / CELL_N, KH * KW * Cg / CELL_K]`` (strides ``stride_map_plane``,
+    ``stride_map_row``, 1; :func:`packnet_kernels.reference.tile_map`) says, per step, which tasks own weights in its
+    ``[BLOCK_K, BLOCK_N]`` weight tile (the cells covering it, or the one cell holding a smaller tile). A tile no
+    weight of tasks 1..active_task lives in reads no weight, id or input bytes; with ``RAW_TILES`` (free weights
+    guaranteed zero) a tile whose owners are all visible reads no ids. Sums are those of the predicate path.
     """
     pid = tl.program_id(0)
     group = tl.program_id(1)
@@ -143,10 +159,35 @@ def _masked_conv2d_gemm_kernel(
         # pipeline spans the whole reduction. A step's BLOCK_K channels are neighbouring addresses in a channels_last
         # input and in a K-contiguous ([out, KH, KW, Cg] in memory) weight and id tensor: 16-byte loads.
         channel_blocks = tl.cdiv(cin_per_group, BLOCK_K)
+        if TILE_MAP:
+            # The cells covering this program's output channels (one cell when BLOCK_N < CELL_N: it holds the tile).
+            CELLS_N: tl.constexpr = BLOCK_N // CELL_N if BLOCK_N >= CELL_N else 1
+            CELLS_K: tl.constexpr = BLOCK_K // CELL_K if BLOCK_K >= CELL_K else 1
+            first_channel = group * cout_per_group + pid_n * BLOCK_N
+            cell_rows = first_channel // CELL_N + tl.arange(0, CELLS_N)
+            cell_row_mask = cell_rows < tl.cdiv(cout_per_group * tl.num_programs(1), CELL_N)
+            offs_cell_k = tl.arange(0, CELLS_K)
+            map_rows = tile_map_ptr + cell_rows[:, None] * stride_map_row
         for step in range(0, KH * KW * channel_blocks):
             tap = step // channel_blocks
-            offs_c = (step % channel_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-            c_valid = offs_c < cin_per_group
+            first_c = (step % channel_blocks) * BLOCK_K
+            offs_c = first_c + tl.arange(0, BLOCK_K)
+            # Masks compare offsets with scalar bounds (what keeps the loads vectorised); the tile map narrows the
+            # bounds to 0 for what this step need not read.
+            c_limit = cin_per_group
+            ids_limit = cin_per_group
+            if TILE_MAP:
+                cell_cols = (tap * cin_per_group + first_c) // CELL_K + offs_cell_k
+                cell_mask = cell_row_mask[:, None] & (cell_cols < tl.cdiv(KH * KW * cin_per_group, CELL_K))[None, :]
+                map_ptrs = map_rows + cell_cols[None, :]
+                smallest = tl.load(map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
+                largest = tl.load(map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last")
+                used, all_visible = tile_use(smallest, largest, active_task)
+                c_limit = tl.where(used, c_limit, 0)
+                ids_limit = c_limit
+                if RAW_TILES:
+                    ids_limit = tl.where(all_visible, 0, c_limit)
+            c_valid = offs_c < c_limit
             tap_row = tap // KW
             tap_col = tap % KW
             in_row = in_row0 + tap_row * dilation_h
@@ -167,11 +208,15 @@ def _masked_conv2d_gemm_kernel(
             if USE_MASK:
                 ids = tl.load(
                     (ids_cols + tap_row * stride_ih + tap_col * stride_iw)[None, :] + (offs_c * stride_ic)[:, None],
-                    mask=wk_mask,
+                    mask=(offs_c < ids_limit)[:, None] & n_valid[None, :],
                     other=0,
                 )
+                owned = task_owns(ids, active_task)
+                if TILE_MAP:
+                    # Rows whose ids were not read: raw-tile weights (kept) or zeros (skipped tiles, the tail).
+                    owned = owned | (offs_c >= ids_limit)[:, None]
                 # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
-                w_tile = tl.where(task_owns(ids, active_task), w_tile, 0.0)
+                w_tile = tl.where(owned, w_tile, 0.0)
             if UPCAST_DOT:
                 x_tile = x_tile.to(tl.float32)
                 w_tile = w_tile.to(tl.float32)
@@ -390,7 +435,17 @@ _INTERPRETER_CONFIGS = {"gemm": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, "
 
 # The row count enters the key only bucketed (``m_bucket``), so a new batch size does not re-tune.
 _AUTOTUNE_KEYS = {
-    "gemm": ["m_bucket", "cin_per_group", "cout_per_group", "KH", "KW", "TAPS_OUTER", "CHANNELS_INNER"],
+    "gemm": [
+        "m_bucket",
+        "cin_per_group",
+        "cout_per_group",
+        "KH",
+        "KW",
+        "TAPS_OUTER",
+        "CHANNELS_INNER",
+        "TILE_MAP",
+        "RAW_TILES",
+    ],
     "direct": ["m_bucket", "out_channels", "cin_per_group", "cout_per_group", "KH", "KW"],
 }
 _KERNELS = {"gemm": _masked_conv2d_gemm_kernel, "direct": _masked_conv2d_direct_kernel}
@@ -461,6 +516,18 @@ def _uses_direct_kernel(groups: int, cin_per_group: int, cout_per_group: int) ->
     return groups > 1 and min(cin_per_group, cout_per_group) < 16
 
 
+def tile_map_applies(cin_per_group: int, cout_per_group: int, groups: int) -> bool:
+    """Whether the GEMM kernel's tiles line up with tile-map cells: a tap's channel blocks start on a cell column
+    (``Cg`` a multiple of 32, which also means the tap-by-tap loop runs) and, with groups, each group's output channels
+    start on a cell row. Other convs (an RGB stem, odd channel counts, depthwise) run without the map."""
+    return (
+        cin_per_group % TILE_CELL[1] == 0
+        and cin_per_group >= _TAPS_OUTER_MIN_CHANNELS
+        and (groups == 1 or cout_per_group % TILE_CELL[0] == 0)
+        and not _uses_direct_kernel(groups, cin_per_group, cout_per_group)
+    )
+
+
 def _resolve_padding(padding, kernel_size, dilation) -> list[int]:
     """``[top, bottom, left, right]``; ``"same"`` puts the odd extra row/column at the bottom/right like F.conv2d."""
     if padding == "valid":
@@ -523,11 +590,27 @@ def _empty_output(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilati
 
 
 def _launch(
-    x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, wrap=None
+    x,
+    weight,
+    task_ids,
+    task,
+    bias,
+    scale,
+    shift,
+    stride,
+    padding,
+    dilation,
+    groups,
+    relu,
+    use_mask,
+    tile_map=None,
+    free_weights_zero=False,
+    wrap=None,
 ):
     """Launch on validated arguments; ``padding`` is ``[top, bottom, left, right]``. ``wrap`` turns a kernel into its
     launchable form: ``wrap_triton`` (the default) inside the registered op, :func:`~packnet_kernels._checks.as_is`
-    for a direct eager launch (see ``packnet_kernels.linear._launch`` for why)."""
+    for a direct eager launch (see ``packnet_kernels.linear._launch`` for why). ``tile_map`` is used where the
+    kernel's tiles line up with its cells (:func:`tile_map_applies`) and ignored elsewhere."""
     wrap = torch.library.wrap_triton if wrap is None else wrap
     if not x.is_cuda and not _INTERPRETED:
         raise RuntimeError(
@@ -611,7 +694,15 @@ def _launch(
         # on FMAs and spilled registers in every conv tile (triton 3.9, sm_90 and sm_80: tests/test_codegen.py).
         tf32 = x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32
         # The interpreter's bf16 dot is wrong (numpy has no bf16): upcast the tiles there.
+        mapped = use_mask and tile_map is not None and tile_map_applies(cin_per_group, cout_per_group, groups)
         common.update(
+            tile_map_ptr=tile_map if mapped else None,
+            stride_map_plane=tile_map.stride(0) if mapped else 0,
+            stride_map_row=tile_map.stride(1) if mapped else 0,
+            TILE_MAP=mapped,
+            RAW_TILES=mapped and free_weights_zero,
+            CELL_N=TILE_CELL[0],
+            CELL_K=TILE_CELL[1],
             TAPS_OUTER=cin_per_group >= _TAPS_OUTER_MIN_CHANNELS,
             CHANNELS_INNER=_strides_like_channels_last(x),
             UPCAST_DOT=_INTERPRETED and x.dtype == torch.bfloat16,
@@ -641,21 +732,22 @@ def _launch(
 
 _OP_ARGS = (
     "Tensor x, Tensor weight, Tensor task_ids, int task, Tensor? bias, Tensor? scale, Tensor? shift, int[] stride, "
-    "int[] padding, int[] dilation, int groups, bool relu, bool use_mask"
+    "int[] padding, int[] dilation, int groups, bool relu, bool use_mask, Tensor? tile_map, bool free_weights_zero"
 )
 
 
 @torch.library.custom_op("packnet::masked_conv2d_interpreted", mutates_args=(), schema=f"({_OP_ARGS}) -> Tensor")
 def _masked_conv2d_interpreted(
-    x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask
+    x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, tile_map, raw
 ):
     """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
     ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
-    return _launch(x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask)
+    args = (x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask)
+    return _launch(*args, tile_map, raw)
 
 
 @_masked_conv2d_interpreted.register_fake
-def _(x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask):
+def _(x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, tile_map, raw):
     return _empty_output(x, weight, stride, padding, dilation)
 
 
@@ -674,10 +766,13 @@ def _masked_conv2d_op(
     groups: int,
     relu: bool,
     use_mask: bool,
+    tile_map: torch.Tensor | None,
+    free_weights_zero: bool,
 ) -> torch.Tensor:
     """The registered op (also its own fake implementation); arguments validated by :func:`masked_conv2d_triton`.
     CUDA launches go through ``wrap_triton`` so ``torch.compile`` sees the kernels."""
     args = (x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask)
+    args += (tile_map, free_weights_zero)
     if not x.is_cuda:
         return _masked_conv2d_interpreted(*args)
     # Triton launches on the current device: make it the tensors' one (they may live on another GPU).
@@ -700,6 +795,8 @@ def masked_conv2d_triton(
     shift: torch.Tensor | None = None,
     relu: bool = False,
     use_mask: bool = True,
+    tile_map: torch.Tensor | None = None,
+    free_weights_zero: bool = False,
 ) -> torch.Tensor:
     """``relu?((conv2d(x, W_t) + bias) * scale + shift)`` with ``W_t = where((ids != 0) & (ids <= task), W, 0)``.
 
@@ -712,6 +809,10 @@ def masked_conv2d_triton(
         stride, dilation: int or pair; padding: int, pair, ``"same"`` or ``"valid"``; groups: int.
         relu: apply ReLU last.
         use_mask: ``False`` runs the same kernel on the raw weight (ids not read); for benchmarks.
+        tile_map, free_weights_zero: as for :func:`packnet_kernels.linear.masked_linear_triton`, the map over
+            ``reference.gemm_matrix(task_ids)`` (uint8 ``[2, ceil(out / 32), ceil(kh * kw * C/groups / 32)]``). Used
+            where the tiles line up with its cells (:func:`tile_map_applies`: ``C/groups`` a multiple of 32), else
+            ignored; results never change.
 
     Returns:
         ``[N, out, H_out, W_out]`` in ``x``'s dtype; channels_last when ``x`` or ``weight`` is, as with ``F.conv2d``.
@@ -720,12 +821,17 @@ def masked_conv2d_triton(
         x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale, shift, dtypes=KERNEL_DTYPES
     )
     require_kernel_device("masked_conv2d_triton", x)
+    check_tile_map("masked_conv2d", tile_map, weight, free_weights_zero)
+    if not isinstance(use_mask, bool):
+        raise TypeError(f"masked_conv2d: use_mask must be a bool, got {type(use_mask).__name__}")
+    if not use_mask:
+        tile_map, free_weights_zero = None, False
     pads = _resolve_padding(padding, weight.shape[2:], dilation)
     if direct_launch_allowed(x, weight, bias, scale, shift):
         # Eager calls skip the registered op's dispatch: most of a small layer's host time.
         args = (x, weight, task_ids, task, bias, scale, shift, stride, pads, dilation, groups, relu, use_mask)
         with on_device(x.device):
-            return _launch(*args, wrap=as_is)
+            return _launch(*args, tile_map, free_weights_zero, wrap=as_is)
     return torch.ops.packnet.masked_conv2d(
         x,
         weight,
@@ -740,4 +846,6 @@ def masked_conv2d_triton(
         groups,
         relu,
         use_mask,
+        tile_map,
+        free_weights_zero,
     )

@@ -131,16 +131,7 @@ def _linear_variants() -> list[dict]:
                             gemm=True,
                         )
                     )
-    # The packed layers' tile-map path (raw tiles allowed): every sm_90 fp16 config of the main shapes.
-    for variant in list(variants):
-        if variant["arch"] == 90 and variant["dtype"] == "fp16" and variant["name"].startswith(tuple(MAIN_LINEAR)):
-            args = dict(variant["args"], tile_map_ptr="*u8", stride_map_plane=128 * 128, stride_map_row=128)
-            constexprs = dict(variant["constexprs"], TILE_MAP=True, RAW_TILES=True)
-            variants.append(dict(variant, name=variant["name"] + "-tilemap", args=args, constexprs=constexprs))
     return variants
-
-
-MAIN_LINEAR = ("linear-m1-", "linear-m4096-")
 
 
 CONV_SHAPES = {
@@ -202,6 +193,8 @@ def _conv_variants() -> list[dict]:
                 }
                 if direct:
                     args["out_channels"] = cout
+                else:
+                    args.update(tile_map_ptr=None, stride_map_plane=0, stride_map_row=0)
                 constexprs = {
                     "KH": kernel,
                     "KW": kernel,
@@ -214,6 +207,10 @@ def _conv_variants() -> list[dict]:
                 if not direct:
                     constexprs.update(
                         TAPS_OUTER=cin_g >= conv2d._TAPS_OUTER_MIN_CHANNELS,
+                        TILE_MAP=False,
+                        RAW_TILES=False,
+                        CELL_N=32,
+                        CELL_K=32,
                         CHANNELS_INNER=True,
                         UPCAST_DOT=False,
                         INPUT_PRECISION="tf32",
@@ -254,7 +251,21 @@ def _conv_variants() -> list[dict]:
     return variants
 
 
+def _tile_map_variants(variants: list[dict]) -> list[dict]:
+    """The packed layers' tile-map path (raw tiles allowed): every sm_90 fp16 config of the main shapes of each GEMM
+    kernel whose tiles line up with the map's cells (linear; convs with 32k channels per group)."""
+    mapped = []
+    for variant in variants:
+        main = variant["name"].startswith(("linear-m1-", "linear-m4096-", "conv3x3-", "conv1x1-"))
+        if variant["arch"] == 90 and variant["dtype"] == "fp16" and main:
+            args = dict(variant["args"], tile_map_ptr="*u8", stride_map_plane=128 * 128, stride_map_row=128)
+            constexprs = dict(variant["constexprs"], TILE_MAP=True, RAW_TILES=True)
+            mapped.append(dict(variant, name=variant["name"] + "-tilemap", args=args, constexprs=constexprs))
+    return mapped
+
+
 VARIANTS = _linear_variants() + _conv_variants()
+VARIANTS += _tile_map_variants(VARIANTS)
 
 
 def _spec(variant: dict) -> dict:

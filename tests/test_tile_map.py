@@ -275,3 +275,88 @@ def test_packed_linear_with_a_map_compiles_to_one_graph(kernel_device):
     compiled = torch.compile(lambda inputs: layer(inputs, task=2), backend=counter, fullgraph=True)
     assert torch.equal(compiled(x), expected)
     assert counter.frame_count == 1
+
+
+def _conv_case(batch, in_channels, out_channels, kernel, groups, dtype, device, seed):
+    """A conv whose ids are block-structured over the kernels' ``[out, kh * kw * C/groups]`` layout."""
+    generator = torch.Generator().manual_seed(seed)
+    cin_per_group = in_channels // groups
+    matrix = _block_ids(out_channels, kernel * kernel * cin_per_group, seed)
+    task_ids = matrix.reshape(out_channels, kernel, kernel, cin_per_group).permute(0, 3, 1, 2).contiguous()
+    assert torch.equal(gemm_matrix(task_ids), matrix)
+    weight = torch.randn(task_ids.shape, generator=generator).to(dtype)
+    weight = torch.where(task_ids == 0, torch.zeros((), dtype=dtype), weight)
+    x = torch.randn(batch, in_channels, 5, 4, generator=generator).to(dtype)
+    layout = torch.channels_last
+    return (
+        x.to(device).contiguous(memory_format=layout),
+        weight.to(device).contiguous(memory_format=layout),
+        task_ids.to(device).contiguous(memory_format=layout),
+    )
+
+
+# (batch, in, out, kernel, groups): a 3x3 over 32 channels, a grouped 3x3 with 32 channels and outputs per group,
+# a 1x1 over 64 channels; and a 3x3 over 16 channels, whose taps do not start on cell columns (map not used).
+CONV_CASES = [(1, 32, 40, 3, 1), (1, 64, 64, 3, 2), (2, 64, 33, 1, 1), (1, 16, 24, 3, 1)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_conv_tile_paths_equal_the_predicate_path(case, kernel_device):
+    from packnet_kernels import masked_conv2d
+    from packnet_kernels.conv2d import tile_map_applies
+
+    batch, in_channels, out_channels, kernel, groups = case
+    x, weight, task_ids = _conv_case(*case, torch.float16, kernel_device, seed=in_channels + out_channels)
+    assert tile_map_applies(in_channels // groups, out_channels // groups, groups) == (in_channels // groups >= 32)
+    cells = tile_map(task_ids)
+    for task in (1, 2, 3):
+        expected = masked_conv2d(x, weight, task_ids, task, None, 1, 1, 1, groups, relu=True, backend="triton")
+        for free_weights_zero in (False, True):
+            got = masked_conv2d(
+                x,
+                weight,
+                task_ids,
+                task,
+                None,
+                1,
+                1,
+                1,
+                groups,
+                relu=True,
+                tile_map=cells,
+                free_weights_zero=free_weights_zero,
+                backend="triton",
+            )
+            assert torch.equal(got, expected), (task, free_weights_zero)
+
+
+@pytest.mark.interpreter
+def test_conv_obeys_the_map(kernel_device):
+    """A map claiming the first cell (output channels 0..31, tap (0, 0), channels 0..31) holds only task 3 makes task 1
+    skip it; a map claiming task 1 owns every cell makes task 1 read raw weights when free weights are zero."""
+    from packnet_kernels import masked_conv2d
+
+    x, weight, task_ids = _conv_case(1, 32, 32, 3, 1, torch.float32, kernel_device, seed=4)
+    task_ids = torch.ones_like(task_ids)
+    lying = tile_map(task_ids)
+    lying[:, 0, 0] = 3
+    skipped = weight.clone()
+    skipped[:, :, 0, 0] = 0
+    got = masked_conv2d(x, weight, task_ids, 1, None, 1, 1, tile_map=lying, backend="triton")
+    assert torch.equal(got, masked_conv2d(x, skipped, task_ids, 1, None, 1, 1, backend="triton"))
+    task_ids[3, 5, 1, 2], weight[3, 5, 1, 2] = 2, 2.5
+    raw = masked_conv2d(
+        x,
+        weight,
+        task_ids,
+        1,
+        None,
+        1,
+        1,
+        tile_map=tile_map(torch.ones_like(task_ids)),
+        free_weights_zero=True,
+        backend="triton",
+    )
+    assert torch.equal(raw, masked_conv2d(x, weight, torch.ones_like(task_ids), 1, None, 1, 1, backend="triton"))
+    assert not torch.equal(raw, masked_conv2d(x, weight, task_ids, 1, None, 1, 1, backend="triton"))
