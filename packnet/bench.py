@@ -8,6 +8,8 @@ The suite is ``benchmarks/`` of a source checkout, in three stages, each run in 
   it from starting new cases.
 - ``layers``: the pytest-benchmark layer matrix (``benchmarks/test_layers.py``) and the host-path benchmark.
 - ``models``: whole packed models against dense masking and dense copies (``benchmarks/test_models.py``).
+- ``tiles``: ``benchmarks/tiles.py``, the bytes each task reads with the tile map (block-structured and unstructured
+  packs) and, on a GPU, each task's latency against pre-masked dense and a block-sparse (BSR) copy.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ log = logging.getLogger("packnet.bench")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "benchmarks"
-STAGES = ("headline", "layers", "models")
+STAGES = ("headline", "layers", "models", "tiles")
 # The pytest files of each pytest-benchmark stage.
 STAGE_FILES = {"layers": ("test_layers.py", "test_host_path.py"), "models": ("test_models.py",)}
 
@@ -47,14 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stage",
         action="append",
         choices=STAGES,
-        help="run this stage (repeat for several; default: headline, layers, models in that order)",
+        help="run this stage (repeat for several; default: headline, layers, models, tiles in that order)",
     )
     parser.add_argument(
         "--budget-s",
         type=float,
         default=None,
         metavar="SECONDS",
-        help="headline stage: start no new case after this many seconds (what ran is kept)",
+        help="headline and tiles stages: start no new case after this many seconds (what ran is kept)",
     )
     parser.add_argument(
         "--dtypes", default="fp16,bf16", help="headline stage: comma-separated fp16, bf16, fp32 (default: fp16,bf16)"
@@ -91,9 +93,16 @@ def pytest_command(json_path: Path, keyword: str | None, stage: str = "layers") 
     return command
 
 
-def headline_command(json_path: Path, args: argparse.Namespace) -> list[str]:
-    """The command line of the headline stage, writing ``json_path`` case by case."""
-    command = [sys.executable, str(BENCH_DIR / "headline.py"), "--json", str(json_path), "--dtypes", args.dtypes]
+# Stages run as scripts that rewrite their JSON case by case (a run cut short keeps what it measured), with the module
+# whose ``write_report(json_path)`` reports them.
+SCRIPT_STAGES = {"headline": "headline_report", "tiles": "tiles"}
+
+
+def headline_command(json_path: Path, args: argparse.Namespace, stage: str = "headline") -> list[str]:
+    """The command line of a script stage (``headline`` or ``tiles``), writing ``json_path`` case by case."""
+    command = [sys.executable, str(BENCH_DIR / f"{stage}.py"), "--json", str(json_path)]
+    if stage == "headline":
+        command += ["--dtypes", args.dtypes]
     if args.budget_s is not None:
         command += ["--budget-s", str(args.budget_s)]
     if args.quick:
@@ -128,24 +137,24 @@ def run(args: argparse.Namespace) -> int:
         json_path = out_dir / f"{stem}-{stage}.json"
         if json_path.exists():
             log.warning("overwriting %s", json_path)
-        if stage == "headline":
-            status = _run_headline(json_path, args, env)
+        if stage in SCRIPT_STAGES:
+            status = _run_script_stage(stage, json_path, args, env)
         else:
             status = _run_pytest_stage(stage, json_path, args, env)
         worst = max(worst, status)
     return worst
 
 
-def _run_headline(json_path: Path, args: argparse.Namespace, env: dict) -> int:
-    command = headline_command(json_path, args)
+def _run_script_stage(stage: str, json_path: Path, args: argparse.Namespace, env: dict) -> int:
+    command = headline_command(json_path, args, stage)
     log.info("running %s", " ".join(command))
     status = subprocess.call(command, cwd=REPO_ROOT, env=env)
     if not json_path.is_file():
-        log.error("the headline stage wrote no results (exit status %d)", status)
+        log.error("the %s stage wrote no results (exit status %d)", stage, status)
         return status or 1
     if status:
-        log.warning("the headline stage exited with status %d; reporting the cases it measured", status)
-    for path in (json_path, *_load_report_module("headline_report").write_report(json_path)):
+        log.warning("the %s stage exited with status %d; reporting the cases it measured", stage, status)
+    for path in (json_path, *_load_report_module(SCRIPT_STAGES[stage]).write_report(json_path)):
         print(path)
     return status
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from packnet_kernels import effective_weight
+from packnet_kernels import effective_weight, tile_map
 from packnet_kernels.reference import apply_epilogue
 
 from ._timing import median_ms
@@ -28,6 +28,9 @@ from .pack import compile_pack, load_pack, save_pack
 from .training import PackNet
 
 log = logging.getLogger(__name__)
+
+# The block of the demo's block-structured PackNet: the tile map's cell, so that a task skips the tiles it owns none of.
+BLOCK = (32, 32)
 
 NUM_TASKS = 5
 
@@ -89,13 +92,20 @@ def _progress(show_progress: bool) -> bool | None:
 
 
 def train_packnet(
-    tasks: list[TaskData], epochs: int, finetune_epochs: int, prune_ratio: float, seed: int, show_progress: bool = True
+    tasks: list[TaskData],
+    epochs: int,
+    finetune_epochs: int,
+    prune_ratio: float,
+    seed: int,
+    show_progress: bool = True,
+    prune_granularity: str | tuple[int, int] = "element",
 ):
     """Train PackNet task by task; returns the trainer and the accuracy matrix ``acc[task][stage]`` (None above)."""
     torch.manual_seed(seed)
-    trainer = PackNet(small_cnn(), prune_ratio=prune_ratio, head="head")
+    trainer = PackNet(small_cnn(), prune_ratio=prune_ratio, prune_granularity=prune_granularity, head="head")
     matrix: list[list[float | None]] = [[None] * len(tasks) for _ in tasks]
-    for stage, data in enumerate(tqdm(tasks, desc="PackNet tasks", disable=_progress(show_progress)), 1):
+    desc = "PackNet tasks" if prune_granularity == "element" else "PackNet tasks, block pruning"
+    for stage, data in enumerate(tqdm(tasks, desc=desc, disable=_progress(show_progress)), 1):
         batches = Batches(data.train_x, data.train_y, 32, seed + stage)
         trainer.learn_task(
             batches, _optimizer, epochs=epochs, finetune_epochs=finetune_epochs, show_progress=show_progress
@@ -133,6 +143,18 @@ def train_finetuning(
                 matrix[task - 1][stage - 1] = accuracy(model(tasks[task - 1].test_x), tasks[task - 1].test_y)
         model.head.load_state_dict(current_head)
     return matrix
+
+
+def tiles_touched(trainer: PackNet) -> list[float]:
+    """Per task t, the fraction of the packed layers' tile-map cells (32 x 32 weights, as the kernels read them)
+    holding some weight of tasks 1..t: what a task's inference reads with the tile map, over all layers."""
+    cells = [tile_map(ids) for ids in trainer.task_ids.values()]
+    total = sum(plane[0].numel() for plane in cells)
+    fractions = []
+    for task in range(1, trainer.num_tasks + 1):
+        touched = sum(int(((plane[1] > 0) & (plane[0] <= task)).sum()) for plane in cells)
+        fractions.append(touched / total)
+    return fractions
 
 
 def _state_bytes(model: nn.Module) -> int:
@@ -211,6 +233,9 @@ def run_demo(
     started = time.perf_counter()
     tasks = split_digits(seed)
     trainer, packnet_matrix = train_packnet(tasks, epochs, finetune_epochs, prune_ratio, seed, show_progress)
+    block_trainer, block_matrix = train_packnet(
+        tasks, epochs, finetune_epochs, prune_ratio, seed, show_progress, prune_granularity=BLOCK
+    )
     finetune_matrix = train_finetuning(tasks, epochs + finetune_epochs, seed, show_progress)
 
     exact = compile_pack(trainer, fuse=False, backend="reference")
@@ -251,7 +276,9 @@ def run_demo(
     return {
         "tasks": [f"{2 * t} vs {2 * t + 1}" for t in range(NUM_TASKS)],
         "settings": {"epochs": epochs, "finetune_epochs": finetune_epochs, "prune_ratio": prune_ratio, "seed": seed},
-        "accuracy": {"packnet": packnet_matrix, "finetuning": finetune_matrix},
+        "accuracy": {"packnet": packnet_matrix, "packnet_blocks": block_matrix, "finetuning": finetune_matrix},
+        "tiles_touched": {"element": tiles_touched(trainer), "block": tiles_touched(block_trainer)},
+        "block": list(BLOCK),
         "ownership": [{"layer": o.layer, "shape": list(o.shape), "owned": list(o.owned)} for o in trainer.ownership()],
         "size": {
             "pack_file_bytes": os.path.getsize(pack_path),
@@ -286,7 +313,7 @@ def format_report(result: dict) -> str:
     """A human-readable report of :func:`run_demo`'s result."""
     lines = ["Split-Digits: accuracy of task (row) after training stage (column)", ""]
     stages = "".join(f"{s:>7}" for s in range(1, NUM_TASKS + 1))
-    for method in ("packnet", "finetuning"):
+    for method in ("packnet", "packnet_blocks", "finetuning"):
         lines.append(f"{method:<12}{'task':<10}{stages}")
         for task, row in enumerate(result["accuracy"][method], 1):
             cells = "".join(f"{'-':>7}" if acc is None else f"{acc:>7.3f}" for acc in row)
@@ -294,6 +321,15 @@ def format_report(result: dict) -> str:
         final = [row[-1] for row in result["accuracy"][method]]
         lines.append(f"{'':<12}mean accuracy after all tasks: {sum(final) / len(final):.3f}")
         lines.append("")
+    block = "x".join(map(str, result["block"]))
+    lines.append(f"packnet_blocks prunes whole {block} blocks of each layer (every block keeps one owner).")
+    lines.append("Fraction of 32x32 weight tiles a task's inference reads with the tile map (all packed layers):")
+    lines.append(f"  {'task':<8}{'element pruning':>17}{'block pruning':>15}")
+    for task, (element, blocks) in enumerate(
+        zip(result["tiles_touched"]["element"], result["tiles_touched"]["block"], strict=True), 1
+    ):
+        lines.append(f"  {task:<8}{100 * element:>16.0f}%{100 * blocks:>14.0f}%")
+    lines.append("")
     lines.append("Weights owned per layer (free, task 1..5):")
     for row in result["ownership"]:
         lines.append(f"  {row['layer']:<14}{str(row['shape']):<18}{row['owned']}")

@@ -104,17 +104,30 @@ def release_smallest_blocks(
     return release.contiguous()
 
 
-def magnitude_task_ids(weight: torch.Tensor, num_tasks: int, prune_ratio: float) -> torch.Tensor:
+def magnitude_task_ids(
+    weight: torch.Tensor,
+    num_tasks: int,
+    prune_ratio: float | Sequence[float],
+    granularity: str | tuple[int, int] = "element",
+) -> torch.Tensor:
     """Task ids from nested magnitude pruning of a fixed weight, as PackNet would assign them.
 
     Task 1 owns every weight, releases the ``prune_ratio`` smallest; task 2 takes the released ones and releases the
-    ``prune_ratio`` smallest of those; and so on. After ``num_tasks`` tasks a ``prune_ratio ** num_tasks`` fraction
-    is free (id 0). Returns a ``uint8`` tensor shaped like ``weight``; used for benchmarks and tests.
+    ``prune_ratio`` smallest of those; and so on (``prune_ratio`` may also give one ratio per task). With a float
+    ratio, after ``num_tasks`` tasks a ``prune_ratio ** num_tasks`` fraction is free (id 0). ``granularity``
+    ``(rows, cols)`` releases whole blocks (:func:`release_smallest_blocks`). Returns a ``uint8`` tensor shaped like
+    ``weight``; used for benchmarks and tests.
     """
     if not 1 <= num_tasks <= MAX_TASKS:
         raise ValueError(f"num_tasks must be in 1..{MAX_TASKS}, got {num_tasks}")
+    granularity = check_granularity(granularity)
     task_ids = torch.zeros(weight.shape, dtype=torch.uint8, device=weight.device)
     for task in range(1, num_tasks + 1):
         task_ids[task_ids == 0] = task
-        task_ids[release_smallest(weight, task_ids, task, prune_ratio)] = 0
+        ratio = prune_ratio_for(prune_ratio, task)
+        if granularity == "element":
+            release = release_smallest(weight, task_ids, task, ratio)
+        else:
+            release = release_smallest_blocks(weight, task_ids, task, ratio, granularity)
+        task_ids[release] = 0
     return task_ids
