@@ -323,7 +323,10 @@ def format_report(result: dict) -> str:
         lines.append("")
     block = "x".join(map(str, result["block"]))
     lines.append(f"packnet_blocks prunes whole {block} blocks of each layer (every block keeps one owner).")
-    lines.append("Fraction of 32x32 weight tiles a task's inference reads with the tile map (all packed layers):")
+    lines.append(
+        "Fraction of the packed layers' 32x32 tile-map cells holding a weight a task uses (what its inference must"
+        " read with the tile map; kernel tiles larger than a block read more):"
+    )
     lines.append(f"  {'task':<8}{'element pruning':>17}{'block pruning':>15}")
     for task, (element, blocks) in enumerate(
         zip(result["tiles_touched"]["element"], result["tiles_touched"]["block"], strict=True), 1
