@@ -915,8 +915,9 @@ def masked_linear_triton(
         weight: ``[out, in]`` in ``x``'s dtype, any strides.
         task_ids: ``[out, in]`` uint8 (0 = free, k = owned by task k), any strides.
         task: int in 1..255, or a mixed batch's integer tensor ``[rows]`` of per-row tasks (one launch for any mix:
-            see ``MIXED`` in :func:`_masked_linear_kernel`). Its values are checked for CPU tensors only; on CUDA a
-            row whose task is outside 1..255 (or beyond an epilogue table) comes out NaN, with no device sync.
+            see ``MIXED`` in :func:`_masked_linear_kernel`). Its values are checked for CPU tensors in eager mode
+            only; on CUDA and inside ``torch.compile`` a row whose task is outside 1..255 (or beyond an epilogue
+            table) comes out NaN, with no device sync.
         bias, scale, shift: optional ``[out]`` vectors in ``x``'s dtype (a per-task Linear -> BatchNorm1d fold); with
             a task tensor each may also be a ``[num_tasks, out]`` table, row ``task - 1`` per row.
         relu: apply ReLU last.
@@ -947,7 +948,8 @@ def masked_linear_triton(
         tile_map, free_weights_zero = None, False
     tasks = None
     if isinstance(task, torch.Tensor):
-        if not x.is_cuda:
+        # Reading the values is a device sync on a GPU and a graph break in torch.compile: CPU eager calls only.
+        if not x.is_cuda and not torch.compiler.is_compiling():
             check_task_values("masked_linear", task, task_limit(bias, scale, shift))
         tasks, task = task, 0
     args = (x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero, tasks)
