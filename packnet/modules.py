@@ -3,6 +3,15 @@
 ``PackedLinear``/``PackedConv2d`` replace ``nn.Linear``/``nn.Conv2d``; ``TaskSwitch`` holds one copy per task of a
 module whose state is per task (a BatchNorm, a classifier head). The active task is set for a whole model with
 :func:`set_task` (also a context manager) or passed per call as ``module(x, task=t)``.
+
+Mixed-task batches: the task may also be a 1-D integer tensor with one task per row (per image for convs, per row of
+the flattened leading dimensions for linears): row ``i`` then gives, row for row, what a run of task ``tasks[i]``
+gives. Checked where: :func:`set_task` checks a task tensor's values against every module's ``num_tasks`` once (one
+device sync, at set time); a per-call ``task=`` tensor has its dtype and shape checked on every call and its values
+only on the CPU (no sync on the GPU's hot path: a packed layer with per-task biases or epilogues writes NaN rows for a
+task beyond its tables). A :class:`TaskSwitch` runs each task's module on that task's rows (it reads the task values
+on the host), and its outputs must have one shape per row across tasks: heads with different output sizes cannot
+share a mixed batch (a ``ValueError`` says so; run such heads per task).
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from packnet_kernels import MAX_TASKS, masked_conv2d, masked_linear, tile_map
-from packnet_kernels._checks import check_backend
+from packnet_kernels._checks import TASK_TENSOR_DTYPES, check_backend, check_task_values
 
 __all__ = ["PackedConv2d", "PackedLinear", "TaskSwitch", "set_task", "swap_packed_", "task_modules"]
 
@@ -62,10 +71,22 @@ class _TaskSelecting(nn.Module):
     num_tasks: int
     active_task: int | None
 
-    def _resolve_task(self, task: int | None) -> int:
+    def _resolve_task(self, task: int | torch.Tensor | None, check_values: bool = False) -> int | torch.Tensor:
+        """The call's task (else the active one) checked: an int in 1..num_tasks, or a 1-D integer task tensor whose
+        values are checked on the CPU or with ``check_values`` (a device sync on a GPU)."""
         task = self.active_task if task is None else task
         if task is None:
             raise RuntimeError(f"{type(self).__name__}: no active task; call packnet.set_task(model, t) or pass task=t")
+        # A 0-D tensor is refused below like any other non-int (a mixed batch's tasks are 1-D).
+        if isinstance(task, torch.Tensor) and task.dim() == 1:
+            if task.dtype not in TASK_TENSOR_DTYPES:
+                raise TypeError(
+                    f"{type(self).__name__}: a task tensor must have an integer dtype (one task per row), got"
+                    f" {task.dtype}"
+                )
+            if check_values or not (task.is_cuda or torch.compiler.is_compiling()):
+                check_task_values(type(self).__name__, task, self.num_tasks)
+            return task
         if isinstance(task, bool) or not isinstance(task, int):
             raise TypeError(f"{type(self).__name__}: task must be an int, got {type(task).__name__} {task!r}")
         if not 1 <= task <= self.num_tasks:
@@ -159,7 +180,10 @@ class _PackedLayer(_TaskSelecting):
         """Task ``task``'s state dict of the normalisation folded into this layer (empty when none)."""
         return {key: getattr(self, _norm_buffer_name(key))[task - 1] for key in self.fused_norm_keys}
 
-    def _epilogue(self, task: int):
+    def _epilogue(self, task: int | torch.Tensor):
+        """Task ``task``'s bias, scale and shift; for a task tensor the whole ``[num_tasks, out]`` tables."""
+        if isinstance(task, torch.Tensor):
+            return self.bias, self.scale, self.shift
         bias = None if self.bias is None else self.bias[task - 1]
         scale = None if self.scale is None else self.scale[task - 1]
         shift = None if self.shift is None else self.shift[task - 1]
@@ -246,7 +270,9 @@ class PackedLinear(_PackedLayer):
         packed.load_packed(linear.weight.detach(), task_ids, biases)
         return packed
 
-    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., in]`` -> ``[..., out]``; ``task`` an int or a task tensor with one entry per row of
+        ``x.reshape(-1, in)`` (module docstring)."""
         task = self._resolve_task(task)
         bias, scale, shift = self._epilogue(task)
         return masked_linear(
@@ -349,7 +375,8 @@ class PackedConv2d(_PackedLayer):
         packed.load_packed(conv.weight.detach(), task_ids, biases)
         return packed
 
-    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:
+        """``x [N, C, H, W]``; ``task`` an int or a task tensor ``[N]``, one task per image."""
         task = self._resolve_task(task)
         bias, scale, shift = self._epilogue(task)
         return masked_conv2d(
@@ -386,8 +413,36 @@ class TaskSwitch(_TaskSelecting):
         self.num_tasks = _check_num_tasks(len(self.per_task))
         self.active_task = None
 
-    def forward(self, *args, task: int | None = None, **kwargs):
-        return self.per_task[self._resolve_task(task) - 1](*args, **kwargs)
+    def forward(self, *args, task: int | torch.Tensor | None = None, **kwargs):
+        """The task's module on ``args``. With a task tensor (one task per row of ``args[0]``), each task's module
+        runs on its rows (``args[0][rows]``; the other arguments as they are) and the rows are put back in order.
+
+        Raises:
+            ValueError: a task tensor whose length is not ``args[0]``'s, or tasks whose outputs differ in shape
+                beyond the batch dimension (e.g. heads with different numbers of classes).
+        """
+        task = self._resolve_task(task)
+        if not isinstance(task, torch.Tensor):
+            return self.per_task[task - 1](*args, **kwargs)
+        batch, *rest = args
+        if task.shape[0] != batch.shape[0]:
+            raise ValueError(f"TaskSwitch: {task.shape[0]} tasks for an input of {batch.shape[0]} rows")
+        result = None
+        for each_task in torch.unique(task).tolist():
+            rows = (task == each_task).nonzero().squeeze(1).to(batch.device)
+            part = self.per_task[each_task - 1](batch[rows], *rest, **kwargs)
+            if result is None:
+                result, first_task = part.new_empty((batch.shape[0], *part.shape[1:])), each_task
+            elif part.shape[1:] != result.shape[1:]:
+                raise ValueError(
+                    f"TaskSwitch: task {each_task}'s output has per-row shape {tuple(part.shape[1:])} but task"
+                    f" {first_task}'s has {tuple(result.shape[1:])}; a mixed batch needs one output shape (run"
+                    " tasks with different heads separately)"
+                )
+            result[rows] = part
+        if result is None:  # an empty batch: any task's module gives the shape
+            result = self.per_task[0](batch, *rest, **kwargs)
+        return result
 
 
 def task_modules(model: nn.Module) -> list[_TaskSelecting]:
@@ -409,21 +464,22 @@ class _ActiveTask:
             module.active_task = task
 
 
-def set_task(model: nn.Module, task: int) -> _ActiveTask:
+def set_task(model: nn.Module, task: int | torch.Tensor) -> _ActiveTask:
     """Make ``task`` the active task of every packed module in ``model``.
 
     Use plainly (``set_task(model, 2)``) or as a context manager (``with set_task(model, 2): ...``), which restores
-    the previous task on exit.
+    the previous task on exit. ``task`` may be a 1-D integer tensor of per-row tasks (a mixed batch: the next
+    forward's batch must have that many rows); its values are checked here, once (a device sync on a GPU).
 
     Raises:
-        ValueError: ``model`` has no packed modules, or ``task`` is outside 1..num_tasks of some module.
-        TypeError: ``task`` is not an int.
+        ValueError: ``model`` has no packed modules, or a task is outside 1..num_tasks of some module.
+        TypeError: ``task`` is neither an int nor a 1-D integer tensor.
     """
     modules = task_modules(model)
     if not modules:
         raise ValueError("set_task: the model has no packed modules (compile or swap_packed_ it first)")
     for module in modules:
-        module._resolve_task(task)
+        module._resolve_task(task, check_values=True)
     previous = [(module, module.active_task) for module in modules]
     for module in modules:
         module.active_task = task

@@ -1,5 +1,9 @@
 """Masked linear and conv2d for PackNet packs: ``op(x, where(task_ids in 1..task, weight, 0))``.
 
+``task`` is an int (every row runs that task) or an integer tensor of per-row tasks (a mixed batch: one task per row
+of a linear input's flattened leading dimensions, per image of a conv input), with per-task epilogue tables; see
+:mod:`packnet_kernels.reference` for the semantics.
+
 ``backend="auto"`` runs the Triton kernels on CUDA tensors and the pure-PyTorch reference elsewhere;
 ``"triton"`` forces the kernels (on the CPU only under ``TRITON_INTERPRET=1``); ``"reference"`` forces the reference.
 Importing this package imports neither Triton nor CUDA: the kernels load on first use.
@@ -9,8 +13,17 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import MAX_TASKS, check_conv2d, check_linear, check_tile_map, interpreter_enabled, resolve_backend
-from .reference import effective_weight, masked_conv2d_ref, masked_linear_ref, task_mask, tile_map
+from ._checks import (
+    MAX_TASKS,
+    check_conv2d,
+    check_linear,
+    check_task_values,
+    check_tile_map,
+    interpreter_enabled,
+    resolve_backend,
+    task_limit,
+)
+from .reference import effective_weight, masked_conv2d_ref, masked_linear_ref, per_task_rows, task_mask, tile_map
 
 __all__ = [
     "MAX_TASKS",
@@ -44,7 +57,7 @@ def masked_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     task_ids: torch.Tensor,
-    task: int,
+    task: int | torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
     scale: torch.Tensor | None = None,
@@ -60,11 +73,18 @@ def masked_linear(
         x: ``[..., in]``, same dtype and device as ``weight``.
         weight: ``[out, in]``, float32/float16/bfloat16 (float64 on the reference backend).
         task_ids: ``[out, in]`` uint8; 0 = free, k = owned by task k.
-        task: int in 1..255; the weights of tasks 1..task are used.
-        bias, scale, shift: optional ``[out]`` vectors in ``x``'s dtype (the per-task epilogue).
+        task: int in 1..255; the weights of tasks 1..task are used. Or a mixed batch: an integer tensor (uint8,
+            int8/16/32/64) of shape ``[rows]``, ``rows = x.numel() // in``, on ``x``'s device: row ``i`` of
+            ``x.reshape(-1, in)`` runs task ``task[i]``. Its length, dtype and device are checked here; its values
+            (1..255, and at most the rows of every epilogue table) on the reference backend and for CPU tensors, not
+            for CUDA tensors on the Triton backend (that would cost a device sync per call): there a row whose task
+            is out of range comes out all NaN.
+        bias, scale, shift: optional ``[out]`` vectors in ``x``'s dtype (the per-task epilogue). With a task tensor
+            each may also be a ``[num_tasks, out]`` table: row ``i`` uses its row ``task[i] - 1``.
         relu: apply ReLU last.
         tile_map: optional :func:`~packnet_kernels.reference.tile_map` of ``task_ids`` (what the packed layers
-            pass): the Triton kernels then skip the tiles task ``task`` does not use. It only changes what is read.
+            pass): the Triton kernels then skip the tiles task ``task`` does not use (for a mixed batch, the tiles
+            no task of a kernel tile's rows uses). It only changes what is read.
         free_weights_zero: with ``tile_map``, the caller guarantees free weights are exactly zero, so tiles whose
             owners are all visible to ``task`` read no ids (see :func:`packnet_kernels.linear.masked_linear_triton`).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
@@ -73,14 +93,18 @@ def masked_linear(
         ``[..., out]`` in ``x``'s dtype.
 
     Raises:
-        TypeError: wrong dtypes (``task_ids`` not uint8, mixed float dtypes, ``task`` not an int).
-        ValueError: ``task`` outside 1..255, mismatched shapes or devices, unknown backend.
+        TypeError: wrong dtypes (``task_ids`` not uint8, mixed float dtypes, ``task`` neither an int nor an
+            integer tensor).
+        ValueError: ``task`` outside 1..255 (see ``task`` for tensors), a task tensor of the wrong length or shape,
+            mismatched shapes or devices, unknown backend.
         RuntimeError: ``backend="triton"`` where Triton cannot run.
     """
     backend = resolve_backend(backend, x)
     if backend == "reference":
         task = check_linear(x, weight, task_ids, task, bias, scale, shift)
         check_tile_map("masked_linear", tile_map, weight, free_weights_zero)
+        if isinstance(task, torch.Tensor):
+            check_task_values("masked_linear", task, task_limit(bias, scale, shift))
         return masked_linear_ref(x, weight, task_ids, task, bias, scale=scale, shift=shift, relu=relu)
     _require_triton("masked_linear")
     from .linear import masked_linear_triton
@@ -103,7 +127,7 @@ def masked_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
     task_ids: torch.Tensor,
-    task: int,
+    task: int | torch.Tensor,
     bias: torch.Tensor | None = None,
     stride=1,
     padding=0,
@@ -122,7 +146,10 @@ def masked_conv2d(
     Args:
         x: ``[N, C, H, W]`` (contiguous or channels_last), same dtype and device as ``weight``.
         weight: ``[out, C/groups, kh, kw]``; ``task_ids`` the same shape, uint8.
-        task: int in 1..255.
+        task: int in 1..255, or a mixed batch: an integer tensor ``[N]``, one task per image, with ``bias``/``scale``/
+            ``shift`` each ``[out]`` or ``[num_tasks, out]`` (as in :func:`masked_linear`). The Triton backend runs
+            a mixed batch as one launch per task present (reading the task values on the host, one device sync); a
+            one-launch mixed conv kernel is not written yet.
         bias, scale, shift: optional ``[out]`` vectors (the per-task epilogue, e.g. a folded BatchNorm).
         stride, dilation: int or pair; padding: int, pair, ``"same"`` or ``"valid"``; groups: int.
         tile_map, free_weights_zero: as for :func:`masked_linear`, the map of ``reference.gemm_matrix(task_ids)``;
@@ -141,12 +168,37 @@ def masked_conv2d(
             x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale, shift
         )
         check_tile_map("masked_conv2d", tile_map, weight, free_weights_zero)
+        if isinstance(task, torch.Tensor):
+            check_task_values("masked_conv2d", task, task_limit(bias, scale, shift))
         return masked_conv2d_ref(
             x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale=scale, shift=shift, relu=relu
         )
     _require_triton("masked_conv2d")
     from .conv2d import masked_conv2d_triton
 
+    if isinstance(task, torch.Tensor):
+        task, *_ = check_conv2d(x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale, shift)
+        check_task_values("masked_conv2d", task, task_limit(bias, scale, shift))
+
+        def single(images, image_task, *vectors):
+            return masked_conv2d_triton(
+                images,
+                weight,
+                task_ids,
+                image_task,
+                vectors[0],
+                stride,
+                padding,
+                dilation,
+                groups,
+                scale=vectors[1],
+                shift=vectors[2],
+                relu=relu,
+                tile_map=tile_map,
+                free_weights_zero=free_weights_zero,
+            )
+
+        return per_task_rows(single, x, task, (bias, scale, shift))
     return masked_conv2d_triton(
         x,
         weight,

@@ -18,12 +18,58 @@ BACKENDS = ("auto", "triton", "reference")
 def check_task(task) -> int:
     """Return ``task`` as an int in 1..255; raise ``TypeError``/``ValueError`` otherwise."""
     if isinstance(task, torch.Tensor):
-        raise TypeError(f"task must be a Python int in 1..{MAX_TASKS}, got a tensor {task!r}")
+        raise TypeError(
+            f"task must be a Python int in 1..{MAX_TASKS} or a 1-D integer tensor [batch] of per-row tasks, got a"
+            f" {task.dim()}-D tensor {task!r}"
+        )
     if isinstance(task, bool) or not isinstance(task, int):
         raise TypeError(f"task must be an int in 1..{MAX_TASKS}, got {type(task).__name__} {task!r}")
     if not 1 <= task <= MAX_TASKS:
         raise ValueError(f"task must be in 1..{MAX_TASKS} (task 0 means 'free' in task_ids), got {task}")
     return task
+
+
+TASK_TENSOR_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_task_tensor(op: str, tasks: torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+    """Check a mixed-batch task tensor without reading its values (no host sync): 1-D, ``rows`` long, an integer
+    dtype of :data:`TASK_TENSOR_DTYPES`, on ``device``. Returns it. Values are checked by
+    :func:`check_task_values` where that is cheap (CPU tensors, the reference).
+
+    Raises:
+        TypeError: not an integer tensor (``bool`` and floats included). ValueError: wrong shape or device.
+    """
+    if tasks.dtype not in TASK_TENSOR_DTYPES:
+        raise TypeError(
+            f"{op}: a task tensor must have an integer dtype ({', '.join(map(str, TASK_TENSOR_DTYPES))}), got"
+            f" {tasks.dtype}"
+        )
+    if tasks.dim() != 1:
+        if tasks.dim() == 0:
+            check_task(tasks)  # the int-or-1-D message
+        raise ValueError(f"{op}: a task tensor must be 1-D [batch] (one task per row), got shape {tuple(tasks.shape)}")
+    if tasks.shape[0] != rows:
+        raise ValueError(f"{op}: the task tensor has {tasks.shape[0]} entries but the input has {rows} rows")
+    if tasks.device != device:
+        raise ValueError(f"{op}: the task tensor is on {tasks.device} but the input is on {device}")
+    return tasks
+
+
+def check_task_values(op: str, tasks: torch.Tensor, limit: int = MAX_TASKS) -> None:
+    """Raise ``ValueError`` unless every entry of ``tasks`` is in 1..``limit``. Reads the values: a host sync on a
+    GPU, so the Triton launchers call it for CPU tensors only."""
+    if tasks.numel() == 0:
+        return
+    low, high = int(tasks.min()), int(tasks.max())
+    if low < 1 or high > limit:
+        bad = low if low < 1 else high
+        raise ValueError(f"{op}: every task must be in 1..{limit}, got {bad} (task 0 means 'free' in task_ids)")
+
+
+def task_limit(*tables: torch.Tensor | None) -> int:
+    """The largest task a mixed batch may hold: 255, or fewer when a per-task epilogue table has fewer rows."""
+    return min([MAX_TASKS] + [table.shape[0] for table in tables if table is not None and table.dim() == 2])
 
 
 def check_backend(backend: str) -> str:
@@ -118,13 +164,24 @@ def as_is(kernel):
     return kernel
 
 
-def _check_vector(name: str, vector: torch.Tensor | None, length: int, like: torch.Tensor) -> None:
+def _check_vector(
+    name: str, vector: torch.Tensor | None, length: int, like: torch.Tensor, per_task: bool = False
+) -> None:
+    """``vector`` is ``[length]``; with ``per_task`` (a mixed batch) it may also be a ``[tasks, length]`` table."""
     if vector is None:
         return
     if not isinstance(vector, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or None, got {type(vector).__name__}")
-    if vector.shape != (length,):
-        raise ValueError(f"{name} must have shape ({length},) (one per output channel), got {tuple(vector.shape)}")
+    if per_task and vector.dim() == 2:
+        if vector.shape[1] != length or vector.shape[0] < 1:
+            raise ValueError(
+                f"{name} table must have shape (tasks, {length}) (row t-1 for task t), got {tuple(vector.shape)}"
+            )
+    elif vector.shape != (length,):
+        tables = f" or a per-task table (tasks, {length})" if per_task else ""
+        raise ValueError(
+            f"{name} must have shape ({length},) (one per output channel){tables}, got {tuple(vector.shape)}"
+        )
     if vector.dtype != like.dtype:
         raise TypeError(f"{name} dtype {vector.dtype} does not match the input dtype {like.dtype}")
     if vector.device != like.device:
@@ -141,12 +198,17 @@ def check_common(
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
     dtypes=REFERENCE_DTYPES,
-) -> int:
-    """Checks shared by every masked op; returns the validated task. ``op`` names the op in messages."""
+    rows: int | None = None,
+) -> int | torch.Tensor:
+    """Checks shared by every masked op; returns the validated task. ``op`` names the op in messages.
+
+    ``task`` is an int, or (a mixed batch) a 1-D integer tensor of ``rows`` entries, checked by
+    :func:`check_task_tensor` without reading its values; the epilogue vectors may then be per-task tables."""
     for name, tensor in (("x", x), ("weight", weight), ("task_ids", task_ids)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    task = check_task(task)
+    mixed = isinstance(task, torch.Tensor)
+    task = check_task_tensor(op, task, rows, x.device) if mixed else check_task(task)
     if task_ids.dtype != torch.uint8:
         raise TypeError(f"{op}: task_ids must be torch.uint8 (0 = free, k = owned by task k), got {task_ids.dtype}")
     if task_ids.shape != weight.shape:
@@ -162,9 +224,9 @@ def check_common(
         if tensor.device != device:
             raise ValueError(f"{op}: {name} is on {tensor.device} but the input is on {device}")
     out_features = weight.shape[0]
-    _check_vector(f"{op}: bias", bias, out_features, x)
-    _check_vector(f"{op}: scale", scale, out_features, x)
-    _check_vector(f"{op}: shift", shift, out_features, x)
+    _check_vector(f"{op}: bias", bias, out_features, x, mixed)
+    _check_vector(f"{op}: scale", scale, out_features, x, mixed)
+    _check_vector(f"{op}: shift", shift, out_features, x, mixed)
     return task
 
 
@@ -195,8 +257,15 @@ def check_tile_map(op: str, tile_map: torch.Tensor | None, weight: torch.Tensor,
         raise ValueError(f"{op}: tile_map is on {tile_map.device} but the weight is on {weight.device}")
 
 
-def check_linear(x, weight, task_ids, task, bias=None, scale=None, shift=None, dtypes=REFERENCE_DTYPES) -> int:
-    task = check_common("masked_linear", x, weight, task_ids, task, bias, scale, shift, dtypes)
+def linear_rows(x: torch.Tensor) -> int:
+    """Rows of a linear input ``[..., in]`` once its leading dimensions are flattened."""
+    return math.prod(x.shape[:-1]) if x.dim() else 0
+
+
+def check_linear(x, weight, task_ids, task, bias=None, scale=None, shift=None, dtypes=REFERENCE_DTYPES):
+    """Validate a masked linear call; returns the task (an int, or the mixed batch's task tensor)."""
+    rows = linear_rows(x) if isinstance(x, torch.Tensor) else None
+    task = check_common("masked_linear", x, weight, task_ids, task, bias, scale, shift, dtypes, rows)
     if weight.dim() != 2:
         raise ValueError(f"masked_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -233,7 +302,8 @@ def check_conv2d(
     """Validate a masked conv2d call; returns ``(task, stride, padding, dilation)`` with pairs of ints, except a
     ``padding`` of ``"same"`` or ``"valid"`` which is returned as given."""
     op = "masked_conv2d"
-    task = check_common(op, x, weight, task_ids, task, bias, scale, shift, dtypes)
+    rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None
+    task = check_common(op, x, weight, task_ids, task, bias, scale, shift, dtypes, rows)
     if weight.dim() != 4:
         raise ValueError(f"{op}: weight must be 4-D [out, in/groups, kh, kw], got shape {tuple(weight.shape)}")
     if x.dim() != 4:

@@ -40,11 +40,13 @@ from ._checks import (
     autotune_bench,
     ceil_div,
     check_linear,
+    check_task_values,
     check_tile_map,
     device_properties,
     direct_launch_allowed,
     on_device,
     require_kernel_device,
+    task_limit,
 )
 from ._predicate import task_owns, tile_use
 
@@ -75,6 +77,19 @@ _MIN_BLOCK_N = 32
 _MIN_BLOCK_M = 16
 _MAX_BLOCK_N = 256
 _MAX_BLOCK_M = {"small": 16, "large": 256}
+# A mixed-task tile handles up to this many distinct tasks per pass over K (the weight and ids are read once per
+# pass): one unrolled select-and-dot per task, so more costs code size and compile time.
+MIXED_SEGMENTS = 8
+
+
+@triton.jit
+def _epilogue_vector(vector_ptr, offs_n, n_mask, stride_n, table_rows, stride_task, MIXED: tl.constexpr):
+    """An epilogue vector as an fp32 tile broadcast against ``[BLOCK_N, BLOCK_M]``: ``vector[n]`` as ``[BLOCK_N, 1]``;
+    with ``MIXED``, ``vector[table_rows[m], n]`` as ``[BLOCK_N, BLOCK_M]`` (``stride_task`` 0 for a shared vector)."""
+    if MIXED:
+        offsets = offs_n[:, None] * stride_n + table_rows[None, :].to(tl.int64) * stride_task
+        return tl.load(vector_ptr + offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
+    return tl.load(vector_ptr + offs_n * stride_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
 
 
 @triton.jit
@@ -88,25 +103,128 @@ def _epilogue(
     stride_bias,
     stride_scale,
     stride_shift,
+    table_rows,
+    stride_bias_task,
+    stride_scale_task,
+    stride_shift_task,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     RELU: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
-    """``relu?((acc + bias[n]) * scale[n] + shift[n])`` in fp32 on an ``[BLOCK_N, BLOCK_M]`` tile (n = rows)."""
+    """``relu?((acc + bias[n]) * scale[n] + shift[n])`` in fp32 on an ``[BLOCK_N, BLOCK_M]`` tile (n = rows); with
+    ``MIXED`` column ``m`` takes row ``table_rows[m]`` (its task - 1) of each per-task table."""
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        acc += _epilogue_vector(bias_ptr, offs_n, n_mask, stride_bias, table_rows, stride_bias_task, MIXED)
     if HAS_SCALE:
-        acc *= tl.load(scale_ptr + offs_n * stride_scale, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        acc *= _epilogue_vector(scale_ptr, offs_n, n_mask, stride_scale, table_rows, stride_scale_task, MIXED)
     if HAS_SHIFT:
-        acc += tl.load(shift_ptr + offs_n * stride_shift, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        acc += _epilogue_vector(shift_ptr, offs_n, n_mask, stride_shift, table_rows, stride_shift_task, MIXED)
     if RELU:
         # propagate_nan: PTX max.f32 would turn a NaN into 0, unlike torch.relu and the reference.
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return acc
 
 
-@triton.jit(do_not_specialize=["active_task", "m_bucket"])
+@triton.jit
+def _next_task(row_tasks, after):
+    """The smallest task in ``row_tasks`` above ``after``; 256 (no task) when there is none."""
+    return tl.min(tl.where(row_tasks > after, row_tasks, 256), axis=0)
+
+
+@triton.jit
+def _mixed_task_sums(
+    acc,
+    w_ptrs,
+    ids_ptrs,
+    xt_ptrs,
+    map_ptrs,
+    cell_row_mask,
+    offs_cell_k,
+    row_tasks,
+    tile_min_task,
+    tile_max_task,
+    offs_k,
+    n_mask,
+    m_mask,
+    k_start,
+    k_end,
+    K,
+    stride_map_plane,
+    stride_wk,
+    stride_idk,
+    stride_xk,
+    USE_MASK: tl.constexpr,
+    TILE_MAP: tl.constexpr,
+    RAW_TILES: tl.constexpr,
+    CELL_K: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The main loop of a mixed-task tile (see ``MIXED`` in :func:`_masked_linear_kernel`): ``acc[:, m] += sum_k
+    W_{row_tasks[m]}[n, k] x[m, k]`` for every column whose task is in 1..255 (0 marks rows that take no part).
+
+    Per pass over K, the next ``SEGMENTS`` tasks present among the tile's rows: each K step loads the weight, id and
+    activation tiles once, then per task selects the task's weights and keeps the dot only in the task's columns.
+    One pass whenever the tile's rows hold at most ``SEGMENTS`` distinct tasks. The segments are unrolled without a
+    guard: a segment past the tile's last task selects no weight and keeps no column (wasted dots), because a
+    run-time ``if`` around the dot stops Triton from pipelining the K loop (no ``cp.async`` stages, seen in the
+    sm_90 PTX)."""
+    done_task = 0 * tile_max_task  # every task <= done_task is summed
+    while done_task < tile_max_task:
+        pass_w_ptrs, pass_ids_ptrs, pass_xt_ptrs = w_ptrs, ids_ptrs, xt_ptrs
+        if TILE_MAP:
+            pass_map_ptrs = map_ptrs
+        for k in range(k_start, k_end, BLOCK_K):
+            k_remaining = K - k
+            ids_remaining = k_remaining
+            if TILE_MAP:
+                cell_mask = cell_row_mask[:, None] & (k // CELL_K + offs_cell_k < tl.cdiv(K, CELL_K))[None, :]
+                smallest = tl.load(pass_map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
+                largest = tl.load(
+                    pass_map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last"
+                )
+                # Skipped only when no task of the tile's rows uses the step; raw only when all of them see every owner.
+                used, _ = tile_use(smallest, largest, tile_max_task)
+                _, all_visible = tile_use(smallest, largest, tile_min_task)
+                pass_map_ptrs += BLOCK_K // CELL_K
+                k_remaining = tl.where(used, k_remaining, 0)
+                ids_remaining = k_remaining
+                if RAW_TILES:
+                    ids_remaining = tl.where(all_visible, 0, k_remaining)
+            k_mask = offs_k < k_remaining
+            w = tl.load(pass_w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if USE_MASK:
+                ids = tl.load(pass_ids_ptrs, mask=n_mask[:, None] & (offs_k < ids_remaining)[None, :], other=0)
+                pass_ids_ptrs += BLOCK_K * stride_idk
+            xt = tl.load(pass_xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+            if UPCAST_BF16:
+                xt = xt.to(tl.float32)
+            segment_task = done_task
+            for _ in tl.static_range(SEGMENTS):
+                segment_task = _next_task(row_tasks, segment_task)
+                w_task = w
+                if USE_MASK:
+                    owned = task_owns(ids, segment_task)
+                    if TILE_MAP:
+                        owned = owned | (offs_k >= ids_remaining)[None, :]
+                    w_task = tl.where(owned, w, 0.0)
+                if UPCAST_BF16:
+                    w_task = w_task.to(tl.float32)
+                # The other tasks' columns keep their sums: 0 * Inf from a weight they do not own never lands.
+                summed = tl.dot(w_task, xt, acc, input_precision=INPUT_PRECISION)
+                acc = tl.where((row_tasks == segment_task)[None, :], summed, acc)
+            pass_w_ptrs += BLOCK_K * stride_wk
+            pass_xt_ptrs += BLOCK_K * stride_xk
+        for _ in tl.static_range(SEGMENTS):
+            done_task = _next_task(row_tasks, done_task)
+    return acc
+
+
+@triton.jit(do_not_specialize=["active_task", "m_bucket", "max_task"])
 def _masked_linear_kernel(
     x_ptr,
     w_ptr,
@@ -118,12 +236,15 @@ def _masked_linear_kernel(
     partials_ptr,
     counters_ptr,
     tile_map_ptr,
+    row_tasks_ptr,
+    row_order_ptr,
     M,
     N,
     K,
     active_task,
     k_per_split,
     m_bucket,
+    max_task,
     stride_map_plane,
     stride_map_row,
     stride_xm,
@@ -135,6 +256,9 @@ def _masked_linear_kernel(
     stride_bias,
     stride_scale,
     stride_shift,
+    stride_bias_task,
+    stride_scale_task,
+    stride_shift_task,
     stride_ym,
     stride_yn,
     HAS_BIAS: tl.constexpr,
@@ -149,6 +273,8 @@ def _masked_linear_kernel(
     SPLIT: tl.constexpr,
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    MIXED: tl.constexpr,
+    SEGMENTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -175,6 +301,17 @@ def _masked_linear_kernel(
     lives in reads nothing (its weight, ids and activations load as zeros, masked, so no bytes move); with
     ``RAW_TILES`` (the caller guarantees free weights are exactly zero) a tile whose owners are all <= active_task
     reads no ids and uses its weights as stored. Either way the sums are those of the predicate on every element.
+
+    ``MIXED`` (a mixed-task batch; ``active_task`` unused): ``row_tasks_ptr`` ``[M]`` (any integer dtype) holds the
+    rows' tasks sorted increasingly and ``row_order_ptr`` ``[M]`` int64 the input row of each sorted position, so
+    position ``m`` reads ``x[row_order[m]]`` and writes ``y[row_order[m]]`` with task ``row_tasks[m]``. Each K step
+    loads the weight and id tiles once and, for each task present among the tile's rows (in increasing order, up to
+    ``SEGMENTS`` of them per pass), selects that task's weights and adds their dot to that task's columns only (a
+    select on the result, so a NaN/Inf weight of a later task never reaches an earlier task's rows); a tile whose
+    rows hold more than ``SEGMENTS`` tasks runs further passes over K. Epilogue vectors are ``[tasks, N]`` tables
+    (strides ``stride_*_task``, 0 for one vector shared by every task), row ``task - 1`` per column. Rows whose task
+    is outside 1..``max_task`` come out NaN. With ``TILE_MAP`` a K step is skipped when no task among the tile's rows
+    uses it, and reads no ids when every owner is visible to the tile's smallest task.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -201,9 +338,21 @@ def _masked_linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_k64 = k_start.to(tl.int64) + offs_k
 
+    if MIXED:
+        # Invalid rows (task outside 1..max_task) join no task segment: their sums stay 0 and they are written NaN.
+        raw_tasks = tl.load(row_tasks_ptr + offs_m, mask=m_mask, other=0)
+        row_valid = (raw_tasks >= 1) & (raw_tasks <= max_task)
+        row_tasks = tl.where(row_valid, raw_tasks, 0).to(tl.int32)
+        x_rows = tl.load(row_order_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        tile_max_task = tl.max(row_tasks, axis=0)
+        # Smallest valid task of the tile (256 when it has none): raw tiles need every owner visible to it.
+        tile_min_task = tl.min(tl.where(row_tasks > 0, row_tasks, 256), axis=0)
+    else:
+        x_rows = offs_m
+
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k64[None, :] * stride_wk
     ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_k64[None, :] * stride_idk
-    xt_ptrs = x_ptr + offs_k64[:, None] * stride_xk + offs_m[None, :] * stride_xm
+    xt_ptrs = x_ptr + offs_k64[:, None] * stride_xk + x_rows[None, :] * stride_xm
 
     if TILE_MAP:
         cell_rows = pid_n * (BLOCK_N // CELL_N) + tl.arange(0, BLOCK_N // CELL_N)
@@ -212,44 +361,78 @@ def _masked_linear_kernel(
         map_ptrs = tile_map_ptr + cell_rows[:, None] * stride_map_row + (k_start // CELL_K + offs_cell_k)[None, :]
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_K):
-        # Masks compare offsets with scalar bounds only (what keeps the loads 16-byte cp.async): the tile map narrows
-        # the bounds, to 0 for what this tile need not read.
-        k_remaining = K - k
-        ids_remaining = k_remaining
-        if TILE_MAP:
-            cell_mask = cell_row_mask[:, None] & (k // CELL_K + offs_cell_k < tl.cdiv(K, CELL_K))[None, :]
-            smallest = tl.load(map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
-            largest = tl.load(map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last")
-            used, all_visible = tile_use(smallest, largest, active_task)
-            map_ptrs += BLOCK_K // CELL_K
-            k_remaining = tl.where(used, k_remaining, 0)
+    if MIXED:
+        acc = _mixed_task_sums(
+            acc,
+            w_ptrs,
+            ids_ptrs,
+            xt_ptrs,
+            map_ptrs if TILE_MAP else None,
+            cell_row_mask if TILE_MAP else None,
+            offs_cell_k if TILE_MAP else None,
+            row_tasks,
+            tile_min_task,
+            tile_max_task,
+            offs_k,
+            n_mask,
+            m_mask,
+            k_start,
+            k_end,
+            K,
+            stride_map_plane,
+            stride_wk,
+            stride_idk,
+            stride_xk,
+            USE_MASK,
+            TILE_MAP,
+            RAW_TILES,
+            CELL_K,
+            UPCAST_BF16,
+            INPUT_PRECISION,
+            SEGMENTS,
+            BLOCK_K,
+        )
+        table_rows = tl.maximum(row_tasks - 1, 0)
+    else:
+        table_rows = offs_m  # unused: one task's vectors
+        for k in range(k_start, k_end, BLOCK_K):
+            # Masks compare offsets with scalar bounds only (what keeps the loads 16-byte cp.async): the tile map
+            # narrows the bounds, to 0 for what this tile need not read.
+            k_remaining = K - k
             ids_remaining = k_remaining
-            if RAW_TILES:
-                ids_remaining = tl.where(all_visible, 0, k_remaining)
-        k_mask = offs_k < k_remaining
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if USE_MASK:
-            ids_k_mask = offs_k < ids_remaining
-            ids = tl.load(ids_ptrs, mask=n_mask[:, None] & ids_k_mask[None, :], other=0)
-            # Columns whose ids were not read hold either raw-tile weights (kept as stored: every owner is visible and
-            # free weights are zero) or zeros (skipped tiles, the tail past K).
-            owned = task_owns(ids, active_task)
             if TILE_MAP:
-                owned = owned | (offs_k >= ids_remaining)[None, :]
-            # A select, not a multiply: a NaN/Inf stored in a weight this task does not own is dropped here.
-            w = tl.where(owned, w, 0.0)
-            ids_ptrs += BLOCK_K * stride_idk
-        xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-        if UPCAST_BF16:
-            w = w.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc = tl.dot(w, xt, acc, input_precision=INPUT_PRECISION)
-        w_ptrs += BLOCK_K * stride_wk
-        xt_ptrs += BLOCK_K * stride_xk
+                cell_mask = cell_row_mask[:, None] & (k // CELL_K + offs_cell_k < tl.cdiv(K, CELL_K))[None, :]
+                smallest = tl.load(map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
+                largest = tl.load(map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last")
+                used, all_visible = tile_use(smallest, largest, active_task)
+                map_ptrs += BLOCK_K // CELL_K
+                k_remaining = tl.where(used, k_remaining, 0)
+                ids_remaining = k_remaining
+                if RAW_TILES:
+                    ids_remaining = tl.where(all_visible, 0, k_remaining)
+            k_mask = offs_k < k_remaining
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if USE_MASK:
+                ids_k_mask = offs_k < ids_remaining
+                ids = tl.load(ids_ptrs, mask=n_mask[:, None] & ids_k_mask[None, :], other=0)
+                # Columns whose ids were not read hold either raw-tile weights (kept as stored: every owner is visible
+                # and free weights are zero) or zeros (skipped tiles, the tail past K).
+                owned = task_owns(ids, active_task)
+                if TILE_MAP:
+                    owned = owned | (offs_k >= ids_remaining)[None, :]
+                # A select, not a multiply: a NaN/Inf stored in a weight this task does not own is dropped here.
+                w = tl.where(owned, w, 0.0)
+                ids_ptrs += BLOCK_K * stride_idk
+            xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+            if UPCAST_BF16:
+                w = w.to(tl.float32)
+                xt = xt.to(tl.float32)
+            acc = tl.dot(w, xt, acc, input_precision=INPUT_PRECISION)
+            w_ptrs += BLOCK_K * stride_wk
+            xt_ptrs += BLOCK_K * stride_xk
 
     out_mask = n_mask[:, None] & m_mask[None, :]
-    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+    y_ptrs = y_ptr + x_rows[None, :] * stride_ym + offs_n[:, None] * stride_yn
     if SPLIT:
         # Whole tiles at compile-time offsets from one base pointer: few registers, so the reduction below fits beside
         # a 128 x 128 accumulator. Padding rows past M are neither stored nor loaded (a batch of 1 moves 1 row).
@@ -283,11 +466,18 @@ def _masked_linear_kernel(
                 stride_bias,
                 stride_scale,
                 stride_shift,
+                table_rows,
+                stride_bias_task,
+                stride_scale_task,
+                stride_shift_task,
                 HAS_BIAS,
                 HAS_SCALE,
                 HAS_SHIFT,
                 RELU,
+                MIXED,
             )
+            if MIXED:
+                acc = tl.where(row_valid[None, :], acc, float("nan"))
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
             # Zero again, so the next call on this stream reuses the counters without clearing them first.
             tl.store(counters_ptr + pid, 0)
@@ -302,16 +492,29 @@ def _masked_linear_kernel(
             stride_bias,
             stride_scale,
             stride_shift,
+            table_rows,
+            stride_bias_task,
+            stride_scale_task,
+            stride_shift_task,
             HAS_BIAS,
             HAS_SCALE,
             HAS_SHIFT,
             RELU,
+            MIXED,
         )
+        if MIXED:
+            acc = tl.where(row_valid[None, :], acc, float("nan"))
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _configs(regime: str, capability_major: int) -> list[triton.Config]:
-    """Autotune candidates for ``regime`` ("small" or "large") on a GPU of compute capability ``capability_major``.
+    """Autotune candidates for ``regime`` ("small", "large" or "mixed") on a GPU of compute capability
+    ``capability_major``.
+
+    Mixed-task batches (any batch size): 64 x 16 x 64 tiles on 4 warps, 4 stages. Their unrolled per-task selects
+    keep the weight and id tiles live across ``SEGMENTS`` dots: compiled for sm_90 with 8 segments, a 64 x 64 weight
+    tile per 4 warps takes 255 registers without spilling, while 128 x 64, 64 x 128 and any wider batch tile spill
+    (the result select keeps a second accumulator).
 
     Small batch: ``BLOCK_M`` is 16 (the narrowest dot) and ``BLOCK_K`` divides ``_SPLIT_K_ALIGN``; the candidates
     vary how many weight bytes a program keeps in flight. Large batch: the usual GEMM tiles; Hopper and datacenter
@@ -320,6 +523,9 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
     and the autotuner skips them. The first config of each list fits fp32 in the shared memory of every GPU of its
     class (small: 66 KB; large: 131 KB on 9.x/10.x, 74 KB else): it is the untuned default (``AUTOTUNE = False``).
     """
+    if regime == "mixed":
+        # 3 stages spilled 32 bytes at M = 1 (sm_90, triton 3.9); 4 stages compile without spills.
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=4, num_stages=4)]
     if regime == "small":
         # (BLOCK_N, BLOCK_K, num_warps, num_stages)
         shapes = [
@@ -420,7 +626,7 @@ def _tuned_kernel(regime: str, capability_major: int):
     prune = {"early_config_prune": _prune_configs}
     return triton.autotune(
         configs=_configs(regime, capability_major),
-        key=["m_bucket", "N", "K", "USE_MASK", "TILE_MAP", "RAW_TILES", "INPUT_PRECISION"],
+        key=["m_bucket", "N", "K", "USE_MASK", "TILE_MAP", "RAW_TILES", "INPUT_PRECISION", "SEGMENTS"],
         prune_configs_by=prune,
         do_bench=autotune_bench,
     )(_masked_linear_kernel)
@@ -464,6 +670,15 @@ def _split_plan(m: int, n: int, k: int, interpreted: bool, device: torch.device)
         return 1, max(k, 1)
     k_per_split = max(align, ceil_div(ceil_div(k, split), align) * align)
     return max(1, ceil_div(k, k_per_split)), k_per_split
+
+
+def mixed_segments(rows: int) -> int:
+    """Distinct tasks a mixed tile handles per pass over K: a power of two up to :data:`MIXED_SEGMENTS`, no more
+    than the batch can hold (a batch of 2 rows never needs 8 unrolled segments)."""
+    segments = 1
+    while segments < min(rows, MIXED_SEGMENTS):
+        segments *= 2
+    return segments
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -523,6 +738,7 @@ def _launch(
     use_mask: bool,
     tile_map: torch.Tensor | None = None,
     free_weights_zero: bool = False,
+    tasks: torch.Tensor | None = None,
     wrap=wrap_triton,
     reuse_workspace: bool = False,
 ) -> torch.Tensor:
@@ -532,7 +748,8 @@ def _launch(
     ``torch.compile``), :func:`~packnet_kernels._checks.as_is` for a direct eager launch. Outside the op,
     ``wrap_triton`` routes every eager launch through its tracing machinery: with torch 2.11 on an H200 that cost
     about a millisecond of host time per call and broke CUDA-graph capture. ``reuse_workspace``: see
-    :func:`_split_workspace`."""
+    :func:`_split_workspace`. ``tasks``: a mixed batch's per-row tasks (``task`` is then unused); the rows are
+    grouped by task with a stable sort on the device, which the kernel reads through (no permuted copies)."""
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
     rows = 1
@@ -553,7 +770,13 @@ def _launch(
         # Whole tiles: at most (N + BLOCK_N) x (M + BLOCK_M) elements per split, whichever config runs.
         partial_count = split_k * (out_features + _MAX_BLOCK_N) * (rows + _MAX_BLOCK_M[regime])
         partials, counters = _split_workspace(x.device, partial_count, counter_count, reuse_workspace)
-    vector_strides = [0 if v is None else v.stride(0) for v in (bias, scale, shift)]
+    vectors = (bias, scale, shift)
+    # [out] vectors: (stride along out, 0 along tasks); [tasks, out] tables: (stride(1), stride(0)).
+    vector_strides = [0 if v is None else v.stride(-1) for v in vectors]
+    task_strides = [0 if v is None or v.dim() == 1 else v.stride(0) for v in vectors]
+    row_tasks = row_order = None
+    if tasks is not None:
+        row_tasks, row_order = torch.sort(tasks, stable=True)
     main_args = (
         x2d,
         weight,
@@ -565,17 +788,21 @@ def _launch(
         partials,
         counters,
         tile_map,
+        row_tasks,
+        row_order,
         rows,
         out_features,
         in_features,
-        task,
+        task if tasks is None else 0,
         k_per_split,
         _m_bucket(rows),
+        task_limit(*vectors) if tasks is not None else 0,
         *(tile_map.stride()[:2] if tile_map is not None else (0, 0)),
         *x2d.stride(),
         *weight.stride(),
         *task_ids.stride(),
         *vector_strides,
+        *task_strides,
         out_features,
         1,
     )
@@ -592,6 +819,8 @@ def _launch(
         "SPLIT": split_k > 1,
         "UPCAST_BF16": interpreted and x.dtype == torch.bfloat16,
         "INPUT_PRECISION": _input_precision(x.dtype),
+        "MIXED": tasks is not None,
+        "SEGMENTS": mixed_segments(rows) if tasks is not None else 1,
     }
 
     def grid(meta):
@@ -602,11 +831,13 @@ def _launch(
         wrap(_masked_linear_kernel)[grid](*main_args, **main_flags, **_INTERPRETER_CONFIG)
     else:
         properties = device_properties(x.device)
+        # Mixed batches have their own (narrow) tiles at every batch size: see _configs.
+        family = "mixed" if tasks is not None else regime
         if AUTOTUNE:
-            wrap(_tuned_kernel(regime, properties.major))[grid](*main_args, **main_flags)
+            wrap(_tuned_kernel(family, properties.major))[grid](*main_args, **main_flags)
         else:
             default = default_config(
-                regime, properties.major, x.dtype, properties.shared_memory_per_block_optin, tile_map is not None
+                family, properties.major, x.dtype, properties.shared_memory_per_block_optin, tile_map is not None
             )
             wrap(_masked_linear_kernel)[grid](
                 *main_args, **main_flags, **default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages
@@ -617,21 +848,23 @@ def _launch(
 
 _OP_ARGS = (
     "Tensor x, Tensor weight, Tensor task_ids, int task, Tensor? bias, Tensor? scale, Tensor? shift, bool relu, "
-    "bool use_mask, Tensor? tile_map, bool free_weights_zero"
+    "bool use_mask, Tensor? tile_map, bool free_weights_zero, Tensor? tasks"
 )
 
 
 @torch.library.custom_op("packnet::masked_linear_interpreted", mutates_args=(), schema=f"({_OP_ARGS}) -> Tensor")
-def _masked_linear_interpreted(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles):
+def _masked_linear_interpreted(
+    x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks
+):
     """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
     ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
     return _launch(
-        x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, reuse_workspace=True
+        x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks, reuse_workspace=True
     )
 
 
 @_masked_linear_interpreted.register_fake
-def _(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles):
+def _(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -648,10 +881,12 @@ def _masked_linear_op(
     use_mask: bool,
     tile_map: torch.Tensor | None,
     free_weights_zero: bool,
+    tasks: torch.Tensor | None,
 ) -> torch.Tensor:
     """The registered op (also its own fake implementation); arguments already validated by
-    :func:`masked_linear_triton`. CUDA launches go through ``wrap_triton`` so ``torch.compile`` sees the kernels."""
-    args = (x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero)
+    :func:`masked_linear_triton`. CUDA launches go through ``wrap_triton`` so ``torch.compile`` sees the kernels.
+    ``tasks``: a mixed batch's per-row tasks (``task`` is then 0), else None."""
+    args = (x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero, tasks)
     if not x.is_cuda:
         return _masked_linear_interpreted(*args)
     # Triton launches on the current device: make it the tensors' one (they may live on another GPU).
@@ -663,7 +898,7 @@ def masked_linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
     task_ids: torch.Tensor,
-    task: int,
+    task: int | torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
     scale: torch.Tensor | None = None,
@@ -679,8 +914,12 @@ def masked_linear_triton(
         x: ``[..., in]`` float32/float16/bfloat16, any strides; an empty batch gives an empty output.
         weight: ``[out, in]`` in ``x``'s dtype, any strides.
         task_ids: ``[out, in]`` uint8 (0 = free, k = owned by task k), any strides.
-        task: int in 1..255.
-        bias, scale, shift: optional ``[out]`` vectors in ``x``'s dtype (a per-task Linear -> BatchNorm1d fold).
+        task: int in 1..255, or a mixed batch's integer tensor ``[rows]`` of per-row tasks (one launch for any mix:
+            see ``MIXED`` in :func:`_masked_linear_kernel`). Its values are checked for CPU tensors in eager mode
+            only; on CUDA and inside ``torch.compile`` a row whose task is outside 1..255 (or beyond an epilogue
+            table) comes out NaN, with no device sync.
+        bias, scale, shift: optional ``[out]`` vectors in ``x``'s dtype (a per-task Linear -> BatchNorm1d fold); with
+            a task tensor each may also be a ``[num_tasks, out]`` table, row ``task - 1`` per row.
         relu: apply ReLU last.
         use_mask: ``False`` runs the same kernel with the predicate compiled out (``task_ids`` is not read), i.e. a
             plain ``F.linear`` on the raw weight; for benchmarks separating the mask's cost.
@@ -707,7 +946,13 @@ def masked_linear_triton(
     check_tile_map("masked_linear", tile_map, weight, free_weights_zero)
     if not use_mask:
         tile_map, free_weights_zero = None, False
-    args = (x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero)
+    tasks = None
+    if isinstance(task, torch.Tensor):
+        # Reading the values is a device sync on a GPU and a graph break in torch.compile: CPU eager calls only.
+        if not x.is_cuda and not torch.compiler.is_compiling():
+            check_task_values("masked_linear", task, task_limit(bias, scale, shift))
+        tasks, task = task, 0
+    args = (x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero, tasks)
     if direct_launch_allowed(x, weight, bias, scale, shift):
         # Eager calls skip the registered op's dispatch: most of a small layer's host time.
         with on_device(x.device):

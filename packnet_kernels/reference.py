@@ -4,6 +4,12 @@ The effective weight of task ``t`` is ``where((task_ids != 0) & (task_ids <= t),
 multiply, so an Inf or NaN stored in a weight that task ``t`` does not own never reaches task ``t``'s output.
 Everything here runs in any floating dtype, float64 included, on any device.
 
+Mixed-task batches: ``task`` may be a 1-D integer tensor ``tasks`` with one entry per row (per image for conv; for
+linear, per row of the input with its leading dimensions flattened). Row ``i`` is then the single-task op on row
+``i`` with task ``tasks[i]``, and each epilogue argument is either a ``[out]`` vector shared by every task or a
+``[num_tasks, out]`` table whose row ``tasks[i] - 1`` row ``i`` uses. The reference runs the single-task op once per
+task present, on that task's rows (:func:`per_task_rows`), so its rows are bitwise those of per-task calls.
+
 A tile map (:func:`tile_map`) summarises which tasks own weights in each cell of a fixed grid over a weight; kernels
 given one skip tiles a task does not use and read no ids where every owner is visible to the task. It changes which
 bytes are read, never a result: the ops here ignore it.
@@ -77,11 +83,40 @@ def apply_epilogue(
     return y
 
 
+def task_vector(vector: torch.Tensor | None, task: int) -> torch.Tensor | None:
+    """Task ``task``'s epilogue vector: ``vector`` itself when it is ``[out]`` (shared), row ``task - 1`` of a
+    ``[num_tasks, out]`` table."""
+    return vector if vector is None or vector.dim() == 1 else vector[task - 1]
+
+
+def per_task_rows(op, x: torch.Tensor, tasks: torch.Tensor, vectors: tuple) -> torch.Tensor:
+    """Row ``i`` of the result is row ``i`` of ``op(x[rows of task t], t, *task vectors of t)`` with ``t =
+    tasks[i]``: ``op`` runs once per distinct task (in increasing order) on the rows of that task.
+
+    ``x [rows, ...]``, ``tasks [rows]`` integer with values in 1..255 (checked: raises ``ValueError``), ``vectors``
+    epilogue vectors or tables (:func:`task_vector`). Reads the task values on the host (a device sync on a GPU)."""
+    if tasks.numel() and (int(tasks.min()) < 1 or int(tasks.max()) > 255):
+        raise ValueError(f"every task must be in 1..255, got tasks {tasks.tolist()}")
+    tables = [vector.shape[0] for vector in vectors if vector is not None and vector.dim() == 2]
+    if tasks.numel() and tables and int(tasks.max()) > min(tables):
+        raise ValueError(f"task {int(tasks.max())} has no row in a per-task epilogue table of {min(tables)} rows")
+    if tasks.numel() == 0:
+        return op(x, 1, *(task_vector(vector, 1) for vector in vectors))
+    result = None
+    for task in torch.unique(tasks).tolist():
+        rows = (tasks == task).nonzero().squeeze(1).to(x.device)
+        part = op(x[rows], task, *(task_vector(vector, task) for vector in vectors))
+        if result is None:
+            result = part.new_empty((x.shape[0], *part.shape[1:]))
+        result[rows] = part
+    return result
+
+
 def masked_linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
     task_ids: torch.Tensor,
-    task: int,
+    task: int | torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
     scale: torch.Tensor | None = None,
@@ -91,8 +126,19 @@ def masked_linear_ref(
     """``relu?((x @ W_t^T + bias) * scale + shift)`` with ``W_t = effective_weight(weight, task_ids, task)``.
 
     Shapes: ``x [..., in]``, ``weight``/``task_ids`` ``[out, in]``, ``bias``/``scale``/``shift`` ``[out]``;
-    returns ``[..., out]`` in ``x``'s dtype.
+    returns ``[..., out]`` in ``x``'s dtype. A mixed batch: ``task`` an integer tensor with one task per row of
+    ``x.reshape(-1, in)``, and ``bias``/``scale``/``shift`` each ``[out]`` or ``[num_tasks, out]`` (module docstring).
     """
+    if isinstance(task, torch.Tensor):
+        rows = x.reshape(-1, x.shape[-1])
+
+        def single(rows_of_task, row_task, *vectors):
+            return masked_linear_ref(
+                rows_of_task, weight, task_ids, row_task, *vectors[:1], scale=vectors[1], shift=vectors[2], relu=relu
+            )
+
+        y = per_task_rows(single, rows, task.reshape(-1), (bias, scale, shift))
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     y = F.linear(x, effective_weight(weight, task_ids, task), bias)
     return apply_epilogue(y, scale, shift, relu, channel_dim=-1)
 
@@ -101,7 +147,7 @@ def masked_conv2d_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
     task_ids: torch.Tensor,
-    task: int,
+    task: int | torch.Tensor,
     bias: torch.Tensor | None = None,
     stride=1,
     padding=0,
@@ -115,7 +161,28 @@ def masked_conv2d_ref(
     """``relu?((conv2d(x, W_t) + bias) * scale + shift)`` with ``W_t = effective_weight(weight, task_ids, task)``.
 
     Shapes: ``x [N, C, H, W]``, ``weight``/``task_ids`` ``[out, C/groups, kh, kw]``, ``bias``/``scale``/``shift``
-    ``[out]``; returns ``[N, out, H_out, W_out]``. ``stride``/``padding``/``dilation`` as in ``F.conv2d``.
+    ``[out]``; returns ``[N, out, H_out, W_out]``. ``stride``/``padding``/``dilation`` as in ``F.conv2d``. A mixed
+    batch: ``task`` an integer tensor ``[N]``, one task per image, and ``bias``/``scale``/``shift`` each ``[out]`` or
+    ``[num_tasks, out]`` (module docstring).
     """
+    if isinstance(task, torch.Tensor):
+
+        def single(images, image_task, *vectors):
+            return masked_conv2d_ref(
+                images,
+                weight,
+                task_ids,
+                image_task,
+                vectors[0],
+                stride,
+                padding,
+                dilation,
+                groups,
+                scale=vectors[1],
+                shift=vectors[2],
+                relu=relu,
+            )
+
+        return per_task_rows(single, x, task, (bias, scale, shift))
     y = F.conv2d(x, effective_weight(weight, task_ids, task), bias, stride, padding, dilation, groups)
     return apply_epilogue(y, scale, shift, relu, channel_dim=1)

@@ -74,12 +74,15 @@ def _linear_variants() -> list[dict]:
                         "partials_ptr": "*fp32" if k_per_split < k else None,
                         "counters_ptr": "*i32" if k_per_split < k else None,
                         "tile_map_ptr": None,
+                        "row_tasks_ptr": None,
+                        "row_order_ptr": None,
                         "M": m,
                         "N": n,
                         "K": k,
                         "active_task": 2,
                         "k_per_split": k_per_split,
                         "m_bucket": linear._m_bucket(m),
+                        "max_task": 0,
                         "stride_map_plane": 0,
                         "stride_map_row": 0,
                         "stride_xm": k,
@@ -91,6 +94,9 @@ def _linear_variants() -> list[dict]:
                         "stride_bias": 0,
                         "stride_scale": 0,
                         "stride_shift": 0,
+                        "stride_bias_task": 0,
+                        "stride_scale_task": 0,
+                        "stride_shift_task": 0,
                         "stride_ym": n,
                         "stride_yn": 1,
                     }
@@ -108,6 +114,8 @@ def _linear_variants() -> list[dict]:
                         "UPCAST_BF16": False,
                         # fp32 linear layers follow torch.get_float32_matmul_precision(), "highest" by default
                         "INPUT_PRECISION": "tf32" if dtype != "fp32" else "ieee",
+                        "MIXED": False,
+                        "SEGMENTS": 1,
                         **config.kwargs,
                     }
                     name = (
@@ -131,6 +139,31 @@ def _linear_variants() -> list[dict]:
                             gemm=True,
                         )
                     )
+    # Mixed-task batches (8 unrolled task segments, int64 row tasks and order): every mixed config on sm_90 fp16 at
+    # M = 1 and 64, with and without the tile map.
+    for m, base in ((1, "linear-m1-fp16-sm90-"), (64, "linear-m64-fp16-sm90-")):
+        variant = next(v for v in variants if v["name"].startswith(base))
+        for config in linear._configs("mixed", 9):
+            for tile_map in (False, True):
+                args = dict(variant["args"], row_tasks_ptr="*i64", row_order_ptr="*i64", max_task=255)
+                if tile_map:
+                    args.update(tile_map_ptr="*u8", stride_map_plane=128 * 128, stride_map_row=128)
+                constexprs = dict(variant["constexprs"], MIXED=True, SEGMENTS=8, TILE_MAP=tile_map, RAW_TILES=tile_map)
+                constexprs.update(config.kwargs)
+                name = f"linear-mixed-m{m}-fp16-sm90-w{config.num_warps}-s{config.num_stages}" + (
+                    "-tilemap" if tile_map else ""
+                )
+                variants.append(
+                    dict(
+                        variant,
+                        name=name,
+                        args=args,
+                        constexprs=constexprs,
+                        config=config,
+                        num_warps=config.num_warps,
+                        num_stages=config.num_stages,
+                    )
+                )
     return variants
 
 
