@@ -4,13 +4,14 @@
 #
 #   device.txt      GPU, driver, CUDA, torch and triton versions
 #   tests.log       the whole test suite on CUDA, no interpreter (pytest-xdist, 8 workers)
-#   demo.log/.json  the Split-Digits demo on CUDA
-#   warm.log        Triton compiling/autotuning the benchmark's kernels in 3 processes while the tests run
+#   demo.json       the Split-Digits demo on CUDA
 #   headline.json   benchmarks/headline.py, rewritten after every case (a timeout keeps what was measured)
-#   headline.log    its one-line-per-case summary
 #   host_profile.txt  benchmarks/host_profile.py: the host time of each layer of a packed call, and a cProfile
+#   tiles.json/.md  benchmarks/tiles.py: per-task latency with the tile map
+#   logs.txt        the tails of the other logs (demo, compile warm-up, headline, tiles), gathered after each stage
+#                   from $LOGS (default /tmp/gpu-logs), so a call cut short still returns what they said so far
 #
-#   bash benchmarks/gpu_session.sh [tests] [profile] [demo] [headline]     (no argument: all four)
+#   bash benchmarks/gpu_session.sh [tests] [profile] [demo] [headline] [tiles]     (no argument: all five)
 #
 # TESTS_TIMEOUT_S (default 200) bounds stage 1 (tests, demo, compiling); HEADLINE_BUDGET_S (default 170) stops the
 # benchmark from starting new cases and HEADLINE_GRACE_S (default 90) kills it that much later; HEADLINE_ARGS adds
@@ -18,16 +19,22 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
+LOGS=${LOGS:-/tmp/gpu-logs}
+mkdir -p "$OUT" "$LOGS"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 PYTHON=${PYTHON:-python3}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests profile demo headline)
+[ ${#stages[@]} -eq 0 ] && stages=(tests profile demo headline tiles)
 want() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 status=0
 start=$(date +%s)
 stamp() { echo "[gpu_session +$(($(date +%s) - start))s] $*"; }
+gather() {
+    for log in "$LOGS"/*.log; do
+        [ -f "$log" ] && { echo "==> $(basename "$log")"; tail -n 150 "$log"; }
+    done >"$OUT/logs.txt" 2>/dev/null
+}
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
@@ -52,14 +59,14 @@ if want headline; then
     # Fill Triton's on-disk cache (compiles, autotuning) so that the timed run below only times.
     for shard in 0 1 2; do
         timeout "${TESTS_TIMEOUT_S:-200}" "$PYTHON" benchmarks/headline.py --out /tmp/warm --warm --shard "$shard/3" \
-            ${HEADLINE_ARGS:-} >>"$OUT/warm.log" 2>&1 &
+            ${HEADLINE_ARGS:-} >>"$LOGS/warm.log" 2>&1 &
         pids+=($!)
     done
 fi
 if want demo; then
     stamp "demo"
     timeout "${TESTS_TIMEOUT_S:-200}" "$PYTHON" -m packnet demo --out /tmp/packnet-demo --json "$OUT/demo.json" \
-        >"$OUT/demo.log" 2>&1 &
+        >"$LOGS/demo.log" 2>&1 &
     pids+=($!)
 fi
 for pid in "${pids[@]}"; do
@@ -69,20 +76,31 @@ if want tests; then
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-220 | head -60
     tail -3 "$OUT/tests.log"
 fi
-want demo && tail -15 "$OUT/demo.log"
+want demo && tail -15 "$LOGS/demo.log"
+gather
 
 # Stage 2, timing alone on the machine: the host path of one call, then the headline benchmark.
 if want profile; then
     stamp "host profile"
-    timeout 60 "$PYTHON" benchmarks/host_profile.py --out "$OUT" >/dev/null 2>"$OUT/host_profile.err" || status=1
+    timeout 60 "$PYTHON" benchmarks/host_profile.py --out "$OUT" >/dev/null 2>"$LOGS/host_profile.log" || status=1
     head -6 "$OUT/host_profile.txt"
 fi
 if want headline; then
     stamp "headline"
     # shellcheck disable=SC2086
     timeout $((${HEADLINE_BUDGET_S:-170} + ${HEADLINE_GRACE_S:-90})) "$PYTHON" benchmarks/headline.py --out "$OUT" \
-        --budget-s "${HEADLINE_BUDGET_S:-170}" ${HEADLINE_ARGS:-} >"$OUT/headline.log" 2>&1 || status=1
-    tail -60 "$OUT/headline.log"
+        --budget-s "${HEADLINE_BUDGET_S:-170}" ${HEADLINE_ARGS:-} >"$LOGS/headline.log" 2>&1 || status=1
+    tail -60 "$LOGS/headline.log"
+    gather
 fi
+if want tiles; then
+    # The tile map's per-task latencies (block-structured and unstructured packs, BSR peer); its JSON and Markdown
+    # report land in $OUT.
+    stamp "tiles"
+    timeout $((${TILES_BUDGET_S:-60} + 60)) "$PYTHON" benchmarks/tiles.py --out "$OUT" --budget-s "${TILES_BUDGET_S:-60}" \
+        >"$LOGS/tiles.log" 2>&1 || status=1
+    tail -30 "$LOGS/tiles.log"
+fi
+gather
 stamp "done (status $status)"
 exit $status

@@ -307,14 +307,24 @@ def _spec(variant: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> dict:
-    """Every variant compiled once, on 2 processes, into a Triton cache made for this run."""
+def compiled(request, tmp_path_factory) -> dict:
+    """Every variant this session runs a test of (all of them, unless ``-k`` narrows the run) compiled once, on 2
+    processes, into a Triton cache made for this run."""
+    wanted = {
+        item.callspec.params["variant"]["name"]
+        for item in request.session.items
+        if hasattr(item, "callspec") and "variant" in item.callspec.params
+    }
     saved = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
     try:
         with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {variant["name"]: pool.submit(compile_variant, _spec(variant)) for variant in VARIANTS}
+            futures = {
+                variant["name"]: pool.submit(compile_variant, _spec(variant))
+                for variant in VARIANTS
+                if variant["name"] in wanted
+            }
             results = {}
             for name, future in futures.items():
                 try:

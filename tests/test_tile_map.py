@@ -310,7 +310,8 @@ def test_conv_tile_paths_equal_the_predicate_path(case, kernel_device):
     x, weight, task_ids = _conv_case(*case, torch.float16, kernel_device, seed=in_channels + out_channels)
     assert tile_map_applies(in_channels // groups, out_channels // groups, groups) == (in_channels // groups >= 32)
     cells = tile_map(task_ids)
-    for task in (1, 2, 3):
+    # Tasks 1 and 2 meet skipped, raw and checked tiles; the last task's raw path is the linear tests'.
+    for task in (1, 2):
         expected = masked_conv2d(x, weight, task_ids, task, None, 1, 1, 1, groups, relu=True, backend="triton")
         for free_weights_zero in (False, True):
             got = masked_conv2d(
