@@ -7,11 +7,15 @@
 #   demo.json       the Split-Digits demo on CUDA
 #   headline.json   benchmarks/headline.py, rewritten after every case (a timeout keeps what was measured)
 #   host_profile.txt  benchmarks/host_profile.py: the host time of each layer of a packed call, and a cProfile
-#   tiles.json/.md  benchmarks/tiles.py: per-task latency with the tile map
+#   tiles.json      benchmarks/tiles.py: per-task latency with the tile map
+#   mixed.json      benchmarks/mixed.py: mixed-task batches in one launch against splitting by task
 #   logs.txt        the tails of the other logs (demo, compile warm-up, headline, tiles), gathered after each stage
 #                   from $LOGS (default /tmp/gpu-logs), so a call cut short still returns what they said so far
 #
-#   bash benchmarks/gpu_session.sh [tests] [profile] [demo] [headline] [tiles]     (no argument: all five)
+#   bash benchmarks/gpu_session.sh [tests] [profile] [demo] [headline] [tiles] [mixed]     (no argument: all six)
+#
+# Reports: python -c 'import sys; sys.path[:0] = ["benchmarks"]; import tiles; tiles.write_report("OUT/tiles.json")'
+# (mixed likewise; headline: python benchmarks/headline_report.py OUT/headline.json).
 #
 # TESTS_TIMEOUT_S (default 200) bounds stage 1 (tests, demo, compiling); HEADLINE_BUDGET_S (default 170) stops the
 # benchmark from starting new cases and HEADLINE_GRACE_S (default 90) kills it that much later; HEADLINE_ARGS adds
@@ -25,7 +29,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 PYTHON=${PYTHON:-python3}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests profile demo headline tiles)
+[ ${#stages[@]} -eq 0 ] && stages=(tests profile demo headline tiles mixed)
 want() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 status=0
 start=$(date +%s)
@@ -100,6 +104,13 @@ if want tiles; then
     timeout $((${TILES_BUDGET_S:-60} + 60)) "$PYTHON" benchmarks/tiles.py --out "$OUT" --budget-s "${TILES_BUDGET_S:-60}" \
         >"$LOGS/tiles.log" 2>&1 || status=1
     tail -30 "$LOGS/tiles.log"
+    gather
+fi
+if want mixed; then
+    stamp "mixed"
+    timeout $((${MIXED_BUDGET_S:-60} + 60)) "$PYTHON" benchmarks/mixed.py --out "$OUT" --budget-s "${MIXED_BUDGET_S:-60}" \
+        >"$LOGS/mixed.log" 2>&1 || status=1
+    tail -20 "$LOGS/mixed.log"
 fi
 gather
 stamp "done (status $status)"

@@ -12,7 +12,8 @@ bytes per element pre-masked dense reads), for the kernels' tile sizes. On a GPU
 (CUDA-graph replay, the pure GPU time) of: the packed kernel with the tile map (as a ``PackedLinear`` runs it),
 without it, pre-masked dense (cuBLAS on one masked copy per task) and the same task's weight as a ``torch.sparse`` BSR
 tensor (128 x 128 blocks; ``F.linear`` runs PyTorch's own block-sparse kernel): what a user who knows block sparsity
-would try. The JSON is rewritten after every case.
+would try. The JSON is rewritten after every case; ``write_report`` (run by ``packnet bench --stage tiles``) turns it
+into Markdown.
 """
 
 from __future__ import annotations
@@ -261,7 +262,6 @@ def main(argv=None) -> int:
                 times = {row["method"]: row.get("graph_ms") for row in rows}
                 summary = " ".join(f"{method} {ms}" for method, ms in times.items())
                 print(f"{packing:8s} b{batch:<3d} t{task} {summary}", flush=True)
-    write_report(path)
     failed = [row for row in result["results"] if not row.get("ok") and row["method"] != "bsr"]
     return 1 if failed else 0
 

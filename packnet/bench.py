@@ -10,6 +10,7 @@ The suite is ``benchmarks/`` of a source checkout, in three stages, each run in 
 - ``models``: whole packed models against dense masking and dense copies (``benchmarks/test_models.py``).
 - ``tiles``: ``benchmarks/tiles.py``, the bytes each task reads with the tile map (block-structured and unstructured
   packs) and, on a GPU, each task's latency against pre-masked dense and a block-sparse (BSR) copy.
+- ``mixed``: ``benchmarks/mixed.py``, batches mixing 1 to 8 tasks in one launch against splitting them by task.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ log = logging.getLogger("packnet.bench")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "benchmarks"
-STAGES = ("headline", "layers", "models", "tiles")
+STAGES = ("headline", "layers", "models", "tiles", "mixed")
 # The pytest files of each pytest-benchmark stage.
 STAGE_FILES = {"layers": ("test_layers.py", "test_host_path.py"), "models": ("test_models.py",)}
 
@@ -49,14 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stage",
         action="append",
         choices=STAGES,
-        help="run this stage (repeat for several; default: headline, layers, models, tiles in that order)",
+        help="run this stage (repeat for several; default: all, in the order headline, layers, models, tiles, mixed)",
     )
     parser.add_argument(
         "--budget-s",
         type=float,
         default=None,
         metavar="SECONDS",
-        help="headline and tiles stages: start no new case after this many seconds (what ran is kept)",
+        help="headline, tiles and mixed stages: start no new case after this many seconds (what ran is kept)",
     )
     parser.add_argument(
         "--dtypes", default="fp16,bf16", help="headline stage: comma-separated fp16, bf16, fp32 (default: fp16,bf16)"
@@ -95,11 +96,11 @@ def pytest_command(json_path: Path, keyword: str | None, stage: str = "layers") 
 
 # Stages run as scripts that rewrite their JSON case by case (a run cut short keeps what it measured), with the module
 # whose ``write_report(json_path)`` reports them.
-SCRIPT_STAGES = {"headline": "headline_report", "tiles": "tiles"}
+SCRIPT_STAGES = {"headline": "headline_report", "tiles": "tiles", "mixed": "mixed"}
 
 
 def headline_command(json_path: Path, args: argparse.Namespace, stage: str = "headline") -> list[str]:
-    """The command line of a script stage (``headline`` or ``tiles``), writing ``json_path`` case by case."""
+    """The command line of a script stage (:data:`SCRIPT_STAGES`), writing ``json_path`` case by case."""
     command = [sys.executable, str(BENCH_DIR / f"{stage}.py"), "--json", str(json_path)]
     if stage == "headline":
         command += ["--dtypes", args.dtypes]

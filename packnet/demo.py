@@ -145,6 +145,32 @@ def train_finetuning(
     return matrix
 
 
+def serve_mixed_batch(model: nn.Module, tasks: list[TaskData], seed: int) -> dict:
+    """Every task's test set in one shuffled batch, served by one forward with a task per row
+    (``set_task(model, row_tasks)``); its accuracy per task, and whether each row equals that task's own run.
+
+    Raises:
+        AssertionError: a row of the mixed batch differs from the same row in its task's own run.
+    """
+    inputs = torch.cat([data.test_x for data in tasks])
+    targets = torch.cat([data.test_y for data in tasks])
+    row_tasks = torch.cat([torch.full((len(data.test_y),), task) for task, data in enumerate(tasks, 1)])
+    order = torch.randperm(len(row_tasks), generator=torch.Generator().manual_seed(seed))
+    inputs, targets, row_tasks = inputs[order], targets[order], row_tasks[order]
+    with torch.no_grad():
+        with set_task(model, row_tasks):
+            logits = model(inputs)
+        accuracies = []
+        for task in range(1, len(tasks) + 1):
+            rows = (row_tasks == task).nonzero().squeeze(1)
+            with set_task(model, task):
+                alone = model(inputs[rows])
+            if not torch.equal(logits[rows], alone):
+                raise AssertionError(f"task {task}: its rows of the mixed batch differ from its own run")
+            accuracies.append(accuracy(logits[rows], targets[rows]))
+    return {"rows": len(row_tasks), "accuracy_per_task": accuracies, "accuracy": accuracy(logits, targets)}
+
+
 def tiles_touched(trainer: PackNet) -> list[float]:
     """Per task t, the fraction of the packed layers' tile-map cells (32 x 32 weights, as the kernels read them)
     holding some weight of tasks 1..t: what a task's inference reads with the tile map, over all layers."""
@@ -269,6 +295,8 @@ def run_demo(
             }
         )
 
+    mixed = serve_mixed_batch(loaded, tasks, seed)
+
     dense_network_bytes = _state_bytes(small_cnn())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sample = torch.cat([data.test_x for data in tasks])[:256]
@@ -288,6 +316,7 @@ def run_demo(
         "pack_path": pack_path,
         "folding": loaded.packnet_folding,
         "checks": checks,
+        "mixed_batch": mixed,
         "timing": {
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "task": NUM_TASKS,
@@ -347,6 +376,13 @@ def format_report(result: dict) -> str:
     how = "found in the torch.fx graph" if folding["method"] == "fx" else "nn.Sequential rule only"
     lines.append(
         f"Folded {folding['folded']} of {folding['norms']} BatchNorms into the packed layers' epilogues ({how})"
+    )
+    mixed = result["mixed_batch"]
+    per_task = ", ".join(f"{acc:.3f}" for acc in mixed["accuracy_per_task"])
+    lines.append(
+        f"Mixed batch: all {mixed['rows']} test images of the {NUM_TASKS} tasks shuffled into one batch, one forward"
+        f" with a task per image: accuracy {mixed['accuracy']:.3f} (per task {per_task}), every row equal to its"
+        " task's own run bit for bit"
     )
     worst = max(check["fused_max_abs_diff"] for check in result["checks"])
     lines.append(

@@ -53,3 +53,18 @@ def test_finetuning_baseline_is_reported(demo_result):
 def test_python_dash_m_entry_point_shows_help():
     completed = subprocess.run([sys.executable, "-m", "packnet", "--help"], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0 and "demo" in completed.stdout and "inspect" in completed.stdout
+
+
+def test_block_pruning_and_the_mixed_batch_are_reported(demo_result):
+    result, _ = demo_result
+    blocks = result["accuracy"]["packnet_blocks"]
+    for task, row in enumerate(blocks):
+        assert row[task:] == [row[task]] * (len(row) - task)  # block pruning forgets nothing either
+    element, block = result["tiles_touched"]["element"], result["tiles_touched"]["block"]
+    assert element == [1.0] * 5  # unstructured: every cell holds some weight of task 1
+    assert block == sorted(block) and block[0] < 0.8 and block[-1] == 1.0
+    mixed = result["mixed_batch"]
+    # One forward over every task's test images: each task's rows score exactly what the same pack scores on that
+    # task alone (the demo also checks the rows bit for bit).
+    assert mixed["accuracy_per_task"] == [check["accuracy_pack"] for check in result["checks"]]
+    assert mixed["rows"] > 5 * 50

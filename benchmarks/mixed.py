@@ -1,0 +1,227 @@
+"""Mixed-task batches: one launch for rows of several tasks against splitting the batch by task.
+
+    python benchmarks/mixed.py (--out DIR | --json FILE) [--quick] [--budget-s SECONDS]
+
+A transformer MLP up projection (4096 -> 11008, fp16) packed for 8 tasks (each owning an eighth of the weights, by
+magnitude). A batch of B rows (B = 8, 64, 256) spread over k tasks (k = 1, 2, 4, 8; rows dealt round-robin, then
+shuffled) is served by:
+
+- ``mixed``: ``masked_linear(x, W, ids, row_tasks)``, one launch whatever the mix;
+- ``one_task``: the same B rows all of the latest task, one launch (what a mixed batch should cost about as much as);
+- ``split_by_task``: one packed call per task present on its rows, scattered back (what a server does today);
+- ``dense_masking_by_task``: the same split with ``F.linear(x_t, W * mask_t)``, masks precomputed.
+
+Each output is checked against the float64 reference first. On a GPU, times are CUDA-graph replays (pure GPU time)
+and single eager calls between CUDA events; on the CPU only the checks and event times of the reference path run (not
+kernel numbers). The JSON is rewritten after every case; ``write_report`` (run by ``packnet bench --stage mixed``)
+turns it into Markdown with the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import headline  # noqa: E402
+import timing  # noqa: E402
+
+from packnet.pruning import magnitude_task_ids  # noqa: E402
+from packnet_kernels import masked_linear, task_mask  # noqa: E402
+from packnet_kernels.reference import masked_linear_ref  # noqa: E402
+
+NUM_TASKS = 8
+# Task t keeps 1 / (9 - t) of what reaches it: an eighth of the weight each, none free.
+EQUAL_SHARES = tuple((NUM_TASKS - task) / (NUM_TASKS + 1 - task) for task in range(1, NUM_TASKS + 1))
+BATCHES = (8, 64, 256)
+TASK_COUNTS = (1, 2, 4, 8)
+LAYER = (11008, 4096)
+QUICK_LAYER = (96, 80)
+QUICK_BATCHES = (8, 13)
+
+
+def row_tasks_for(batch: int, task_count: int, seed: int) -> torch.Tensor:
+    """``[batch]`` int64: the last ``task_count`` tasks dealt round-robin over the rows, then shuffled."""
+    first = NUM_TASKS - task_count + 1
+    tasks = first + torch.arange(batch) % task_count
+    return tasks[torch.randperm(batch, generator=torch.Generator().manual_seed(seed))]
+
+
+def build_methods(x, weight, task_ids, row_tasks) -> dict:
+    """``{method: fn(i)}`` for one batch; the per-task row indices and masks are prepared outside the timed calls."""
+    device = x[0].device
+    present = torch.unique(row_tasks).tolist()
+    rows_of = {task: (row_tasks == task).nonzero().squeeze(1).to(device) for task in present}
+    masks = {task: task_mask(task_ids, task).to(weight.dtype) for task in present}
+    device_tasks = row_tasks.to(device)
+    rotations = len(x)
+
+    def split(i, linear):
+        inputs = x[i % rotations]
+        out = inputs.new_empty(inputs.shape[0], weight.shape[0])
+        for task, rows in rows_of.items():
+            out[rows] = linear(inputs[rows], task)
+        return out
+
+    return {
+        "mixed": lambda i: masked_linear(x[i % rotations], weight, task_ids, device_tasks),
+        "one_task": lambda i: masked_linear(x[i % rotations], weight, task_ids, NUM_TASKS),
+        "split_by_task": lambda i: split(i, lambda rows, task: masked_linear(rows, weight, task_ids, task)),
+        "dense_masking_by_task": lambda i: split(i, lambda rows, task: F.linear(rows, weight * masks[task])),
+    }
+
+
+def run_case(weight, task_ids, batch, task_count, device, rotations) -> list[dict]:
+    generator = torch.Generator(device=device).manual_seed(batch * 100 + task_count)
+    x = [
+        torch.randn(batch, weight.shape[1], generator=generator, device=device).to(weight.dtype)
+        for _ in range(rotations)
+    ]
+    row_tasks = row_tasks_for(batch, task_count, seed=batch + task_count)
+    expected = masked_linear_ref(x[0].double(), weight.double(), task_ids, row_tasks.to(device))
+    one_task_expected = masked_linear_ref(x[0].double(), weight.double(), task_ids, NUM_TASKS)
+    rows = []
+    for method, fn in build_methods(x, weight, task_ids, row_tasks).items():
+        row = {"batch": batch, "tasks": task_count, "method": method}
+        try:
+            reference = one_task_expected if method == "one_task" else expected
+            row["error"] = timing.normwise_error(fn(0), reference)
+            row["ok"] = bool(row["error"] <= headline.MAX_ERROR[weight.dtype])
+            measured = timing.latency(fn, device, rep_ms=25.0)
+            row.update(event_ms=measured["median_ms"], event_spread=measured["spread"])
+            if device == "cuda":
+                graph = headline.graph_latency(fn, rotations)
+                row.update(graph_ms=graph["median_ms"], graph_spread=graph["spread"])
+            row["unstable"] = (row.get("graph_spread") or measured["spread"]) > timing.UNSTABLE_SPREAD
+        except Exception as error:  # a failing method is a result too; the others still run
+            row.update(ok=False, note=f"{type(error).__name__}: {str(error)[:300]}")
+        rows.append(row)
+    return rows
+
+
+def targets(results: list[dict]) -> list[tuple[str, float | None, bool | None]]:
+    """The issue's targets at B = 64, k = 8 (graph times): ``(target, ratio, met)``."""
+    by = {(r["batch"], r["tasks"], r["method"]): r.get("graph_ms") for r in results}
+    mixed, one, split = (by.get((64, 8, method)) for method in ("mixed", "one_task", "split_by_task"))
+    cost = None if not mixed or not one else mixed / one
+    speedup = None if not mixed or not split else split / mixed
+    return [
+        ("64 rows over 8 tasks within 1.3x of 64 rows of one task", cost, None if cost is None else cost <= 1.3),
+        (
+            "64 rows over 8 tasks >= 4x faster than splitting by task",
+            speedup,
+            None if speedup is None else speedup >= 4,
+        ),
+    ]
+
+
+def markdown(data: dict) -> str:
+    device = data["device"]
+    key = "graph_ms" if device.get("device") == "cuda" else "event_ms"
+    lines = [
+        f"# Mixed-task batches ({device.get('gpu_name') or 'CPU'})",
+        "",
+        f"Layer {data['layer'][1]} -> {data['layer'][0]}, {data['dtype']}, {NUM_TASKS} tasks. Microseconds, "
+        + (
+            "CUDA-graph replay (pure GPU time)."
+            if key == "graph_ms"
+            else "event times of the CPU reference path: **not kernel numbers**."
+        )  # fmt: skip
+        + " `vs split` is splitting by task's time over the mixed launch's.",
+        "",
+        "| batch | tasks | mixed | one task | split by task | dense masking by task | vs split | spread |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cases: dict = {}
+    for row in data["results"]:
+        cases.setdefault((row["batch"], row["tasks"]), {})[row["method"]] = row
+    for (batch, count), methods in cases.items():
+
+        def us(method, methods=methods):
+            value = methods.get(method, {}).get(key)
+            return "-" if not value else f"{value * 1e3:.1f}"
+
+        mixed, split = methods.get("mixed", {}).get(key), methods.get("split_by_task", {}).get(key)
+        ratio = "-" if not mixed or not split else f"{split / mixed:.2f}x"
+        spread = methods.get("mixed", {}).get("graph_spread" if key == "graph_ms" else "event_spread")
+        failed = [m for m, row in methods.items() if not row.get("ok")]
+        lines.append(
+            f"| {batch} | {count} | {us('mixed')} | {us('one_task')} | {us('split_by_task')} "
+            f"| {us('dense_masking_by_task')} | {ratio} | {'-' if spread is None else f'{100 * spread:.0f} %'}"
+            + (f" FAILED: {', '.join(failed)}" if failed else "")
+            + " |"
+        )
+    if key == "graph_ms":
+        lines += ["", "| target | measured | met |", "|---|---:|---|"]
+        for target, value, met in targets(data["results"]):
+            lines.append(f"| {target} | {'-' if value is None else f'{value:.2f}x'} | {'-' if met is None else met} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(json_path: str | Path) -> list[Path]:
+    """``<json>.md`` beside the results."""
+    json_path = Path(json_path)
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(markdown(json.loads(json_path.read_text(encoding="utf-8"))), encoding="utf-8")
+    return [md_path]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="directory for mixed.json")
+    target.add_argument("--json", help="the results file (instead of --out)")
+    parser.add_argument("--quick", action="store_true", help="a small layer and batches (a CPU smoke run)")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = Path(args.json) if args.json else Path(args.out) / "mixed.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quick = args.quick or device == "cpu"
+    out_features, in_features = QUICK_LAYER if quick else LAYER
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    result = {
+        "device": timing.device_info(device),
+        "layer": [out_features, in_features],
+        "dtype": str(dtype).removeprefix("torch."),
+        "results": [],
+        "skipped": [],
+    }
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(out_features, in_features, generator=generator) / math.sqrt(in_features)
+    task_ids = magnitude_task_ids(base, NUM_TASKS, EQUAL_SHARES).to(device)
+    weight = base.to(device=device, dtype=dtype)
+    # The weight (90 MB in fp16, 135 MB with ids) already spans L2; the inputs rotate.
+    rotations = timing.MAX_ROTATIONS[device]
+    for batch in QUICK_BATCHES if quick else BATCHES:
+        for task_count in TASK_COUNTS:
+            if time.perf_counter() - started > args.budget_s:
+                result["skipped"].append([batch, task_count])
+                continue
+            rows = run_case(weight, task_ids, batch, task_count, device, rotations)
+            result["results"].extend(rows)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            os.replace(tmp, path)
+            key = "graph_ms" if device == "cuda" else "event_ms"
+            summary = " ".join(f"{row['method']} {row.get(key)}" for row in rows)
+            print(f"b{batch:<4d} k{task_count} {summary} ok={all(row.get('ok') for row in rows)}", flush=True)
+    failed = [row for row in result["results"] if not row.get("ok")]
+    for row in failed:
+        print(f"FAILED b{row['batch']} k{row['tasks']} {row['method']}: {row.get('note', row.get('error'))}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
