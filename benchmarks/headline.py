@@ -7,6 +7,8 @@ Layers: linear VGG-16 fc6 (25088->4096), 4096->4096 and a transformer MLP up pro
 magnitude pruning (50 %, then 50 % of the rest) and queried for task 1 and task 3 (the last). Methods:
 
 - ``packnet``: ``packnet_kernels.masked_linear``/``masked_conv2d`` (the fused Triton kernel);
+- ``packnet_tilemap``: the same with the layer's tile map and free weights declared zero, as a ``PackedLinear`` or
+  ``PackedConv2d`` calls it (tiles a task does not use are skipped; tiles whose owners it all sees read no ids);
 - ``packnet_nomask``: the same kernel with its predicate compiled out (the Triton-vs-cuBLAS/cuDNN gap);
 - ``dense_masking``: ``F.linear(x, W * mask_t)`` with ``mask_t`` precomputed in the weight's dtype (the user's
   default, what ``torch.nn.utils.prune`` does in one line);
@@ -51,12 +53,20 @@ import shapes  # noqa: E402
 import timing  # noqa: E402
 
 from packnet.pruning import magnitude_task_ids  # noqa: E402
-from packnet_kernels import interpreter_enabled, masked_conv2d, masked_linear  # noqa: E402
+from packnet_kernels import interpreter_enabled, masked_conv2d, masked_linear, tile_map  # noqa: E402
 from packnet_kernels.reference import effective_weight, task_mask  # noqa: E402
 
 NUM_TASKS, PRUNE_RATIO = 3, 0.5
 TASKS = (1, NUM_TASKS)
-METHODS = ("packnet", "packnet_nomask", "dense_masking", "dense_masking_ids", "torch_prune", "premasked")
+METHODS = (
+    "packnet",
+    "packnet_tilemap",
+    "packnet_nomask",
+    "dense_masking",
+    "dense_masking_ids",
+    "torch_prune",
+    "premasked",
+)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Normwise relative error allowed against the float64 reference (fp32 runs TF32 dots, like cuBLAS with TF32 on).
 MAX_ERROR = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 5e-3}
@@ -99,6 +109,7 @@ class LayerSets:
         layout = torch.channels_last if layer.op == "conv2d" and device == "cuda" else torch.contiguous_format
         self.dense_weights = [w.contiguous(memory_format=layout) for w in self.weights]
         self.dense_ids = [ids.contiguous(memory_format=layout) for ids in self.task_ids]
+        self.tile_maps = [tile_map(ids).contiguous() for ids in self.task_ids]
 
 
 def build_methods(layer: shapes.LayerShape, sets: LayerSets, xs: list, task: int) -> dict:
@@ -136,6 +147,17 @@ def build_methods(layer: shapes.LayerShape, sets: LayerSets, xs: list, task: int
     methods = {
         # The packed layer's own layout on CUDA: K-contiguous conv weights and ids (channels_last memory).
         "packnet": lambda i: packed_op(xs[i % n], sets.dense_weights[i % n], sets.dense_ids[i % n], task, None, *args),
+        # Free weights are zero in every set (LayerSets zeroes them), as a packed layer checks before passing this.
+        "packnet_tilemap": lambda i: packed_op(
+            xs[i % n],
+            sets.dense_weights[i % n],
+            sets.dense_ids[i % n],
+            task,
+            None,
+            *args,
+            tile_map=sets.tile_maps[i % n],
+            free_weights_zero=True,
+        ),
         "packnet_nomask": lambda i: raw_kernel(
             xs[i % n], sets.dense_weights[i % n], sets.dense_ids[i % n], task, None, *args, use_mask=False
         ),
@@ -194,7 +216,7 @@ def traffic_bytes(layer: shapes.LayerShape, batch: int, element: int, method: st
     copy for the methods that materialise it."""
     numel = math.prod(layer.weight_shape)
     gemm = (math.prod(layer.input_shape(batch)) + math.prod(layer.output_shape(batch)) + numel) * element
-    if method == "packnet":
+    if method in ("packnet", "packnet_tilemap"):  # the tile map's savings depend on the task: the reports show them
         return gemm + numel
     if method in ("packnet_nomask", "premasked"):
         return gemm
@@ -214,7 +236,7 @@ def run_case(layer, dtype, batch, task, sets, device, rotations, warm_only) -> l
     ]
     methods = build_methods(layer, sets, xs, task)
     if warm_only:
-        for method in ("packnet", "packnet_nomask"):
+        for method in ("packnet", "packnet_tilemap", "packnet_nomask"):
             if method in methods:
                 methods[method](0)
         return []
@@ -259,7 +281,7 @@ def run_case(layer, dtype, batch, task, sets, device, rotations, warm_only) -> l
                 row["graph_ms"] = row["graph_spread"] = None
             # The ratios the report quotes use graph times where there are some.
             row["unstable"] = (row["graph_spread"] if device == "cuda" else event["spread"]) > timing.UNSTABLE_SPREAD
-            if method == "packnet" and device == "cuda":
+            if method in ("packnet", "packnet_tilemap") and device == "cuda":
                 row["host_us"] = host_us(fn)
         except Exception as error:  # a failing method is a result too; the others still run
             row.update(ok=False, note=f"{type(error).__name__}: {str(error)[:300]}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 METHOD_LABELS = {
     "packnet": "packed kernel",
+    "packnet_tilemap": "packed kernel, tile map",
     "packnet_nomask": "kernel, no predicate",
     "dense_masking": "dense masking (mask precomputed)",
     "dense_masking_ids": "dense masking (mask from ids)",
@@ -65,7 +66,10 @@ def targets(cases: dict) -> list[tuple[str, str, bool | None]]:
             checks["linear batch <= 256: >= 2.0x dense masking"].append((name, masking, 2.0))
             checks["linear batch <= 256: >= 0.6x pre-masked"].append((name, premasked, 0.6))
             if task == last_task:
-                checks["linear batch <= 256, latest task: >= 0.9x pre-masked"].append((name, premasked, 0.9))
+                # What a packed layer runs: with its tile map the latest task reads no ids.
+                mapped = methods.get("packnet_tilemap", methods["packnet"]).get("graph_ms")
+                latest = _ratio(methods.get("premasked", {}).get("graph_ms"), mapped)
+                checks["linear batch <= 256, latest task: >= 0.9x pre-masked"].append((name, latest, 0.9))
         elif op == "linear":
             checks["linear batch >= 4096: >= 0.85x pre-masked"].append((name, premasked, 0.85))
         elif batch == 1:
@@ -121,9 +125,9 @@ def markdown(report: dict) -> str:
         "10 % is listed as `unstable` (its ratios are not to be trusted). "
         "A row whose check against the float64 reference failed is marked `FAILED`.",
         "",
-        "| layer | dtype | batch | task | packed | spread | packed event | host | no predicate | masking "
-        "| masking (ids) | prune | pre-masked | vs masking | vs pre-masked | packed GB/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layer | dtype | batch | task | packed | spread | packed event | host | with tile map | no predicate "
+        "| masking | masking (ids) | prune | pre-masked | vs masking | vs pre-masked | packed GB/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     unstable_rows = 0
     for (layer, dtype, batch, task), methods in cases.items():
@@ -138,7 +142,8 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {layer} | {dtype} | {batch} | {task} | {_us(packed, 'graph_ms')} "
             f"| {'-' if spread is None else f'{100 * spread:.0f} %'} | {_us(packed, 'event_ms')} "
-            f"| {_fmt(host, 0)} | {_us(methods.get('packnet_nomask'), 'graph_ms')} "
+            f"| {_fmt(host, 0)} | {_us(methods.get('packnet_tilemap'), 'graph_ms')} "
+            f"| {_us(methods.get('packnet_nomask'), 'graph_ms')} "
             f"| {_us(methods.get('dense_masking'), 'graph_ms')} | {_us(methods.get('dense_masking_ids'), 'graph_ms')} "
             f"| {_us(methods.get('torch_prune'), 'graph_ms')} | {_us(methods.get('premasked'), 'graph_ms')} "
             f"| {_fmt(_ratio(methods.get('dense_masking', {}).get('graph_ms'), graph))} "

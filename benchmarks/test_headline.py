@@ -16,7 +16,8 @@ def test_quick_run_writes_checked_results_and_a_cpu_report(tmp_path):
     assert {row["layer"] for row in rows} == layers
     assert all(row["ok"] and row["error"] < 1e-5 and row["event_ms"] > 0 for row in rows)
     assert all(row["event_spread"] >= 0 and isinstance(row["unstable"], bool) for row in rows)
-    assert {"packnet", "dense_masking", "dense_masking_ids", "torch_prune", "premasked"} <= {r["method"] for r in rows}
+    methods = {"packnet", "packnet_tilemap", "dense_masking", "dense_masking_ids", "torch_prune", "premasked"}
+    assert methods <= {r["method"] for r in rows}
     written = headline_report.write_report(tmp_path / "headline.json")
     text = written[0].read_text()
     assert len(written) == 1 and "not kernel numbers" in text and "## Targets" not in text
@@ -60,3 +61,15 @@ def test_report_shows_spread_and_flags_unstable_rows():
     assert "| 4 % |" in rows[0] and "unstable" not in rows[0]
     assert "| 2 % |" in rows[1] and rows[1].endswith("unstable: dense_masking |")
     assert "1 of 2 rows have an unstable method" in headline_report.markdown(report)
+
+
+def test_latest_task_target_uses_the_packed_layers_tile_map_path():
+    """The latest task reads no ids only through the tile map: its target is checked on that path's time."""
+    case = _case("fc", "linear", 1, 3, 1.0, 2.1, 0.8)  # the plain kernel: 0.8x pre-masked
+    case["packnet_tilemap"] = {**case["packnet"], "method": "packnet_tilemap", "graph_ms": 0.85}  # 0.94x
+    met = {target: ok for target, _, ok in headline_report.targets({("fc", "float16", 1, 3): case})}
+    assert met["linear batch <= 256, latest task: >= 0.9x pre-masked"] is True
+    assert met["linear batch <= 256: >= 0.6x pre-masked"] is True
+    case["packnet_tilemap"]["graph_ms"] = 1.0
+    met = {target: ok for target, _, ok in headline_report.targets({("fc", "float16", 1, 3): case})}
+    assert met["linear batch <= 256, latest task: >= 0.9x pre-masked"] is False
