@@ -85,7 +85,24 @@ def main(argv=None) -> int:
         ids = torch.randint(0, 4, w.shape, device=device, dtype=torch.uint8).contiguous(
             memory_format=torch.channels_last
         )
-        launch_args = (x, w, ids, 2, None, None, None, [1, 1], [1, 1, 1, 1], [1, 1], groups, False, True, None, False)
+        launch_args = (
+            x,
+            w,
+            ids,
+            2,
+            None,
+            None,
+            None,
+            [1, 1],
+            [1, 1, 1, 1],
+            [1, 1],
+            groups,
+            False,
+            True,
+            None,
+            False,
+            None,
+        )
         cases.append(
             (
                 f"{name} b1",

@@ -23,7 +23,7 @@ from ._checks import (
     resolve_backend,
     task_limit,
 )
-from .reference import effective_weight, masked_conv2d_ref, masked_linear_ref, per_task_rows, task_mask, tile_map
+from .reference import effective_weight, masked_conv2d_ref, masked_linear_ref, task_mask, tile_map
 
 __all__ = [
     "MAX_TASKS",
@@ -148,8 +148,8 @@ def masked_conv2d(
         weight: ``[out, C/groups, kh, kw]``; ``task_ids`` the same shape, uint8.
         task: int in 1..255, or a mixed batch: an integer tensor ``[N]``, one task per image, with ``bias``/``scale``/
             ``shift`` each ``[out]`` or ``[num_tasks, out]`` (as in :func:`masked_linear`). The Triton backend runs
-            a mixed batch as one launch per task present (reading the task values on the host, one device sync); a
-            one-launch mixed conv kernel is not written yet.
+            a mixed batch in one launch where the GEMM kernel's tap-by-tap loop runs (16 or more channels per
+            group), else one launch per task present (reading the task values on the host, one device sync).
         bias, scale, shift: optional ``[out]`` vectors (the per-task epilogue, e.g. a folded BatchNorm).
         stride, dilation: int or pair; padding: int, pair, ``"same"`` or ``"valid"``; groups: int.
         tile_map, free_weights_zero: as for :func:`masked_linear`, the map of ``reference.gemm_matrix(task_ids)``;
@@ -176,29 +176,6 @@ def masked_conv2d(
     _require_triton("masked_conv2d")
     from .conv2d import masked_conv2d_triton
 
-    if isinstance(task, torch.Tensor):
-        task, *_ = check_conv2d(x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale, shift)
-        check_task_values("masked_conv2d", task, task_limit(bias, scale, shift))
-
-        def single(images, image_task, *vectors):
-            return masked_conv2d_triton(
-                images,
-                weight,
-                task_ids,
-                image_task,
-                vectors[0],
-                stride,
-                padding,
-                dilation,
-                groups,
-                scale=vectors[1],
-                shift=vectors[2],
-                relu=relu,
-                tile_map=tile_map,
-                free_weights_zero=free_weights_zero,
-            )
-
-        return per_task_rows(single, x, task, (bias, scale, shift))
     return masked_conv2d_triton(
         x,
         weight,

@@ -27,13 +27,16 @@ from ._checks import (
     autotune_bench,
     ceil_div,
     check_conv2d,
+    check_task_values,
     check_tile_map,
     device_properties,
     direct_launch_allowed,
     on_device,
     require_kernel_device,
+    task_limit,
 )
 from ._predicate import task_owns, tile_use
+from .reference import per_task_rows
 
 __all__ = ["masked_conv2d_triton"]
 
@@ -47,7 +50,127 @@ _TAPS_OUTER_MIN_CHANNELS = 16
 AUTOTUNE = True
 
 
-@triton.jit(do_not_specialize=["active_task", "m_bucket"])
+@triton.jit
+def _next_task(pixel_tasks, after):
+    """The smallest task in ``pixel_tasks`` above ``after``; 256 (no task) when there is none."""
+    return tl.min(tl.where(pixel_tasks > after, pixel_tasks, 256), axis=0)
+
+
+@triton.jit
+def _mixed_taps(
+    acc,
+    x_rows,
+    w_cols,
+    ids_cols,
+    map_rows,
+    cell_row_mask,
+    offs_cell_k,
+    pixel_tasks,
+    tile_min_task,
+    tile_max_task,
+    in_row0,
+    in_col0,
+    m_valid,
+    n_valid,
+    in_h,
+    in_w,
+    cin_per_group,
+    channel_blocks,
+    stride_map_plane,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wc,
+    stride_wh,
+    stride_ww,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    dilation_h,
+    dilation_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    USE_MASK: tl.constexpr,
+    TILE_MAP: tl.constexpr,
+    RAW_TILES: tl.constexpr,
+    CELL_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The tap-by-tap reduction of a mixed-task tile (``MIXED`` in :func:`_masked_conv2d_gemm_kernel`): ``acc[m, :]
+    += sum_{c,r,s} x[m, c, r, s] * W_{pixel_tasks[m]}[c, r, s, :]`` for every pixel row whose task is in 1..255.
+
+    Per pass over the reduction, the next ``SEGMENTS`` tasks present among the tile's pixels; each step loads the
+    input, weight and id tiles once, then per task selects its weights and keeps the dot only in its rows. The
+    segments are unrolled without a guard (a segment past the last task selects nothing and keeps no row), as in the
+    linear kernel, where a run-time ``if`` around the dot stopped Triton from pipelining the loop."""
+    done_task = 0 * tile_max_task  # every task <= done_task is summed
+    while done_task < tile_max_task:
+        for step in range(0, KH * KW * channel_blocks):
+            tap = step // channel_blocks
+            first_c = (step % channel_blocks) * BLOCK_K
+            offs_c = first_c + tl.arange(0, BLOCK_K)
+            c_limit = cin_per_group
+            ids_limit = cin_per_group
+            if TILE_MAP:
+                cell_cols = (tap * cin_per_group + first_c) // CELL_K + offs_cell_k
+                cell_mask = cell_row_mask[:, None] & (cell_cols < tl.cdiv(KH * KW * cin_per_group, CELL_K))[None, :]
+                map_ptrs = map_rows + cell_cols[None, :]
+                smallest = tl.load(map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
+                largest = tl.load(map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last")
+                used, _ = tile_use(smallest, largest, tile_max_task)
+                _, all_visible = tile_use(smallest, largest, tile_min_task)
+                c_limit = tl.where(used, c_limit, 0)
+                ids_limit = c_limit
+                if RAW_TILES:
+                    ids_limit = tl.where(all_visible, 0, c_limit)
+            c_valid = offs_c < c_limit
+            tap_row = tap // KW
+            tap_col = tap % KW
+            in_row = in_row0 + tap_row * dilation_h
+            in_col = in_col0 + tap_col * dilation_w
+            pixel_valid = m_valid & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
+            x_pixels = x_rows + in_row * stride_xh + in_col * stride_xw
+            x_tile = tl.load(
+                x_pixels[:, None] + (offs_c * stride_xc)[None, :],
+                mask=pixel_valid[:, None] & c_valid[None, :],
+                other=0.0,
+            )
+            w_tile = tl.load(
+                (w_cols + tap_row * stride_wh + tap_col * stride_ww)[None, :] + (offs_c * stride_wc)[:, None],
+                mask=c_valid[:, None] & n_valid[None, :],
+                other=0.0,
+            )
+            if USE_MASK:
+                ids = tl.load(
+                    (ids_cols + tap_row * stride_ih + tap_col * stride_iw)[None, :] + (offs_c * stride_ic)[:, None],
+                    mask=(offs_c < ids_limit)[:, None] & n_valid[None, :],
+                    other=0,
+                )
+            if UPCAST_DOT:
+                x_tile = x_tile.to(tl.float32)
+            segment_task = done_task
+            for _ in tl.static_range(SEGMENTS):
+                segment_task = _next_task(pixel_tasks, segment_task)
+                w_task = w_tile
+                if USE_MASK:
+                    owned = task_owns(ids, segment_task)
+                    if TILE_MAP:
+                        owned = owned | (offs_c >= ids_limit)[:, None]
+                    w_task = tl.where(owned, w_tile, 0.0)
+                if UPCAST_DOT:
+                    w_task = w_task.to(tl.float32)
+                # Other tasks' rows keep their sums: 0 * Inf from a weight they do not own never lands.
+                summed = tl.dot(x_tile, w_task, acc, input_precision=INPUT_PRECISION)
+                acc = tl.where((pixel_tasks == segment_task)[:, None], summed, acc)
+        for _ in tl.static_range(SEGMENTS):
+            done_task = _next_task(pixel_tasks, done_task)
+    return acc
+
+
+@triton.jit(do_not_specialize=["active_task", "m_bucket", "max_task"])
 def _masked_conv2d_gemm_kernel(
     x_ptr,
     w_ptr,
@@ -57,11 +180,16 @@ def _masked_conv2d_gemm_kernel(
     shift_ptr,
     out_ptr,
     tile_map_ptr,
+    image_tasks_ptr,
     active_task,
+    max_task,
     total_pixels,
     m_bucket,
     stride_map_plane,
     stride_map_row,
+    stride_bias_task,
+    stride_scale_task,
+    stride_shift_task,
     in_h,
     in_w,
     out_h,
@@ -99,6 +227,8 @@ def _masked_conv2d_gemm_kernel(
     RAW_TILES: tl.constexpr,
     CELL_N: tl.constexpr,
     CELL_K: tl.constexpr,
+    MIXED: tl.constexpr,
+    SEGMENTS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
@@ -128,6 +258,14 @@ def _masked_conv2d_gemm_kernel(
     ``[BLOCK_K, BLOCK_N]`` weight tile (the cells covering it, or the one cell holding a smaller tile). A tile no
     weight of tasks 1..active_task lives in reads no weight, id or input bytes; with ``RAW_TILES`` (free weights
     guaranteed zero) a tile whose owners are all visible reads no ids. Sums are those of the predicate path.
+
+    ``MIXED`` (a batch of images of several tasks; ``TAPS_OUTER`` only; ``active_task`` unused): ``image_tasks_ptr``
+    ``[N]`` (any integer dtype) holds each image's task; an image whose task is outside 1..``max_task`` is written
+    NaN. Each step loads its input, weight and id tiles once and, per task present among the tile's pixels
+    (``SEGMENTS`` per pass over the reduction, more tasks take more passes), selects that task's weights and keeps
+    the dot only in that task's pixel rows. ``bias_ptr``/``scale_ptr``/``shift_ptr`` may then be per-task tables
+    ``[num_tasks, out]`` (row stride ``stride_*_task``; 0 for a vector shared by every task). A tile-map step is
+    skipped only when no task of the tile's pixels uses it, and read raw only when every one of them sees its owners.
     """
     pid = tl.program_id(0)
     group = tl.program_id(1)
@@ -146,6 +284,13 @@ def _masked_conv2d_gemm_kernel(
     in_row0 = out_row * conv_stride_h - pad_top
     in_col0 = out_col * conv_stride_w - pad_left
     x_rows = x_ptr + image * stride_xn + (group * cin_per_group) * stride_xc
+    if MIXED:
+        raw_tasks = tl.load(image_tasks_ptr + image, mask=m_valid, other=0)
+        pixel_valid_task = (raw_tasks >= 1) & (raw_tasks <= max_task)
+        pixel_tasks = tl.where(pixel_valid_task, raw_tasks, 0).to(tl.int32)
+        tile_max_task = tl.max(pixel_tasks, axis=0)
+        # Smallest task of the tile (256 when none): a raw step needs every owner visible to it.
+        tile_min_task = tl.min(tl.where(pixel_tasks > 0, pixel_tasks, 256), axis=0)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < cout_per_group
@@ -168,59 +313,105 @@ def _masked_conv2d_gemm_kernel(
             cell_row_mask = cell_rows < tl.cdiv(cout_per_group * tl.num_programs(1), CELL_N)
             offs_cell_k = tl.arange(0, CELLS_K)
             map_rows = tile_map_ptr + cell_rows[:, None] * stride_map_row
-        for step in range(0, KH * KW * channel_blocks):
-            tap = step // channel_blocks
-            first_c = (step % channel_blocks) * BLOCK_K
-            offs_c = first_c + tl.arange(0, BLOCK_K)
-            # Masks compare offsets with scalar bounds (what keeps the loads vectorised); the tile map narrows the
-            # bounds to 0 for what this step need not read.
-            c_limit = cin_per_group
-            ids_limit = cin_per_group
-            if TILE_MAP:
-                cell_cols = (tap * cin_per_group + first_c) // CELL_K + offs_cell_k
-                cell_mask = cell_row_mask[:, None] & (cell_cols < tl.cdiv(KH * KW * cin_per_group, CELL_K))[None, :]
-                map_ptrs = map_rows + cell_cols[None, :]
-                smallest = tl.load(map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
-                largest = tl.load(map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last")
-                used, all_visible = tile_use(smallest, largest, active_task)
-                c_limit = tl.where(used, c_limit, 0)
-                ids_limit = c_limit
-                if RAW_TILES:
-                    ids_limit = tl.where(all_visible, 0, c_limit)
-            c_valid = offs_c < c_limit
-            tap_row = tap // KW
-            tap_col = tap % KW
-            in_row = in_row0 + tap_row * dilation_h
-            in_col = in_col0 + tap_col * dilation_w
-            pixel_valid = m_valid & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
-            x_pixels = x_rows + in_row * stride_xh + in_col * stride_xw
-            x_tile = tl.load(
-                x_pixels[:, None] + (offs_c * stride_xc)[None, :],
-                mask=pixel_valid[:, None] & c_valid[None, :],
-                other=0.0,
+        if MIXED:
+            acc = _mixed_taps(
+                acc,
+                x_rows,
+                w_cols,
+                ids_cols,
+                map_rows if TILE_MAP else None,
+                cell_row_mask if TILE_MAP else None,
+                offs_cell_k if TILE_MAP else None,
+                pixel_tasks,
+                tile_min_task,
+                tile_max_task,
+                in_row0,
+                in_col0,
+                m_valid,
+                n_valid,
+                in_h,
+                in_w,
+                cin_per_group,
+                channel_blocks,
+                stride_map_plane,
+                stride_xc,
+                stride_xh,
+                stride_xw,
+                stride_wc,
+                stride_wh,
+                stride_ww,
+                stride_ic,
+                stride_ih,
+                stride_iw,
+                dilation_h,
+                dilation_w,
+                KH,
+                KW,
+                USE_MASK,
+                TILE_MAP,
+                RAW_TILES,
+                CELL_K,
+                UPCAST_DOT,
+                INPUT_PRECISION,
+                SEGMENTS,
+                BLOCK_K,
             )
-            wk_mask = c_valid[:, None] & n_valid[None, :]
-            w_tile = tl.load(
-                (w_cols + tap_row * stride_wh + tap_col * stride_ww)[None, :] + (offs_c * stride_wc)[:, None],
-                mask=wk_mask,
-                other=0.0,
-            )
-            if USE_MASK:
-                ids = tl.load(
-                    (ids_cols + tap_row * stride_ih + tap_col * stride_iw)[None, :] + (offs_c * stride_ic)[:, None],
-                    mask=(offs_c < ids_limit)[:, None] & n_valid[None, :],
-                    other=0,
-                )
-                owned = task_owns(ids, active_task)
+        else:
+            for step in range(0, KH * KW * channel_blocks):
+                tap = step // channel_blocks
+                first_c = (step % channel_blocks) * BLOCK_K
+                offs_c = first_c + tl.arange(0, BLOCK_K)
+                # Masks compare offsets with scalar bounds (what keeps the loads vectorised); the tile map narrows the
+                # bounds to 0 for what this step need not read.
+                c_limit = cin_per_group
+                ids_limit = cin_per_group
                 if TILE_MAP:
-                    # Rows whose ids were not read: raw-tile weights (kept) or zeros (skipped tiles, the tail).
-                    owned = owned | (offs_c >= ids_limit)[:, None]
-                # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
-                w_tile = tl.where(owned, w_tile, 0.0)
-            if UPCAST_DOT:
-                x_tile = x_tile.to(tl.float32)
-                w_tile = w_tile.to(tl.float32)
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+                    cell_cols = (tap * cin_per_group + first_c) // CELL_K + offs_cell_k
+                    cell_mask = cell_row_mask[:, None] & (cell_cols < tl.cdiv(KH * KW * cin_per_group, CELL_K))[None, :]
+                    map_ptrs = map_rows + cell_cols[None, :]
+                    smallest = tl.load(map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
+                    largest = tl.load(
+                        map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last"
+                    )
+                    used, all_visible = tile_use(smallest, largest, active_task)
+                    c_limit = tl.where(used, c_limit, 0)
+                    ids_limit = c_limit
+                    if RAW_TILES:
+                        ids_limit = tl.where(all_visible, 0, c_limit)
+                c_valid = offs_c < c_limit
+                tap_row = tap // KW
+                tap_col = tap % KW
+                in_row = in_row0 + tap_row * dilation_h
+                in_col = in_col0 + tap_col * dilation_w
+                pixel_valid = m_valid & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
+                x_pixels = x_rows + in_row * stride_xh + in_col * stride_xw
+                x_tile = tl.load(
+                    x_pixels[:, None] + (offs_c * stride_xc)[None, :],
+                    mask=pixel_valid[:, None] & c_valid[None, :],
+                    other=0.0,
+                )
+                wk_mask = c_valid[:, None] & n_valid[None, :]
+                w_tile = tl.load(
+                    (w_cols + tap_row * stride_wh + tap_col * stride_ww)[None, :] + (offs_c * stride_wc)[:, None],
+                    mask=wk_mask,
+                    other=0.0,
+                )
+                if USE_MASK:
+                    ids = tl.load(
+                        (ids_cols + tap_row * stride_ih + tap_col * stride_iw)[None, :] + (offs_c * stride_ic)[:, None],
+                        mask=(offs_c < ids_limit)[:, None] & n_valid[None, :],
+                        other=0,
+                    )
+                    owned = task_owns(ids, active_task)
+                    if TILE_MAP:
+                        # Rows whose ids were not read: raw-tile weights (kept) or zeros (skipped tiles, the tail).
+                        owned = owned | (offs_c >= ids_limit)[:, None]
+                    # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
+                    w_tile = tl.where(owned, w_tile, 0.0)
+                if UPCAST_DOT:
+                    x_tile = x_tile.to(tl.float32)
+                    w_tile = w_tile.to(tl.float32)
+                acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
     else:
         # Few channels per group (an RGB stem): k runs over all (c, r, s) at once so that a tile is not mostly
         # padding; loads are gathers, like an im2col's.
@@ -258,14 +449,33 @@ def _masked_conv2d_gemm_kernel(
                 w_tile = w_tile.to(tl.float32)
             acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    if HAS_SCALE:
-        acc *= tl.load(scale_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    if HAS_SHIFT:
-        acc += tl.load(shift_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if MIXED:
+        # Each pixel row takes its image's task's row of every per-task table (row 0 for invalid rows, then NaN).
+        table_rows = tl.maximum(pixel_tasks - 1, 0).to(tl.int64)[:, None]
+        vector_mask = m_valid[:, None] & n_valid[None, :]
+        if HAS_BIAS:
+            acc += tl.load(
+                bias_ptr + table_rows * stride_bias_task + out_channel[None, :], mask=vector_mask, other=0.0
+            ).to(tl.float32)
+        if HAS_SCALE:
+            acc *= tl.load(
+                scale_ptr + table_rows * stride_scale_task + out_channel[None, :], mask=vector_mask, other=0.0
+            ).to(tl.float32)
+        if HAS_SHIFT:
+            acc += tl.load(
+                shift_ptr + table_rows * stride_shift_task + out_channel[None, :], mask=vector_mask, other=0.0
+            ).to(tl.float32)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+        if HAS_SCALE:
+            acc *= tl.load(scale_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+        if HAS_SHIFT:
+            acc += tl.load(shift_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
     if APPLY_RELU:
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if MIXED:
+        acc = tl.where(pixel_valid_task[:, None], acc, float("nan"))
 
     out_rows = out_ptr + image * stride_on + out_row * stride_oh + out_col * stride_ow
     out_ptrs = out_rows[:, None] + (out_channel * stride_oc)[None, :]
@@ -445,6 +655,7 @@ _AUTOTUNE_KEYS = {
         "CHANNELS_INNER",
         "TILE_MAP",
         "RAW_TILES",
+        "MIXED",
     ],
     "direct": ["m_bucket", "out_channels", "cin_per_group", "cout_per_group", "KH", "KW"],
 }
@@ -452,17 +663,22 @@ _KERNELS = {"gemm": _masked_conv2d_gemm_kernel, "direct": _masked_conv2d_direct_
 _autotuned_kernels: dict = {}
 
 
-def config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, taps_outer: bool = True) -> bool:
+def config_fits(
+    config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, taps_outer: bool = True, mixed: bool = False
+) -> bool:
     """Whether ``config`` suits a GEMM launch for ``dtype`` on a GPU with ``shared_memory_bytes`` per block (opt-in).
 
     Its pipelined tiles must fit (an upper bound: ``num_stages`` buffers of the input, weight and id tiles), and its
     operand tiles must not spill registers. Measured with triton 3.6 and 3.9 (``tests/test_codegen.py``), in operand
     elements per thread per K step: in 16-bit dtypes at most 40 on the gather loop (``taps_outer`` False); in fp32
     under 48 with taps outer and 4 warps or more, and at most 32 with at most 16 accumulators per thread on the gather
-    loop. The direct kernel stages nothing: any config fits."""
+    loop; a mixed-task batch (``mixed``) spills with weight tiles over 4096 elements (128 x 64 and 64 x 128 spilled
+    16-176 bytes on sm_90 in fp16). The direct kernel stages nothing: any config fits."""
     tile = config.kwargs
     if "BLOCK_K" not in tile:
         return True
+    if mixed and tile["BLOCK_N"] * tile["BLOCK_K"] > 4096:
+        return False
     # Operand elements per thread per K step, past which registers spill (tests/test_codegen.py): fp32 operands
     # are split for the tensor cores, and the gather loop also holds every element's address.
     threads = 32 * config.num_warps
@@ -479,10 +695,12 @@ def config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: 
     return config.num_stages * per_stage <= shared_memory_bytes
 
 
-def default_config(kernel: str, dtype: torch.dtype, shared_memory_bytes: int, taps_outer: bool = True) -> triton.Config:
+def default_config(
+    kernel: str, dtype: torch.dtype, shared_memory_bytes: int, taps_outer: bool = True, mixed: bool = False
+) -> triton.Config:
     """The untuned config (``AUTOTUNE = False``): the first of :func:`_configs` that fits."""
     configs = _configs(kernel)
-    fitting = (config for config in configs if config_fits(config, dtype, shared_memory_bytes, taps_outer))
+    fitting = (config for config in configs if config_fits(config, dtype, shared_memory_bytes, taps_outer, mixed))
     return next(fitting, configs[0])
 
 
@@ -490,8 +708,8 @@ def _prune_configs(configs, named_args, **kwargs):
     """Drop configs whose tiles do not fit this GPU's shared memory for this dtype."""
     x = named_args["x_ptr"]
     limit = device_properties(x.device).shared_memory_per_block_optin
-    taps_outer = kwargs.get("TAPS_OUTER", True)
-    return [config for config in configs if config_fits(config, x.dtype, limit, taps_outer)] or configs[:1]
+    taps_outer, mixed = kwargs.get("TAPS_OUTER", True), kwargs.get("MIXED", False)
+    return [config for config in configs if config_fits(config, x.dtype, limit, taps_outer, mixed)] or configs[:1]
 
 
 def _gpu_kernel(kernel: str):
@@ -514,6 +732,17 @@ def _row_bucket(rows: int) -> int:
 def _uses_direct_kernel(groups: int, cin_per_group: int, cout_per_group: int) -> bool:
     """Grouped convs whose per-group GEMM is thinner than one 16-wide MMA tile go to the direct kernel."""
     return groups > 1 and min(cin_per_group, cout_per_group) < 16
+
+
+def mixed_kernel_applies(cin_per_group: int, cout_per_group: int, groups: int) -> bool:
+    """Whether a mixed-task batch runs in one launch: the GEMM kernel's tap-by-tap loop (16 or more channels per
+    group). Other convs run one launch per task present."""
+    return cin_per_group >= _TAPS_OUTER_MIN_CHANNELS and not _uses_direct_kernel(groups, cin_per_group, cout_per_group)
+
+
+def _task_stride(vector: torch.Tensor | None) -> int:
+    """Row stride of a per-task table ``[num_tasks, out]``; 0 for a vector shared by every task (or none)."""
+    return vector.stride(0) if vector is not None and vector.dim() == 2 else 0
 
 
 def tile_map_applies(cin_per_group: int, cout_per_group: int, groups: int) -> bool:
@@ -605,12 +834,15 @@ def _launch(
     use_mask,
     tile_map=None,
     free_weights_zero=False,
+    tasks=None,
     wrap=None,
 ):
     """Launch on validated arguments; ``padding`` is ``[top, bottom, left, right]``. ``wrap`` turns a kernel into its
     launchable form: ``wrap_triton`` (the default) inside the registered op, :func:`~packnet_kernels._checks.as_is`
     for a direct eager launch (see ``packnet_kernels.linear._launch`` for why). ``tile_map`` is used where the
-    kernel's tiles line up with its cells (:func:`tile_map_applies`) and ignored elsewhere."""
+    kernel's tiles line up with its cells (:func:`tile_map_applies`) and ignored elsewhere. ``tasks`` (an integer
+    tensor ``[N]``, one task per image; ``task`` is then unused) runs a mixed batch in this one launch: only where
+    :func:`mixed_kernel_applies`, and the epilogue vectors may be ``[num_tasks, out]`` tables."""
     wrap = torch.library.wrap_triton if wrap is None else wrap
     if not x.is_cuda and not _INTERPRETED:
         raise RuntimeError(
@@ -695,7 +927,16 @@ def _launch(
         tf32 = x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32
         # The interpreter's bf16 dot is wrong (numpy has no bf16): upcast the tiles there.
         mapped = use_mask and tile_map is not None and tile_map_applies(cin_per_group, cout_per_group, groups)
+        vectors = (bias, scale, shift)
         common.update(
+            image_tasks_ptr=tasks,
+            max_task=task_limit(*vectors) if tasks is not None else 0,
+            stride_bias_task=_task_stride(bias),
+            stride_scale_task=_task_stride(scale),
+            stride_shift_task=_task_stride(shift),
+            MIXED=tasks is not None,
+            # A pixel tile spans a few images when they are small: that many tasks per pass over the reduction.
+            SEGMENTS=(2 if out_h * out_w >= 128 else 4) if tasks is not None else 1,
             tile_map_ptr=tile_map if mapped else None,
             stride_map_plane=tile_map.stride(0) if mapped else 0,
             stride_map_row=tile_map.stride(1) if mapped else 0,
@@ -723,6 +964,7 @@ def _launch(
             x.dtype,
             device_properties(x.device).shared_memory_per_block_optin,
             common.get("TAPS_OUTER", True),
+            common.get("MIXED", False),
         )
         wrap(_KERNELS[kernel_name])[grid](
             *pointers, **common, **default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages
@@ -732,22 +974,55 @@ def _launch(
 
 _OP_ARGS = (
     "Tensor x, Tensor weight, Tensor task_ids, int task, Tensor? bias, Tensor? scale, Tensor? shift, int[] stride, "
-    "int[] padding, int[] dilation, int groups, bool relu, bool use_mask, Tensor? tile_map, bool free_weights_zero"
+    "int[] padding, int[] dilation, int groups, bool relu, bool use_mask, Tensor? tile_map, bool free_weights_zero, "
+    "Tensor? tasks"
 )
 
 
 @torch.library.custom_op("packnet::masked_conv2d_interpreted", mutates_args=(), schema=f"({_OP_ARGS}) -> Tensor")
 def _masked_conv2d_interpreted(
-    x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, tile_map, raw
+    x,
+    weight,
+    task_ids,
+    task,
+    bias,
+    scale,
+    shift,
+    stride,
+    padding,
+    dilation,
+    groups,
+    relu,
+    use_mask,
+    tile_map,
+    raw,
+    tasks,
 ):
     """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
     ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
     args = (x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask)
-    return _launch(*args, tile_map, raw)
+    return _launch(*args, tile_map, raw, tasks)
 
 
 @_masked_conv2d_interpreted.register_fake
-def _(x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, tile_map, raw):
+def _(
+    x,
+    weight,
+    task_ids,
+    task,
+    bias,
+    scale,
+    shift,
+    stride,
+    padding,
+    dilation,
+    groups,
+    relu,
+    use_mask,
+    tile_map,
+    raw,
+    tasks,
+):
     return _empty_output(x, weight, stride, padding, dilation)
 
 
@@ -768,11 +1043,12 @@ def _masked_conv2d_op(
     use_mask: bool,
     tile_map: torch.Tensor | None,
     free_weights_zero: bool,
+    tasks: torch.Tensor | None,
 ) -> torch.Tensor:
     """The registered op (also its own fake implementation); arguments validated by :func:`masked_conv2d_triton`.
     CUDA launches go through ``wrap_triton`` so ``torch.compile`` sees the kernels."""
     args = (x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask)
-    args += (tile_map, free_weights_zero)
+    args += (tile_map, free_weights_zero, tasks)
     if not x.is_cuda:
         return _masked_conv2d_interpreted(*args)
     # Triton launches on the current device: make it the tensors' one (they may live on another GPU).
@@ -827,11 +1103,41 @@ def masked_conv2d_triton(
     if not use_mask:
         tile_map, free_weights_zero = None, False
     pads = _resolve_padding(padding, weight.shape[2:], dilation)
+    tasks = None
+    if isinstance(task, torch.Tensor):
+        # Reading the values is a device sync on a GPU and a graph break in torch.compile: CPU eager calls only.
+        if not x.is_cuda and not torch.compiler.is_compiling():
+            check_task_values("masked_conv2d", task, task_limit(bias, scale, shift))
+        cin_per_group, cout_per_group = weight.shape[1], weight.shape[0] // groups
+        if not mixed_kernel_applies(cin_per_group, cout_per_group, groups):
+            # One launch per task present (reads the tasks on the host).
+            def single(images, image_task, *vectors):
+                return masked_conv2d_triton(
+                    images,
+                    weight,
+                    task_ids,
+                    image_task,
+                    vectors[0],
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                    scale=vectors[1],
+                    shift=vectors[2],
+                    relu=relu,
+                    use_mask=use_mask,
+                    tile_map=tile_map,
+                    free_weights_zero=free_weights_zero,
+                )
+
+            return per_task_rows(single, x, task, (bias, scale, shift))
+        tasks, task = task, 0
+        bias, scale, shift = (None if v is None else v.contiguous() for v in (bias, scale, shift))
     if direct_launch_allowed(x, weight, bias, scale, shift):
         # Eager calls skip the registered op's dispatch: most of a small layer's host time.
         args = (x, weight, task_ids, task, bias, scale, shift, stride, pads, dilation, groups, relu, use_mask)
         with on_device(x.device):
-            return _launch(*args, tile_map, free_weights_zero, wrap=as_is)
+            return _launch(*args, tile_map, free_weights_zero, tasks, wrap=as_is)
     return torch.ops.packnet.masked_conv2d(
         x,
         weight,
@@ -848,4 +1154,5 @@ def masked_conv2d_triton(
         use_mask,
         tile_map,
         free_weights_zero,
+        tasks,
     )

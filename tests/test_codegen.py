@@ -227,7 +227,16 @@ def _conv_variants() -> list[dict]:
                 if direct:
                     args["out_channels"] = cout
                 else:
-                    args.update(tile_map_ptr=None, stride_map_plane=0, stride_map_row=0)
+                    args.update(
+                        tile_map_ptr=None,
+                        stride_map_plane=0,
+                        stride_map_row=0,
+                        image_tasks_ptr=None,
+                        max_task=0,
+                        stride_bias_task=0,
+                        stride_scale_task=0,
+                        stride_shift_task=0,
+                    )
                 constexprs = {
                     "KH": kernel,
                     "KW": kernel,
@@ -244,6 +253,8 @@ def _conv_variants() -> list[dict]:
                         RAW_TILES=False,
                         CELL_N=32,
                         CELL_K=32,
+                        MIXED=False,
+                        SEGMENTS=1,
                         CHANNELS_INNER=True,
                         UPCAST_DOT=False,
                         INPUT_PRECISION="tf32",
@@ -297,8 +308,24 @@ def _tile_map_variants(variants: list[dict]) -> list[dict]:
     return mapped
 
 
+def _conv_mixed_variants(variants: list[dict]) -> list[dict]:
+    """Mixed-task conv batches (images of several tasks in one launch, 2 task segments per pass, int64 image tasks):
+    every sm_90 fp16 config of the 3x3 and 1x1 shapes."""
+    mixed = []
+    for variant in variants:
+        if (
+            variant["arch"] == 90
+            and variant["dtype"] == "fp16"
+            and variant["name"].startswith(("conv3x3-", "conv1x1-"))
+        ):
+            args = dict(variant["args"], image_tasks_ptr="*i64", max_task=255)
+            constexprs = dict(variant["constexprs"], MIXED=True, SEGMENTS=2)
+            mixed.append(dict(variant, name=variant["name"] + "-mixed", args=args, constexprs=constexprs))
+    return mixed
+
+
 VARIANTS = _linear_variants() + _conv_variants()
-VARIANTS += _tile_map_variants(VARIANTS)
+VARIANTS += _tile_map_variants(VARIANTS) + _conv_mixed_variants(VARIANTS)
 
 
 def _spec(variant: dict) -> dict:
@@ -346,8 +373,8 @@ def _pruned(variant: dict) -> bool:
     if variant["module"] == "linear":
         tile_map = variant["constexprs"]["TILE_MAP"]
         return not linear.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], tile_map)
-    taps_outer = variant["constexprs"].get("TAPS_OUTER", True)
-    return not conv2d.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], taps_outer)
+    taps_outer, mixed = variant["constexprs"].get("TAPS_OUTER", True), variant["constexprs"].get("MIXED", False)
+    return not conv2d.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], taps_outer, mixed)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[variant["name"] for variant in VARIANTS])
@@ -405,6 +432,8 @@ def test_every_path_has_a_config_that_fits(arch, dtype):
         for tile_map in (False, True):
             default = linear.default_config(regime, major, DTYPES[dtype], limit, tile_map)
             assert linear.config_fits(default, DTYPES[dtype], limit, tile_map)
-    for kernel, taps_outer in (("gemm", True), ("gemm", False), ("direct", True)):
-        default = conv2d.default_config(kernel, DTYPES[dtype], limit, taps_outer)
-        assert conv2d.config_fits(default, DTYPES[dtype], limit, taps_outer)
+    for kernel, taps_outer, mixed in (("gemm", True, False), ("gemm", False, False), ("direct", True, False)) + (
+        ("gemm", True, True),
+    ):
+        default = conv2d.default_config(kernel, DTYPES[dtype], limit, taps_outer, mixed)
+        assert conv2d.config_fits(default, DTYPES[dtype], limit, taps_outer, mixed)

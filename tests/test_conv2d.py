@@ -313,7 +313,7 @@ def test_registered_as_a_torch_op(kernel_device):
     x, weight, task_ids, bias = _problem((1, 4, 5, 5), 6, 3, 1, torch.float32, kernel_device, seed=15)
     pads = [1, 1, 1, 1]  # top, bottom, left, right
     got = torch.ops.packnet.masked_conv2d(
-        x, weight, task_ids, 1, bias, None, None, [1, 1], pads, [1, 1], 1, False, True, None, False
+        x, weight, task_ids, 1, bias, None, None, [1, 1], pads, [1, 1], 1, False, True, None, False, None
     )
     assert torch.equal(got, masked_conv2d_triton(x, weight, task_ids, 1, bias, padding=1))
 
@@ -322,7 +322,24 @@ def test_registered_as_a_torch_op(kernel_device):
 def test_opcheck_schema_fake_kernel_and_aot_dispatch(groups, kernel_device):
     x, weight, task_ids, bias = _problem((2, 8, 5, 4), 8, 3, groups, torch.float16, kernel_device, seed=19)
     x = x.to(memory_format=torch.channels_last)
-    args = (x, weight, task_ids, 2, bias, None, bias, [2, 1], [1, 1, 0, 2], [1, 2], groups, True, True, None, False)
+    args = (
+        x,
+        weight,
+        task_ids,
+        2,
+        bias,
+        None,
+        bias,
+        [2, 1],
+        [1, 1, 0, 2],
+        [1, 2],
+        groups,
+        True,
+        True,
+        None,
+        False,
+        None,
+    )
     results = torch.library.opcheck(torch.ops.packnet.masked_conv2d.default, args)
     assert set(results.values()) == {"SUCCESS"}
 

@@ -12,6 +12,8 @@ import packnet
 from packnet_kernels import masked_conv2d, masked_linear, masked_linear_ref, tile_map
 
 NUM_TASKS = 5
+# Where the Triton tests run: the GPU when there is one, else the CPU under the interpreter (tests/conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _tolerance(dtype):
@@ -28,11 +30,15 @@ def _layer(m, n, k, dtype=torch.float32, seed=0, lead=None):
     return x, weight, task_ids, tables
 
 
+def _on_device(x, weight, task_ids, tables):
+    return x.to(DEVICE), weight.to(DEVICE), task_ids.to(DEVICE), [table.to(DEVICE) for table in tables]
+
+
 def _per_task(x2d, weight, task_ids, tasks, tables, relu, **kwargs):
     """Each task's rows run as a single-task call: what a service splitting the batch by task computes."""
-    out = torch.empty(x2d.shape[0], weight.shape[0], dtype=x2d.dtype)
+    out = torch.empty(x2d.shape[0], weight.shape[0], dtype=x2d.dtype, device=x2d.device)
     for task in tasks.unique().tolist():
-        rows = tasks == task
+        rows = (tasks == task).to(x2d.device)
         bias, scale, shift = (table[task - 1] for table in tables)
         out[rows] = masked_linear(
             x2d[rows], weight, task_ids, task, bias, scale=scale, shift=shift, relu=relu, **kwargs
@@ -90,8 +96,8 @@ def test_shared_vectors_and_conv_reference():
     ],
 )
 def test_kernel_matches_reference_and_per_task_runs(m, mix, dtype):
-    x, weight, task_ids, tables = _layer(m, 37, 130, dtype, seed=m)
-    tasks = MIXES[mix](m, torch.Generator().manual_seed(m))
+    x, weight, task_ids, tables = _on_device(*_layer(m, 37, 130, dtype, seed=m))
+    tasks = MIXES[mix](m, torch.Generator().manual_seed(m)).to(DEVICE)
     kwargs = dict(scale=tables[1], shift=tables[2], relu=True)
     got = masked_linear(x, weight, task_ids, tasks, tables[0], backend="triton", **kwargs)
     double = [table.double() for table in tables]
@@ -100,7 +106,7 @@ def test_kernel_matches_reference_and_per_task_runs(m, mix, dtype):
     )
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(got.double(), expected, atol=atol, rtol=rtol)
-    per_task = _per_task(x, weight, task_ids, tasks, tables, relu=True, backend="triton")
+    per_task = _per_task(x, weight, task_ids, tasks.cpu(), tables, relu=True, backend="triton")
     torch.testing.assert_close(got, per_task, atol=atol, rtol=rtol)
     # The tile map (raw tiles allowed: free weights are zero) changes what is read, never the result.
     mapped = masked_linear(
@@ -122,8 +128,8 @@ def test_kernel_keeps_later_tasks_nan_out_of_earlier_rows():
     x, weight, task_ids, _ = _layer(9, 33, 70)
     task_ids[:, 5], weight[:, 5] = 4, float("nan")  # a whole column owned by task 4, all NaN
     tasks = torch.tensor([1, 4, 2, 5, 3, 1, 4, 2, 3])
-    got = masked_linear(x, weight, task_ids, tasks, backend="triton")
-    later = tasks >= 4
+    got = masked_linear(x.to(DEVICE), weight.to(DEVICE), task_ids.to(DEVICE), tasks.to(DEVICE), backend="triton")
+    got, later = got.cpu(), tasks >= 4
     assert got[later].isnan().all() and not got[~later].isnan().any()
 
 
@@ -135,14 +141,16 @@ def test_kernel_passes_over_more_tasks_than_one_pass_holds():
     task_ids = torch.randint(0, 13, (24, 40), generator=generator, dtype=torch.uint8)
     weight = torch.where(task_ids == 0, 0.0, torch.randn(24, 40, generator=generator))
     tasks = torch.randperm(16, generator=generator) % 12 + 1
-    got = masked_linear(x, weight, task_ids, tasks, backend="triton")
-    expected = masked_linear_ref(x.double(), weight.double(), task_ids, tasks)
+    got = masked_linear(x.to(DEVICE), weight.to(DEVICE), task_ids.to(DEVICE), tasks.to(DEVICE), backend="triton")
+    expected = masked_linear_ref(x.double(), weight.double(), task_ids, tasks).to(DEVICE)
     torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_bad_task_tensors(backend):
     x, weight, task_ids, tables = _layer(4, 8, 16)
+    if backend == "triton" and DEVICE == "cuda":
+        return  # task values are checked on CPU tensors only (a GPU check would cost a device sync per call)
     cases = [
         (torch.tensor([1, 2, 3]), ValueError, "3 entries but the input has 4 rows"),
         (torch.tensor([1.0, 2, 3, 4]), TypeError, "integer dtype"),
@@ -175,9 +183,10 @@ def _packed_mlp(backend, head_sizes=(3, 3, 3)):
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_model_mixed_batch_equals_per_task_runs(backend):
-    model = _packed_mlp(backend)
-    x = torch.randn(11, 12)
-    tasks = torch.tensor([3, 1, 2, 2, 1, 3, 3, 1, 2, 1, 3])
+    device = DEVICE if backend == "triton" else "cpu"
+    model = _packed_mlp(backend).to(device)
+    x = torch.randn(11, 12, device=device)
+    tasks = torch.tensor([3, 1, 2, 2, 1, 3, 3, 1, 2, 1, 3], device=device)
     with torch.no_grad(), packnet.set_task(model, tasks):
         mixed = model(x)
     for task in (1, 2, 3):
@@ -207,8 +216,8 @@ def test_heads_of_different_sizes_refuse_a_mixed_batch():
 def test_mixed_kernel_compiles_to_one_graph():
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    x, weight, task_ids, tables = _layer(6, 24, 40, seed=11)
-    tasks = torch.tensor([2, 5, 1, 2, 4, 1])
+    x, weight, task_ids, tables = _on_device(*_layer(6, 24, 40, seed=11))
+    tasks = torch.tensor([2, 5, 1, 2, 4, 1], device=DEVICE)
 
     def block(inputs, row_tasks):
         return masked_linear(inputs, weight, task_ids, row_tasks, tables[0], relu=True, backend="triton") * 2 + 1
@@ -218,3 +227,68 @@ def test_mixed_kernel_compiles_to_one_graph():
     compiled = torch.compile(block, fullgraph=True, backend=counter)
     assert torch.equal(compiled(x, tasks), block(x, tasks))
     assert counter.frame_count == 1
+
+
+# (batch, in channels, out channels, kernel, groups, image size): the tap-by-tap GEMM loop in one launch (a 3x3 over
+# 32 channels whose 20-pixel images put 2-3 of them in a pixel tile, a 1x1, a grouped 3x3), and a conv with 8
+# channels, which runs one launch per task present.
+CONV_CASES = [(5, 32, 24, 3, 1, (4, 5)), (3, 16, 20, 1, 1, (3, 3)), (4, 64, 64, 3, 2, (3, 4)), (4, 8, 12, 3, 1, (4, 4))]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(map(str, c[:5])))
+def test_conv_mixed_batch_in_one_launch(case, monkeypatch):
+    from packnet_kernels import conv2d
+
+    batch, in_channels, out_channels, kernel, groups, size = case
+    generator = torch.Generator().manual_seed(in_channels + out_channels)
+    shape = (out_channels, in_channels // groups, kernel, kernel)
+    task_ids = torch.randint(0, NUM_TASKS + 1, shape, generator=generator, dtype=torch.uint8)
+    weight = torch.where(task_ids == 0, 0.0, torch.randn(shape, generator=generator)).half()
+    x = torch.randn(batch, in_channels, *size, generator=generator).half()
+    tables = [(0.5 + torch.rand(NUM_TASKS, out_channels, generator=generator)).half() for _ in range(3)]
+    tasks = torch.tensor([4, 1, 4, 2, 5][:batch])
+    layout = torch.channels_last
+    x, weight, task_ids = (t.to(DEVICE).contiguous(memory_format=layout) for t in (x, weight, task_ids))
+    tables, tasks = [table.to(DEVICE) for table in tables], tasks.to(DEVICE)
+    launches = []
+    launch = conv2d._launch
+    monkeypatch.setattr(conv2d, "_launch", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
+    kwargs = dict(scale=tables[1], shift=tables[2], relu=True, backend="triton")
+    got = masked_conv2d(x, weight, task_ids, tasks, tables[0], 1, kernel // 2, 1, groups, **kwargs)
+    one_launch = conv2d.mixed_kernel_applies(in_channels // groups, out_channels // groups, groups)
+    assert len(launches) == (1 if one_launch else len(set(tasks.tolist()))) and one_launch == (in_channels >= 16)
+    double = [table.double() for table in tables]
+    expected = masked_conv2d(
+        x.double(), weight.double(), task_ids, tasks, double[0], 1, kernel // 2, 1, groups,
+        scale=double[1], shift=double[2], relu=True, backend="reference",
+    )  # fmt: skip
+    torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float16))
+    for task in set(tasks.tolist()):
+        rows = tasks == task
+        alone = masked_conv2d(
+            x[rows], weight, task_ids, task, tables[0][task - 1], 1, kernel // 2, 1, groups,
+            scale=tables[1][task - 1], shift=tables[2][task - 1], relu=True, backend="triton",
+        )  # fmt: skip
+        torch.testing.assert_close(got[rows], alone, **_tolerance(torch.float16))
+
+
+@pytest.mark.interpreter
+def test_conv_mixed_tile_passes_over_more_tasks_than_a_pass_holds():
+    """Five 2x2 images of five tasks in one 32-pixel tile: more tasks than the 4 segments of a pass, and an
+    invalid task (7 > the 5 rows of the tables) written NaN."""
+    generator = torch.Generator().manual_seed(5)
+    task_ids = torch.randint(0, NUM_TASKS + 1, (8, 16, 3, 3), generator=generator, dtype=torch.uint8)
+    weight = torch.where(task_ids == 0, 0.0, torch.randn(8, 16, 3, 3, generator=generator))
+    x = torch.randn(6, 16, 2, 2, generator=generator)
+    bias = torch.randn(NUM_TASKS, 8, generator=generator)
+    tasks = torch.tensor([5, 3, 1, 4, 2, 3])
+    device_args = [t.to(DEVICE) for t in (x, weight, task_ids, tasks, bias)]
+    got = masked_conv2d(*device_args[:4], device_args[4], 1, 1, backend="triton").cpu()
+    expected = masked_conv2d(x.double(), weight.double(), task_ids, tasks, bias.double(), 1, 1)
+    torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
+    from packnet_kernels.conv2d import _launch
+
+    bad = _launch(*device_args[:3], 0, device_args[4], None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, True,
+                  tasks=torch.tensor([1, 7, 2, 3, 4, 5], device=DEVICE))  # fmt: skip
+    assert bad[1].isnan().all() and not bad[[0, 2, 3, 4, 5]].isnan().any()
