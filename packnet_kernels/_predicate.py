@@ -18,17 +18,32 @@ def task_owns(ids, active_task):
 
 
 @triton.jit
-def tile_use(smallest, largest, active_task):
-    """``(used, all_visible)`` of one kernel tile, from the tile-map cells it covers: ``smallest``/``largest`` are
-    ``[rows, cols]`` uint8 tiles of the cells' smallest and largest nonzero task ids (0 and 0 for an all-free cell).
+def tile_bounds(map_ptrs, cell_mask, stride_map_plane, bound, used_by, visible_to, RAW_TILES: tl.constexpr):
+    """``(bound, ids_bound)``: the load bounds of one kernel tile, narrowed by the tile-map cells it covers.
 
-    ``used``: some weight of the tile belongs to a task in 1..active_task; otherwise the task's weight is zero on the
-    whole tile and nothing of it needs reading. ``all_visible``: every nonzero id is <= active_task, so the only
-    weights of the tile the task does not own are free ones (exactly zero in a validated pack).
+    ``map_ptrs`` points at the cells' smallest nonzero task ids (``[rows, cols]`` uint8; the largest lie
+    ``stride_map_plane`` further; 0 and 0 for an all-free cell), ``cell_mask`` marks the cells that exist. ``bound``
+    (the tile's extent along its reduction) becomes 0 when no weight of the tile belongs to a task in 1..``used_by``:
+    the tile is zero for every such task and nothing of it needs reading. ``ids_bound`` is ``bound``, or 0 with
+    ``RAW_TILES`` when every owner is <= ``visible_to``, so that the only weights the task does not own are free ones
+    (exactly zero in a validated pack) and its ids need no reading. Loads masked against these bounds stay vector
+    loads: the masks still compare offsets with scalars.
     """
-    largest = largest.to(tl.int32)
+    smallest = tl.load(map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
+    largest = tl.load(map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last").to(tl.int32)
     # A free cell has no owner: 256 is above every task.
     smallest = tl.where(largest == 0, 256, smallest.to(tl.int32))
     owner_min = tl.min(tl.min(smallest, axis=1), axis=0)
     owner_max = tl.max(tl.max(largest, axis=1), axis=0)
-    return owner_min <= active_task, owner_max <= active_task
+    bound = tl.where(owner_min <= used_by, bound, 0)
+    ids_bound = bound
+    if RAW_TILES:
+        ids_bound = tl.where(owner_max <= visible_to, 0, bound)
+    return bound, ids_bound
+
+
+@triton.jit
+def next_task(tasks, after):
+    """The smallest of ``tasks`` (an int32 vector; 0 marks rows that take no part) above ``after``; 256 (no task)
+    when there is none: how mixed-task tiles walk the tasks present among their rows."""
+    return tl.min(tl.where(tasks > after, tasks, 256), axis=0)

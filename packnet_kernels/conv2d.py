@@ -35,7 +35,7 @@ from ._checks import (
     require_kernel_device,
     task_limit,
 )
-from ._predicate import task_owns, tile_use
+from ._predicate import next_task, task_owns, tile_bounds
 from .reference import per_task_rows
 
 __all__ = ["masked_conv2d_triton"]
@@ -48,12 +48,6 @@ _TAPS_OUTER_MIN_CHANNELS = 16
 # On a GPU, autotune the tiles (the default). When False, the first config of ``_configs`` runs untuned: tests set
 # this so that a CUDA test session compiles one config per kernel variant instead of tuning every shape.
 AUTOTUNE = True
-
-
-@triton.jit
-def _next_task(pixel_tasks, after):
-    """The smallest task in ``pixel_tasks`` above ``after``; 256 (no task) when there is none."""
-    return tl.min(tl.where(pixel_tasks > after, pixel_tasks, 256), axis=0)
 
 
 @triton.jit
@@ -117,15 +111,15 @@ def _mixed_taps(
             if TILE_MAP:
                 cell_cols = (tap * cin_per_group + first_c) // CELL_K + offs_cell_k
                 cell_mask = cell_row_mask[:, None] & (cell_cols < tl.cdiv(KH * KW * cin_per_group, CELL_K))[None, :]
-                map_ptrs = map_rows + cell_cols[None, :]
-                smallest = tl.load(map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
-                largest = tl.load(map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last")
-                used, _ = tile_use(smallest, largest, tile_max_task)
-                _, all_visible = tile_use(smallest, largest, tile_min_task)
-                c_limit = tl.where(used, c_limit, 0)
-                ids_limit = c_limit
-                if RAW_TILES:
-                    ids_limit = tl.where(all_visible, 0, c_limit)
+                c_limit, ids_limit = tile_bounds(
+                    map_rows + cell_cols[None, :],
+                    cell_mask,
+                    stride_map_plane,
+                    c_limit,
+                    tile_max_task,
+                    tile_min_task,
+                    RAW_TILES,
+                )
             c_valid = offs_c < c_limit
             tap_row = tap // KW
             tap_col = tap % KW
@@ -153,7 +147,7 @@ def _mixed_taps(
                 x_tile = x_tile.to(tl.float32)
             segment_task = done_task
             for _ in tl.static_range(SEGMENTS):
-                segment_task = _next_task(pixel_tasks, segment_task)
+                segment_task = next_task(pixel_tasks, segment_task)
                 w_task = w_tile
                 if USE_MASK:
                     owned = task_owns(ids, segment_task)
@@ -166,7 +160,7 @@ def _mixed_taps(
                 summed = tl.dot(x_tile, w_task, acc, input_precision=INPUT_PRECISION)
                 acc = tl.where((pixel_tasks == segment_task)[:, None], summed, acc)
         for _ in tl.static_range(SEGMENTS):
-            done_task = _next_task(pixel_tasks, done_task)
+            done_task = next_task(pixel_tasks, done_task)
     return acc
 
 
@@ -368,16 +362,15 @@ def _masked_conv2d_gemm_kernel(
                 if TILE_MAP:
                     cell_cols = (tap * cin_per_group + first_c) // CELL_K + offs_cell_k
                     cell_mask = cell_row_mask[:, None] & (cell_cols < tl.cdiv(KH * KW * cin_per_group, CELL_K))[None, :]
-                    map_ptrs = map_rows + cell_cols[None, :]
-                    smallest = tl.load(map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
-                    largest = tl.load(
-                        map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last"
+                    c_limit, ids_limit = tile_bounds(
+                        map_rows + cell_cols[None, :],
+                        cell_mask,
+                        stride_map_plane,
+                        c_limit,
+                        active_task,
+                        active_task,
+                        RAW_TILES,
                     )
-                    used, all_visible = tile_use(smallest, largest, active_task)
-                    c_limit = tl.where(used, c_limit, 0)
-                    ids_limit = c_limit
-                    if RAW_TILES:
-                        ids_limit = tl.where(all_visible, 0, c_limit)
                 c_valid = offs_c < c_limit
                 tap_row = tap // KW
                 tap_col = tap % KW

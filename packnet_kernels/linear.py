@@ -48,7 +48,7 @@ from ._checks import (
     require_kernel_device,
     task_limit,
 )
-from ._predicate import task_owns, tile_use
+from ._predicate import next_task, task_owns, tile_bounds
 
 __all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton", "release_workspaces"]
 
@@ -128,12 +128,6 @@ def _epilogue(
 
 
 @triton.jit
-def _next_task(row_tasks, after):
-    """The smallest task in ``row_tasks`` above ``after``; 256 (no task) when there is none."""
-    return tl.min(tl.where(row_tasks > after, row_tasks, 256), axis=0)
-
-
-@triton.jit
 def _mixed_task_sums(
     acc,
     w_ptrs,
@@ -183,18 +177,11 @@ def _mixed_task_sums(
             ids_remaining = k_remaining
             if TILE_MAP:
                 cell_mask = cell_row_mask[:, None] & (k // CELL_K + offs_cell_k < tl.cdiv(K, CELL_K))[None, :]
-                smallest = tl.load(pass_map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
-                largest = tl.load(
-                    pass_map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last"
-                )
                 # Skipped only when no task of the tile's rows uses the step; raw only when all of them see every owner.
-                used, _ = tile_use(smallest, largest, tile_max_task)
-                _, all_visible = tile_use(smallest, largest, tile_min_task)
+                k_remaining, ids_remaining = tile_bounds(
+                    pass_map_ptrs, cell_mask, stride_map_plane, k_remaining, tile_max_task, tile_min_task, RAW_TILES
+                )
                 pass_map_ptrs += BLOCK_K // CELL_K
-                k_remaining = tl.where(used, k_remaining, 0)
-                ids_remaining = k_remaining
-                if RAW_TILES:
-                    ids_remaining = tl.where(all_visible, 0, k_remaining)
             k_mask = offs_k < k_remaining
             w = tl.load(pass_w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             if USE_MASK:
@@ -205,7 +192,7 @@ def _mixed_task_sums(
                 xt = xt.to(tl.float32)
             segment_task = done_task
             for _ in tl.static_range(SEGMENTS):
-                segment_task = _next_task(row_tasks, segment_task)
+                segment_task = next_task(row_tasks, segment_task)
                 w_task = w
                 if USE_MASK:
                     owned = task_owns(ids, segment_task)
@@ -220,7 +207,7 @@ def _mixed_task_sums(
             pass_w_ptrs += BLOCK_K * stride_wk
             pass_xt_ptrs += BLOCK_K * stride_xk
         for _ in tl.static_range(SEGMENTS):
-            done_task = _next_task(row_tasks, done_task)
+            done_task = next_task(row_tasks, done_task)
     return acc
 
 
@@ -402,14 +389,10 @@ def _masked_linear_kernel(
             ids_remaining = k_remaining
             if TILE_MAP:
                 cell_mask = cell_row_mask[:, None] & (k // CELL_K + offs_cell_k < tl.cdiv(K, CELL_K))[None, :]
-                smallest = tl.load(map_ptrs, mask=cell_mask, other=0, eviction_policy="evict_last")
-                largest = tl.load(map_ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last")
-                used, all_visible = tile_use(smallest, largest, active_task)
+                k_remaining, ids_remaining = tile_bounds(
+                    map_ptrs, cell_mask, stride_map_plane, k_remaining, active_task, active_task, RAW_TILES
+                )
                 map_ptrs += BLOCK_K // CELL_K
-                k_remaining = tl.where(used, k_remaining, 0)
-                ids_remaining = k_remaining
-                if RAW_TILES:
-                    ids_remaining = tl.where(all_visible, 0, k_remaining)
             k_mask = offs_k < k_remaining
             w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             if USE_MASK:
@@ -433,6 +416,7 @@ def _masked_linear_kernel(
 
     out_mask = n_mask[:, None] & m_mask[None, :]
     y_ptrs = y_ptr + x_rows[None, :] * stride_ym + offs_n[:, None] * stride_yn
+    finish = True
     if SPLIT:
         # Whole tiles at compile-time offsets from one base pointer: few registers, so the reduction below fits beside
         # a 128 x 128 accumulator. Padding rows past M are neither stored nor loaded (a batch of 1 moves 1 row).
@@ -450,38 +434,15 @@ def _masked_linear_kernel(
         # CUDA's threadfence reduction and cooperative grid sync).
         tl.debug_barrier()
         num_splits = tl.num_programs(1)
-        if tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+        finish = tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel", scope="gpu") == num_splits - 1
+        if finish:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for _ in range(0, num_splits):
                 # .cg reads L2, where the other SMs' partials are, never a stale L1 line.
                 acc += tl.load(partial_ptrs, mask=row_mask, other=0.0, cache_modifier=".cg")
                 partial_ptrs += split_stride
-            acc = _epilogue(
-                acc,
-                offs_n,
-                n_mask,
-                bias_ptr,
-                scale_ptr,
-                shift_ptr,
-                stride_bias,
-                stride_scale,
-                stride_shift,
-                table_rows,
-                stride_bias_task,
-                stride_scale_task,
-                stride_shift_task,
-                HAS_BIAS,
-                HAS_SCALE,
-                HAS_SHIFT,
-                RELU,
-                MIXED,
-            )
-            if MIXED:
-                acc = tl.where(row_valid[None, :], acc, float("nan"))
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-            # Zero again, so the next call on this stream reuses the counters without clearing them first.
-            tl.store(counters_ptr + pid, 0)
-    else:
+    # One split writes the output: the only one without SPLIT, else the one that summed the partials.
+    if finish:
         acc = _epilogue(
             acc,
             offs_n,
@@ -505,6 +466,9 @@ def _masked_linear_kernel(
         if MIXED:
             acc = tl.where(row_valid[None, :], acc, float("nan"))
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        if SPLIT:
+            # Zero again, so the next call on this stream reuses the counters without clearing them first.
+            tl.store(counters_ptr + pid, 0)
 
 
 def _configs(regime: str, capability_major: int) -> list[triton.Config]:
