@@ -33,10 +33,7 @@ Triton's on-disk cache from several processes before the timed run.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -70,8 +67,6 @@ METHODS = (
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Normwise relative error allowed against the float64 reference (fp32 runs TF32 dots, like cuBLAS with TF32 on).
 MAX_ERROR = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 5e-3}
-GRAPH_MIN_CALLS = 8
-GRAPH_REPLAYS = 7
 
 
 LINEAR_BATCHES = (1, 16, 256, 4096)
@@ -171,34 +166,6 @@ def build_methods(layer: shapes.LayerShape, sets: LayerSets, xs: list, task: int
     return methods
 
 
-def graph_latency(fn, rotations: int) -> dict:
-    """``{"median_ms", "spread"}``: GPU time of one call from CUDA-graph replays of ``calls`` consecutive rotated calls
-    (median, and interquartile range over median, of ``GRAPH_REPLAYS`` replays)."""
-    calls = max(GRAPH_MIN_CALLS, rotations)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(calls):  # warm-up on a side stream, as capture requires
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(GRAPH_REPLAYS):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(begin.elapsed_time(end) / calls)
-    del graph
-    return {"median_ms": statistics.median(samples), "spread": timing.relative_spread(samples)}
-
-
 def host_us(fn, calls: int = 50) -> float:
     """Host time to issue one call: back-to-back calls with no synchronisation (the launch queue does not fill in
     ``calls`` calls), after the device is idle."""
@@ -272,15 +239,7 @@ def run_case(layer, dtype, batch, task, sets, device, rotations, warm_only) -> l
             row["ok"] = bool(row["error"] <= MAX_ERROR[dtype])
             if not row["ok"]:
                 row["note"] = f"normwise error {row['error']:.2e} > {MAX_ERROR[dtype]:.0e}"
-            event = timing.latency(fn, device, rep_ms=25.0)
-            row["event_ms"], row["event_spread"] = event["median_ms"], event["spread"]
-            if device == "cuda":
-                graph = graph_latency(fn, rotations)
-                row["graph_ms"], row["graph_spread"] = graph["median_ms"], graph["spread"]
-            else:
-                row["graph_ms"] = row["graph_spread"] = None
-            # The ratios the report quotes use graph times where there are some.
-            row["unstable"] = (row["graph_spread"] if device == "cuda" else event["spread"]) > timing.UNSTABLE_SPREAD
+            row.update(timing.latency_row(fn, device, rotations))
             if method in ("packnet", "packnet_tilemap") and device == "cuda":
                 row["host_us"] = host_us(fn)
         except Exception as error:  # a failing method is a result too; the others still run
@@ -360,9 +319,7 @@ def main(argv=None) -> int:
                         result["results"].extend(rows)
                         print(_summary_line(rows), flush=True)
                         result["elapsed_s"] = time.perf_counter() - started
-                        tmp = path.with_suffix(".tmp")
-                        tmp.write_text(json.dumps(result, indent=1))
-                        os.replace(tmp, path)
+                        timing.write_json(path, result)
             del sets
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -97,12 +96,7 @@ def run_case(weight, task_ids, batch, task_count, device, rotations) -> list[dic
             reference = one_task_expected if method == "one_task" else expected
             row["error"] = timing.normwise_error(fn(0), reference)
             row["ok"] = bool(row["error"] <= headline.MAX_ERROR[weight.dtype])
-            measured = timing.latency(fn, device, rep_ms=25.0)
-            row.update(event_ms=measured["median_ms"], event_spread=measured["spread"])
-            if device == "cuda":
-                graph = headline.graph_latency(fn, rotations)
-                row.update(graph_ms=graph["median_ms"], graph_spread=graph["spread"])
-            row["unstable"] = (row.get("graph_spread") or measured["spread"]) > timing.UNSTABLE_SPREAD
+            row.update(timing.latency_row(fn, device, rotations))
         except Exception as error:  # a failing method is a result too; the others still run
             row.update(ok=False, note=f"{type(error).__name__}: {str(error)[:300]}")
         rows.append(row)
@@ -211,9 +205,7 @@ def main(argv=None) -> int:
                 continue
             rows = run_case(weight, task_ids, batch, task_count, device, rotations)
             result["results"].extend(rows)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            os.replace(tmp, path)
+            timing.write_json(path, result)
             key = "graph_ms" if device == "cuda" else "event_ms"
             summary = " ".join(f"{row['method']} {row.get(key)}" for row in rows)
             print(f"b{batch:<4d} k{task_count} {summary} ok={all(row.get('ok') for row in rows)}", flush=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -134,12 +133,7 @@ def latency_rows(weight, task_ids, packing, batch, task, device, rotations) -> l
         try:
             row["error"] = timing.normwise_error(fn(0), expected)
             row["ok"] = bool(row["error"] <= headline.MAX_ERROR[torch.float16])
-            measured = timing.latency(fn, device, rep_ms=25.0)
-            row.update(event_ms=measured["median_ms"], event_spread=measured["spread"])
-            if device == "cuda":
-                graph = headline.graph_latency(fn, rotations)
-                row.update(graph_ms=graph["median_ms"], graph_spread=graph["spread"])
-            row["unstable"] = (row.get("graph_spread") or measured["spread"]) > timing.UNSTABLE_SPREAD
+            row.update(timing.latency_row(fn, device, rotations))
         except Exception as error:  # a failing method is a result too (BSR support varies by version)
             row.update(ok=False, note=f"{type(error).__name__}: {str(error)[:300]}")
         rows.append(row)
@@ -226,11 +220,6 @@ def main(argv=None) -> int:
         "skipped": [],
     }
 
-    def write():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, path)
-
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(out_features, in_features, generator=generator) / math.sqrt(in_features)
     for packing in TIMED:
@@ -244,7 +233,7 @@ def main(argv=None) -> int:
                     "the time of pre-masked dense",
                     flush=True,
                 )
-        write()
+        timing.write_json(path, result)
         if device != "cuda":
             continue  # the kernels' latency is a GPU measurement; the byte model above is the CPU part
         weight = torch.where(task_ids != 0, base, 0.0).to(device=device, dtype=torch.float16)
@@ -258,7 +247,7 @@ def main(argv=None) -> int:
                     continue
                 rows = latency_rows(weight, ids, packing, batch, task, device, rotations)
                 result["results"].extend(rows)
-                write()
+                timing.write_json(path, result)
                 times = {row["method"]: row.get("graph_ms") for row in rows}
                 summary = " ".join(f"{method} {ms}" for method, ms in times.items())
                 print(f"{packing:8s} b{batch:<3d} t{task} {summary}", flush=True)

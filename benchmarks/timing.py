@@ -8,12 +8,14 @@ index ``i`` and must pick their tensors with ``i % n``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,9 @@ UNSTABLE_SPREAD = 0.10
 # exercises the rotation (its timings are not the point), so it keeps few sets.
 L2_SPAN = 4
 MAX_ROTATIONS = {"cuda": 32, "cpu": 4}
+# CUDA-graph timing: calls captured per graph (at least) and replays timed.
+GRAPH_MIN_CALLS = 8
+GRAPH_REPLAYS = 7
 # Buffers of the measured limits: a copy far larger than L2, and a matmul large enough to saturate the tensor cores.
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 32 << 20}
 MATMUL_SIZE = {"cuda": 8192, "cpu": 384}
@@ -140,6 +145,58 @@ def latency_samples(
             call()
             samples.append((time.perf_counter() - start) * 1e3)
     return samples
+
+
+def graph_latency(fn, rotations: int) -> dict:
+    """``{"median_ms", "spread"}``: GPU time of one call from CUDA-graph replays of ``calls`` consecutive rotated calls
+    (median, and interquartile range over median, of ``GRAPH_REPLAYS`` replays)."""
+    calls = max(GRAPH_MIN_CALLS, rotations)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(calls):  # warm-up on a side stream, as capture requires
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(GRAPH_REPLAYS):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(begin.elapsed_time(end) / calls)
+    del graph
+    return {"median_ms": statistics.median(samples), "spread": relative_spread(samples)}
+
+
+def latency_row(fn: Callable[[int], object], device: str, rotations: int, rep_ms: float = 25.0) -> dict:
+    """A benchmark row's times of ``fn(i)``: ``event_ms``/``event_spread`` (:func:`latency`) and, on CUDA,
+    ``graph_ms``/``graph_spread`` (:func:`graph_latency`; None elsewhere); ``unstable`` when the time a report quotes
+    (the graph time where there is one) spreads more than ``UNSTABLE_SPREAD``."""
+    event = latency(fn, device, rep_ms=rep_ms)
+    graph = graph_latency(fn, rotations) if device == "cuda" else {"median_ms": None, "spread": None}
+    quoted = graph["spread"] if device == "cuda" else event["spread"]
+    return {
+        "event_ms": event["median_ms"],
+        "event_spread": event["spread"],
+        "graph_ms": graph["median_ms"],
+        "graph_spread": graph["spread"],
+        "unstable": quoted > UNSTABLE_SPREAD,
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so a run stopped at any moment leaves the
+    previous complete file (the scripts rewrite their results after every case)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def synced_calls(fn: Callable[[int], object], device: str) -> Callable[[], object]:
