@@ -34,6 +34,12 @@ want() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 status=0
 start=$(date +%s)
 stamp() { echo "[gpu_session +$(($(date +%s) - start))s] $*"; }
+timed_stage() {  # NAME BUDGET_S: run benchmarks/NAME.py with that budget
+    stamp "$1"
+    timeout $(($2 + 60)) "$PYTHON" "benchmarks/$1.py" --out "$OUT" --budget-s "$2" >"$LOGS/$1.log" 2>&1 || status=1
+    tail -30 "$LOGS/$1.log"
+    gather
+}
 gather() {
     for log in "$LOGS"/*.log; do
         [ -f "$log" ] && { echo "==> $(basename "$log")"; tail -n 150 "$log"; }
@@ -97,20 +103,13 @@ if want headline; then
     tail -60 "$LOGS/headline.log"
     gather
 fi
+# The tile map's per-task latencies (block-structured and unstructured packs, BSR peer), then mixed-task batches:
+# each script starts no new case after its budget and is killed a minute later; its JSON lands in $OUT.
 if want tiles; then
-    # The tile map's per-task latencies (block-structured and unstructured packs, BSR peer); its JSON and Markdown
-    # report land in $OUT.
-    stamp "tiles"
-    timeout $((${TILES_BUDGET_S:-60} + 60)) "$PYTHON" benchmarks/tiles.py --out "$OUT" --budget-s "${TILES_BUDGET_S:-60}" \
-        >"$LOGS/tiles.log" 2>&1 || status=1
-    tail -30 "$LOGS/tiles.log"
-    gather
+    timed_stage tiles "${TILES_BUDGET_S:-60}"
 fi
 if want mixed; then
-    stamp "mixed"
-    timeout $((${MIXED_BUDGET_S:-60} + 60)) "$PYTHON" benchmarks/mixed.py --out "$OUT" --budget-s "${MIXED_BUDGET_S:-60}" \
-        >"$LOGS/mixed.log" 2>&1 || status=1
-    tail -20 "$LOGS/mixed.log"
+    timed_stage mixed "${MIXED_BUDGET_S:-60}"
 fi
 gather
 stamp "done (status $status)"

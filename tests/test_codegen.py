@@ -295,37 +295,41 @@ def _conv_variants() -> list[dict]:
     return variants
 
 
-def _tile_map_variants(variants: list[dict]) -> list[dict]:
-    """The packed layers' tile-map path (raw tiles allowed): every sm_90 fp16 config of the main shapes of each GEMM
-    kernel whose tiles line up with the map's cells (linear; convs with 32k channels per group)."""
-    mapped = []
-    for variant in variants:
-        main = variant["name"].startswith(("linear-m1-", "linear-m4096-", "conv3x3-", "conv1x1-"))
-        if variant["arch"] == 90 and variant["dtype"] == "fp16" and main:
-            args = dict(variant["args"], tile_map_ptr="*u8", stride_map_plane=128 * 128, stride_map_row=128)
-            constexprs = dict(variant["constexprs"], TILE_MAP=True, RAW_TILES=True)
-            mapped.append(dict(variant, name=variant["name"] + "-tilemap", args=args, constexprs=constexprs))
-    return mapped
-
-
-def _conv_mixed_variants(variants: list[dict]) -> list[dict]:
-    """Mixed-task conv batches (images of several tasks in one launch, 2 task segments per pass, int64 image tasks):
-    every sm_90 fp16 config of the 3x3 and 1x1 shapes."""
-    mixed = []
-    for variant in variants:
-        if (
-            variant["arch"] == 90
-            and variant["dtype"] == "fp16"
-            and variant["name"].startswith(("conv3x3-", "conv1x1-"))
-        ):
-            args = dict(variant["args"], image_tasks_ptr="*i64", max_task=255)
-            constexprs = dict(variant["constexprs"], MIXED=True, SEGMENTS=2)
-            mixed.append(dict(variant, name=variant["name"] + "-mixed", args=args, constexprs=constexprs))
-    return mixed
+def _derived_variants(variants: list[dict], prefixes: tuple[str, ...], suffix: str, args: dict, constexprs: dict):
+    """Every sm_90 fp16 variant whose name starts with one of ``prefixes``, again with ``args`` and ``constexprs``
+    set and ``suffix`` added to its name: the same configs on another path of the kernel."""
+    return [
+        dict(
+            variant,
+            name=variant["name"] + suffix,
+            args=dict(variant["args"], **args),
+            constexprs=dict(variant["constexprs"], **constexprs),
+        )
+        for variant in variants
+        if variant["arch"] == 90 and variant["dtype"] == "fp16" and variant["name"].startswith(prefixes)
+    ]
 
 
 VARIANTS = _linear_variants() + _conv_variants()
-VARIANTS += _tile_map_variants(VARIANTS) + _conv_mixed_variants(VARIANTS)
+VARIANTS += (
+    # The packed layers' tile-map path, raw tiles allowed, in every kernel whose tiles line up with the map's cells
+    # (linear; convs with 32k channels per group).
+    _derived_variants(
+        VARIANTS,
+        ("linear-m1-", "linear-m4096-", "conv3x3-", "conv1x1-"),
+        "-tilemap",
+        dict(tile_map_ptr="*u8", stride_map_plane=128 * 128, stride_map_row=128),
+        dict(TILE_MAP=True, RAW_TILES=True),
+    )
+    # Mixed-task conv batches: images of several tasks in one launch, 2 task segments per pass, int64 image tasks.
+    + _derived_variants(
+        VARIANTS,
+        ("conv3x3-", "conv1x1-"),
+        "-mixed",
+        dict(image_tasks_ptr="*i64", max_task=255),
+        dict(MIXED=True, SEGMENTS=2),
+    )
+)
 
 
 def _spec(variant: dict) -> dict:
