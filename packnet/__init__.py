@@ -1,11 +1,20 @@
 """packnet: train one network on many tasks with PackNet and serve every task from one compact pack.
 
 Train with :class:`PackNet`, compile with :func:`compile_pack`, save and load with :func:`save_pack` /
-:func:`load_pack`, and pick the task with :func:`set_task`. The masked kernels live in ``packnet_kernels``.
+:func:`load_pack`, and pick the task with :func:`set_task` or per call (``model(x, task=t)``). The masked kernels
+live in ``packnet_kernels``.
 """
 
 from .models import build_model, mlp, module_fingerprint, register_builder, small_cnn
-from .modules import PackedConv2d, PackedLinear, TaskSwitch, set_task, swap_packed_, task_modules
+from .modules import (
+    PackedConv2d,
+    PackedLinear,
+    TaskSwitch,
+    accept_task_argument,
+    set_task,
+    swap_packed_,
+    task_modules,
+)
 from .pack import (
     Pack,
     PackFormatError,
@@ -34,6 +43,7 @@ __all__ = [
     "PackedConv2d",
     "PackedLinear",
     "TaskSwitch",
+    "accept_task_argument",
     "build_model",
     "build_packed_model",
     "compile_pack",

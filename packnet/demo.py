@@ -147,7 +147,7 @@ def train_finetuning(
 
 def serve_mixed_batch(model: nn.Module, tasks: list[TaskData], seed: int) -> dict:
     """Every task's test set in one shuffled batch, served by one forward with a task per row
-    (``set_task(model, row_tasks)``); its accuracy per task, and whether each row equals that task's own run.
+    (``model(inputs, task=row_tasks)``); its accuracy per task, and whether each row equals that task's own run.
 
     Raises:
         AssertionError: a row of the mixed batch differs from the same row in its task's own run.
@@ -158,13 +158,11 @@ def serve_mixed_batch(model: nn.Module, tasks: list[TaskData], seed: int) -> dic
     order = torch.randperm(len(row_tasks), generator=torch.Generator().manual_seed(seed))
     inputs, targets, row_tasks = inputs[order], targets[order], row_tasks[order]
     with torch.no_grad():
-        with set_task(model, row_tasks):
-            logits = model(inputs)
+        logits = model(inputs, task=row_tasks)
         accuracies = []
         for task in range(1, len(tasks) + 1):
             rows = (row_tasks == task).nonzero().squeeze(1)
-            with set_task(model, task):
-                alone = model(inputs[rows])
+            alone = model(inputs[rows], task=task)
             if not torch.equal(logits[rows], alone):
                 raise AssertionError(f"task {task}: its rows of the mixed batch differ from its own run")
             accuracies.append(accuracy(logits[rows], targets[rows]))

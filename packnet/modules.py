@@ -2,7 +2,9 @@
 
 ``PackedLinear``/``PackedConv2d`` replace ``nn.Linear``/``nn.Conv2d``; ``TaskSwitch`` holds one copy per task of a
 module whose state is per task (a BatchNorm, a classifier head). The active task is set for a whole model with
-:func:`set_task` (also a context manager) or passed per call as ``module(x, task=t)``.
+:func:`set_task` (also a context manager) or passed per call as ``model(x, task=t)`` (a packed model built by
+:func:`packnet.compile_pack`, :func:`packnet.load_pack` or :func:`swap_packed_` takes the argument whatever its
+architecture: see :func:`accept_task_argument`) or ``module(x, task=t)``.
 
 Mixed-task batches: the task may also be a 1-D integer tensor with one task per row (per image for convs, per row of
 the flattened leading dimensions for linears): row ``i`` then gives, row for row, what a run of task ``tasks[i]``
@@ -17,6 +19,7 @@ share a mixed batch (a ``ValueError`` says so; run such heads per task).
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -25,7 +28,15 @@ import torch.nn as nn
 from packnet_kernels import MAX_TASKS, masked_conv2d, masked_linear, tile_map
 from packnet_kernels._checks import TASK_TENSOR_DTYPES, check_backend, check_task_values
 
-__all__ = ["PackedConv2d", "PackedLinear", "TaskSwitch", "set_task", "swap_packed_", "task_modules"]
+__all__ = [
+    "PackedConv2d",
+    "PackedLinear",
+    "TaskSwitch",
+    "accept_task_argument",
+    "set_task",
+    "swap_packed_",
+    "task_modules",
+]
 
 # Attribute of a packed model holding its plain architecture (the model before packing) on the meta device: shapes
 # and module classes, no weights. save_pack rebuilds the written file on it to check it, and fingerprints it.
@@ -418,8 +429,9 @@ class TaskSwitch(_TaskSelecting):
         runs on its rows (``args[0][rows]``; the other arguments as they are) and the rows are put back in order.
 
         Raises:
-            ValueError: a task tensor whose length is not ``args[0]``'s, or tasks whose outputs differ in shape
-                beyond the batch dimension (e.g. heads with different numbers of classes).
+            ValueError: a task tensor whose length is not ``args[0]``'s, a task outside 1..num_tasks (checked on
+                the host, where the task values are read anyway), or tasks whose outputs differ in shape beyond the
+                batch dimension (e.g. heads with different numbers of classes).
         """
         task = self._resolve_task(task)
         if not isinstance(task, torch.Tensor):
@@ -428,7 +440,13 @@ class TaskSwitch(_TaskSelecting):
         if task.shape[0] != batch.shape[0]:
             raise ValueError(f"TaskSwitch: {task.shape[0]} tasks for an input of {batch.shape[0]} rows")
         result = None
-        for each_task in torch.unique(task).tolist():
+        present = torch.unique(task).tolist()
+        # The values are on the host now anyway: a task outside 1..num_tasks would otherwise index another task's
+        # module (task 0 is per_task[-1]).
+        if present and not 1 <= present[0] <= present[-1] <= self.num_tasks:
+            bad = present[0] if present[0] < 1 else present[-1]
+            raise ValueError(f"TaskSwitch: every task must be in 1..{self.num_tasks}, got {bad}")
+        for each_task in present:
             rows = (task == each_task).nonzero().squeeze(1).to(batch.device)
             part = self.per_task[each_task - 1](batch[rows], *rest, **kwargs)
             if result is None:
@@ -486,6 +504,64 @@ def set_task(model: nn.Module, task: int | torch.Tensor) -> _ActiveTask:
     return _ActiveTask(previous)
 
 
+# Attribute of a model whose ``task=`` call argument is handled by hooks: the stack of per-call task changes.
+_TASK_CALLS_ATTR = "_packnet_task_calls"
+
+
+def _task_call_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
+    """Take ``task`` out of a call's keyword arguments and make it the model's active task for that call."""
+    calls = getattr(model, _TASK_CALLS_ATTR)
+    # Pushed first: the restoring hook runs (and pops) even when the check below raises.
+    calls.append(None)
+    task = kwargs.pop("task", None)
+    if task is None:
+        return args, kwargs
+    modules = task_modules(model)
+    for module in modules:
+        module._resolve_task(task)
+    calls[-1] = [(module, module.active_task) for module in modules]
+    for module in modules:
+        module.active_task = task
+    return args, kwargs
+
+
+def _task_call_hook(model: nn.Module, args: tuple, output):
+    """Restore the active tasks a ``task=`` call changed (also when the forward raised)."""
+    previous = getattr(model, _TASK_CALLS_ATTR).pop()
+    for module, task in previous or ():
+        module.active_task = task
+
+
+def accept_task_argument(model: nn.Module) -> nn.Module:
+    """Let ``model(x, task=t)`` run task ``t`` (an int, or a 1-D integer tensor of per-row tasks) for that call only,
+    whatever the model's architecture; returns ``model``.
+
+    The task is taken out of the call's keyword arguments before ``forward`` runs (a forward hook, so ``forward``
+    itself and its ``torch.fx`` tracing stay unchanged) and the previous active tasks are restored after the call,
+    also when it raises. ``task=None`` runs the active task (:func:`set_task`). Checked on every call like
+    ``module(x, task=t)``: the type, and a task tensor's dtype and shape; its values on the CPU only (on a GPU a
+    packed layer writes NaN rows for a task beyond its tables; a :class:`TaskSwitch` reads the values anyway and
+    raises). Under ``torch.compile``, set the task with :func:`set_task` outside the compiled call.
+
+    Called by :func:`packnet.build_packed_model` (so :func:`packnet.compile_pack` and :func:`packnet.load_pack`) and
+    :func:`swap_packed_`. A model whose ``forward`` already takes a ``task`` argument (or ``**kwargs``) is left as
+    it is: the argument is the model's own. Calling it again changes nothing.
+
+    Raises:
+        ValueError: at call time, a task outside 1..num_tasks of some module (a task tensor's values: CPU only).
+        TypeError: at call time, a task that is neither an int nor a 1-D integer tensor.
+    """
+    if hasattr(model, _TASK_CALLS_ATTR):
+        return model
+    parameters = inspect.signature(model.forward).parameters.values()
+    if any(p.name == "task" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return model
+    object.__setattr__(model, _TASK_CALLS_ATTR, [])
+    model.register_forward_pre_hook(_task_call_pre_hook, with_kwargs=True)
+    model.register_forward_hook(_task_call_hook, always_call=True)
+    return model
+
+
 def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -521,4 +597,4 @@ def swap_packed_(
         else:
             raise TypeError(f"swap_packed_: {name!r} is a {type(module).__name__}, not nn.Linear or nn.Conv2d")
         _replace_submodule(model, name, packed)
-    return model
+    return accept_task_argument(model)

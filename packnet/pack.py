@@ -40,6 +40,7 @@ from .modules import (
     TaskSwitch,
     _PackedLayer,
     _replace_submodule,
+    accept_task_argument,
     record_skeleton,
     recorded_skeleton,
     set_task,
@@ -390,7 +391,7 @@ def build_packed_model(
     if input_shape is not None:
         setattr(model, INPUT_SHAPE_ATTR, tuple(input_shape))
     record_skeleton(model, skeleton)
-    return model.eval()
+    return accept_task_argument(model).eval()
 
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)

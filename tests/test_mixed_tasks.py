@@ -292,3 +292,63 @@ def test_conv_mixed_tile_passes_over_more_tasks_than_a_pass_holds():
     bad = _launch(*device_args[:3], 0, device_args[4], None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, True,
                   tasks=torch.tensor([1, 7, 2, 3, 4, 5], device=DEVICE))  # fmt: skip
     assert bad[1].isnan().all() and not bad[[0, 2, 3, 4, 5]].isnan().any()
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_model_takes_the_task_per_call(backend):
+    """``model(x, task=...)`` on a swapped model runs that task (or per-row tasks) for the call only, restores the
+    active tasks afterwards, also after an error, and leaves a model's own ``task`` argument alone."""
+    device = DEVICE if backend == "triton" else "cpu"
+    model = _packed_mlp(backend).to(device)
+    x = torch.randn(7, 12, device=device)
+    tasks = torch.tensor([2, 1, 3, 3, 1, 2, 2], device=device)
+    modules = packnet.task_modules(model)
+    with torch.no_grad():
+        packnet.set_task(model, 1)
+        for task in (2, tasks):
+            with packnet.set_task(model, task):
+                expected = model(x)
+            assert torch.equal(model(x, task=task), expected)
+            assert all(module.active_task == 1 for module in modules)
+        assert torch.equal(model(x, task=None), model(x))
+        with pytest.raises(ValueError, match=r"outside 1\.\.3"):
+            model(x, task=4)
+        if device == "cpu":  # values of a GPU task tensor are read by the TaskSwitch head, which raises there
+            with pytest.raises(ValueError, match=r"in 1\.\.3, got 0"):
+                model(x, task=torch.tensor([1, 2, 0, 1, 1, 2, 3]))
+        with pytest.raises(TypeError, match="task must be an int"):
+            model(x, task=2.0)
+        assert all(module.active_task == 1 for module in modules)
+
+
+def test_task_switch_refuses_tasks_it_does_not_hold():
+    switch = packnet.TaskSwitch([nn.Linear(4, 2) for _ in range(3)]).to(DEVICE)
+    x = torch.randn(3, 4, device=DEVICE)
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=rf"in 1\.\.3, got {bad}"):
+            switch(x, task=torch.tensor([1, bad, 2], device=DEVICE))
+
+
+def test_loaded_and_custom_models_take_the_task_per_call(tmp_path):
+    """A loaded pack's model (the built-in Classifier) takes ``task=``; a model whose forward has its own ``task``
+    argument keeps it."""
+    model = packnet.load_pack("tests/data/golden_v2.pack", backend="reference")
+    x = torch.randn(5, *model.packnet_input_shape)
+    tasks = torch.tensor([1, 2, 1, 2, 2])[:5] % packnet.task_modules(model)[0].num_tasks + 1
+    with torch.no_grad():
+        for task in (1, tasks):
+            with packnet.set_task(model, task):
+                expected = model(x)
+            assert torch.equal(model(x, task=task), expected)
+
+    class OwnTask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 3)
+
+        def forward(self, x, task="own"):
+            return self.layer(x), task
+
+    own = packnet.swap_packed_(OwnTask(), {"layer": torch.ones(3, 4, dtype=torch.uint8)}, num_tasks=1)
+    with packnet.set_task(own, 1):
+        assert own(torch.randn(2, 4), task="mine")[1] == "mine"
