@@ -51,6 +51,298 @@ AUTOTUNE = True
 
 
 @triton.jit
+def _mixed_taps_pass(
+    acc,
+    x_rows,
+    w_cols,
+    ids_cols,
+    map_rows,
+    cell_row_mask,
+    offs_cell_k,
+    pixel_tasks,
+    done_task,
+    tile_min_task,
+    tile_max_task,
+    in_row0,
+    in_col0,
+    m_valid,
+    n_valid,
+    in_h,
+    in_w,
+    cin_per_group,
+    channel_blocks,
+    stride_map_plane,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wc,
+    stride_wh,
+    stride_ww,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    dilation_h,
+    dilation_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    USE_MASK: tl.constexpr,
+    TILE_MAP: tl.constexpr,
+    RAW_TILES: tl.constexpr,
+    CELL_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One pass over the reduction of a mixed-task tile for the next ``SEGMENTS`` tasks above ``done_task`` among its
+    pixels: each step loads the input, weight and id tiles once, then per task selects its weights and keeps the dot
+    only in its rows. A segment past the tile's last task selects nothing and keeps no row."""
+    for step in range(0, KH * KW * channel_blocks):
+        tap = step // channel_blocks
+        first_c = (step % channel_blocks) * BLOCK_K
+        offs_c = first_c + tl.arange(0, BLOCK_K)
+        c_limit = cin_per_group
+        ids_limit = cin_per_group
+        if TILE_MAP:
+            cell_cols = (tap * cin_per_group + first_c) // CELL_K + offs_cell_k
+            cell_mask = cell_row_mask[:, None] & (cell_cols < tl.cdiv(KH * KW * cin_per_group, CELL_K))[None, :]
+            c_limit, ids_limit = tile_bounds(
+                map_rows + cell_cols[None, :],
+                cell_mask,
+                stride_map_plane,
+                c_limit,
+                tile_max_task,
+                tile_min_task,
+                RAW_TILES,
+            )
+        c_valid = offs_c < c_limit
+        tap_row = tap // KW
+        tap_col = tap % KW
+        in_row = in_row0 + tap_row * dilation_h
+        in_col = in_col0 + tap_col * dilation_w
+        pixel_valid = m_valid & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
+        x_pixels = x_rows + in_row * stride_xh + in_col * stride_xw
+        x_tile = tl.load(
+            x_pixels[:, None] + (offs_c * stride_xc)[None, :],
+            mask=pixel_valid[:, None] & c_valid[None, :],
+            other=0.0,
+        )
+        w_tile = tl.load(
+            (w_cols + tap_row * stride_wh + tap_col * stride_ww)[None, :] + (offs_c * stride_wc)[:, None],
+            mask=c_valid[:, None] & n_valid[None, :],
+            other=0.0,
+        )
+        if USE_MASK:
+            ids = tl.load(
+                (ids_cols + tap_row * stride_ih + tap_col * stride_iw)[None, :] + (offs_c * stride_ic)[:, None],
+                mask=(offs_c < ids_limit)[:, None] & n_valid[None, :],
+                other=0,
+            )
+        if UPCAST_DOT:
+            x_tile = x_tile.to(tl.float32)
+        segment_task = done_task
+        for _ in tl.static_range(SEGMENTS):
+            segment_task = next_task(pixel_tasks, segment_task)
+            w_task = w_tile
+            if USE_MASK:
+                owned = task_owns(ids, segment_task)
+                if TILE_MAP:
+                    owned = owned | (offs_c >= ids_limit)[:, None]
+                w_task = tl.where(owned, w_tile, 0.0)
+            if UPCAST_DOT:
+                w_task = w_task.to(tl.float32)
+            # Other tasks' rows keep their sums: 0 * Inf from a weight they do not own never lands.
+            summed = tl.dot(x_tile, w_task, acc, input_precision=INPUT_PRECISION)
+            acc = tl.where((pixel_tasks == segment_task)[:, None], summed, acc)
+    return acc
+
+
+@triton.jit
+def _mixed_taps_fitted(
+    acc,
+    pass_tasks,
+    x_rows,
+    w_cols,
+    ids_cols,
+    map_rows,
+    cell_row_mask,
+    offs_cell_k,
+    pixel_tasks,
+    done_task,
+    tile_min_task,
+    tile_max_task,
+    in_row0,
+    in_col0,
+    m_valid,
+    n_valid,
+    in_h,
+    in_w,
+    cin_per_group,
+    channel_blocks,
+    stride_map_plane,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wc,
+    stride_wh,
+    stride_ww,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    dilation_h,
+    dilation_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    USE_MASK: tl.constexpr,
+    TILE_MAP: tl.constexpr,
+    RAW_TILES: tl.constexpr,
+    CELL_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    FEW_SEGMENTS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """:func:`_mixed_taps_pass` with ``FEW_SEGMENTS`` segments when the pass holds at most that many tasks, else with
+    ``SEGMENTS``: two loops chosen once per pass, as in the linear kernel's ``_mixed_pass_fitted`` (a run-time ``if``
+    around each dot would stop the pipelining; each loop has its own shared-memory buffers)."""
+    if SEGMENTS > FEW_SEGMENTS:
+        if pass_tasks <= FEW_SEGMENTS:
+            acc = _mixed_taps_pass(
+                acc,
+                x_rows,
+                w_cols,
+                ids_cols,
+                map_rows,
+                cell_row_mask,
+                offs_cell_k,
+                pixel_tasks,
+                done_task,
+                tile_min_task,
+                tile_max_task,
+                in_row0,
+                in_col0,
+                m_valid,
+                n_valid,
+                in_h,
+                in_w,
+                cin_per_group,
+                channel_blocks,
+                stride_map_plane,
+                stride_xc,
+                stride_xh,
+                stride_xw,
+                stride_wc,
+                stride_wh,
+                stride_ww,
+                stride_ic,
+                stride_ih,
+                stride_iw,
+                dilation_h,
+                dilation_w,
+                KH,
+                KW,
+                USE_MASK,
+                TILE_MAP,
+                RAW_TILES,
+                CELL_K,
+                UPCAST_DOT,
+                INPUT_PRECISION,
+                FEW_SEGMENTS,
+                BLOCK_K,
+            )
+        else:
+            acc = _mixed_taps_pass(
+                acc,
+                x_rows,
+                w_cols,
+                ids_cols,
+                map_rows,
+                cell_row_mask,
+                offs_cell_k,
+                pixel_tasks,
+                done_task,
+                tile_min_task,
+                tile_max_task,
+                in_row0,
+                in_col0,
+                m_valid,
+                n_valid,
+                in_h,
+                in_w,
+                cin_per_group,
+                channel_blocks,
+                stride_map_plane,
+                stride_xc,
+                stride_xh,
+                stride_xw,
+                stride_wc,
+                stride_wh,
+                stride_ww,
+                stride_ic,
+                stride_ih,
+                stride_iw,
+                dilation_h,
+                dilation_w,
+                KH,
+                KW,
+                USE_MASK,
+                TILE_MAP,
+                RAW_TILES,
+                CELL_K,
+                UPCAST_DOT,
+                INPUT_PRECISION,
+                SEGMENTS,
+                BLOCK_K,
+            )
+    else:
+        acc = _mixed_taps_pass(
+            acc,
+            x_rows,
+            w_cols,
+            ids_cols,
+            map_rows,
+            cell_row_mask,
+            offs_cell_k,
+            pixel_tasks,
+            done_task,
+            tile_min_task,
+            tile_max_task,
+            in_row0,
+            in_col0,
+            m_valid,
+            n_valid,
+            in_h,
+            in_w,
+            cin_per_group,
+            channel_blocks,
+            stride_map_plane,
+            stride_xc,
+            stride_xh,
+            stride_xw,
+            stride_wc,
+            stride_wh,
+            stride_ww,
+            stride_ic,
+            stride_ih,
+            stride_iw,
+            dilation_h,
+            dilation_w,
+            KH,
+            KW,
+            USE_MASK,
+            TILE_MAP,
+            RAW_TILES,
+            CELL_K,
+            UPCAST_DOT,
+            INPUT_PRECISION,
+            SEGMENTS,
+            BLOCK_K,
+        )
+    return acc
+
+
+@triton.jit
 def _mixed_taps(
     acc,
     x_rows,
@@ -96,71 +388,64 @@ def _mixed_taps(
     """The tap-by-tap reduction of a mixed-task tile (``MIXED`` in :func:`_masked_conv2d_gemm_kernel`): ``acc[m, :]
     += sum_{c,r,s} x[m, c, r, s] * W_{pixel_tasks[m]}[c, r, s, :]`` for every pixel row whose task is in 1..255.
 
-    Per pass over the reduction, the next ``SEGMENTS`` tasks present among the tile's pixels; each step loads the
-    input, weight and id tiles once, then per task selects its weights and keeps the dot only in its rows. The
-    segments are unrolled without a guard (a segment past the last task selects nothing and keeps no row), as in the
-    linear kernel, where a run-time ``if`` around the dot stopped Triton from pipelining the loop."""
+    Passes over the reduction, each for the next (up to) ``SEGMENTS`` tasks present among the tile's pixels. A pass
+    of one task (a tile inside one image, or in images of one task) runs one masked dot per step, a fuller pass
+    ``SEGMENTS`` (:func:`_mixed_taps_fitted`)."""
+    # Images of 64 pixels or more put most pixel tiles inside one image: one task.
+    FEW_SEGMENTS: tl.constexpr = 1
     done_task = 0 * tile_max_task  # every task <= done_task is summed
     while done_task < tile_max_task:
-        for step in range(0, KH * KW * channel_blocks):
-            tap = step // channel_blocks
-            first_c = (step % channel_blocks) * BLOCK_K
-            offs_c = first_c + tl.arange(0, BLOCK_K)
-            c_limit = cin_per_group
-            ids_limit = cin_per_group
-            if TILE_MAP:
-                cell_cols = (tap * cin_per_group + first_c) // CELL_K + offs_cell_k
-                cell_mask = cell_row_mask[:, None] & (cell_cols < tl.cdiv(KH * KW * cin_per_group, CELL_K))[None, :]
-                c_limit, ids_limit = tile_bounds(
-                    map_rows + cell_cols[None, :],
-                    cell_mask,
-                    stride_map_plane,
-                    c_limit,
-                    tile_max_task,
-                    tile_min_task,
-                    RAW_TILES,
-                )
-            c_valid = offs_c < c_limit
-            tap_row = tap // KW
-            tap_col = tap % KW
-            in_row = in_row0 + tap_row * dilation_h
-            in_col = in_col0 + tap_col * dilation_w
-            pixel_valid = m_valid & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
-            x_pixels = x_rows + in_row * stride_xh + in_col * stride_xw
-            x_tile = tl.load(
-                x_pixels[:, None] + (offs_c * stride_xc)[None, :],
-                mask=pixel_valid[:, None] & c_valid[None, :],
-                other=0.0,
-            )
-            w_tile = tl.load(
-                (w_cols + tap_row * stride_wh + tap_col * stride_ww)[None, :] + (offs_c * stride_wc)[:, None],
-                mask=c_valid[:, None] & n_valid[None, :],
-                other=0.0,
-            )
-            if USE_MASK:
-                ids = tl.load(
-                    (ids_cols + tap_row * stride_ih + tap_col * stride_iw)[None, :] + (offs_c * stride_ic)[:, None],
-                    mask=(offs_c < ids_limit)[:, None] & n_valid[None, :],
-                    other=0,
-                )
-            if UPCAST_DOT:
-                x_tile = x_tile.to(tl.float32)
-            segment_task = done_task
-            for _ in tl.static_range(SEGMENTS):
-                segment_task = next_task(pixel_tasks, segment_task)
-                w_task = w_tile
-                if USE_MASK:
-                    owned = task_owns(ids, segment_task)
-                    if TILE_MAP:
-                        owned = owned | (offs_c >= ids_limit)[:, None]
-                    w_task = tl.where(owned, w_tile, 0.0)
-                if UPCAST_DOT:
-                    w_task = w_task.to(tl.float32)
-                # Other tasks' rows keep their sums: 0 * Inf from a weight they do not own never lands.
-                summed = tl.dot(x_tile, w_task, acc, input_precision=INPUT_PRECISION)
-                acc = tl.where((pixel_tasks == segment_task)[:, None], summed, acc)
+        pass_tasks = 0
+        last_task = done_task
         for _ in tl.static_range(SEGMENTS):
-            done_task = next_task(pixel_tasks, done_task)
+            last_task = next_task(pixel_tasks, last_task)
+            pass_tasks += (last_task < 256).to(tl.int32)
+        acc = _mixed_taps_fitted(
+            acc,
+            pass_tasks,
+            x_rows,
+            w_cols,
+            ids_cols,
+            map_rows,
+            cell_row_mask,
+            offs_cell_k,
+            pixel_tasks,
+            done_task,
+            tile_min_task,
+            tile_max_task,
+            in_row0,
+            in_col0,
+            m_valid,
+            n_valid,
+            in_h,
+            in_w,
+            cin_per_group,
+            channel_blocks,
+            stride_map_plane,
+            stride_xc,
+            stride_xh,
+            stride_xw,
+            stride_wc,
+            stride_wh,
+            stride_ww,
+            stride_ic,
+            stride_ih,
+            stride_iw,
+            dilation_h,
+            dilation_w,
+            KH,
+            KW,
+            USE_MASK,
+            TILE_MAP,
+            RAW_TILES,
+            CELL_K,
+            UPCAST_DOT,
+            INPUT_PRECISION,
+            SEGMENTS,
+            FEW_SEGMENTS,
+            BLOCK_K,
+        )
+        done_task = last_task
     return acc
 
 
@@ -666,11 +951,13 @@ def config_fits(
     elements per thread per K step: in 16-bit dtypes at most 40 on the gather loop (``taps_outer`` False); in fp32
     under 48 with taps outer and 4 warps or more, and at most 32 with at most 16 accumulators per thread on the gather
     loop; a mixed-task batch (``mixed``) spills with weight tiles over 4096 elements (128 x 64 and 64 x 128 spilled
-    16-176 bytes on sm_90 in fp16). The direct kernel stages nothing: any config fits."""
+    16-176 bytes on sm_90 in fp16) and on 2 warps (32 x 32 x 32 spilled 16 bytes), and its two reduction loops (one
+    and ``SEGMENTS`` tasks per pass) each have their own pipeline buffers. The direct kernel stages nothing: any
+    config fits."""
     tile = config.kwargs
     if "BLOCK_K" not in tile:
         return True
-    if mixed and tile["BLOCK_N"] * tile["BLOCK_K"] > 4096:
+    if mixed and (tile["BLOCK_N"] * tile["BLOCK_K"] > 4096 or config.num_warps < 4):
         return False
     # Operand elements per thread per K step, past which registers spill (tests/test_codegen.py): fp32 operands
     # are split for the tensor cores, and the gather loop also holds every element's address.
@@ -685,7 +972,8 @@ def config_fits(
         return False
     element = torch.empty((), dtype=dtype).element_size()
     per_stage = tile["BLOCK_M"] * tile["BLOCK_K"] * element + tile["BLOCK_K"] * tile["BLOCK_N"] * (element + 1)
-    return config.num_stages * per_stage <= shared_memory_bytes
+    loops = 2 if mixed else 1
+    return loops * config.num_stages * per_stage <= shared_memory_bytes
 
 
 def default_config(

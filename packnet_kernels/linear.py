@@ -27,6 +27,7 @@ config runs and bf16 tiles are upcast to fp32 before the dot (the interpreter's 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import triton
@@ -128,6 +129,219 @@ def _epilogue(
 
 
 @triton.jit
+def _mixed_pass(
+    acc,
+    w_ptrs,
+    ids_ptrs,
+    xt_ptrs,
+    map_ptrs,
+    cell_row_mask,
+    offs_cell_k,
+    row_tasks,
+    done_task,
+    tile_min_task,
+    tile_max_task,
+    offs_k,
+    n_mask,
+    m_mask,
+    k_start,
+    k_end,
+    K,
+    stride_map_plane,
+    stride_wk,
+    stride_idk,
+    stride_xk,
+    USE_MASK: tl.constexpr,
+    TILE_MAP: tl.constexpr,
+    RAW_TILES: tl.constexpr,
+    CELL_K: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One pass over K of a mixed-task tile for the next ``SEGMENTS`` tasks above ``done_task`` among its rows: each K
+    step loads the weight, id and activation tiles once, then per task selects the task's weights and keeps the dot
+    only in the task's columns. A segment past the tile's last task selects no weight and keeps no column."""
+    for k in range(k_start, k_end, BLOCK_K):
+        k_remaining = K - k
+        ids_remaining = k_remaining
+        if TILE_MAP:
+            cell_mask = cell_row_mask[:, None] & (k // CELL_K + offs_cell_k < tl.cdiv(K, CELL_K))[None, :]
+            # Skipped only when no task of the tile's rows uses the step; raw only when all of them see every owner.
+            k_remaining, ids_remaining = tile_bounds(
+                map_ptrs, cell_mask, stride_map_plane, k_remaining, tile_max_task, tile_min_task, RAW_TILES
+            )
+            map_ptrs += BLOCK_K // CELL_K
+        k_mask = offs_k < k_remaining
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if USE_MASK:
+            ids = tl.load(ids_ptrs, mask=n_mask[:, None] & (offs_k < ids_remaining)[None, :], other=0)
+            ids_ptrs += BLOCK_K * stride_idk
+        xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+        if UPCAST_BF16:
+            xt = xt.to(tl.float32)
+        segment_task = done_task
+        for _ in tl.static_range(SEGMENTS):
+            segment_task = next_task(row_tasks, segment_task)
+            w_task = w
+            if USE_MASK:
+                owned = task_owns(ids, segment_task)
+                if TILE_MAP:
+                    owned = owned | (offs_k >= ids_remaining)[None, :]
+                w_task = tl.where(owned, w, 0.0)
+            if UPCAST_BF16:
+                w_task = w_task.to(tl.float32)
+            # The other tasks' columns keep their sums: 0 * Inf from a weight they do not own never lands.
+            summed = tl.dot(w_task, xt, acc, input_precision=INPUT_PRECISION)
+            acc = tl.where((row_tasks == segment_task)[None, :], summed, acc)
+        w_ptrs += BLOCK_K * stride_wk
+        xt_ptrs += BLOCK_K * stride_xk
+    return acc
+
+
+@triton.jit
+def _mixed_pass_fitted(
+    acc,
+    pass_tasks,
+    w_ptrs,
+    ids_ptrs,
+    xt_ptrs,
+    map_ptrs,
+    cell_row_mask,
+    offs_cell_k,
+    row_tasks,
+    done_task,
+    tile_min_task,
+    tile_max_task,
+    offs_k,
+    n_mask,
+    m_mask,
+    k_start,
+    k_end,
+    K,
+    stride_map_plane,
+    stride_wk,
+    stride_idk,
+    stride_xk,
+    USE_MASK: tl.constexpr,
+    TILE_MAP: tl.constexpr,
+    RAW_TILES: tl.constexpr,
+    CELL_K: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    FEW_SEGMENTS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """:func:`_mixed_pass` with ``FEW_SEGMENTS`` segments when the pass holds at most that many tasks, else with
+    ``SEGMENTS``: a tile of one or two tasks then runs one or two masked dots per K step, not ``SEGMENTS``.
+
+    Two K loops, chosen once per pass: a run-time ``if`` around each dot inside one loop would stop Triton from
+    pipelining it (no ``cp.async`` stages in the sm_90 PTX). Not more: each loop gets its own pipeline buffers in
+    shared memory (Triton 3.6 and 3.9 do not share them between the branches), so a third or fourth loop would cost
+    occupancy that a memory-bound tile needs."""
+    if SEGMENTS > FEW_SEGMENTS:
+        if pass_tasks <= FEW_SEGMENTS:
+            acc = _mixed_pass(
+                acc,
+                w_ptrs,
+                ids_ptrs,
+                xt_ptrs,
+                map_ptrs,
+                cell_row_mask,
+                offs_cell_k,
+                row_tasks,
+                done_task,
+                tile_min_task,
+                tile_max_task,
+                offs_k,
+                n_mask,
+                m_mask,
+                k_start,
+                k_end,
+                K,
+                stride_map_plane,
+                stride_wk,
+                stride_idk,
+                stride_xk,
+                USE_MASK,
+                TILE_MAP,
+                RAW_TILES,
+                CELL_K,
+                UPCAST_BF16,
+                INPUT_PRECISION,
+                FEW_SEGMENTS,
+                BLOCK_K,
+            )
+        else:
+            acc = _mixed_pass(
+                acc,
+                w_ptrs,
+                ids_ptrs,
+                xt_ptrs,
+                map_ptrs,
+                cell_row_mask,
+                offs_cell_k,
+                row_tasks,
+                done_task,
+                tile_min_task,
+                tile_max_task,
+                offs_k,
+                n_mask,
+                m_mask,
+                k_start,
+                k_end,
+                K,
+                stride_map_plane,
+                stride_wk,
+                stride_idk,
+                stride_xk,
+                USE_MASK,
+                TILE_MAP,
+                RAW_TILES,
+                CELL_K,
+                UPCAST_BF16,
+                INPUT_PRECISION,
+                SEGMENTS,
+                BLOCK_K,
+            )
+    else:
+        acc = _mixed_pass(
+            acc,
+            w_ptrs,
+            ids_ptrs,
+            xt_ptrs,
+            map_ptrs,
+            cell_row_mask,
+            offs_cell_k,
+            row_tasks,
+            done_task,
+            tile_min_task,
+            tile_max_task,
+            offs_k,
+            n_mask,
+            m_mask,
+            k_start,
+            k_end,
+            K,
+            stride_map_plane,
+            stride_wk,
+            stride_idk,
+            stride_xk,
+            USE_MASK,
+            TILE_MAP,
+            RAW_TILES,
+            CELL_K,
+            UPCAST_BF16,
+            INPUT_PRECISION,
+            SEGMENTS,
+            BLOCK_K,
+        )
+    return acc
+
+
+@triton.jit
 def _mixed_task_sums(
     acc,
     w_ptrs,
@@ -161,53 +375,52 @@ def _mixed_task_sums(
     """The main loop of a mixed-task tile (see ``MIXED`` in :func:`_masked_linear_kernel`): ``acc[:, m] += sum_k
     W_{row_tasks[m]}[n, k] x[m, k]`` for every column whose task is in 1..255 (0 marks rows that take no part).
 
-    Per pass over K, the next ``SEGMENTS`` tasks present among the tile's rows: each K step loads the weight, id and
-    activation tiles once, then per task selects the task's weights and keeps the dot only in the task's columns.
-    One pass whenever the tile's rows hold at most ``SEGMENTS`` distinct tasks. The segments are unrolled without a
-    guard: a segment past the tile's last task selects no weight and keeps no column (wasted dots), because a
-    run-time ``if`` around the dot stops Triton from pipelining the K loop (no ``cp.async`` stages, seen in the
-    sm_90 PTX)."""
+    Passes over K, each for the next (up to) ``SEGMENTS`` tasks present among the tile's rows, so one pass whenever
+    the rows hold at most ``SEGMENTS`` distinct tasks. A pass of one or two tasks runs two masked dots per K step,
+    a fuller one ``SEGMENTS`` (:func:`_mixed_pass_fitted`)."""
+    # Sorted rows put one or two tasks in most 16-row tiles (8 rows per task for 64 rows over 8 tasks).
+    FEW_SEGMENTS: tl.constexpr = 2 if SEGMENTS > 2 else 1
     done_task = 0 * tile_max_task  # every task <= done_task is summed
     while done_task < tile_max_task:
-        pass_w_ptrs, pass_ids_ptrs, pass_xt_ptrs = w_ptrs, ids_ptrs, xt_ptrs
-        if TILE_MAP:
-            pass_map_ptrs = map_ptrs
-        for k in range(k_start, k_end, BLOCK_K):
-            k_remaining = K - k
-            ids_remaining = k_remaining
-            if TILE_MAP:
-                cell_mask = cell_row_mask[:, None] & (k // CELL_K + offs_cell_k < tl.cdiv(K, CELL_K))[None, :]
-                # Skipped only when no task of the tile's rows uses the step; raw only when all of them see every owner.
-                k_remaining, ids_remaining = tile_bounds(
-                    pass_map_ptrs, cell_mask, stride_map_plane, k_remaining, tile_max_task, tile_min_task, RAW_TILES
-                )
-                pass_map_ptrs += BLOCK_K // CELL_K
-            k_mask = offs_k < k_remaining
-            w = tl.load(pass_w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if USE_MASK:
-                ids = tl.load(pass_ids_ptrs, mask=n_mask[:, None] & (offs_k < ids_remaining)[None, :], other=0)
-                pass_ids_ptrs += BLOCK_K * stride_idk
-            xt = tl.load(pass_xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-            if UPCAST_BF16:
-                xt = xt.to(tl.float32)
-            segment_task = done_task
-            for _ in tl.static_range(SEGMENTS):
-                segment_task = next_task(row_tasks, segment_task)
-                w_task = w
-                if USE_MASK:
-                    owned = task_owns(ids, segment_task)
-                    if TILE_MAP:
-                        owned = owned | (offs_k >= ids_remaining)[None, :]
-                    w_task = tl.where(owned, w, 0.0)
-                if UPCAST_BF16:
-                    w_task = w_task.to(tl.float32)
-                # The other tasks' columns keep their sums: 0 * Inf from a weight they do not own never lands.
-                summed = tl.dot(w_task, xt, acc, input_precision=INPUT_PRECISION)
-                acc = tl.where((row_tasks == segment_task)[None, :], summed, acc)
-            pass_w_ptrs += BLOCK_K * stride_wk
-            pass_xt_ptrs += BLOCK_K * stride_xk
+        pass_tasks = 0
+        last_task = done_task
         for _ in tl.static_range(SEGMENTS):
-            done_task = next_task(row_tasks, done_task)
+            last_task = next_task(row_tasks, last_task)
+            pass_tasks += (last_task < 256).to(tl.int32)
+        acc = _mixed_pass_fitted(
+            acc,
+            pass_tasks,
+            w_ptrs,
+            ids_ptrs,
+            xt_ptrs,
+            map_ptrs,
+            cell_row_mask,
+            offs_cell_k,
+            row_tasks,
+            done_task,
+            tile_min_task,
+            tile_max_task,
+            offs_k,
+            n_mask,
+            m_mask,
+            k_start,
+            k_end,
+            K,
+            stride_map_plane,
+            stride_wk,
+            stride_idk,
+            stride_xk,
+            USE_MASK,
+            TILE_MAP,
+            RAW_TILES,
+            CELL_K,
+            UPCAST_BF16,
+            INPUT_PRECISION,
+            SEGMENTS,
+            FEW_SEGMENTS,
+            BLOCK_K,
+        )
+        done_task = last_task
     return acc
 
 
@@ -475,10 +688,11 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
     """Autotune candidates for ``regime`` ("small", "large" or "mixed") on a GPU of compute capability
     ``capability_major``.
 
-    Mixed-task batches (any batch size): 64 x 16 x 64 tiles on 4 warps, 4 stages. Their unrolled per-task selects
-    keep the weight and id tiles live across ``SEGMENTS`` dots: compiled for sm_90 with 8 segments, a 64 x 64 weight
-    tile per 4 warps takes 255 registers without spilling, while 128 x 64, 64 x 128 and any wider batch tile spill
-    (the result select keeps a second accumulator).
+    Mixed-task batches (any batch size): 64 x 16 x 32 tiles on 4 warps, 5 stages. Their unrolled per-task selects
+    keep the weight and id tiles live across ``SEGMENTS`` dots, and a mixed tile compiles two K loops (8 and 2
+    segments): for sm_90, 64 x 16 x 64 tiles then spill 40-48 bytes at 255 registers, 64 x 16 x 32 ones take about
+    180 registers without spilling (2 programs per SM either way, by registers), and 5 stages keep 5 steps of weight
+    and ids in flight per program. Wider weight or batch tiles spill (the result select keeps a second accumulator).
 
     Small batch: ``BLOCK_M`` is 16 (the narrowest dot) and ``BLOCK_K`` divides ``_SPLIT_K_ALIGN``; the candidates
     vary how many weight bytes a program keeps in flight. Large batch: the usual GEMM tiles; Hopper and datacenter
@@ -488,8 +702,7 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
     class (small: 66 KB; large: 131 KB on 9.x/10.x, 74 KB else): it is the untuned default (``AUTOTUNE = False``).
     """
     if regime == "mixed":
-        # 3 stages spilled 32 bytes at M = 1 (sm_90, triton 3.9); 4 stages compile without spills.
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=4, num_stages=4)]
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": 32, "GROUP_N": 8}, num_warps=4, num_stages=5)]
     if regime == "small":
         # (BLOCK_N, BLOCK_K, num_warps, num_stages)
         shapes = [
@@ -535,19 +748,22 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
     ]
 
 
-def config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, tile_map: bool = False) -> bool:
+def config_fits(
+    config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, tile_map: bool = False, mixed: bool = False
+) -> bool:
     """Whether ``config`` suits ``dtype`` on a GPU with ``shared_memory_bytes`` per block (the opt-in limit), with or
-    without a tile map.
+    without a tile map, for one task or a mixed-task batch (``mixed``).
 
     Its pipelined tiles must fit: an upper bound of what Triton allocates, ``num_stages`` buffers of the weight, id and
-    activation tiles (``tests/test_codegen.py`` checks it against the real allocation); and its tiles must not spill
-    registers (:func:`_registers_fit`)."""
+    activation tiles per K loop (a mixed tile has two: see :func:`_mixed_pass_fitted`; ``tests/test_codegen.py``
+    checks the bound against the real allocation); and its tiles must not spill registers (:func:`_registers_fit`)."""
     element = torch.empty((), dtype=dtype).element_size()
     tile = config.kwargs
     if not _registers_fit(tile["BLOCK_N"], tile["BLOCK_M"], tile["BLOCK_K"], config.num_warps, dtype, tile_map):
         return False
     per_stage = tile["BLOCK_N"] * tile["BLOCK_K"] * (element + 1) + tile["BLOCK_K"] * tile["BLOCK_M"] * element
-    return config.num_stages * per_stage <= shared_memory_bytes
+    loops = 2 if mixed else 1
+    return loops * config.num_stages * per_stage <= shared_memory_bytes
 
 
 def _registers_fit(rows: int, cols: int, block_k: int, num_warps: int, dtype: torch.dtype, tile_map: bool) -> bool:
@@ -563,9 +779,11 @@ def _registers_fit(rows: int, cols: int, block_k: int, num_warps: int, dtype: to
 def default_config(
     regime: str, capability_major: int, dtype: torch.dtype, shared_memory_bytes: int, tile_map: bool = False
 ) -> triton.Config:
-    """The untuned config (``AUTOTUNE = False``): the first of :func:`_configs` that fits."""
+    """The untuned config (``AUTOTUNE = False``) of ``regime`` ("small", "large" or "mixed"): the first of
+    :func:`_configs` that fits."""
     configs = _configs(regime, capability_major)
-    fitting = (config for config in configs if config_fits(config, dtype, shared_memory_bytes, tile_map))
+    mixed = regime == "mixed"
+    fitting = (config for config in configs if config_fits(config, dtype, shared_memory_bytes, tile_map, mixed))
     return next(fitting, configs[0])
 
 
@@ -574,8 +792,8 @@ def _prune_configs(configs, named_args, **kwargs):
     more than twice the bucketed batch, which would compute mostly padding."""
     x = named_args["x_ptr"]
     limit = device_properties(x.device).shared_memory_per_block_optin
-    tile_map = named_args["tile_map_ptr"] is not None
-    kept = [config for config in configs if config_fits(config, x.dtype, limit, tile_map)] or configs[:1]
+    tile_map, mixed = named_args["tile_map_ptr"] is not None, kwargs.get("MIXED", False)
+    kept = [config for config in configs if config_fits(config, x.dtype, limit, tile_map, mixed)] or configs[:1]
     return [config for config in kept if useful_batch_tile(config, named_args["M"])] or kept
 
 
@@ -659,8 +877,10 @@ _WORKSPACES: dict[tuple[str, int | None, int], tuple[torch.Tensor, torch.Tensor]
 
 
 def release_workspaces() -> None:
-    """Free the split-K workspaces kept for direct launches (the next split-K call allocates a new one)."""
+    """Free the split-K workspaces and the mixed-batch grouping kept for direct launches (the next call allocates or
+    sorts anew)."""
     _WORKSPACES.clear()
+    _LAST_GROUPING.clear()
 
 
 def _split_workspace(device: torch.device, partial_count: int, counter_count: int, reuse: bool):
@@ -690,6 +910,33 @@ def _split_workspace(device: torch.device, partial_count: int, counter_count: in
     return workspace
 
 
+# The last mixed batch's grouping, for the next layer given the same task tensor: (weak reference to the tasks, their
+# version counter, the stream, (row_tasks, row_order)).
+_LAST_GROUPING: list = []
+
+
+def _grouped_rows(tasks: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_tasks, row_order)``: ``tasks`` sorted increasingly (stably) and each sorted position's input row.
+
+    ``reuse`` (direct eager launches only, as for :func:`_split_workspace`; never during CUDA-graph capture) returns
+    the grouping of the previous call when it was given this very tensor, unchanged since (its version counter, which
+    every in-place write bumps), on this stream: every layer of a model running one mixed batch gets the same task
+    tensor from :func:`packnet.set_task`, so the batch is sorted once per forward, not once per layer."""
+    if tasks.is_cuda:
+        reuse = reuse and not torch.cuda.is_current_stream_capturing()
+        stream = torch._C._cuda_getCurrentRawStream(tasks.device.index) if reuse else 0
+    else:
+        stream = 0
+    if reuse and _LAST_GROUPING:
+        reference, version, last_stream, grouping = _LAST_GROUPING
+        if reference() is tasks and version == tasks._version and last_stream == stream:
+            return grouping
+    grouping = tuple(torch.sort(tasks, stable=True))
+    if reuse:
+        _LAST_GROUPING[:] = [weakref.ref(tasks), tasks._version, stream, grouping]
+    return grouping
+
+
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -712,8 +959,9 @@ def _launch(
     ``torch.compile``), :func:`~packnet_kernels._checks.as_is` for a direct eager launch. Outside the op,
     ``wrap_triton`` routes every eager launch through its tracing machinery: with torch 2.11 on an H200 that cost
     about a millisecond of host time per call and broke CUDA-graph capture. ``reuse_workspace``: see
-    :func:`_split_workspace`. ``tasks``: a mixed batch's per-row tasks (``task`` is then unused); the rows are
-    grouped by task with a stable sort on the device, which the kernel reads through (no permuted copies)."""
+    :func:`_split_workspace` and :func:`_grouped_rows`. ``tasks``: a mixed batch's per-row tasks (``task`` is then
+    unused); the rows are grouped by task with a stable sort on the device, which the kernel reads through (no
+    permuted copies)."""
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
     rows = 1
@@ -740,7 +988,7 @@ def _launch(
     task_strides = [0 if v is None or v.dim() == 1 else v.stride(0) for v in vectors]
     row_tasks = row_order = None
     if tasks is not None:
-        row_tasks, row_order = torch.sort(tasks, stable=True)
+        row_tasks, row_order = _grouped_rows(tasks, reuse_workspace)
     main_args = (
         x2d,
         weight,

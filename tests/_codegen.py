@@ -65,7 +65,8 @@ def compile_variant(spec: dict) -> dict:
     Returns: ``load_bytes`` (Counter of bytes per global load instruction, the side loads of :func:`_side_load` left
     out), ``cg_loads`` (the split-K reduction's L2-only loads), ``evict_last_loads`` (the tile map's), ``atomics``
     (global atomic instructions), ``barrier_before_atomic`` (a ``bar.sync`` between the last global store and the
-    first atomic), ``wgmma``/``mma`` instruction counts, ``shared`` bytes, and ``registers``/``stack``/``local`` from
+    first atomic), ``async_commits`` (``cp.async.commit_group`` instructions: pipelined loops commit their stages
+    ahead), ``wgmma``/``mma`` instruction counts, ``shared`` bytes, and ``registers``/``stack``/``local`` from
     the cubin.
     """
     os.environ["TRITON_INTERPRET"] = "0"
@@ -92,6 +93,7 @@ def compile_variant(spec: dict) -> dict:
         "atomics": ptx.count("atom.global"),
         "barrier_before_atomic": first_atomic >= 0
         and "bar.sync" in ptx[ptx.rfind("st.global", 0, first_atomic) : first_atomic],
+        "async_commits": ptx.count("cp.async.commit_group"),
         "wgmma": ptx.count("wgmma.mma_async"),
         "mma": ptx.count("mma.sync"),
         "shared": compiled.metadata.shared,

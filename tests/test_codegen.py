@@ -10,6 +10,10 @@ depthwise 3x3, channels_last, with the packed layer's K-contiguous weights. Asse
 - no register spills (no local memory);
 - shared memory within the target's limit, or the launcher prunes that config for that dtype;
 - wgmma (Hopper's tensor-core instruction) on sm_90 for fp16 and bf16 GEMM variants;
+- every GEMM main loop with wide loads pipelined (``cp.async`` groups committed ahead: ``num_stages - 1`` or more
+  per loop), and
+  mixed-task tiles with both their loops pipelined (few tasks per pass, many; a run-time ``if`` around each dot
+  inside one loop would lose the pipelining);
 - the tile-map path keeps all of that, its few map bytes per K step loaded apart (``evict_last``);
 - split-K linear reduces in its one launch: one acquire-release atomic on the tile counter, after a barrier that
   follows the partial stores, and the partials read back through L2 (``ld.global.cg``); no atomic anywhere else.
@@ -376,7 +380,8 @@ def _pruned(variant: dict) -> bool:
     dtype, major = DTYPES[variant["dtype"]], variant["arch"] // 10
     if variant["module"] == "linear":
         tile_map = variant["constexprs"]["TILE_MAP"]
-        return not linear.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], tile_map)
+        mixed = variant["constexprs"]["MIXED"]
+        return not linear.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], tile_map, mixed)
     taps_outer, mixed = variant["constexprs"].get("TAPS_OUTER", True), variant["constexprs"].get("MIXED", False)
     return not conv2d.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], taps_outer, mixed)
 
@@ -404,6 +409,13 @@ def test_compiled_code(variant, compiled):
         # Compiled without epilogue vectors, so every global load but the split reduction's is a main-loop load.
         narrow = {width: count for width, count in summary["load_bytes"].items() if width < 8}
         assert not narrow, f"narrow main-loop loads (bytes: instructions): {summary['load_bytes']}"
+    if variant["gemm"] and variant["wide_loads"]:
+        # A mixed tile compiles one K loop for passes of few tasks and one for passes of many.
+        loops = 2 if variant["constexprs"].get("MIXED", False) else 1
+        assert summary["async_commits"] >= loops * (variant["num_stages"] - 1), (
+            f"{summary['async_commits']} cp.async groups for {loops} loop(s) of {variant['num_stages']} stages: a main"
+            " loop is not pipelined"
+        )
     # wgmma needs a 64-row left operand (the weight tile in linear, the pixel tile in conv) and a whole warpgroup.
     dot_rows = variant["config"].kwargs["BLOCK_N" if variant["module"] == "linear" else "BLOCK_M"]
     if variant["gemm"] and variant["arch"] == 90 and variant["dtype"] != "fp32" and dot_rows >= 64:
@@ -432,10 +444,10 @@ def test_every_path_has_a_config_that_fits(arch, dtype):
     """The untuned launch (``AUTOTUNE = False``) and the autotuner's pruning need at least one fitting config for
     every dtype, target and loop."""
     limit, major = SHARED_MEMORY_LIMIT[arch // 10], arch // 10
-    for regime in ("small", "large"):
+    for regime in ("small", "large", "mixed"):
         for tile_map in (False, True):
             default = linear.default_config(regime, major, DTYPES[dtype], limit, tile_map)
-            assert linear.config_fits(default, DTYPES[dtype], limit, tile_map)
+            assert linear.config_fits(default, DTYPES[dtype], limit, tile_map, mixed=regime == "mixed")
     for kernel, taps_outer, mixed in (("gemm", True, False), ("gemm", False, False), ("direct", True, False)) + (
         ("gemm", True, True),
     ):

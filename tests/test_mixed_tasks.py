@@ -294,6 +294,73 @@ def test_conv_mixed_tile_passes_over_more_tasks_than_a_pass_holds():
     assert bad[1].isnan().all() and not bad[[0, 2, 3, 4, 5]].isnan().any()
 
 
+def _count_dots(monkeypatch) -> list:
+    """Count the interpreter's dots (``tl.dot`` calls of every kernel launched after this)."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    calls = []
+    create_dot = InterpreterBuilder.create_dot
+    monkeypatch.setattr(
+        InterpreterBuilder, "create_dot", lambda self, *args: calls.append(1) or create_dot(self, *args)
+    )
+    return calls
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    ("tasks", "dots_per_step"),
+    [
+        ([3] * 16, 2),  # one task: the loop of few segments (2 dots per step, not 8)
+        ([1] * 9 + [4] * 7, 2),  # two tasks: still the few-segment loop
+        ([1] * 6 + [2] * 5 + [5] * 5, 8),  # three: the 8-segment loop
+        (list(range(1, 10)) + [9] * 7, 8 + 2),  # nine: a pass of 8 segments, then one of a single task
+    ],
+    ids=["1-task", "2-tasks", "3-tasks", "9-tasks"],
+)
+def test_mixed_linear_tile_runs_the_dots_its_tasks_need(tasks, dots_per_step, monkeypatch):
+    """One 16-row tile (the interpreter's 32 x 16 x 32 tile, K = 96: 3 steps): per K step, 2 masked dots for a pass
+    of one or two tasks and 8 for a fuller one, with the results of the reference."""
+    if DEVICE != "cpu":
+        pytest.skip("counts the interpreter's dots")
+    from packnet_kernels import linear
+
+    assert linear._INTERPRETER_CONFIG["BLOCK_K"] == 32 and linear.mixed_segments(16) == 8
+    generator = torch.Generator().manual_seed(len(set(tasks)))
+    task_ids = torch.randint(0, 10, (32, 96), generator=generator, dtype=torch.uint8)
+    weight = torch.where(task_ids == 0, 0.0, torch.randn(32, 96, generator=generator))
+    x = torch.randn(16, 96, generator=generator)
+    row_tasks = torch.tensor(tasks)[torch.randperm(16, generator=generator)]
+    calls = _count_dots(monkeypatch)
+    got = masked_linear(x, weight, task_ids, row_tasks, backend="triton")
+    assert len(calls) == 3 * dots_per_step
+    expected = masked_linear_ref(x.double(), weight.double(), task_ids, row_tasks)
+    torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    ("tasks", "dots"),
+    [([2] * 8, 1), ([2, 2, 2, 1, 2, 2, 1, 2], 4), ([1, 2, 3, 4, 5, 1, 2, 3], 4 + 1)],
+    ids=["1-task", "2-tasks", "5-tasks"],
+)
+def test_mixed_conv_tile_runs_the_dots_its_tasks_need(tasks, dots, monkeypatch):
+    """Eight 2x2 images in one 32-pixel tile of a 1x1 conv over 16 channels (one reduction step): one masked dot for
+    a pass of one task, the 4 segments of a pass for more."""
+    if DEVICE != "cpu":
+        pytest.skip("counts the interpreter's dots")
+    generator = torch.Generator().manual_seed(len(set(tasks)))
+    task_ids = torch.randint(0, NUM_TASKS + 1, (16, 16, 1, 1), generator=generator, dtype=torch.uint8)
+    weight = torch.where(task_ids == 0, 0.0, torch.randn(16, 16, 1, 1, generator=generator))
+    x = torch.randn(8, 16, 2, 2, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight, task_ids = (t.contiguous(memory_format=torch.channels_last) for t in (weight, task_ids))
+    image_tasks = torch.tensor(tasks)
+    calls = _count_dots(monkeypatch)
+    got = masked_conv2d(x, weight, task_ids, image_tasks, backend="triton")
+    assert len(calls) == dots
+    expected = masked_conv2d(x.double(), weight.double(), task_ids, image_tasks, backend="reference")
+    torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_model_takes_the_task_per_call(backend):
     """``model(x, task=...)`` on a swapped model runs that task (or per-row tasks) for the call only, restores the
@@ -352,3 +419,32 @@ def test_loaded_and_custom_models_take_the_task_per_call(tmp_path):
     own = packnet.swap_packed_(OwnTask(), {"layer": torch.ones(3, 4, dtype=torch.uint8)}, num_tasks=1)
     with packnet.set_task(own, 1):
         assert own(torch.randn(2, 4), task="mine")[1] == "mine"
+
+
+@pytest.mark.interpreter
+def test_a_mixed_batch_is_sorted_once_per_forward(monkeypatch):
+    """Direct launches given the same task tensor reuse its grouping (one sort for a whole model's forward) until the
+    tensor changes in place; then the new tasks are used."""
+    from packnet_kernels import linear
+
+    sorts = []
+    sort = torch.sort
+    monkeypatch.setattr(linear.torch, "sort", lambda *args, **kwargs: sorts.append(1) or sort(*args, **kwargs))
+    linear.release_workspaces()
+    model = _packed_mlp("triton").to(DEVICE)
+    x = torch.randn(9, 12, device=DEVICE)
+    tasks = torch.tensor([3, 1, 2, 2, 1, 3, 3, 1, 2], device=DEVICE)
+    with torch.no_grad():
+        model(x, task=tasks)
+        assert len(sorts) == 1  # two packed layers, one sort
+        tasks[:4] = torch.tensor([1, 1, 3, 3])  # in place: the version counter moves on
+        got = model(x, task=tasks)
+        assert len(sorts) == 2
+        with packnet.set_task(model, tasks):
+            expected = _per_row(model, x, tasks)
+    torch.testing.assert_close(got, expected, **_tolerance(torch.float32))
+
+
+def _per_row(model, x, tasks):
+    """Each row run alone with its task: what a mixed batch must give, row for row."""
+    return torch.cat([model(x[row : row + 1], task=int(tasks[row])) for row in range(x.shape[0])])
