@@ -951,13 +951,13 @@ def config_fits(
     elements per thread per K step: in 16-bit dtypes at most 40 on the gather loop (``taps_outer`` False); in fp32
     under 48 with taps outer and 4 warps or more, and at most 32 with at most 16 accumulators per thread on the gather
     loop; a mixed-task batch (``mixed``) spills with weight tiles over 4096 elements (128 x 64 and 64 x 128 spilled
-    16-176 bytes on sm_90 in fp16) and on 2 warps (32 x 32 x 32 spilled 16 bytes), and its two reduction loops (one
-    and ``SEGMENTS`` tasks per pass) each have their own pipeline buffers. The direct kernel stages nothing: any
-    config fits."""
+    16-176 bytes on sm_90 in fp16), on 2 warps (32 x 32 x 32 spilled 16 bytes with triton 3.9) and with 16-pixel
+    tiles (16 x 64 x 64 spilled 8 bytes with triton 3.6), and its two reduction loops (one and ``SEGMENTS`` tasks
+    per pass) each have their own pipeline buffers. The direct kernel stages nothing: any config fits."""
     tile = config.kwargs
     if "BLOCK_K" not in tile:
         return True
-    if mixed and (tile["BLOCK_N"] * tile["BLOCK_K"] > 4096 or config.num_warps < 4):
+    if mixed and (tile["BLOCK_N"] * tile["BLOCK_K"] > 4096 or config.num_warps < 4 or tile["BLOCK_M"] < 32):
         return False
     # Operand elements per thread per K step, past which registers spill (tests/test_codegen.py): fp32 operands
     # are split for the tensor cores, and the gather loop also holds every element's address.
