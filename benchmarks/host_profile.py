@@ -2,10 +2,12 @@
 
     python benchmarks/host_profile.py [--out DIR]
 
-For a batch-1 linear (split-K: two launches), a batch-256 linear (one launch), a 3x3 conv and a depthwise conv,
-each stage of the call path is timed on its own: the public dispatcher, the registered op, the launcher alone, and
-``F.linear``/``F.conv2d`` for scale. A time is the host time to issue ``CALLS`` calls back to back (the GPU queue
-does not fill), divided by ``CALLS``. Then cProfile lists the functions where a dispatcher call spends its time.
+For a batch-1 and a batch-256 linear, a 3x3 conv and a depthwise conv (one launch each), each stage of the call path
+is timed on its own: the packed module (``PackedLinear``/``PackedConv2d`` with ``task=2``: what a model pays per
+layer), the public dispatcher, the registered op, the launcher alone (a direct launch, as the dispatcher makes on
+CUDA), and ``F.linear``/``F.conv2d`` for scale. A time is the host time to issue ``CALLS`` calls back to back (the
+GPU queue does not fill), divided by ``CALLS``. Then cProfile lists the functions where a module call spends its
+time.
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="write host_profile.txt here")
     args = parser.parse_args(argv)
+    from packnet import PackedConv2d, PackedLinear
     from packnet_kernels import conv2d as conv_module
     from packnet_kernels import linear as linear_module
+    from packnet_kernels._checks import as_is
 
     device, dtype = ("cuda" if CUDA else "cpu"), torch.float16
     lines = []
@@ -62,14 +66,21 @@ def main(argv=None) -> int:
         x = torch.randn(batch, FEATURES, device=device, dtype=dtype)
         w = torch.randn(FEATURES, FEATURES, device=device, dtype=dtype)
         ids = torch.randint(0, 4, w.shape, device=device, dtype=torch.uint8)
+        w = torch.where(ids == 0, 0.0, w)
+        dense = torch.nn.Linear(FEATURES, FEATURES, bias=False, device=device, dtype=dtype)
+        dense.weight.data.copy_(w)
+        module = PackedLinear.from_dense(dense, ids, 3, backend="triton")
         cases.append(
             (
                 f"linear {FEATURES}x{FEATURES} b{batch}",
+                lambda x=x, module=module: module(x, task=2),
                 lambda x=x, w=w, ids=ids: pk.masked_linear(x, w, ids, 2, backend="triton"),
                 lambda x=x, w=w, ids=ids: torch.ops.packnet.masked_linear(
-                    x, w, ids, 2, None, None, None, False, True, None, False
+                    x, w, ids, 2, None, None, None, False, True, None, False, None
                 ),
-                lambda x=x, w=w, ids=ids: linear_module._launch(x, w, ids, 2, None, None, None, False, True),
+                lambda x=x, w=w, ids=ids: linear_module._launch(
+                    x, w, ids, 2, None, None, None, False, True, wrap=as_is, reuse_workspace=True
+                ),
                 lambda x=x, w=w: F.linear(x, w),
             )
         )
@@ -85,6 +96,10 @@ def main(argv=None) -> int:
         ids = torch.randint(0, 4, w.shape, device=device, dtype=torch.uint8).contiguous(
             memory_format=torch.channels_last
         )
+        w = torch.where(ids == 0, 0.0, w)
+        dense = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=groups, bias=False, device=device, dtype=dtype)
+        dense.weight.data.copy_(w)
+        module = PackedConv2d.from_dense(dense, ids, 3, backend="triton")
         launch_args = (
             x,
             w,
@@ -106,27 +121,32 @@ def main(argv=None) -> int:
         cases.append(
             (
                 f"{name} b1",
+                lambda x=x, module=module: module(x, task=2),
                 lambda x=x, w=w, ids=ids, g=groups: pk.masked_conv2d(x, w, ids, 2, None, 1, 1, 1, g, backend="triton"),
                 lambda a=launch_args: torch.ops.packnet.masked_conv2d(*a),
-                lambda a=launch_args: conv_module._launch(*a),
+                lambda a=launch_args: conv_module._launch(*a, wrap=as_is, cache_plan=True),
                 lambda x=x, w=w, g=groups: F.conv2d(x, w, None, 1, 1, 1, g),
             )
         )
-    header = f"{'case':22s} {'dispatcher':>11s} {'op':>9s} {'launcher':>9s} {'torch op':>9s}   (host us per call)"
+    header = (
+        f"{'case':22s} {'module':>9s} {'dispatcher':>11s} {'op':>9s} {'launcher':>9s} {'torch op':>9s}"
+        "   (host us per call)"
+    )
     lines.append(header)
-    for name, dispatcher, op, launcher, dense in cases:
-        times = [host_us(fn) for fn in (dispatcher, op, launcher, dense)]
-        lines.append(f"{name:22s} " + " ".join(f"{t:9.1f}" for t in times))
-    for name, dispatcher, *_ in cases:
+    with torch.no_grad():
+        for name, *fns in cases:
+            lines.append(f"{name:22s} " + " ".join(f"{host_us(fn):9.1f}" for fn in fns))
+    for name, module_call, *_ in cases:
         profiler = cProfile.Profile()
         profiler.enable()
-        for _ in range(CALLS):
-            dispatcher()
+        with torch.no_grad():
+            for _ in range(CALLS):
+                module_call()
         profiler.disable()
         synchronize()
         stream = io.StringIO()
         pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(22)
-        lines.append(f"\n=== cProfile, {CALLS} dispatcher calls: {name} ===")
+        lines.append(f"\n=== cProfile, {CALLS} module calls: {name} ===")
         lines.append("\n".join(stream.getvalue().splitlines()[4:]))
     text = "\n".join(lines)
     print(text)

@@ -80,7 +80,21 @@ def test_conv2d_host_path(benchmark, groups):
         )
         pads = conv2d._resolve_padding(padding, weight.shape[2:], dilation)
         return conv2d._launch(
-            x, weight, task_ids, task, None, None, None, stride, pads, dilation, groups, False, True, wrap=no_launch
+            x,
+            weight,
+            task_ids,
+            task,
+            None,
+            None,
+            None,
+            stride,
+            pads,
+            dilation,
+            groups,
+            False,
+            True,
+            wrap=no_launch,
+            cache_plan=True,
         )
 
     call()

@@ -1099,44 +1099,64 @@ def _empty_output(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilati
     return torch.empty((batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=memory_format)
 
 
-def _launch(
-    x,
-    weight,
-    task_ids,
-    task,
-    bias,
-    scale,
-    shift,
-    stride,
-    padding,
-    dilation,
-    groups,
-    relu,
-    use_mask,
-    tile_map=None,
-    free_weights_zero=False,
-    tasks=None,
-    wrap=None,
-):
-    """Launch on validated arguments; ``padding`` is ``[top, bottom, left, right]``. ``wrap`` turns a kernel into its
-    launchable form: ``wrap_triton`` (the default) inside the registered op, :func:`~packnet_kernels._checks.as_is`
-    for a direct eager launch (see ``packnet_kernels.linear._launch`` for why). ``tile_map`` is used where the
-    kernel's tiles line up with its cells (:func:`tile_map_applies`) and ignored elsewhere. ``tasks`` (an integer
-    tensor ``[N]``, one task per image; ``task`` is then unused) runs a mixed batch in this one launch: only where
-    :func:`mixed_kernel_applies`, and the epilogue vectors may be ``[num_tasks, out]`` tables."""
-    wrap = torch.library.wrap_triton if wrap is None else wrap
-    if not x.is_cuda and not _INTERPRETED:
-        raise RuntimeError(
-            f"masked_conv2d: the Triton kernel needs CUDA tensors (got {x.device}) or TRITON_INTERPRET=1 set before "
-            "Triton is imported"
-        )
-    out = _empty_output(x, weight, stride, padding, dilation)
-    if out.numel() == 0:
-        return out
+# Launch plans of calls on real tensors (direct launches, the interpreter's op), by everything a plan is computed
+# from (:func:`_plan_key`); cleared whenever it reaches this size, so that shapes that keep changing cannot grow it.
+_PLANS: dict = {}
+_MAX_PLANS = 1024
+
+
+def _vector_key(vector: torch.Tensor | None):
+    return None if vector is None else (vector.shape, vector.stride())
+
+
+def _plan_key(
+    x, weight, task_ids, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, tile_map, raw, tasks
+) -> tuple:
+    """Everything :func:`_plan` reads: the tensors' shapes, strides, dtype and device (never their values), the
+    convolution's geometry and flags, and PyTorch's TF32 setting for convs."""
+    return (
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        weight.shape,
+        weight.stride(),
+        task_ids.stride(),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        groups,
+        relu,
+        use_mask,
+        _vector_key(bias),
+        _vector_key(scale),
+        _vector_key(shift),
+        None if tile_map is None else tile_map.stride(),
+        raw,
+        tasks is None,
+        torch.backends.cudnn.allow_tf32,
+    )
+
+
+def _plan(
+    x, weight, task_ids, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, tile_map, raw, tasks
+) -> tuple:
+    """``(out_shape, memory_format, kernel_name, constants, grid)``: all a launch of such arguments needs besides the
+    tensors themselves and the task, computed from what :func:`_plan_key` holds only. ``constants`` are the kernel's
+    keyword arguments but ``active_task``, ``image_tasks_ptr`` and ``tile_map_ptr``; ``grid`` maps a config to the
+    launch grid.
+
+    Raises:
+        ValueError: an input image, an output image, the weight or the ids span 2**31 elements or more.
+    """
     batch, _, in_h, in_w = x.shape
     out_channels, cin_per_group, kh, kw = weight.shape
     cout_per_group = out_channels // groups
-    out_h, out_w = out.shape[2:]
+    out_h = (in_h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (in_w + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out_shape = (batch, out_channels, out_h, out_w)
+    memory_format = torch.channels_last if _output_channels_last(x, weight) else torch.contiguous_format
+    out = torch.empty(out_shape, device="meta", memory_format=memory_format)
 
     sx, sw, si, so = (kernel_strides(tensor) for tensor in (x, weight, task_ids, out))
     for name, shape, strides, first_dim in (
@@ -1149,8 +1169,7 @@ def _launch(
             raise ValueError(f"masked_conv2d: {name} spans 2**31 elements or more, which the kernel does not index")
 
     total_pixels = batch * out_h * out_w
-    common = dict(
-        active_task=task,
+    constants = dict(
         total_pixels=total_pixels,
         m_bucket=_row_bucket(total_pixels),
         in_h=in_h,
@@ -1189,13 +1208,10 @@ def _launch(
         HAS_SHIFT=shift is not None,
         APPLY_RELU=relu,
     )
-    # Absent epilogue vectors are never read (constexpr-guarded); any tensor can stand in for their pointers.
-    pointers = (x, weight, task_ids, x if bias is None else bias, x if scale is None else scale)
-    pointers += (x if shift is None else shift, out)
 
     if _uses_direct_kernel(groups, cin_per_group, cout_per_group):
         kernel_name = "direct"
-        common["out_channels"] = out_channels
+        constants["out_channels"] = out_channels
 
         def grid(meta):
             return (ceil_div(total_pixels, meta["BLOCK_M"]), ceil_div(out_channels, meta["BLOCK_N"]))
@@ -1206,11 +1222,9 @@ def _launch(
         # 3xTF32 (each operand split in two TF32 parts, fp32-level accuracy), because Triton's exact fp32 dot runs
         # on FMAs and spilled registers in every conv tile (triton 3.9, sm_90 and sm_80: tests/test_codegen.py).
         tf32 = x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32
-        # The interpreter's bf16 dot is wrong (numpy has no bf16): upcast the tiles there.
         mapped = use_mask and tile_map is not None and tile_map_applies(cin_per_group, cout_per_group, groups)
         vectors = (bias, scale, shift)
-        common.update(
-            image_tasks_ptr=tasks,
+        constants.update(
             max_task=task_limit(*vectors) if tasks is not None else 0,
             stride_bias_task=_task_stride(bias),
             stride_scale_task=_task_stride(scale),
@@ -1218,15 +1232,15 @@ def _launch(
             MIXED=tasks is not None,
             # A pixel tile spans a few images when they are small: that many tasks per pass over the reduction.
             SEGMENTS=(2 if out_h * out_w >= 128 else 4) if tasks is not None else 1,
-            tile_map_ptr=tile_map if mapped else None,
             stride_map_plane=tile_map.stride(0) if mapped else 0,
             stride_map_row=tile_map.stride(1) if mapped else 0,
             TILE_MAP=mapped,
-            RAW_TILES=mapped and free_weights_zero,
+            RAW_TILES=mapped and raw,
             CELL_N=TILE_CELL[0],
             CELL_K=TILE_CELL[1],
             TAPS_OUTER=cin_per_group >= _TAPS_OUTER_MIN_CHANNELS,
             CHANNELS_INNER=_strides_like_channels_last(x),
+            # The interpreter's bf16 dot is wrong (numpy has no bf16): upcast the tiles there.
             UPCAST_DOT=_INTERPRETED and x.dtype == torch.bfloat16,
             INPUT_PRECISION="tf32" if tf32 else "tf32x3",
         )
@@ -1234,6 +1248,66 @@ def _launch(
         def grid(meta):
             row_blocks = ceil_div(total_pixels, meta["BLOCK_M"])
             return (row_blocks * ceil_div(cout_per_group, meta["BLOCK_N"]), groups)
+
+    return out_shape, memory_format, kernel_name, constants, grid
+
+
+def _launch(
+    x,
+    weight,
+    task_ids,
+    task,
+    bias,
+    scale,
+    shift,
+    stride,
+    padding,
+    dilation,
+    groups,
+    relu,
+    use_mask,
+    tile_map=None,
+    free_weights_zero=False,
+    tasks=None,
+    wrap=None,
+    cache_plan=False,
+):
+    """Launch on validated arguments; ``padding`` is ``[top, bottom, left, right]``. ``wrap`` turns a kernel into its
+    launchable form: ``wrap_triton`` (the default) inside the registered op, :func:`~packnet_kernels._checks.as_is`
+    for a direct eager launch (see ``packnet_kernels.linear._launch`` for why). ``tile_map`` is used where the
+    kernel's tiles line up with its cells (:func:`tile_map_applies`) and ignored elsewhere. ``tasks`` (an integer
+    tensor ``[N]``, one task per image; ``task`` is then unused) runs a mixed batch in this one launch: only where
+    :func:`mixed_kernel_applies`, and the epilogue vectors may be ``[num_tasks, out]`` tables. ``cache_plan`` (real
+    tensors only: direct launches and the interpreter's op, never a traced call) keeps the launch plan of these
+    shapes, strides and flags for the next such call (:func:`_plan`): most of the host time of a small conv."""
+    wrap = torch.library.wrap_triton if wrap is None else wrap
+    if not x.is_cuda and not _INTERPRETED:
+        raise RuntimeError(
+            f"masked_conv2d: the Triton kernel needs CUDA tensors (got {x.device}) or TRITON_INTERPRET=1 set before "
+            "Triton is imported"
+        )
+    args = (x, weight, task_ids, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, tile_map)
+    args += (free_weights_zero, tasks)
+    if cache_plan:
+        key = _plan_key(*args)
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _plan(*args)
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    else:
+        plan = _plan(*args)
+    out_shape, memory_format, kernel_name, constants, grid = plan
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
+    if out.numel() == 0:
+        return out
+    common = dict(constants, active_task=task)
+    if kernel_name == "gemm":
+        common.update(image_tasks_ptr=tasks, tile_map_ptr=tile_map if constants["TILE_MAP"] else None)
+    # Absent epilogue vectors are never read (constexpr-guarded); any tensor can stand in for their pointers.
+    pointers = (x, weight, task_ids, x if bias is None else bias, x if scale is None else scale)
+    pointers += (x if shift is None else shift, out)
 
     if _INTERPRETED:
         wrap(_KERNELS[kernel_name])[grid](*pointers, **common, **_INTERPRETER_CONFIGS[kernel_name])
@@ -1282,7 +1356,7 @@ def _masked_conv2d_interpreted(
     """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
     ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
     args = (x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask)
-    return _launch(*args, tile_map, raw, tasks)
+    return _launch(*args, tile_map, raw, tasks, cache_plan=True)
 
 
 @_masked_conv2d_interpreted.register_fake
@@ -1418,7 +1492,7 @@ def masked_conv2d_triton(
         # Eager calls skip the registered op's dispatch: most of a small layer's host time.
         args = (x, weight, task_ids, task, bias, scale, shift, stride, pads, dilation, groups, relu, use_mask)
         with on_device(x.device):
-            return _launch(*args, tile_map, free_weights_zero, tasks, wrap=as_is)
+            return _launch(*args, tile_map, free_weights_zero, tasks, wrap=as_is, cache_plan=True)
     return torch.ops.packnet.masked_conv2d(
         x,
         weight,

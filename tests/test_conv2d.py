@@ -465,3 +465,42 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="masked_conv2d_triton needs CUDA tensors.*TRITON_INTERPRET=1"):
         masked_conv2d_triton(x, weight, task_ids, 1)
+
+
+def test_launch_plans_follow_every_property_of_a_call(kernel_device, monkeypatch):
+    """A launch plan is kept per shape, strides, geometry and flags: calls that differ in any one of them (input
+    layout, padding, stride, dilation, epilogue, ReLU, mask) on one input shape each get their own plan and the
+    reference's result, a repeated call reuses its plan, and the cache stays within its bound."""
+    monkeypatch.setattr(conv2d_module, "_PLANS", {})
+    x, weight, task_ids, bias = _problem((2, 32, 6, 5), 24, 3, 1, torch.float32, kernel_device, seed=7)
+    scale = torch.rand(24, device=kernel_device) + 0.5
+    last = x.contiguous(memory_format=torch.channels_last)
+    calls = [
+        (x, {}),
+        (last, {}),  # same shape, other strides
+        (x, {"padding": 1}),
+        (x, {"stride": 2, "padding": 1}),
+        (x, {"dilation": 2, "padding": 2}),
+        (x, {"bias": bias}),
+        (x, {"bias": bias, "scale": scale, "relu": True}),
+        (x, {"use_mask": False}),
+    ]
+    for count, (inputs, options) in enumerate(calls, 1):
+        options = dict(options)
+        bias_arg = options.pop("bias", None)
+        geometry = {key: options.pop(key) for key in ("stride", "padding", "dilation") if key in options}
+        got = masked_conv2d_triton(inputs, weight, task_ids, 2, bias_arg, **geometry, **options)
+        if options.get("use_mask", True):
+            expected = _reference(inputs, weight, task_ids, 2, bias_arg, **geometry, **options)
+        else:
+            expected = F.conv2d(inputs.double().cpu(), weight.double().cpu(), None, **geometry)
+        _assert_close(got, expected, torch.float32)
+        assert len(conv2d_module._PLANS) == count
+    plans = dict(conv2d_module._PLANS)
+    masked_conv2d_triton(x, weight, task_ids, 3)  # the first call's shapes and flags, another task: no new plan
+    assert conv2d_module._PLANS == plans
+    monkeypatch.setattr(conv2d_module, "_PLANS", {})
+    monkeypatch.setattr(conv2d_module, "_MAX_PLANS", 3)
+    for padding in range(5):
+        masked_conv2d_triton(x, weight, task_ids, 2, None, padding=padding)
+        assert len(conv2d_module._PLANS) <= 3
