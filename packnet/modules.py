@@ -220,9 +220,14 @@ class _PackedLayer(_TaskSelecting):
 
     def _kernel_tile_args(self, x: torch.Tensor) -> dict:
         """The tile-map keywords of a kernel call: none when the reference path runs (it has no use for them) or the
-        map is switched off (``use_tile_map = False``), or inside ``torch.compile`` before any eager call made one."""
+        map is switched off (``use_tile_map = False``), or inside ``torch.compile`` before any eager call made one.
+        None either for a weight or ids made under ``torch.inference_mode`` (e.g. a model loaded or moved there):
+        such tensors keep no version counter, so a change made in place could not be seen and a stale map would skip
+        tiles the new ids use; the kernels then apply the predicate to every element."""
         kernel_path = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
         if not (kernel_path and self.use_tile_map) or (torch.compiler.is_compiling() and self._tile_state is None):
+            return {}
+        if self.weight.is_inference() or self.task_ids.is_inference():
             return {}
         cells, free_weights_zero = self.tile_map_state()
         return {"tile_map": cells, "free_weights_zero": free_weights_zero}

@@ -922,6 +922,8 @@ def _grouped_rows(tasks: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, torch
     the grouping of the previous call when it was given this very tensor, unchanged since (its version counter, which
     every in-place write bumps), on this stream: every layer of a model running one mixed batch gets the same task
     tensor from :func:`packnet.set_task`, so the batch is sorted once per forward, not once per layer."""
+    # An inference-mode tensor keeps no version counter: its in-place changes cannot be seen, so it is never reused.
+    reuse = reuse and not tasks.is_inference()
     if tasks.is_cuda:
         reuse = reuse and not torch.cuda.is_current_stream_capturing()
         stream = torch._C._cuda_getCurrentRawStream(tasks.device.index) if reuse else 0

@@ -448,3 +448,24 @@ def test_a_mixed_batch_is_sorted_once_per_forward(monkeypatch):
 def _per_row(model, x, tasks):
     """Each row run alone with its task: what a mixed batch must give, row for row."""
     return torch.cat([model(x[row : row + 1], task=int(tasks[row])) for row in range(x.shape[0])])
+
+
+@pytest.mark.interpreter
+def test_a_model_loaded_and_run_under_inference_mode(monkeypatch):
+    """Inference-mode tensors keep no version counter: a model loaded under ``torch.inference_mode`` runs the Triton
+    kernels (without the tile map) and a mixed batch whose task tensor was made there is sorted on every call."""
+    from packnet_kernels import linear
+
+    reference = packnet.load_pack("tests/data/golden_v2.pack", backend="reference")
+    x = torch.randn(6, *reference.packnet_input_shape)
+    sorts = []
+    sort = torch.sort
+    monkeypatch.setattr(linear.torch, "sort", lambda *args, **kwargs: sorts.append(1) or sort(*args, **kwargs))
+    with torch.inference_mode():
+        model = packnet.load_pack("tests/data/golden_v2.pack", backend="triton").to(DEVICE)
+        tasks = torch.tensor([2, 1, 1, 2, 2, 1], device=DEVICE)
+        for task in (1, tasks, tasks):
+            got = model(x.to(DEVICE), task=task).cpu()
+            torch.testing.assert_close(got, reference(x, task=task.cpu() if task is tasks else task))
+    linears = sum(isinstance(module, packnet.PackedLinear) for module in model.modules())
+    assert len(sorts) == 2 * linears
