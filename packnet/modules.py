@@ -26,7 +26,13 @@ import torch
 import torch.nn as nn
 
 from packnet_kernels import MAX_TASKS, masked_conv2d, masked_linear, tile_map
-from packnet_kernels._checks import TASK_TENSOR_DTYPES, check_backend, check_task_values
+from packnet_kernels._checks import (
+    TASK_TENSOR_DTYPES,
+    check_backend,
+    check_task_values,
+    enter_packed_forward,
+    leave_packed_forward,
+)
 
 __all__ = [
     "PackedConv2d",
@@ -207,7 +213,8 @@ class _PackedLayer(_TaskSelecting):
         ``tile_map`` is :func:`packnet_kernels.tile_map` of ``task_ids`` on their device; ``free_weights_zero`` is
         True when every free weight (id 0) is exactly zero, checked here (one device sync per recomputation), never
         assumed: only then may the kernels read tiles whose owners are all visible without their ids. Inside
-        ``torch.compile`` the state last computed eagerly is used as it is."""
+        ``torch.compile`` the state last computed eagerly is used as it is. Writes the version counters do not see
+        (``.data``, NumPy, DLPack) need :meth:`refresh_tile_map`."""
         if torch.compiler.is_compiling():
             return self._tile_state[1], self._tile_state[2]
         weight, task_ids = self.weight, self.task_ids
@@ -218,6 +225,13 @@ class _PackedLayer(_TaskSelecting):
             self._tile_state = (key, tile_map(task_ids).contiguous(), free_weights_zero)
         return self._tile_state[1], self._tile_state[2]
 
+    def refresh_tile_map(self) -> None:
+        """Forget the tile map, so that the next kernel call recomputes it (and re-checks free weights). Needed only
+        after writing ``weight`` or ``task_ids`` in a way PyTorch's version counters do not see (through ``.data``,
+        NumPy or DLPack): a stale map would skip tiles the new ids use. Writes through PyTorch operations, in place
+        or not, are seen without it."""
+        self._tile_state = None
+
     def _kernel_tile_args(self, x: torch.Tensor) -> dict:
         """The tile-map keywords of a kernel call: none when the reference path runs (it has no use for them) or the
         map is switched off (``use_tile_map = False``), or inside ``torch.compile`` before any eager call made one.
@@ -225,9 +239,12 @@ class _PackedLayer(_TaskSelecting):
         such tensors keep no version counter, so a change made in place could not be seen and a stale map would skip
         tiles the new ids use; the kernels then apply the predicate to every element."""
         kernel_path = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
-        if not (kernel_path and self.use_tile_map) or (torch.compiler.is_compiling() and self._tile_state is None):
+        if not (kernel_path and self.use_tile_map):
             return {}
-        if self.weight.is_inference() or self.task_ids.is_inference():
+        if torch.compiler.is_compiling():
+            if self._tile_state is None:
+                return {}
+        elif self.weight.is_inference() or self.task_ids.is_inference():
             return {}
         cells, free_weights_zero = self.tile_map_state()
         return {"tile_map": cells, "free_weights_zero": free_weights_zero}
@@ -509,15 +526,22 @@ def set_task(model: nn.Module, task: int | torch.Tensor) -> _ActiveTask:
     return _ActiveTask(previous)
 
 
-# Attribute of a model whose ``task=`` call argument is handled by hooks: the stack of per-call task changes.
+# Attribute of a packed model with the call hooks of accept_task_argument: the stack of its calls in progress, each
+# entry the active tasks a ``task=`` argument replaced (None when it replaced nothing).
 _TASK_CALLS_ATTR = "_packnet_task_calls"
+# Attribute set on a model whose own forward takes ``task``: its hooks leave the argument to it.
+_OWN_TASK_ATTR = "_packnet_own_task_argument"
 
 
 def _task_call_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
-    """Take ``task`` out of a call's keyword arguments and make it the model's active task for that call."""
+    """Enter the packed forward and take ``task`` out of the call's keyword arguments, making it the model's active
+    task for this call."""
     calls = getattr(model, _TASK_CALLS_ATTR)
-    # Pushed first: the restoring hook runs (and pops) even when the check below raises.
+    # Pushed and entered first: the restoring hook runs (pops and leaves) even when the check below raises.
     calls.append(None)
+    enter_packed_forward()
+    if getattr(model, _OWN_TASK_ATTR, False):
+        return None  # the model's forward takes ``task`` itself
     task = kwargs.pop("task", None)
     if task is None:
         return args, kwargs
@@ -531,8 +555,12 @@ def _task_call_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
 
 
 def _task_call_hook(model: nn.Module, args: tuple, output):
-    """Restore the active tasks a ``task=`` call changed (also when the forward raised)."""
-    previous = getattr(model, _TASK_CALLS_ATTR).pop()
+    """Restore the active tasks a ``task=`` call changed and leave the packed forward (also when it raised)."""
+    calls = getattr(model, _TASK_CALLS_ATTR)
+    if not calls:
+        return  # a hook registered ahead of ours raised before ours ran: nothing was changed
+    previous = calls.pop()
+    leave_packed_forward()
     for module, task in previous or ():
         module.active_task = task
 
@@ -546,11 +574,15 @@ def accept_task_argument(model: nn.Module) -> nn.Module:
     also when it raises. ``task=None`` runs the active task (:func:`set_task`). Checked on every call like
     ``module(x, task=t)``: the type, and a task tensor's dtype and shape; its values on the CPU only (on a GPU a
     packed layer writes NaN rows for a task beyond its tables; a :class:`TaskSwitch` reads the values anyway and
-    raises). Under ``torch.compile``, set the task with :func:`set_task` outside the compiled call.
+    raises). Under ``torch.compile``, set the task with :func:`set_task` outside the compiled call. Like
+    :func:`set_task`, the active task belongs to the model, not to a thread: threads that run one model at once
+    must not give different tasks (give each thread its own model).
 
-    Called by :func:`packnet.build_packed_model` (so :func:`packnet.compile_pack` and :func:`packnet.load_pack`) and
-    :func:`swap_packed_`. A model whose ``forward`` already takes a ``task`` argument (or ``**kwargs``) is left as
-    it is: the argument is the model's own. Calling it again changes nothing.
+    The hooks also mark each call as one packed forward, inside which the kernels may reuse what they derived from
+    a mixed batch's task tensor for an earlier layer (its sort by task). Called by
+    :func:`packnet.build_packed_model` (so :func:`packnet.compile_pack` and :func:`packnet.load_pack`) and
+    :func:`swap_packed_`. A model whose ``forward`` already takes a ``task`` argument (or ``**kwargs``) keeps the
+    argument: it is the model's own. Calling it again changes nothing.
 
     Raises:
         ValueError: at call time, a task outside 1..num_tasks of some module (a task tensor's values: CPU only).
@@ -560,7 +592,7 @@ def accept_task_argument(model: nn.Module) -> nn.Module:
         return model
     parameters = inspect.signature(model.forward).parameters.values()
     if any(p.name == "task" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return model
+        object.__setattr__(model, _OWN_TASK_ATTR, True)
     object.__setattr__(model, _TASK_CALLS_ATTR, [])
     model.register_forward_pre_hook(_task_call_pre_hook, with_kwargs=True)
     model.register_forward_hook(_task_call_hook, always_call=True)

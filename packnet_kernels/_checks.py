@@ -235,6 +235,34 @@ def check_common(
 TILE_CELL = (32, 32)
 
 
+class _PackedForward:
+    """Packed-model forwards in progress (``depth``; nested ones count once) and a serial number per outermost one.
+    Entered and left by the hooks :func:`packnet.accept_task_argument` installs; see :func:`packed_forward`."""
+
+    depth = 0
+    serial = 0
+
+
+def enter_packed_forward() -> None:
+    """A packed model's forward begins (called by its pre-hook)."""
+    _PackedForward.depth += 1
+    if _PackedForward.depth == 1:
+        _PackedForward.serial += 1
+
+
+def leave_packed_forward() -> None:
+    """A packed model's forward ends, also when it raised (called by its always-called hook)."""
+    _PackedForward.depth = max(_PackedForward.depth - 1, 0)
+
+
+def packed_forward() -> int | None:
+    """The serial number of the packed-model forward in progress, or None outside one. Within one forward a
+    launcher may reuse what it derived from a task tensor for an earlier layer: between a model's layers nobody
+    writes the task tensor, while between calls it may be rewritten in ways no version counter sees (``.data``,
+    NumPy, DLPack, a CUDA graph refilling a static buffer)."""
+    return _PackedForward.serial if _PackedForward.depth else None
+
+
 def check_tile_map(op: str, tile_map: torch.Tensor | None, weight: torch.Tensor, free_weights_zero) -> None:
     """A tile map must be the ``[2, ceil(out / 32), ceil(K / 32)]`` contiguous uint8 of
     :func:`packnet_kernels.reference.tile_map` on the weight's device; ``free_weights_zero`` a bool (and meaningless

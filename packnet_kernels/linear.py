@@ -46,6 +46,7 @@ from ._checks import (
     device_properties,
     direct_launch_allowed,
     on_device,
+    packed_forward,
     require_kernel_device,
     task_limit,
 )
@@ -910,8 +911,8 @@ def _split_workspace(device: torch.device, partial_count: int, counter_count: in
     return workspace
 
 
-# The last mixed batch's grouping, for the next layer given the same task tensor: (weak reference to the tasks, their
-# version counter, the stream, (row_tasks, row_order)).
+# The last mixed batch's grouping, for the next layer of the same forward given the same task tensor: (weak reference
+# to the tasks, their version counter, the forward's serial number, the stream, (row_tasks, row_order)).
 _LAST_GROUPING: list = []
 
 
@@ -919,23 +920,27 @@ def _grouped_rows(tasks: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, torch
     """``(row_tasks, row_order)``: ``tasks`` sorted increasingly (stably) and each sorted position's input row.
 
     ``reuse`` (direct eager launches only, as for :func:`_split_workspace`; never during CUDA-graph capture) returns
-    the grouping of the previous call when it was given this very tensor, unchanged since (its version counter, which
-    every in-place write bumps), on this stream: every layer of a model running one mixed batch gets the same task
-    tensor from :func:`packnet.set_task`, so the batch is sorted once per forward, not once per layer."""
-    # An inference-mode tensor keeps no version counter: its in-place changes cannot be seen, so it is never reused.
-    reuse = reuse and not tasks.is_inference()
+    the grouping of the previous call when both run inside one forward of a packed model
+    (:func:`~packnet_kernels._checks.packed_forward`), on this stream, for this very tensor, unchanged since (its
+    version counter): every layer of a model serving one mixed batch gets the same task tensor, so the batch is
+    sorted once per forward, not once per layer. Outside a packed model's forward every call sorts: between calls a
+    task tensor may be rewritten without its version counter moving. Inference-mode tensors, which keep no version
+    counter, are never reused."""
+    forward = packed_forward()
+    reuse = reuse and forward is not None and not tasks.is_inference()
     if tasks.is_cuda:
         reuse = reuse and not torch.cuda.is_current_stream_capturing()
         stream = torch._C._cuda_getCurrentRawStream(tasks.device.index) if reuse else 0
     else:
         stream = 0
     if reuse and _LAST_GROUPING:
-        reference, version, last_stream, grouping = _LAST_GROUPING
-        if reference() is tasks and version == tasks._version and last_stream == stream:
+        reference, version, last_forward, last_stream, grouping = _LAST_GROUPING
+        same_forward = last_forward == forward and last_stream == stream
+        if same_forward and reference() is tasks and version == tasks._version:
             return grouping
     grouping = tuple(torch.sort(tasks, stable=True))
     if reuse:
-        _LAST_GROUPING[:] = [weakref.ref(tasks), tasks._version, stream, grouping]
+        _LAST_GROUPING[:] = [weakref.ref(tasks), tasks._version, forward, stream, grouping]
     return grouping
 
 

@@ -423,8 +423,9 @@ def test_loaded_and_custom_models_take_the_task_per_call(tmp_path):
 
 @pytest.mark.interpreter
 def test_a_mixed_batch_is_sorted_once_per_forward(monkeypatch):
-    """Direct launches given the same task tensor reuse its grouping (one sort for a whole model's forward) until the
-    tensor changes in place; then the new tasks are used."""
+    """Inside one forward of a packed model, its layers reuse the grouping of the task tensor (one sort, not one per
+    layer); every forward and every call outside one sorts again, so a task tensor rewritten between calls without
+    its version counter moving (through ``.data``) still gives the new tasks' rows."""
     from packnet_kernels import linear
 
     sorts = []
@@ -437,9 +438,16 @@ def test_a_mixed_batch_is_sorted_once_per_forward(monkeypatch):
     with torch.no_grad():
         model(x, task=tasks)
         assert len(sorts) == 1  # two packed layers, one sort
-        tasks[:4] = torch.tensor([1, 1, 3, 3])  # in place: the version counter moves on
-        got = model(x, task=tasks)
+        with packnet.set_task(model, tasks):
+            model(x)
         assert len(sorts) == 2
+        layer = model.features[0]
+        layer(x, task=tasks), layer(x, task=tasks)  # outside a model's forward: each call sorts
+        assert len(sorts) == 4
+        version = tasks._version
+        tasks.data[:4] = torch.tensor([1, 1, 3, 3], device=DEVICE)
+        assert tasks._version == version  # a write no version counter sees
+        got = model(x, task=tasks)
         with packnet.set_task(model, tasks):
             expected = _per_row(model, x, tasks)
     torch.testing.assert_close(got, expected, **_tolerance(torch.float32))
