@@ -258,6 +258,24 @@ def test_packed_linear_uses_a_map_it_keeps_current(kernel_device):
     assert not any("tile" in key for key in layer.state_dict())
 
 
+@pytest.mark.interpreter
+def test_refresh_tile_map_after_writes_no_version_counter_sees(kernel_device):
+    """A block handed from task 3 to task 1 through ``.data`` (its version counter stays): after
+    ``refresh_tile_map`` task 1 reads it, as the predicate path does."""
+    layer, x = _packed_linear(kernel_device)
+    with torch.no_grad():
+        layer.task_ids[:CELL_ROWS, :CELL_COLS] = 3  # block (0, 0) belongs to task 3 alone
+        layer.weight[:CELL_ROWS, :CELL_COLS] = 1.0
+    layer(x, task=1)  # the map now says task 1 may skip block (0, 0)
+    version = layer.task_ids._version
+    layer.task_ids.data[:CELL_ROWS, :CELL_COLS] = 1
+    assert layer.task_ids._version == version
+    layer.refresh_tile_map()
+    mapped = layer(x, task=1)
+    layer.use_tile_map = False
+    assert torch.equal(mapped, layer(x, task=1))
+
+
 def test_reference_path_builds_no_map():
     layer, x = _packed_linear("cpu")
     layer.backend = "auto"  # CPU tensors: the reference runs, which has no use for a map
