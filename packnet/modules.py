@@ -574,7 +574,8 @@ def accept_task_argument(model: nn.Module) -> nn.Module:
     also when it raises. ``task=None`` runs the active task (:func:`set_task`). Checked on every call like
     ``module(x, task=t)``: the type, and a task tensor's dtype and shape; its values on the CPU only (on a GPU a
     packed layer writes NaN rows for a task beyond its tables; a :class:`TaskSwitch` reads the values anyway and
-    raises). Under ``torch.compile``, set the task with :func:`set_task` outside the compiled call. Like
+    raises). ``torch.compile(model, fullgraph=True)`` traces the hooks into its one graph; an int ``task=`` then
+    compiles one graph per task value, so set it with :func:`set_task` outside the compiled call instead. Like
     :func:`set_task`, the active task belongs to the model, not to a thread: threads that run one model at once
     must not give different tasks (give each thread its own model).
 

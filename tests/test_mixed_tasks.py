@@ -477,3 +477,20 @@ def test_a_model_loaded_and_run_under_inference_mode(monkeypatch):
             torch.testing.assert_close(got, reference(x, task=task.cpu() if task is tasks else task))
     linears = sum(isinstance(module, packnet.PackedLinear) for module in model.modules())
     assert len(sorts) == 2 * linears
+
+
+@pytest.mark.interpreter
+def test_a_packed_model_with_its_call_hooks_compiles_to_one_graph():
+    """The call hooks (``task=``, the packed-forward marking) trace into the graph of the whole model."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from packnet_kernels import _checks
+
+    model = _packed_mlp("triton").to(DEVICE)
+    x = torch.randn(5, 12, device=DEVICE)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    with torch.no_grad(), packnet.set_task(model, 2):
+        assert torch.equal(compiled(x), model(x))
+    assert counter.frame_count == 1 and _checks.packed_forward() is None
