@@ -46,12 +46,6 @@ LAYOUT_CONFIGS = ["vgg_3x3", "resnet_stem_7x7_s2_p3", "groups_2_gemm", "taps_out
 AUTOTUNED_CONFIGS = ["vgg_3x3", "pointwise_1x1", "taps_outer_3x3_c37", "depthwise_3x3"]
 
 
-@pytest.fixture(autouse=True)
-def _untuned_on_gpu(monkeypatch):
-    """On CUDA compile one config per kernel variant instead of autotuning every shape (test_autotuned covers it)."""
-    monkeypatch.setattr(conv2d_module, "AUTOTUNE", False)
-
-
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -23,12 +23,6 @@ SMALL_SHAPES = [(1, 1, 1), (1, 31, 200), (7, 33, 129), (16, 32, 33), (15, 65, 64
 LARGE_SHAPES = [(17, 31, 31), (33, 97, 47), (40, 64, 130), (23, 29, 257)]
 
 
-@pytest.fixture(autouse=True)
-def _untuned_on_gpu(monkeypatch):
-    """On CUDA compile one config per kernel variant instead of autotuning every shape (test_autotuned covers it)."""
-    monkeypatch.setattr(linear, "AUTOTUNE", False)
-
-
 def _tolerance(dtype):
     atol, rtol = TOLERANCES[dtype]
     return {"atol": atol, "rtol": rtol}
