@@ -158,14 +158,15 @@ def test_linear_obeys_the_map(m, kernel_device):
     """The kernel reads what the map says and nothing else. A map claiming a block holds only task 3 makes tasks 1
     and 2 skip it (its weights never reach them, although the ids give them some); a map claiming every owner is
     task 1 makes task 1 read raw weights without ids when free weights are declared zero."""
-    n, k = 64, 64
+    n, k = 64, 128
     x, weight, task_ids, _ = _linear_case(m, n, k, torch.float32, kernel_device, seed=3)
     task_ids = torch.ones_like(task_ids)  # task 1 owns everything
     truth = tile_map(task_ids)
     lying = truth.clone()
-    lying[:, 0, 0] = 3  # block (0, 0): "only task 3"
+    # Every row of K 0..63 "only task 3": a whole K step of any tile (a step is skipped only when all its cells are).
+    lying[:, :, :2] = 3
     skipped = weight.clone()
-    skipped[:CELL_ROWS, :CELL_COLS] = 0
+    skipped[:, : 2 * CELL_COLS] = 0
     for task in (1, 2):
         got = masked_linear(x, weight, task_ids, task, tile_map=lying, backend="triton")
         assert torch.equal(got, masked_linear(x, skipped, task_ids, task, backend="triton"))
