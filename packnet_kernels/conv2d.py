@@ -158,9 +158,8 @@ def _mixed_taps_pass(
 
 
 @triton.jit
-def _mixed_taps_fitted(
+def _mixed_taps(
     acc,
-    pass_tasks,
     x_rows,
     w_cols,
     ids_cols,
@@ -168,7 +167,6 @@ def _mixed_taps_fitted(
     cell_row_mask,
     offs_cell_k,
     pixel_tasks,
-    done_task,
     tile_min_task,
     tile_max_task,
     in_row0,
@@ -200,13 +198,25 @@ def _mixed_taps_fitted(
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SEGMENTS: tl.constexpr,
-    FEW_SEGMENTS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """:func:`_mixed_taps_pass` with ``FEW_SEGMENTS`` segments when the pass holds at most that many tasks, else with
-    ``SEGMENTS``: two loops chosen once per pass, as in the linear kernel's ``_mixed_pass_fitted`` (a run-time ``if``
+    """The tap-by-tap reduction of a mixed-task tile (``MIXED`` in :func:`_masked_conv2d_gemm_kernel`): ``acc[m, :]
+    += sum_{c,r,s} x[m, c, r, s] * W_{pixel_tasks[m]}[c, r, s, :]`` for every pixel row whose task is in 1..255.
+
+    Passes over the reduction, each for the next (up to) ``SEGMENTS`` tasks present among the tile's pixels. A pass
+    of one task (a tile inside one image, or in images of one task) runs one masked dot per step, a fuller pass
+    ``SEGMENTS``: two loops chosen once per pass, as in the linear kernel's ``_mixed_task_sums`` (a run-time ``if``
     around each dot would stop the pipelining; each loop has its own shared-memory buffers)."""
-    if SEGMENTS > FEW_SEGMENTS:
+    # Images of 64 pixels or more put most pixel tiles inside one image: one task.
+    FEW_SEGMENTS: tl.constexpr = 1
+    tl.static_assert(SEGMENTS > FEW_SEGMENTS, "the launcher runs 2 or 4 segments per mixed pass")
+    done_task = 0 * tile_max_task  # every task <= done_task is summed
+    while done_task < tile_max_task:
+        pass_tasks = 0
+        last_task = done_task
+        for _ in tl.static_range(SEGMENTS):
+            last_task = next_task(pixel_tasks, last_task)
+            pass_tasks += (last_task < 256).to(tl.int32)
         if pass_tasks <= FEW_SEGMENTS:
             acc = _mixed_taps_pass(
                 acc,
@@ -295,156 +305,6 @@ def _mixed_taps_fitted(
                 SEGMENTS,
                 BLOCK_K,
             )
-    else:
-        acc = _mixed_taps_pass(
-            acc,
-            x_rows,
-            w_cols,
-            ids_cols,
-            map_rows,
-            cell_row_mask,
-            offs_cell_k,
-            pixel_tasks,
-            done_task,
-            tile_min_task,
-            tile_max_task,
-            in_row0,
-            in_col0,
-            m_valid,
-            n_valid,
-            in_h,
-            in_w,
-            cin_per_group,
-            channel_blocks,
-            stride_map_plane,
-            stride_xc,
-            stride_xh,
-            stride_xw,
-            stride_wc,
-            stride_wh,
-            stride_ww,
-            stride_ic,
-            stride_ih,
-            stride_iw,
-            dilation_h,
-            dilation_w,
-            KH,
-            KW,
-            USE_MASK,
-            TILE_MAP,
-            RAW_TILES,
-            CELL_K,
-            UPCAST_DOT,
-            INPUT_PRECISION,
-            SEGMENTS,
-            BLOCK_K,
-        )
-    return acc
-
-
-@triton.jit
-def _mixed_taps(
-    acc,
-    x_rows,
-    w_cols,
-    ids_cols,
-    map_rows,
-    cell_row_mask,
-    offs_cell_k,
-    pixel_tasks,
-    tile_min_task,
-    tile_max_task,
-    in_row0,
-    in_col0,
-    m_valid,
-    n_valid,
-    in_h,
-    in_w,
-    cin_per_group,
-    channel_blocks,
-    stride_map_plane,
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    stride_wc,
-    stride_wh,
-    stride_ww,
-    stride_ic,
-    stride_ih,
-    stride_iw,
-    dilation_h,
-    dilation_w,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    USE_MASK: tl.constexpr,
-    TILE_MAP: tl.constexpr,
-    RAW_TILES: tl.constexpr,
-    CELL_K: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    SEGMENTS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """The tap-by-tap reduction of a mixed-task tile (``MIXED`` in :func:`_masked_conv2d_gemm_kernel`): ``acc[m, :]
-    += sum_{c,r,s} x[m, c, r, s] * W_{pixel_tasks[m]}[c, r, s, :]`` for every pixel row whose task is in 1..255.
-
-    Passes over the reduction, each for the next (up to) ``SEGMENTS`` tasks present among the tile's pixels. A pass
-    of one task (a tile inside one image, or in images of one task) runs one masked dot per step, a fuller pass
-    ``SEGMENTS`` (:func:`_mixed_taps_fitted`)."""
-    # Images of 64 pixels or more put most pixel tiles inside one image: one task.
-    FEW_SEGMENTS: tl.constexpr = 1
-    done_task = 0 * tile_max_task  # every task <= done_task is summed
-    while done_task < tile_max_task:
-        pass_tasks = 0
-        last_task = done_task
-        for _ in tl.static_range(SEGMENTS):
-            last_task = next_task(pixel_tasks, last_task)
-            pass_tasks += (last_task < 256).to(tl.int32)
-        acc = _mixed_taps_fitted(
-            acc,
-            pass_tasks,
-            x_rows,
-            w_cols,
-            ids_cols,
-            map_rows,
-            cell_row_mask,
-            offs_cell_k,
-            pixel_tasks,
-            done_task,
-            tile_min_task,
-            tile_max_task,
-            in_row0,
-            in_col0,
-            m_valid,
-            n_valid,
-            in_h,
-            in_w,
-            cin_per_group,
-            channel_blocks,
-            stride_map_plane,
-            stride_xc,
-            stride_xh,
-            stride_xw,
-            stride_wc,
-            stride_wh,
-            stride_ww,
-            stride_ic,
-            stride_ih,
-            stride_iw,
-            dilation_h,
-            dilation_w,
-            KH,
-            KW,
-            USE_MASK,
-            TILE_MAP,
-            RAW_TILES,
-            CELL_K,
-            UPCAST_DOT,
-            INPUT_PRECISION,
-            SEGMENTS,
-            FEW_SEGMENTS,
-            BLOCK_K,
-        )
         done_task = last_task
     return acc
 

@@ -202,147 +202,6 @@ def _mixed_pass(
 
 
 @triton.jit
-def _mixed_pass_fitted(
-    acc,
-    pass_tasks,
-    w_ptrs,
-    ids_ptrs,
-    xt_ptrs,
-    map_ptrs,
-    cell_row_mask,
-    offs_cell_k,
-    row_tasks,
-    done_task,
-    tile_min_task,
-    tile_max_task,
-    offs_k,
-    n_mask,
-    m_mask,
-    k_start,
-    k_end,
-    K,
-    stride_map_plane,
-    stride_wk,
-    stride_idk,
-    stride_xk,
-    USE_MASK: tl.constexpr,
-    TILE_MAP: tl.constexpr,
-    RAW_TILES: tl.constexpr,
-    CELL_K: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    SEGMENTS: tl.constexpr,
-    FEW_SEGMENTS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """:func:`_mixed_pass` with ``FEW_SEGMENTS`` segments when the pass holds at most that many tasks, else with
-    ``SEGMENTS``: a tile of one or two tasks then runs one or two masked dots per K step, not ``SEGMENTS``.
-
-    Two K loops, chosen once per pass: a run-time ``if`` around each dot inside one loop would stop Triton from
-    pipelining it (no ``cp.async`` stages in the sm_90 PTX). Not more: each loop gets its own pipeline buffers in
-    shared memory (Triton 3.6 and 3.9 do not share them between the branches), so a third or fourth loop would cost
-    occupancy that a memory-bound tile needs."""
-    if SEGMENTS > FEW_SEGMENTS:
-        if pass_tasks <= FEW_SEGMENTS:
-            acc = _mixed_pass(
-                acc,
-                w_ptrs,
-                ids_ptrs,
-                xt_ptrs,
-                map_ptrs,
-                cell_row_mask,
-                offs_cell_k,
-                row_tasks,
-                done_task,
-                tile_min_task,
-                tile_max_task,
-                offs_k,
-                n_mask,
-                m_mask,
-                k_start,
-                k_end,
-                K,
-                stride_map_plane,
-                stride_wk,
-                stride_idk,
-                stride_xk,
-                USE_MASK,
-                TILE_MAP,
-                RAW_TILES,
-                CELL_K,
-                UPCAST_BF16,
-                INPUT_PRECISION,
-                FEW_SEGMENTS,
-                BLOCK_K,
-            )
-        else:
-            acc = _mixed_pass(
-                acc,
-                w_ptrs,
-                ids_ptrs,
-                xt_ptrs,
-                map_ptrs,
-                cell_row_mask,
-                offs_cell_k,
-                row_tasks,
-                done_task,
-                tile_min_task,
-                tile_max_task,
-                offs_k,
-                n_mask,
-                m_mask,
-                k_start,
-                k_end,
-                K,
-                stride_map_plane,
-                stride_wk,
-                stride_idk,
-                stride_xk,
-                USE_MASK,
-                TILE_MAP,
-                RAW_TILES,
-                CELL_K,
-                UPCAST_BF16,
-                INPUT_PRECISION,
-                SEGMENTS,
-                BLOCK_K,
-            )
-    else:
-        acc = _mixed_pass(
-            acc,
-            w_ptrs,
-            ids_ptrs,
-            xt_ptrs,
-            map_ptrs,
-            cell_row_mask,
-            offs_cell_k,
-            row_tasks,
-            done_task,
-            tile_min_task,
-            tile_max_task,
-            offs_k,
-            n_mask,
-            m_mask,
-            k_start,
-            k_end,
-            K,
-            stride_map_plane,
-            stride_wk,
-            stride_idk,
-            stride_xk,
-            USE_MASK,
-            TILE_MAP,
-            RAW_TILES,
-            CELL_K,
-            UPCAST_BF16,
-            INPUT_PRECISION,
-            SEGMENTS,
-            BLOCK_K,
-        )
-    return acc
-
-
-@triton.jit
 def _mixed_task_sums(
     acc,
     w_ptrs,
@@ -378,7 +237,10 @@ def _mixed_task_sums(
 
     Passes over K, each for the next (up to) ``SEGMENTS`` tasks present among the tile's rows, so one pass whenever
     the rows hold at most ``SEGMENTS`` distinct tasks. A pass of one or two tasks runs two masked dots per K step,
-    a fuller one ``SEGMENTS`` (:func:`_mixed_pass_fitted`)."""
+    a fuller one ``SEGMENTS``: two K loops, chosen once per pass. A run-time ``if`` around each dot inside one loop
+    would stop Triton from pipelining it (no ``cp.async`` stages in the sm_90 PTX). Not more than two: each loop gets
+    its own pipeline buffers in shared memory (Triton 3.6 and 3.9 do not share them between the branches), so a third
+    or fourth loop would cost occupancy that a memory-bound tile needs."""
     # Sorted rows put one or two tasks in most 16-row tiles (8 rows per task for 64 rows over 8 tasks).
     FEW_SEGMENTS: tl.constexpr = 2 if SEGMENTS > 2 else 1
     done_task = 0 * tile_max_task  # every task <= done_task is summed
@@ -388,39 +250,103 @@ def _mixed_task_sums(
         for _ in tl.static_range(SEGMENTS):
             last_task = next_task(row_tasks, last_task)
             pass_tasks += (last_task < 256).to(tl.int32)
-        acc = _mixed_pass_fitted(
-            acc,
-            pass_tasks,
-            w_ptrs,
-            ids_ptrs,
-            xt_ptrs,
-            map_ptrs,
-            cell_row_mask,
-            offs_cell_k,
-            row_tasks,
-            done_task,
-            tile_min_task,
-            tile_max_task,
-            offs_k,
-            n_mask,
-            m_mask,
-            k_start,
-            k_end,
-            K,
-            stride_map_plane,
-            stride_wk,
-            stride_idk,
-            stride_xk,
-            USE_MASK,
-            TILE_MAP,
-            RAW_TILES,
-            CELL_K,
-            UPCAST_BF16,
-            INPUT_PRECISION,
-            SEGMENTS,
-            FEW_SEGMENTS,
-            BLOCK_K,
-        )
+        if SEGMENTS > FEW_SEGMENTS:
+            if pass_tasks <= FEW_SEGMENTS:
+                acc = _mixed_pass(
+                    acc,
+                    w_ptrs,
+                    ids_ptrs,
+                    xt_ptrs,
+                    map_ptrs,
+                    cell_row_mask,
+                    offs_cell_k,
+                    row_tasks,
+                    done_task,
+                    tile_min_task,
+                    tile_max_task,
+                    offs_k,
+                    n_mask,
+                    m_mask,
+                    k_start,
+                    k_end,
+                    K,
+                    stride_map_plane,
+                    stride_wk,
+                    stride_idk,
+                    stride_xk,
+                    USE_MASK,
+                    TILE_MAP,
+                    RAW_TILES,
+                    CELL_K,
+                    UPCAST_BF16,
+                    INPUT_PRECISION,
+                    FEW_SEGMENTS,
+                    BLOCK_K,
+                )
+            else:
+                acc = _mixed_pass(
+                    acc,
+                    w_ptrs,
+                    ids_ptrs,
+                    xt_ptrs,
+                    map_ptrs,
+                    cell_row_mask,
+                    offs_cell_k,
+                    row_tasks,
+                    done_task,
+                    tile_min_task,
+                    tile_max_task,
+                    offs_k,
+                    n_mask,
+                    m_mask,
+                    k_start,
+                    k_end,
+                    K,
+                    stride_map_plane,
+                    stride_wk,
+                    stride_idk,
+                    stride_xk,
+                    USE_MASK,
+                    TILE_MAP,
+                    RAW_TILES,
+                    CELL_K,
+                    UPCAST_BF16,
+                    INPUT_PRECISION,
+                    SEGMENTS,
+                    BLOCK_K,
+                )
+        else:
+            acc = _mixed_pass(
+                acc,
+                w_ptrs,
+                ids_ptrs,
+                xt_ptrs,
+                map_ptrs,
+                cell_row_mask,
+                offs_cell_k,
+                row_tasks,
+                done_task,
+                tile_min_task,
+                tile_max_task,
+                offs_k,
+                n_mask,
+                m_mask,
+                k_start,
+                k_end,
+                K,
+                stride_map_plane,
+                stride_wk,
+                stride_idk,
+                stride_xk,
+                USE_MASK,
+                TILE_MAP,
+                RAW_TILES,
+                CELL_K,
+                UPCAST_BF16,
+                INPUT_PRECISION,
+                SEGMENTS,
+                BLOCK_K,
+            )
         done_task = last_task
     return acc
 
@@ -756,7 +682,7 @@ def config_fits(
     without a tile map, for one task or a mixed-task batch (``mixed``).
 
     Its pipelined tiles must fit: an upper bound of what Triton allocates, ``num_stages`` buffers of the weight, id and
-    activation tiles per K loop (a mixed tile has two: see :func:`_mixed_pass_fitted`; ``tests/test_codegen.py``
+    activation tiles per K loop (a mixed tile has two: see :func:`_mixed_task_sums`; ``tests/test_codegen.py``
     checks the bound against the real allocation); and its tiles must not spill registers (:func:`_registers_fit`)."""
     element = torch.empty((), dtype=dtype).element_size()
     tile = config.kwargs
