@@ -18,8 +18,6 @@ into Markdown.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
@@ -193,24 +191,19 @@ def markdown(data: dict) -> str:
 
 def write_report(json_path: str | Path) -> list[Path]:
     """``<json>.md`` beside the results."""
-    json_path = Path(json_path)
-    md_path = json_path.with_suffix(".md")
-    md_path.write_text(markdown(json.loads(json_path.read_text(encoding="utf-8"))), encoding="utf-8")
-    return [md_path]
+    return timing.markdown_report(json_path, markdown)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--out", help="directory for tiles.json")
-    target.add_argument("--json", help="the results file (instead of --out)")
-    parser.add_argument("--quick", action="store_true", help="a small layer (a CPU smoke run)")
-    parser.add_argument("--budget-s", type=float, default=1e9, help="start no new timed case after this many seconds")
-    args = parser.parse_args(argv)
+    args, path = timing.stage_arguments(
+        argv,
+        __doc__.split("\n\n")[0],
+        "tiles.json",
+        "a small layer (a CPU smoke run)",
+        "start no new timed case after this many seconds",
+    )
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = Path(args.json) if args.json else Path(args.out) / "tiles.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     out_features, in_features = QUICK_LAYER if args.quick else LAYER
     result = {
         "device": timing.device_info(device),

@@ -8,6 +8,7 @@ index ``i`` and must pick their tensors with ``i % n``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -197,6 +198,29 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+def markdown_report(json_path: str | Path, markdown: Callable[[dict], str]) -> list[Path]:
+    """Write ``markdown(results)`` of the results in ``json_path`` to ``<json>.md`` beside it; returns that path."""
+    json_path = Path(json_path)
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(markdown(json.loads(json_path.read_text(encoding="utf-8"))), encoding="utf-8")
+    return [md_path]
+
+
+def stage_arguments(argv, description: str, file_name: str, quick_help: str, budget_help: str):
+    """``(args, path)`` of a script stage's command line: ``--out DIR`` (results in ``DIR/file_name``) or ``--json
+    FILE``, ``--quick`` and ``--budget-s``; the results file's directory is created."""
+    parser = argparse.ArgumentParser(description=description)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help=f"directory for {file_name}")
+    target.add_argument("--json", help="the results file (instead of --out)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--budget-s", type=float, default=1e9, help=budget_help)
+    args = parser.parse_args(argv)
+    path = Path(args.json) if args.json else Path(args.out) / file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return args, path
 
 
 def synced_calls(fn: Callable[[int], object], device: str) -> Callable[[], object]:
