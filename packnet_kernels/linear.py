@@ -88,10 +88,14 @@ MIXED_SEGMENTS = 8
 def _epilogue_vector(vector_ptr, offs_n, n_mask, stride_n, table_rows, stride_task, MIXED: tl.constexpr):
     """An epilogue vector as an fp32 tile broadcast against ``[BLOCK_N, BLOCK_M]``: ``vector[n]`` as ``[BLOCK_N, 1]``;
     with ``MIXED``, ``vector[table_rows[m], n]`` as ``[BLOCK_N, BLOCK_M]`` (``stride_task`` 0 for a shared vector)."""
+    # One return after a constexpr if/else: triton 3.6 rejects two returns of different shapes even when a constexpr
+    # decides between them ("Inconsistent return types").
     if MIXED:
         offsets = offs_n[:, None] * stride_n + table_rows[None, :].to(tl.int64) * stride_task
-        return tl.load(vector_ptr + offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
-    return tl.load(vector_ptr + offs_n * stride_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        vector = tl.load(vector_ptr + offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
+    else:
+        vector = tl.load(vector_ptr + offs_n * stride_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    return vector
 
 
 @triton.jit
