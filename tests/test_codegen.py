@@ -144,15 +144,19 @@ def _linear_variants() -> list[dict]:
                         )
                     )
     # Mixed-task batches (8 unrolled task segments, int64 row tasks and order): every mixed config on sm_90 fp16 at
-    # M = 1 and 64, with and without the tile map.
+    # M = 1 and 64, with and without the tile map; the tile-map variants also gather a per-task bias, scale and shift
+    # for each row, as a mixed batch through per-task norms does.
     for m, base in ((1, "linear-m1-fp16-sm90-"), (64, "linear-m64-fp16-sm90-")):
         variant = next(v for v in variants if v["name"].startswith(base))
         for config in linear._configs("mixed", 9):
             for tile_map in (False, True):
                 args = dict(variant["args"], row_tasks_ptr="*i64", row_order_ptr="*i64", max_task=255)
+                constexprs = dict(variant["constexprs"], MIXED=True, SEGMENTS=8, TILE_MAP=tile_map, RAW_TILES=tile_map)
                 if tile_map:
                     args.update(tile_map_ptr="*u8", stride_map_plane=128 * 128, stride_map_row=128)
-                constexprs = dict(variant["constexprs"], MIXED=True, SEGMENTS=8, TILE_MAP=tile_map, RAW_TILES=tile_map)
+                    for name in ("bias", "scale", "shift"):
+                        args.update({f"{name}_ptr": "*fp32", f"stride_{name}": 1, f"stride_{name}_task": n})
+                        constexprs[f"HAS_{name.upper()}"] = True
                 constexprs.update(config.kwargs)
                 name = f"linear-mixed-m{m}-fp16-sm90-w{config.num_warps}-s{config.num_stages}" + (
                     "-tilemap" if tile_map else ""
