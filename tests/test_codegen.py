@@ -391,6 +391,17 @@ def _pruned(variant: dict) -> bool:
     return not conv2d.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], taps_outer, mixed)
 
 
+# Stack frames an older Triton gives a config that the pinned one compiles without (no local memory either way):
+# triton 3.6, the GPU machines' version, spills 8 bytes in the fp32 2-warp tile of a 7x7 stem conv; 3.9 does not.
+KNOWN_STACK_BYTES = {("3.6", "conv7x7s2-fp32-sm90-BLOCK_M32-BLOCK_N32-BLOCK_K32-w2-s4"): 8}
+
+
+def _triton_minor() -> str:
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2])
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=[variant["name"] for variant in VARIANTS])
 def test_compiled_code(variant, compiled):
     if _pruned(variant):
@@ -402,7 +413,8 @@ def test_compiled_code(variant, compiled):
         f"{summary['shared']} bytes of shared memory, over the sm_{variant['arch']} limit, and the launcher does "
         "not prune this config"
     )
-    assert summary["local"] == 0 and summary["stack"] == 0, f"register spills: {summary}"
+    known_stack = KNOWN_STACK_BYTES.get((_triton_minor(), variant["name"]), 0)
+    assert summary["local"] == 0 and summary["stack"] == known_stack, f"register spills: {summary}"
     tile_map = variant["constexprs"].get("TILE_MAP", False)
     assert bool(summary["evict_last_loads"]) == tile_map, f"{summary['evict_last_loads']} tile-map loads"
     split = variant["constexprs"].get("SPLIT", False)
