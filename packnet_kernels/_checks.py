@@ -244,7 +244,11 @@ class _PackedForward:
 
 
 def enter_packed_forward() -> None:
-    """A packed model's forward begins (called by its pre-hook)."""
+    """A packed model's forward begins (called by its pre-hook). Nothing is counted while torch.compile traces: a
+    compiled forward calls the registered ops, which never reuse a grouping, and torch 2.11's dynamo cannot trace the
+    class attribute's update (a graph break under ``fullgraph=True``)."""
+    if torch.compiler.is_compiling():
+        return
     _PackedForward.depth += 1
     if _PackedForward.depth == 1:
         _PackedForward.serial += 1
@@ -252,6 +256,8 @@ def enter_packed_forward() -> None:
 
 def leave_packed_forward() -> None:
     """A packed model's forward ends, also when it raised (called by its always-called hook)."""
+    if torch.compiler.is_compiling():
+        return
     _PackedForward.depth = max(_PackedForward.depth - 1, 0)
 
 
