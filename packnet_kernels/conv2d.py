@@ -1141,11 +1141,6 @@ def _launch(
     tensors only: direct launches and the interpreter's op, never a traced call) keeps the launch plan of these
     shapes, strides and flags for the next such call (:func:`_plan`): most of the host time of a small conv."""
     wrap = torch.library.wrap_triton if wrap is None else wrap
-    if not x.is_cuda and not _INTERPRETED:
-        raise RuntimeError(
-            f"masked_conv2d: the Triton kernel needs CUDA tensors (got {x.device}) or TRITON_INTERPRET=1 set before "
-            "Triton is imported"
-        )
     args = (x, weight, task_ids, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, tile_map)
     args += (free_weights_zero, tasks)
     if cache_plan:
@@ -1158,6 +1153,12 @@ def _launch(
             _PLANS[key] = plan
     else:
         plan = _plan(*args)
+    # After the plan, which refuses shapes the kernel cannot index whatever the device (meta tensors included).
+    if not x.is_cuda and not _INTERPRETED:
+        raise RuntimeError(
+            f"masked_conv2d: the Triton kernel needs CUDA tensors (got {x.device}) or TRITON_INTERPRET=1 set before "
+            "Triton is imported"
+        )
     out_shape, memory_format, kernel_name, constants, grid = plan
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
     if out.numel() == 0:

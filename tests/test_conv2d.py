@@ -410,14 +410,14 @@ def test_offsets_past_int32_are_refused_by_name(target):
 
 
 @pytest.mark.parametrize("allowed", [True, False], ids=["direct", "via_op"])
-def test_direct_launches_never_go_through_wrap_triton(allowed, monkeypatch):
+def test_direct_launches_never_go_through_wrap_triton(allowed, monkeypatch, kernel_device):
     """As for linear: eager launches skip the registered op and launch the kernel as it is."""
     from packnet_kernels._checks import as_is
 
     calls = []
     monkeypatch.setattr(conv2d_module, "direct_launch_allowed", lambda *tensors: allowed)
     monkeypatch.setattr(conv2d_module, "_launch", lambda *args, **kwargs: calls.append(kwargs.get("wrap")) or args[0])
-    x, weight, task_ids, _ = _problem((1, 4, 5, 5), 6, 3, 1, torch.float32, "cpu")
+    x, weight, task_ids, _ = _problem((1, 4, 5, 5), 6, 3, 1, torch.float32, kernel_device)
     if not allowed:
         monkeypatch.setattr(torch.ops.packnet, "masked_conv2d", lambda *args: calls.append("op") or args[0])
     masked_conv2d_triton(x, weight, task_ids, 1)

@@ -118,7 +118,7 @@ def _layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":
         return tensor.transpose(-1, -2).contiguous().transpose(-1, -2)
     if layout == "strided":
-        wide = torch.zeros(*tensor.shape[:-1], tensor.shape[-1] * 2, dtype=tensor.dtype)
+        wide = torch.zeros(*tensor.shape[:-1], tensor.shape[-1] * 2, dtype=tensor.dtype, device=tensor.device)
         wide[..., ::2] = tensor
         return wide[..., ::2]
     return tensor
@@ -332,7 +332,10 @@ def test_masked_conv2d_matches_the_reference(spec):
         ), (on_x, on_w)  # fmt: skip
 
     output, (on_x, on_w) = run(weight)
-    like = F.conv2d(on_x.double(), on_w.double(), None, *geometry)  # shape and memory format to match
+    # Shape and memory format to match: F.conv2d in the input's dtype on CUDA (for float64 PyTorch picks the layout
+    # by other rules there: a contiguous output from a channels_last weight), in float64 on the CPU.
+    like_dtype = dtype if on_x.is_cuda else torch.float64
+    like = F.conv2d(on_x.to(like_dtype), on_w.to(like_dtype), None, *geometry)
     assert output.shape == like.shape and output.dtype == dtype
     if output.numel() and like.dim() == 4:
         channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
