@@ -17,7 +17,8 @@
 # Reports: python -c 'import sys; sys.path[:0] = ["benchmarks"]; import tiles; tiles.write_report("OUT/tiles.json")'
 # (mixed likewise; headline: python benchmarks/headline_report.py OUT/headline.json).
 #
-# TESTS_TIMEOUT_S (default 200) bounds stage 1 (tests, demo, compiling); HEADLINE_BUDGET_S (default 170) stops the
+# TEST_LIST names a file of pytest node ids, one per line, to run instead of the whole suite (a rerun of what failed
+# or was cut). TESTS_TIMEOUT_S (default 200) bounds stage 1 (tests, demo, compiling); HEADLINE_BUDGET_S (default 170) stops the
 # benchmark from starting new cases and HEADLINE_GRACE_S (default 90) kills it that much later; HEADLINE_ARGS adds
 # arguments to it (and to the compile warm-up).
 set -uo pipefail
@@ -59,9 +60,11 @@ export OMP_NUM_THREADS=1
 pids=()
 if want tests; then
     stamp "tests"
+    test_args=(tests)
+    [ -n "${TEST_LIST:-}" ] && mapfile -t test_args <"$TEST_LIST"
     # One result line per test (-v), so a run stopped by the time limit still says what passed and failed; SIGINT
     # first so that pytest prints its failure summary.
-    timeout -s INT -k 20 "${TESTS_TIMEOUT_S:-200}" "$PYTHON" -m pytest tests -v -n "${TEST_WORKERS:-12}" \
+    timeout -s INT -k 20 "${TESTS_TIMEOUT_S:-200}" "$PYTHON" -m pytest "${test_args[@]}" -v -n "${TEST_WORKERS:-12}" \
         -p no:cacheprovider -p no:benchmark --timeout 150 --durations=20 -rfE >"$OUT/tests.log" 2>&1 &
     pids+=($!)
 fi
