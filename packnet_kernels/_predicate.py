@@ -43,6 +43,32 @@ def tile_bounds(map_ptrs, cell_mask, stride_map_plane, bound, used_by, visible_t
 
 
 @triton.jit
+def span_owners(
+    row_map_ptrs, cell_row_mask, k_start, k_end, stride_map_plane, CELL_K: tl.constexpr, CHUNK: tl.constexpr
+):
+    """``(owner_min, owner_max)``, int32 scalars: the smallest and the largest owner among the tile-map cells of a
+    program's span, rows ``cell_row_mask`` by reduction offsets ``[k_start, k_end)``; 256 and 0 when every cell is
+    free. ``row_map_ptrs`` ``[rows, 1]`` points at each cell row's first cell of smallest owners (the largest lie
+    ``stride_map_plane`` further); ``CHUNK`` cells per row are read per step, so a split's span takes one step."""
+    offs_cell = tl.arange(0, CHUNK)
+    first_cell = k_start // CELL_K
+    end_cell = tl.cdiv(k_end, CELL_K)
+    owner_min = tl.full((), 256, tl.int32)
+    owner_max = tl.full((), 0, tl.int32)
+    for cell in range(first_cell, end_cell, CHUNK):
+        cell_mask = cell_row_mask[:, None] & (cell + offs_cell < end_cell)[None, :]
+        ptrs = row_map_ptrs + (cell + offs_cell)[None, :]
+        smallest = tl.load(ptrs, mask=cell_mask, other=0, eviction_policy="evict_last").to(tl.int32)
+        largest = tl.load(ptrs + stride_map_plane, mask=cell_mask, other=0, eviction_policy="evict_last")
+        largest = largest.to(tl.int32)
+        # A free cell has no owner: 256 is above every task.
+        smallest = tl.where(largest == 0, 256, smallest)
+        owner_min = tl.minimum(owner_min, tl.min(tl.min(smallest, axis=1), axis=0))
+        owner_max = tl.maximum(owner_max, tl.max(tl.max(largest, axis=1), axis=0))
+    return owner_min, owner_max
+
+
+@triton.jit
 def next_task(tasks, after):
     """The smallest of ``tasks`` (an int32 vector; 0 marks rows that take no part) above ``after``; 256 (no task)
     when there is none: how mixed-task tiles walk the tasks present among their rows."""

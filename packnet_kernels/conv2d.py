@@ -35,7 +35,7 @@ from ._checks import (
     require_kernel_device,
     task_limit,
 )
-from ._predicate import next_task, task_owns, tile_bounds
+from ._predicate import next_task, span_owners, task_owns, tile_bounds
 from .reference import per_task_rows
 
 __all__ = ["masked_conv2d_triton"]
@@ -154,6 +154,106 @@ def _mixed_taps_pass(
             # Other tasks' rows keep their sums: 0 * Inf from a weight they do not own never lands.
             summed = tl.dot(x_tile, w_task, acc, input_precision=INPUT_PRECISION)
             acc = tl.where((pixel_tasks == segment_task)[:, None], summed, acc)
+    return acc
+
+
+@triton.jit
+def _task_taps(
+    acc,
+    x_rows,
+    w_cols,
+    ids_cols,
+    map_rows,
+    cell_row_mask,
+    offs_cell_k,
+    active_task,
+    in_row0,
+    in_col0,
+    m_valid,
+    n_valid,
+    in_h,
+    in_w,
+    cin_per_group,
+    channel_blocks,
+    stride_map_plane,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wc,
+    stride_wh,
+    stride_ww,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    dilation_h,
+    dilation_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    USE_MASK: tl.constexpr,
+    TILE_MAP: tl.constexpr,
+    RAW_TILES: tl.constexpr,
+    CELL_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One task's tap-by-tap reduction of a ``[BLOCK_M, BLOCK_N]`` tile: ``acc + x_tile @ w_masked`` step by step over
+    (tap, channel block). With ``TILE_MAP`` each step first reads its tile's cells: a tile with no weight of tasks
+    1..active_task reads nothing, and (``RAW_TILES``) a tile whose owners are all visible reads no ids."""
+    for step in range(0, KH * KW * channel_blocks):
+        tap = step // channel_blocks
+        first_c = (step % channel_blocks) * BLOCK_K
+        offs_c = first_c + tl.arange(0, BLOCK_K)
+        # Masks compare offsets with scalar bounds (what keeps the loads vectorised); the tile map narrows the
+        # bounds to 0 for what this step need not read.
+        c_limit = cin_per_group
+        ids_limit = cin_per_group
+        if TILE_MAP:
+            cell_cols = (tap * cin_per_group + first_c) // CELL_K + offs_cell_k
+            cell_mask = cell_row_mask[:, None] & (cell_cols < tl.cdiv(KH * KW * cin_per_group, CELL_K))[None, :]
+            c_limit, ids_limit = tile_bounds(
+                map_rows + cell_cols[None, :],
+                cell_mask,
+                stride_map_plane,
+                c_limit,
+                active_task,
+                active_task,
+                RAW_TILES,
+            )
+        c_valid = offs_c < c_limit
+        tap_row = tap // KW
+        tap_col = tap % KW
+        in_row = in_row0 + tap_row * dilation_h
+        in_col = in_col0 + tap_col * dilation_w
+        pixel_valid = m_valid & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
+        x_pixels = x_rows + in_row * stride_xh + in_col * stride_xw
+        x_tile = tl.load(
+            x_pixels[:, None] + (offs_c * stride_xc)[None, :],
+            mask=pixel_valid[:, None] & c_valid[None, :],
+            other=0.0,
+        )
+        wk_mask = c_valid[:, None] & n_valid[None, :]
+        w_tile = tl.load(
+            (w_cols + tap_row * stride_wh + tap_col * stride_ww)[None, :] + (offs_c * stride_wc)[:, None],
+            mask=wk_mask,
+            other=0.0,
+        )
+        if USE_MASK:
+            ids = tl.load(
+                (ids_cols + tap_row * stride_ih + tap_col * stride_iw)[None, :] + (offs_c * stride_ic)[:, None],
+                mask=(offs_c < ids_limit)[:, None] & n_valid[None, :],
+                other=0,
+            )
+            owned = task_owns(ids, active_task)
+            if TILE_MAP:
+                # Rows whose ids were not read: raw-tile weights (kept) or zeros (skipped tiles, the tail).
+                owned = owned | (offs_c >= ids_limit)[:, None]
+            # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
+            w_tile = tl.where(owned, w_tile, 0.0)
+        if UPCAST_DOT:
+            x_tile = x_tile.to(tl.float32)
+            w_tile = w_tile.to(tl.float32)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
     return acc
 
 
@@ -393,10 +493,13 @@ def _masked_conv2d_gemm_kernel(
 
     ``TILE_MAP`` (``TAPS_OUTER`` only; the launcher ensures ``Cg`` and, with groups, ``out/groups`` are multiples
     of 32): ``tile_map_ptr`` uint8 ``[2, out / CELL_N, KH * KW * Cg / CELL_K]`` (strides ``stride_map_plane``,
-    ``stride_map_row``, 1; :func:`packnet_kernels.reference.tile_map`) says, per step, which tasks own weights in its
-    ``[BLOCK_K, BLOCK_N]`` weight tile (the cells covering it, or the one cell holding a smaller tile). A tile no
-    weight of tasks 1..active_task lives in reads no weight, id or input bytes; with ``RAW_TILES`` (free weights
-    guaranteed zero) a tile whose owners are all visible reads no ids. Sums are those of the predicate path.
+    ``stride_map_row``, 1; :func:`packnet_kernels.reference.tile_map`) says which tasks own weights where. First the
+    program reads the cells of its output channels' whole reduction: with no weight of tasks 1..active_task there it
+    runs no loop, and with ``RAW_TILES`` (free weights guaranteed zero) and every owner visible it runs the loop
+    without ids or map. Else each step reads the cells of its ``[BLOCK_K, BLOCK_N]`` weight tile (the cells covering
+    it, or the one cell holding a smaller tile): a tile no weight of tasks 1..active_task lives in reads no weight,
+    id or input bytes, and with ``RAW_TILES`` a tile whose owners are all visible reads no ids. Sums are those of the
+    predicate path.
 
     ``MIXED`` (a batch of images of several tasks; ``TAPS_OUTER`` only; ``active_task`` unused): ``image_tasks_ptr``
     ``[N]`` (any integer dtype) holds each image's task; an image whose task is outside 1..``max_task`` is written
@@ -496,60 +599,41 @@ def _masked_conv2d_gemm_kernel(
                 BLOCK_K,
             )
         else:
-            for step in range(0, KH * KW * channel_blocks):
-                tap = step // channel_blocks
-                first_c = (step % channel_blocks) * BLOCK_K
-                offs_c = first_c + tl.arange(0, BLOCK_K)
-                # Masks compare offsets with scalar bounds (what keeps the loads vectorised); the tile map narrows the
-                # bounds to 0 for what this step need not read.
-                c_limit = cin_per_group
-                ids_limit = cin_per_group
-                if TILE_MAP:
-                    cell_cols = (tap * cin_per_group + first_c) // CELL_K + offs_cell_k
-                    cell_mask = cell_row_mask[:, None] & (cell_cols < tl.cdiv(KH * KW * cin_per_group, CELL_K))[None, :]
-                    c_limit, ids_limit = tile_bounds(
-                        map_rows + cell_cols[None, :],
-                        cell_mask,
-                        stride_map_plane,
-                        c_limit,
-                        active_task,
-                        active_task,
-                        RAW_TILES,
-                    )
-                c_valid = offs_c < c_limit
-                tap_row = tap // KW
-                tap_col = tap % KW
-                in_row = in_row0 + tap_row * dilation_h
-                in_col = in_col0 + tap_col * dilation_w
-                pixel_valid = m_valid & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
-                x_pixels = x_rows + in_row * stride_xh + in_col * stride_xw
-                x_tile = tl.load(
-                    x_pixels[:, None] + (offs_c * stride_xc)[None, :],
-                    mask=pixel_valid[:, None] & c_valid[None, :],
-                    other=0.0,
+            if TILE_MAP:
+                # Decided once for the program's whole reduction, before any loop (see the linear kernel): a span with
+                # no weight of tasks 1..active_task runs no loop, and with RAW_TILES one whose owners are all visible
+                # runs the loop without ids or map.
+                owner_min, owner_max = span_owners(
+                    map_rows, cell_row_mask, 0, KH * KW * cin_per_group, stride_map_plane, CELL_K, 128
                 )
-                wk_mask = c_valid[:, None] & n_valid[None, :]
-                w_tile = tl.load(
-                    (w_cols + tap_row * stride_wh + tap_col * stride_ww)[None, :] + (offs_c * stride_wc)[:, None],
-                    mask=wk_mask,
-                    other=0.0,
-                )
-                if USE_MASK:
-                    ids = tl.load(
-                        (ids_cols + tap_row * stride_ih + tap_col * stride_iw)[None, :] + (offs_c * stride_ic)[:, None],
-                        mask=(offs_c < ids_limit)[:, None] & n_valid[None, :],
-                        other=0,
-                    )
-                    owned = task_owns(ids, active_task)
-                    if TILE_MAP:
-                        # Rows whose ids were not read: raw-tile weights (kept) or zeros (skipped tiles, the tail).
-                        owned = owned | (offs_c >= ids_limit)[:, None]
-                    # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
-                    w_tile = tl.where(owned, w_tile, 0.0)
-                if UPCAST_DOT:
-                    x_tile = x_tile.to(tl.float32)
-                    w_tile = w_tile.to(tl.float32)
-                acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+                if owner_min <= active_task:
+                    if RAW_TILES:
+                        if owner_max <= active_task:
+                            acc = _task_taps(acc, x_rows, w_cols, ids_cols, None, None, None, active_task, in_row0,
+                                             in_col0, m_valid, n_valid, in_h, in_w, cin_per_group, channel_blocks, 0,
+                                             stride_xc, stride_xh, stride_xw, stride_wc, stride_wh, stride_ww,
+                                             stride_ic, stride_ih, stride_iw, dilation_h, dilation_w, KH, KW, False,
+                                             False, False, CELL_K, UPCAST_DOT, INPUT_PRECISION, BLOCK_K)  # fmt: skip
+                        else:
+                            acc = _task_taps(acc, x_rows, w_cols, ids_cols, map_rows, cell_row_mask, offs_cell_k,
+                                             active_task, in_row0, in_col0, m_valid, n_valid, in_h, in_w,
+                                             cin_per_group, channel_blocks, stride_map_plane, stride_xc, stride_xh,
+                                             stride_xw, stride_wc, stride_wh, stride_ww, stride_ic, stride_ih,
+                                             stride_iw, dilation_h, dilation_w, KH, KW, USE_MASK, True, True, CELL_K,
+                                             UPCAST_DOT, INPUT_PRECISION, BLOCK_K)  # fmt: skip
+                    else:
+                        acc = _task_taps(acc, x_rows, w_cols, ids_cols, map_rows, cell_row_mask, offs_cell_k,
+                                         active_task, in_row0, in_col0, m_valid, n_valid, in_h, in_w, cin_per_group,
+                                         channel_blocks, stride_map_plane, stride_xc, stride_xh, stride_xw, stride_wc,
+                                         stride_wh, stride_ww, stride_ic, stride_ih, stride_iw, dilation_h,
+                                         dilation_w, KH, KW, USE_MASK, True, False, CELL_K, UPCAST_DOT,
+                                         INPUT_PRECISION, BLOCK_K)  # fmt: skip
+            else:
+                acc = _task_taps(acc, x_rows, w_cols, ids_cols, None, None, None, active_task, in_row0, in_col0,
+                                 m_valid, n_valid, in_h, in_w, cin_per_group, channel_blocks, 0, stride_xc, stride_xh,
+                                 stride_xw, stride_wc, stride_wh, stride_ww, stride_ic, stride_ih, stride_iw,
+                                 dilation_h, dilation_w, KH, KW, USE_MASK, False, False, CELL_K, UPCAST_DOT,
+                                 INPUT_PRECISION, BLOCK_K)  # fmt: skip
     else:
         # Few channels per group (an RGB stem): k runs over all (c, r, s) at once so that a tile is not mostly
         # padding; loads are gathers, like an im2col's.

@@ -50,7 +50,7 @@ from ._checks import (
     require_kernel_device,
     task_limit,
 )
-from ._predicate import next_task, task_owns, tile_bounds
+from ._predicate import next_task, span_owners, task_owns, tile_bounds
 
 __all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton", "release_workspaces"]
 
@@ -130,6 +130,71 @@ def _epilogue(
     if RELU:
         # propagate_nan: PTX max.f32 would turn a NaN into 0, unlike torch.relu and the reference.
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return acc
+
+
+@triton.jit
+def _task_sums(
+    acc,
+    w_ptrs,
+    ids_ptrs,
+    xt_ptrs,
+    map_ptrs,
+    cell_row_mask,
+    offs_cell_k,
+    offs_k,
+    n_mask,
+    m_mask,
+    k_start,
+    k_end,
+    K,
+    active_task,
+    stride_map_plane,
+    stride_wk,
+    stride_idk,
+    stride_xk,
+    USE_MASK: tl.constexpr,
+    TILE_MAP: tl.constexpr,
+    RAW_TILES: tl.constexpr,
+    CELL_K: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One task's sums over ``[k_start, k_end)``: ``acc + w_masked @ xt`` step by step. With ``TILE_MAP`` each step
+    first reads its tile's cells: a tile with no weight of tasks 1..active_task reads nothing, and (``RAW_TILES``) a
+    tile whose owners are all visible reads no ids."""
+    for k in range(k_start, k_end, BLOCK_K):
+        # Masks compare offsets with scalar bounds only (what keeps the loads 16-byte cp.async): the tile map narrows
+        # the bounds, to 0 for what this tile need not read.
+        k_remaining = K - k
+        ids_remaining = k_remaining
+        if TILE_MAP:
+            cell_mask = cell_row_mask[:, None] & (k // CELL_K + offs_cell_k < tl.cdiv(K, CELL_K))[None, :]
+            k_remaining, ids_remaining = tile_bounds(
+                map_ptrs, cell_mask, stride_map_plane, k_remaining, active_task, active_task, RAW_TILES
+            )
+            map_ptrs += BLOCK_K // CELL_K
+        k_mask = offs_k < k_remaining
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if USE_MASK:
+            ids_k_mask = offs_k < ids_remaining
+            ids = tl.load(ids_ptrs, mask=n_mask[:, None] & ids_k_mask[None, :], other=0)
+            # Columns whose ids were not read hold either raw-tile weights (kept as stored: every owner is visible and
+            # free weights are zero) or zeros (skipped tiles, the tail past K).
+            owned = task_owns(ids, active_task)
+            if TILE_MAP:
+                owned = owned | (offs_k >= ids_remaining)[None, :]
+            # A select, not a multiply: a NaN/Inf stored in a weight this task does not own is dropped here.
+            w = tl.where(owned, w, 0.0)
+            ids_ptrs += BLOCK_K * stride_idk
+        xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+        if UPCAST_BF16:
+            w = w.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(w, xt, acc, input_precision=INPUT_PRECISION)
+        w_ptrs += BLOCK_K * stride_wk
+        xt_ptrs += BLOCK_K * stride_xk
     return acc
 
 
@@ -428,10 +493,13 @@ def _masked_linear_kernel(
     counts ``SPLIT_K`` sums ``partials[0..SPLIT_K)`` in increasing ``s``, applies the epilogue, writes ``y`` and
     zeroes the counter. ``m_bucket`` is unused in the body: it is the autotuning key.
 
-    ``TILE_MAP``: before each K step the program reads the tile's cells. A tile no weight of tasks 1..active_task
-    lives in reads nothing (its weight, ids and activations load as zeros, masked, so no bytes move); with
-    ``RAW_TILES`` (the caller guarantees free weights are exactly zero) a tile whose owners are all <= active_task
-    reads no ids and uses its weights as stored. Either way the sums are those of the predicate on every element.
+    ``TILE_MAP``: first the program reads the cells of its whole span (its weight rows by its split's K range): a span
+    holding no weight of tasks 1..active_task runs no loop (its sums are zero), and with ``RAW_TILES`` (the caller
+    guarantees free weights are exactly zero) a span whose owners are all <= active_task runs the loop without ids
+    or map, its weights as stored. Any other span reads each step's cells before the step: a tile no weight of tasks
+    1..active_task lives in reads nothing (its weight, ids and activations load as zeros, masked, so no bytes move),
+    and with ``RAW_TILES`` a tile whose owners are all <= active_task reads no ids. Either way the sums are those of
+    the predicate on every element.
 
     ``MIXED`` (a mixed-task batch; ``active_task`` unused): ``row_tasks_ptr`` ``[M]`` (any integer dtype) holds the
     rows' tasks sorted increasingly and ``row_order_ptr`` ``[M]`` int64 the input row of each sorted position, so
@@ -526,37 +594,39 @@ def _masked_linear_kernel(
         table_rows = tl.maximum(row_tasks - 1, 0)
     else:
         table_rows = offs_m  # unused: one task's vectors
-        for k in range(k_start, k_end, BLOCK_K):
-            # Masks compare offsets with scalar bounds only (what keeps the loads 16-byte cp.async): the tile map
-            # narrows the bounds, to 0 for what this tile need not read.
-            k_remaining = K - k
-            ids_remaining = k_remaining
-            if TILE_MAP:
-                cell_mask = cell_row_mask[:, None] & (k // CELL_K + offs_cell_k < tl.cdiv(K, CELL_K))[None, :]
-                k_remaining, ids_remaining = tile_bounds(
-                    map_ptrs, cell_mask, stride_map_plane, k_remaining, active_task, active_task, RAW_TILES
-                )
-                map_ptrs += BLOCK_K // CELL_K
-            k_mask = offs_k < k_remaining
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if USE_MASK:
-                ids_k_mask = offs_k < ids_remaining
-                ids = tl.load(ids_ptrs, mask=n_mask[:, None] & ids_k_mask[None, :], other=0)
-                # Columns whose ids were not read hold either raw-tile weights (kept as stored: every owner is visible
-                # and free weights are zero) or zeros (skipped tiles, the tail past K).
-                owned = task_owns(ids, active_task)
-                if TILE_MAP:
-                    owned = owned | (offs_k >= ids_remaining)[None, :]
-                # A select, not a multiply: a NaN/Inf stored in a weight this task does not own is dropped here.
-                w = tl.where(owned, w, 0.0)
-                ids_ptrs += BLOCK_K * stride_idk
-            xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-            if UPCAST_BF16:
-                w = w.to(tl.float32)
-                xt = xt.to(tl.float32)
-            acc = tl.dot(w, xt, acc, input_precision=INPUT_PRECISION)
-            w_ptrs += BLOCK_K * stride_wk
-            xt_ptrs += BLOCK_K * stride_xk
+        if TILE_MAP:
+            # Decided once for the program's whole span, before any loop: per-step skips alone left the loop as long
+            # as ever, and a loop bound by its steps ran no faster for the bytes it skipped (NOTES.md, run 4).
+            owner_min, owner_max = span_owners(
+                tile_map_ptr + cell_rows[:, None] * stride_map_row,
+                cell_row_mask,
+                k_start,
+                k_end,
+                stride_map_plane,
+                CELL_K,
+                128,
+            )
+            if owner_min <= active_task:  # else no weight of the span is the task's: the sums stay zero
+                if RAW_TILES:
+                    if owner_max <= active_task:
+                        # Every owner visible and free weights zero: the weights as stored, no ids, no map.
+                        acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, None, None, offs_k, n_mask, m_mask,
+                                         k_start, k_end, K, active_task, 0, stride_wk, stride_idk, stride_xk, False,
+                                         False, False, CELL_K, UPCAST_BF16, INPUT_PRECISION, BLOCK_K)  # fmt: skip
+                    else:
+                        acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, map_ptrs, cell_row_mask, offs_cell_k,
+                                         offs_k, n_mask, m_mask, k_start, k_end, K, active_task, stride_map_plane,
+                                         stride_wk, stride_idk, stride_xk, USE_MASK, True, True, CELL_K, UPCAST_BF16,
+                                         INPUT_PRECISION, BLOCK_K)  # fmt: skip
+                else:
+                    acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, map_ptrs, cell_row_mask, offs_cell_k, offs_k,
+                                     n_mask, m_mask, k_start, k_end, K, active_task, stride_map_plane, stride_wk,
+                                     stride_idk, stride_xk, USE_MASK, True, False, CELL_K, UPCAST_BF16,
+                                     INPUT_PRECISION, BLOCK_K)  # fmt: skip
+        else:
+            acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, None, None, offs_k, n_mask, m_mask, k_start, k_end,
+                             K, active_task, 0, stride_wk, stride_idk, stride_xk, USE_MASK, False, False, CELL_K,
+                             UPCAST_BF16, INPUT_PRECISION, BLOCK_K)  # fmt: skip
 
     out_mask = n_mask[:, None] & m_mask[None, :]
     y_ptrs = y_ptr + x_rows[None, :] * stride_ym + offs_n[:, None] * stride_yn
@@ -686,8 +756,10 @@ def config_fits(
     without a tile map, for one task or a mixed-task batch (``mixed``).
 
     Its pipelined tiles must fit: an upper bound of what Triton allocates, ``num_stages`` buffers of the weight, id and
-    activation tiles per K loop (a mixed tile has two: see :func:`_mixed_task_sums`; ``tests/test_codegen.py``
-    checks the bound against the real allocation); and its tiles must not spill registers (:func:`_registers_fit`)."""
+    activation tiles per K loop (a mixed tile has two: see :func:`_mixed_task_sums`; one task's tile with a map and
+    raw tiles compiles two as well, but in branches of one ``if`` that share their buffers, within one loop's bound;
+    ``tests/test_codegen.py`` checks the bound against the real allocation); and its tiles must not spill registers
+    (:func:`_registers_fit`)."""
     element = torch.empty((), dtype=dtype).element_size()
     tile = config.kwargs
     if not _registers_fit(tile["BLOCK_N"], tile["BLOCK_M"], tile["BLOCK_K"], config.num_warps, dtype, tile_map):

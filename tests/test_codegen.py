@@ -427,8 +427,11 @@ def test_compiled_code(variant, compiled):
         narrow = {width: count for width, count in summary["load_bytes"].items() if width < 8}
         assert not narrow, f"narrow main-loop loads (bytes: instructions): {summary['load_bytes']}"
     if variant["gemm"] and variant["wide_loads"]:
-        # A mixed tile compiles one K loop for passes of few tasks and one for passes of many.
-        loops = 2 if variant["constexprs"].get("MIXED", False) else 1
+        # A mixed tile compiles one K loop for passes of few tasks and one for passes of many; one task's tile with a
+        # map and raw tiles one for spans without ids and one for checked spans.
+        constexprs = variant["constexprs"]
+        raw_span = constexprs.get("TILE_MAP", False) and constexprs.get("RAW_TILES", False)
+        loops = 2 if constexprs.get("MIXED", False) or raw_span else 1
         assert summary["async_commits"] >= loops * (variant["num_stages"] - 1), (
             f"{summary['async_commits']} cp.async groups for {loops} loop(s) of {variant['num_stages']} stages: a main"
             " loop is not pipelined"
