@@ -76,6 +76,15 @@ if want headline; then
         pids+=($!)
     done
 fi
+# The tile-map and mixed-batch stages compile their own kernel variants (mixed tiles take tens of seconds each):
+# compiled here too, once per case, untimed.
+for stage in tiles mixed; do
+    if want "$stage"; then
+        timeout "${TESTS_TIMEOUT_S:-200}" "$PYTHON" "benchmarks/$stage.py" --json "/tmp/warm/$stage.json" --warm \
+            >>"$LOGS/warm.log" 2>&1 &
+        pids+=($!)
+    fi
+done
 if want demo; then
     stamp "demo"
     timeout "${TESTS_TIMEOUT_S:-200}" "$PYTHON" -m packnet demo --out /tmp/packnet-demo --json "$OUT/demo.json" \

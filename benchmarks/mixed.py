@@ -1,6 +1,6 @@
 """Mixed-task batches: one launch for rows of several tasks against splitting the batch by task.
 
-    python benchmarks/mixed.py (--out DIR | --json FILE) [--quick] [--budget-s SECONDS]
+    python benchmarks/mixed.py (--out DIR | --json FILE) [--quick] [--budget-s SECONDS] [--warm]
 
 A transformer MLP up projection (4096 -> 11008, fp16) packed for 8 tasks (each owning an eighth of the weights, by
 magnitude). A batch of B rows (B = 8, 64, 256) spread over k tasks (k = 1, 2, 4, 8; rows dealt round-robin, then
@@ -78,13 +78,20 @@ def build_methods(x, weight, task_ids, row_tasks) -> dict:
     }
 
 
-def run_case(weight, task_ids, batch, task_count, device, rotations) -> list[dict]:
+def run_case(weight, task_ids, batch, task_count, device, rotations, warm: bool = False) -> list[dict]:
+    """One (batch, task count): each method checked against the float64 reference, then timed; with ``warm`` each
+    method only runs once (compiling its kernels) and no row is returned."""
     generator = torch.Generator(device=device).manual_seed(batch * 100 + task_count)
     x = [
         torch.randn(batch, weight.shape[1], generator=generator, device=device).to(weight.dtype)
         for _ in range(rotations)
     ]
     row_tasks = row_tasks_for(batch, task_count, seed=batch + task_count)
+    if warm:
+        for fn in build_methods(x, weight, task_ids, row_tasks).values():
+            fn(0)
+        timing.synchronize(device)
+        return []
     expected = masked_linear_ref(x[0].double(), weight.double(), task_ids, row_tasks.to(device))
     one_task_expected = masked_linear_ref(x[0].double(), weight.double(), task_ids, NUM_TASKS)
     rows = []
@@ -193,6 +200,9 @@ def main(argv=None) -> int:
     rotations = timing.MAX_ROTATIONS[device]
     for batch in QUICK_BATCHES if quick else BATCHES:
         for task_count in TASK_COUNTS:
+            if args.warm:
+                run_case(weight, task_ids, batch, task_count, device, rotations, warm=True)
+                continue
             if time.perf_counter() - started > args.budget_s:
                 result["skipped"].append([batch, task_count])
                 continue
@@ -202,6 +212,7 @@ def main(argv=None) -> int:
             key = "graph_ms" if device == "cuda" else "event_ms"
             summary = " ".join(f"{row['method']} {row.get(key)}" for row in rows)
             print(f"b{batch:<4d} k{task_count} {summary} ok={all(row.get('ok') for row in rows)}", flush=True)
+    timing.write_json(path, result)
     failed = [row for row in result["results"] if not row.get("ok")]
     for row in failed:
         print(f"FAILED b{row['batch']} k{row['tasks']} {row['method']}: {row.get('note', row.get('error'))}")

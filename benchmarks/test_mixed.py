@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import mixed
+import pytest
 import torch
 
 
@@ -25,6 +26,22 @@ def test_quick_run_checks_every_method(tmp_path):
     assert all(row["ok"] and row["error"] < 1e-5 for row in data["results"])
     report = mixed.write_report(tmp_path / "mixed.json")[0].read_text()
     assert "**not kernel numbers**" in report and "| target |" not in report
+
+
+def test_warm_run_calls_every_method_of_every_case_once(tmp_path, monkeypatch):
+    """``--warm`` (the GPU session's compile pass) runs each method of each case once, checks and times nothing."""
+    calls = []
+    real = mixed.build_methods
+
+    def counting(*args):
+        return {name: (lambda i, fn=fn, name=name: calls.append(name) or fn(i)) for name, fn in real(*args).items()}
+
+    monkeypatch.setattr(mixed, "build_methods", counting)
+    monkeypatch.setattr(mixed.timing, "latency_row", lambda *args, **kwargs: pytest.fail("a warm run timed a call"))
+    assert mixed.main(["--json", str(tmp_path / "warm.json"), "--quick", "--warm"]) == 0
+    cases = len(mixed.QUICK_BATCHES) * len(mixed.TASK_COUNTS)
+    assert sorted(calls) == sorted(["mixed", "one_task", "split_by_task", "dense_masking_by_task"] * cases)
+    assert json.loads((tmp_path / "warm.json").read_text())["results"] == []
 
 
 def test_targets_from_graph_times():

@@ -42,3 +42,15 @@ def test_quick_run_writes_the_byte_model(tmp_path):
     assert model("element", 3, (64, 64))["predicted_vs_premasked"] == 1.0
     assert model("element", 1, (64, 64))["predicted_vs_premasked"] == 1.5
     assert data["results"] == []  # timings only on a GPU
+
+
+def test_warm_latency_rows_call_each_method_once_untimed(monkeypatch):
+    """``--warm`` (the GPU session's compile pass) runs each method once and times and returns nothing."""
+    calls = []
+    real = tiles.masked_linear
+    monkeypatch.setattr(tiles, "masked_linear", lambda *args, **kwargs: calls.append(kwargs) or real(*args, **kwargs))
+    monkeypatch.setattr(tiles.timing, "latency_row", lambda *args, **kwargs: pytest.fail("a warm run timed a call"))
+    task_ids = tiles.packed_ids(torch.randn(64, 96), "block32")
+    weight = torch.where(task_ids != 0, torch.randn(64, 96), 0.0).half()
+    assert tiles.latency_rows(weight, task_ids, "block32", 2, 1, "cpu", 2, warm=True) == []
+    assert [sorted(kwargs) for kwargs in calls] == [["free_weights_zero", "tile_map"], []]

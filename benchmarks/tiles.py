@@ -1,6 +1,6 @@
 """What the tile map saves each task: the bytes it reads (from the map, on any machine) and, on a GPU, its latency.
 
-    python benchmarks/tiles.py (--out DIR | --json FILE) [--quick] [--budget-s SECONDS]
+    python benchmarks/tiles.py (--out DIR | --json FILE) [--quick] [--budget-s SECONDS] [--warm]
 
 One transformer MLP up projection (4096 -> 11008, fp16) packed for 3 tasks three ways: block-structured PackNet with
 128 x 128 blocks (as large as the small-batch kernel tiles) and with 32 x 32 blocks (the map's cells), each task
@@ -108,8 +108,9 @@ def byte_model(task_ids: torch.Tensor, element: int) -> list[dict]:
     return rows
 
 
-def latency_rows(weight, task_ids, packing, batch, task, device, rotations) -> list[dict]:
-    """Graph-replay and event times of each method for one (packing, batch, task); each output checked first."""
+def latency_rows(weight, task_ids, packing, batch, task, device, rotations, warm: bool = False) -> list[dict]:
+    """Graph-replay and event times of each method for one (packing, batch, task); each output checked first. With
+    ``warm`` each method only runs once (compiling its kernels) and no row is returned."""
     generator = torch.Generator(device=device).manual_seed(batch * 10 + task)
     xs = [torch.randn(batch, weight.shape[1], generator=generator, device=device).half() for _ in range(rotations)]
     cells = tile_map(task_ids).contiguous()
@@ -125,6 +126,11 @@ def latency_rows(weight, task_ids, packing, batch, task, device, rotations) -> l
     if device == "cuda":
         bsr = premasked.to_sparse_bsr(BSR_BLOCK)
         methods["bsr"] = lambda i: F.linear(xs[i % rotations], bsr)
+    if warm:
+        for fn in methods.values():
+            fn(0)
+        timing.synchronize(device)
+        return []
     rows = []
     for method, fn in methods.items():
         row = {"packing": packing, "batch": batch, "task": task, "method": method}
@@ -235,6 +241,9 @@ def main(argv=None) -> int:
         rotations = timing.MAX_ROTATIONS[device]
         for batch in BATCHES:
             for task in range(1, NUM_TASKS + 1):
+                if args.warm:
+                    latency_rows(weight, ids, packing, batch, task, device, rotations, warm=True)
+                    continue
                 if time.perf_counter() - started > args.budget_s:
                     result["skipped"].append([packing, batch, task])
                     continue

@@ -210,13 +210,19 @@ def markdown_report(json_path: str | Path, markdown: Callable[[dict], str]) -> l
 
 def stage_arguments(argv, description: str, file_name: str, quick_help: str, budget_help: str):
     """``(args, path)`` of a script stage's command line: ``--out DIR`` (results in ``DIR/file_name``) or ``--json
-    FILE``, ``--quick`` and ``--budget-s``; the results file's directory is created."""
+    FILE``, ``--quick``, ``--budget-s`` and ``--warm``; the results file's directory is created."""
     parser = argparse.ArgumentParser(description=description)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help=f"directory for {file_name}")
     target.add_argument("--json", help="the results file (instead of --out)")
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--budget-s", type=float, default=1e9, help=budget_help)
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="only call every method of every case once, untimed and unchecked: fills Triton's on-disk cache "
+        "(compiled kernels) from a separate process before the timed run",
+    )
     args = parser.parse_args(argv)
     path = Path(args.json) if args.json else Path(args.out) / file_name
     path.parent.mkdir(parents=True, exist_ok=True)
