@@ -22,9 +22,10 @@ Every method's output is first checked against a float64 reference (normwise rel
 the next of several buffer sets so that L2 cannot hold them), and ``graph_ms``, the same calls captured in a CUDA
 graph and replayed (pure GPU time), each with its spread (interquartile range over median; a row whose quoted time
 spreads more than ``timing.UNSTABLE_SPREAD`` is marked ``unstable``). For ``packnet``, ``host_us`` is the host time
-to issue one call. The measured copy bandwidth and matmul rate come first. Results go to ``DIR/headline.json`` (or
-``--json FILE``), rewritten after every case, so a run stopped by a time limit keeps what it measured; ``--budget-s``
-stops starting new cases after that many seconds.
+to issue one call; for the three packed methods, ``config`` is the config the autotuner chose for the case. The
+measured copy bandwidth and matmul rate come first. Results go to ``DIR/headline.json`` (or ``--json FILE``),
+rewritten after every case, so a run stopped by a time limit keeps what it measured; ``--budget-s`` stops starting
+new cases after that many seconds.
 
 ``--warm --shard I/N`` only runs the packed kernels once per case (compiling and autotuning them), for filling
 Triton's on-disk cache from several processes before the timed run.
@@ -178,6 +179,22 @@ def host_us(fn, calls: int = 50) -> float:
     return elapsed / calls * 1e6
 
 
+def tuned_config(call) -> str | None:
+    """The autotuned config a packed kernel call launched with (CUDA, autotuning on), as Triton prints a config: every
+    autotuner of the packed kernels forgets its last choice, ``call()`` runs, and the one that ran tells its choice
+    (None when none or several did)."""
+    from packnet_kernels import conv2d, linear
+
+    major = torch.cuda.get_device_capability()[0]
+    tuners = [linear._tuned_kernel(regime, major) for regime in ("small", "large", "mixed")]
+    tuners += [conv2d._gpu_kernel(kernel) for kernel in ("gemm", "direct")]
+    for tuner in tuners:
+        tuner.best_config = None
+    call()
+    chosen = [str(tuner.best_config) for tuner in tuners if tuner.best_config is not None]
+    return chosen[0] if len(chosen) == 1 else None
+
+
 def traffic_bytes(layer: shapes.LayerShape, batch: int, element: int, method: str) -> int:
     """Compulsory DRAM traffic: x, W and y; the ids for the packed kernel; the mask and a written-then-read masked
     copy for the methods that materialise it."""
@@ -242,6 +259,8 @@ def run_case(layer, dtype, batch, task, sets, device, rotations, warm_only) -> l
             row.update(timing.latency_row(fn, device, rotations))
             if method in ("packnet", "packnet_tilemap") and device == "cuda":
                 row["host_us"] = host_us(fn)
+            if method.startswith("packnet") and device == "cuda":
+                row["config"] = tuned_config(lambda fn=fn: fn(0))
         except Exception as error:  # a failing method is a result too; the others still run
             row.update(ok=False, note=f"{type(error).__name__}: {str(error)[:300]}")
         rows.append(row)

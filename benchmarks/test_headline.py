@@ -73,3 +73,30 @@ def test_latest_task_target_uses_the_packed_layers_tile_map_path():
     case["packnet_tilemap"]["graph_ms"] = 1.0
     met = {target: ok for target, _, ok in headline_report.targets({("fc", "float16", 1, 3): case})}
     assert met["linear batch <= 256, latest task: >= 0.9x pre-masked"] is False
+
+
+def test_tuned_config_names_the_autotuner_that_ran(monkeypatch):
+    """``config`` comes from the one autotuner the call ran (each forgets its last choice first); none or several
+    running give None."""
+    from packnet_kernels import conv2d, linear
+
+    class Tuner:
+        def __init__(self):
+            self.best_config = "left over from an earlier case"
+
+    tuners = {name: Tuner() for name in ("small", "large", "mixed", "gemm", "direct")}
+    monkeypatch.setattr(headline.torch.cuda, "get_device_capability", lambda: (9, 0))
+    monkeypatch.setattr(linear, "_tuned_kernel", lambda regime, major: tuners[regime])
+    monkeypatch.setattr(conv2d, "_gpu_kernel", lambda kernel: tuners[kernel])
+
+    def run(*names):
+        def call():
+            for name in names:
+                tuners[name].best_config = f"{name} config"
+
+        return call
+
+    assert headline.tuned_config(run("small")) == "small config"
+    assert headline.tuned_config(run("gemm")) == "gemm config"
+    assert headline.tuned_config(run()) is None
+    assert headline.tuned_config(run("small", "large")) is None
