@@ -694,6 +694,9 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
     segments): for sm_90, 64 x 16 x 64 tiles then spill 40-48 bytes at 255 registers, 64 x 16 x 32 ones take about
     180 registers without spilling (2 programs per SM either way, by registers), and 5 stages keep 5 steps of weight
     and ids in flight per program. Wider weight or batch tiles spill (the result select keeps a second accumulator).
+    On sm_90 each segment's dot of a 64-row weight tile is a wgmma that Triton waits for before the next (run 4: 2
+    and 8 segments cost 103 and 196 us per 16-row pass of a 4096 -> 11008 layer); a 32-row weight tile runs its dots
+    as ``mma.sync`` instead (4 stages: on 5, triton 3.6 spilled 16 bytes), so the autotuner gets both.
 
     Small batch: ``BLOCK_M`` is 16 (the narrowest dot) and ``BLOCK_K`` divides ``_SPLIT_K_ALIGN``; the candidates
     vary how many weight bytes a program keeps in flight. Large batch: the usual GEMM tiles; Hopper and datacenter
@@ -703,7 +706,10 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
     class (small: 66 KB; large: 131 KB on 9.x/10.x, 74 KB else): it is the untuned default (``AUTOTUNE = False``).
     """
     if regime == "mixed":
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": 32, "GROUP_N": 8}, num_warps=4, num_stages=5)]
+        return [
+            triton.Config({"BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": 32, "GROUP_N": 8}, num_warps=4, num_stages=5),
+            triton.Config({"BLOCK_N": 32, "BLOCK_M": 16, "BLOCK_K": 32, "GROUP_N": 8}, num_warps=4, num_stages=4),
+        ]
     if regime == "small":
         # (BLOCK_N, BLOCK_K, num_warps, num_stages)
         shapes = [

@@ -158,8 +158,9 @@ def _linear_variants() -> list[dict]:
                         args.update({f"{name}_ptr": "*fp32", f"stride_{name}": 1, f"stride_{name}_task": n})
                         constexprs[f"HAS_{name.upper()}"] = True
                 constexprs.update(config.kwargs)
-                name = f"linear-mixed-m{m}-fp16-sm90-w{config.num_warps}-s{config.num_stages}" + (
-                    "-tilemap" if tile_map else ""
+                name = (
+                    f"linear-mixed-m{m}-fp16-sm90-BLOCK_N{config.kwargs['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
+                    + ("-tilemap" if tile_map else "")
                 )
                 variants.append(
                     dict(
