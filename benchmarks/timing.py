@@ -179,8 +179,10 @@ def graph_latency(fn, rotations: int) -> dict:
 def latency_row(fn: Callable[[int], object], device: str, rotations: int, rep_ms: float = 25.0) -> dict:
     """A benchmark row's times of ``fn(i)``: ``event_ms``/``event_spread`` (:func:`latency`) and, on CUDA,
     ``graph_ms``/``graph_spread`` (:func:`graph_latency`; None elsewhere); ``unstable`` when the time a report quotes
-    (the graph time where there is one) spreads more than ``UNSTABLE_SPREAD``."""
-    event = latency(fn, device, rep_ms=rep_ms)
+    (the graph time where there is one) spreads more than ``UNSTABLE_SPREAD``. Off CUDA the event time is a smoke
+    measurement (two calls, no warm-up): a CPU run times the reference path or the interpreter, never a kernel, and
+    its report says so."""
+    event = latency(fn, device, rep_ms=rep_ms, smoke=device != "cuda")
     graph = graph_latency(fn, rotations) if device == "cuda" else {"median_ms": None, "spread": None}
     quoted = graph["spread"] if device == "cuda" else event["spread"]
     return {
