@@ -73,3 +73,16 @@ def next_task(tasks, after):
     """The smallest of ``tasks`` (an int32 vector; 0 marks rows that take no part) above ``after``; 256 (no task)
     when there is none: how mixed-task tiles walk the tasks present among their rows."""
     return tl.min(tl.where(tasks > after, tasks, 256), axis=0)
+
+
+@triton.jit
+def next_pass(tasks, done_task, SEGMENTS: tl.constexpr):
+    """``(count, last)``: how many tasks of ``tasks`` (as in :func:`next_task`) lie above ``done_task`` among the next
+    ``SEGMENTS`` a mixed tile's pass takes, and the last of them (256 when fewer than ``SEGMENTS`` remain): the pass
+    sums every task in ``(done_task, last]``."""
+    count = 0
+    last = done_task
+    for _ in tl.static_range(SEGMENTS):
+        last = next_task(tasks, last)
+        count += (last < 256).to(tl.int32)
+    return count, last

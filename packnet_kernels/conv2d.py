@@ -35,7 +35,7 @@ from ._checks import (
     require_kernel_device,
     task_limit,
 )
-from ._predicate import next_task, span_owners, task_owns, tile_bounds
+from ._predicate import next_pass, next_task, span_owners, task_owns, tile_bounds
 from .reference import per_task_rows
 
 __all__ = ["masked_conv2d_triton"]
@@ -312,11 +312,7 @@ def _mixed_taps(
     tl.static_assert(SEGMENTS > FEW_SEGMENTS, "the launcher runs 2 or 4 segments per mixed pass")
     done_task = 0 * tile_max_task  # every task <= done_task is summed
     while done_task < tile_max_task:
-        pass_tasks = 0
-        last_task = done_task
-        for _ in tl.static_range(SEGMENTS):
-            last_task = next_task(pixel_tasks, last_task)
-            pass_tasks += (last_task < 256).to(tl.int32)
+        pass_tasks, last_task = next_pass(pixel_tasks, done_task, SEGMENTS)
         if pass_tasks <= FEW_SEGMENTS:
             acc = _mixed_taps_pass(
                 acc,
@@ -607,26 +603,21 @@ def _masked_conv2d_gemm_kernel(
                     map_rows, cell_row_mask, 0, KH * KW * cin_per_group, stride_map_plane, CELL_K, 128
                 )
                 if owner_min <= active_task:
+                    raw_span = False
                     if RAW_TILES:
-                        if owner_max <= active_task:
-                            acc = _task_taps(acc, x_rows, w_cols, ids_cols, None, None, None, active_task, in_row0,
-                                             in_col0, m_valid, n_valid, in_h, in_w, cin_per_group, channel_blocks, 0,
-                                             stride_xc, stride_xh, stride_xw, stride_wc, stride_wh, stride_ww,
-                                             stride_ic, stride_ih, stride_iw, dilation_h, dilation_w, KH, KW, False,
-                                             False, False, CELL_K, UPCAST_DOT, INPUT_PRECISION, BLOCK_K)  # fmt: skip
-                        else:
-                            acc = _task_taps(acc, x_rows, w_cols, ids_cols, map_rows, cell_row_mask, offs_cell_k,
-                                             active_task, in_row0, in_col0, m_valid, n_valid, in_h, in_w,
-                                             cin_per_group, channel_blocks, stride_map_plane, stride_xc, stride_xh,
-                                             stride_xw, stride_wc, stride_wh, stride_ww, stride_ic, stride_ih,
-                                             stride_iw, dilation_h, dilation_w, KH, KW, USE_MASK, True, True, CELL_K,
-                                             UPCAST_DOT, INPUT_PRECISION, BLOCK_K)  # fmt: skip
+                        raw_span = owner_max <= active_task
+                    if raw_span:
+                        acc = _task_taps(acc, x_rows, w_cols, ids_cols, None, None, None, active_task, in_row0, in_col0,
+                                         m_valid, n_valid, in_h, in_w, cin_per_group, channel_blocks, 0, stride_xc,
+                                         stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, stride_ic, stride_ih,
+                                         stride_iw, dilation_h, dilation_w, KH, KW, False, False, False, CELL_K,
+                                         UPCAST_DOT, INPUT_PRECISION, BLOCK_K)  # fmt: skip
                     else:
                         acc = _task_taps(acc, x_rows, w_cols, ids_cols, map_rows, cell_row_mask, offs_cell_k,
                                          active_task, in_row0, in_col0, m_valid, n_valid, in_h, in_w, cin_per_group,
                                          channel_blocks, stride_map_plane, stride_xc, stride_xh, stride_xw, stride_wc,
                                          stride_wh, stride_ww, stride_ic, stride_ih, stride_iw, dilation_h,
-                                         dilation_w, KH, KW, USE_MASK, True, False, CELL_K, UPCAST_DOT,
+                                         dilation_w, KH, KW, USE_MASK, True, RAW_TILES, CELL_K, UPCAST_DOT,
                                          INPUT_PRECISION, BLOCK_K)  # fmt: skip
             else:
                 acc = _task_taps(acc, x_rows, w_cols, ids_cols, None, None, None, active_task, in_row0, in_col0,

@@ -50,7 +50,7 @@ from ._checks import (
     require_kernel_device,
     task_limit,
 )
-from ._predicate import next_task, span_owners, task_owns, tile_bounds
+from ._predicate import next_pass, next_task, span_owners, task_owns, tile_bounds
 
 __all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton", "release_workspaces"]
 
@@ -314,11 +314,7 @@ def _mixed_task_sums(
     FEW_SEGMENTS: tl.constexpr = 2 if SEGMENTS > 2 else 1
     done_task = 0 * tile_max_task  # every task <= done_task is summed
     while done_task < tile_max_task:
-        pass_tasks = 0
-        last_task = done_task
-        for _ in tl.static_range(SEGMENTS):
-            last_task = next_task(row_tasks, last_task)
-            pass_tasks += (last_task < 256).to(tl.int32)
+        pass_tasks, last_task = next_pass(row_tasks, done_task, SEGMENTS)
         if SEGMENTS > FEW_SEGMENTS:
             if pass_tasks <= FEW_SEGMENTS:
                 acc = _mixed_pass(
@@ -607,21 +603,18 @@ def _masked_linear_kernel(
                 128,
             )
             if owner_min <= active_task:  # else no weight of the span is the task's: the sums stay zero
+                raw_span = False
                 if RAW_TILES:
-                    if owner_max <= active_task:
-                        # Every owner visible and free weights zero: the weights as stored, no ids, no map.
-                        acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, None, None, offs_k, n_mask, m_mask,
-                                         k_start, k_end, K, active_task, 0, stride_wk, stride_idk, stride_xk, False,
-                                         False, False, CELL_K, UPCAST_BF16, INPUT_PRECISION, BLOCK_K)  # fmt: skip
-                    else:
-                        acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, map_ptrs, cell_row_mask, offs_cell_k,
-                                         offs_k, n_mask, m_mask, k_start, k_end, K, active_task, stride_map_plane,
-                                         stride_wk, stride_idk, stride_xk, USE_MASK, True, True, CELL_K, UPCAST_BF16,
-                                         INPUT_PRECISION, BLOCK_K)  # fmt: skip
+                    raw_span = owner_max <= active_task
+                if raw_span:
+                    # Every owner visible and free weights zero: the weights as stored, no ids, no map.
+                    acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, None, None, offs_k, n_mask, m_mask, k_start,
+                                     k_end, K, active_task, 0, stride_wk, stride_idk, stride_xk, False, False, False,
+                                     CELL_K, UPCAST_BF16, INPUT_PRECISION, BLOCK_K)  # fmt: skip
                 else:
                     acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, map_ptrs, cell_row_mask, offs_cell_k, offs_k,
                                      n_mask, m_mask, k_start, k_end, K, active_task, stride_map_plane, stride_wk,
-                                     stride_idk, stride_xk, USE_MASK, True, False, CELL_K, UPCAST_BF16,
+                                     stride_idk, stride_xk, USE_MASK, True, RAW_TILES, CELL_K, UPCAST_BF16,
                                      INPUT_PRECISION, BLOCK_K)  # fmt: skip
         else:
             acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, None, None, offs_k, n_mask, m_mask, k_start, k_end,
