@@ -88,9 +88,7 @@ def run_case(weight, task_ids, batch, task_count, device, rotations, warm: bool 
     ]
     row_tasks = row_tasks_for(batch, task_count, seed=batch + task_count)
     if warm:
-        for fn in build_methods(x, weight, task_ids, row_tasks).values():
-            fn(0)
-        timing.synchronize(device)
+        timing.call_each_once(build_methods(x, weight, task_ids, row_tasks), device)
         return []
     expected = masked_linear_ref(x[0].double(), weight.double(), task_ids, row_tasks.to(device))
     one_task_expected = masked_linear_ref(x[0].double(), weight.double(), task_ids, NUM_TASKS)

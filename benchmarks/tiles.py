@@ -127,9 +127,7 @@ def latency_rows(weight, task_ids, packing, batch, task, device, rotations, warm
         bsr = premasked.to_sparse_bsr(BSR_BLOCK)
         methods["bsr"] = lambda i: F.linear(xs[i % rotations], bsr)
     if warm:
-        for fn in methods.values():
-            fn(0)
-        timing.synchronize(device)
+        timing.call_each_once(methods, device)
         return []
     rows = []
     for method, fn in methods.items():

@@ -77,6 +77,13 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def call_each_once(methods: dict[str, Callable[[int], object]], device: str) -> None:
+    """A ``--warm`` run's case: every method's ``fn(0)`` once (compiling its kernels), untimed and unchecked."""
+    for fn in methods.values():
+        fn(0)
+    synchronize(device)
+
+
 def median_ms(fn: Callable[[int], object], device: str, *, rep_ms: float = REP_MS, smoke: bool = False) -> float:
     """Median latency of ``fn(i)`` in milliseconds (see :func:`latency_samples`)."""
     return statistics.median(latency_samples(fn, device, rep_ms=rep_ms, smoke=smoke))
