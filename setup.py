@@ -19,7 +19,16 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "scikit-learn>=1.3", "matplotlib>=3.7"],
+        # transformers pinned: an unpinned one may ask for a torch the CPU install does not have.
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6.100",
+            "scikit-learn>=1.3",
+            "matplotlib>=3.7",
+            "transformers==5.24.0",
+        ],
+        "transformers": ["transformers>=4.40"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
         "demo": ["scikit-learn>=1.3"],
         "dev": ["ruff>=0.6"],

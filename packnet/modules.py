@@ -529,20 +529,46 @@ def set_task(model: nn.Module, task: int | torch.Tensor) -> _ActiveTask:
 # Attribute of a packed model with the call hooks of accept_task_argument: the stack of its calls in progress, each
 # entry the active tasks a ``task=`` argument replaced (None when it replaced nothing).
 _TASK_CALLS_ATTR = "_packnet_task_calls"
-# Attribute set on a model whose own forward takes ``task``: its hooks leave the argument to it.
-_OWN_TASK_ATTR = "_packnet_own_task_argument"
+# Attribute set on a model whose own forward names a ``task`` parameter: the signature, so that the hooks find the
+# task wherever the caller put it (by keyword or by position) and still hand it to the forward.
+_OWN_TASK_ATTR = "_packnet_own_task_signature"
+
+
+def _names_task_parameter(forward) -> inspect.Signature | None:
+    """``forward``'s signature when it declares a parameter named ``task`` (not merely ``**kwargs``), else None.
+
+    ``**kwargs`` says nothing about what a forward does with ``task``: every Hugging Face model takes ``**kwargs``
+    and silently ignores a ``task`` in them, so a model is never trusted to handle the task because of it."""
+    signature = inspect.signature(forward)
+    task = signature.parameters.get("task")
+    if task is None or task.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+        return None
+    return signature
+
+
+def _call_task(model: nn.Module, args: tuple, kwargs: dict):
+    """The ``task`` of one call and the keyword arguments to forward with. A forward without its own ``task``
+    parameter never sees the argument; one that names it gets it back where the caller put it."""
+    signature = getattr(model, _OWN_TASK_ATTR, None)
+    if signature is None:
+        return kwargs.pop("task", None), kwargs
+    if "task" in kwargs:
+        return kwargs["task"], kwargs
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return None, kwargs  # the forward itself raises the caller's mistake with its own message
+    return bound.arguments.get("task"), kwargs
 
 
 def _task_call_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
-    """Enter the packed forward and take ``task`` out of the call's keyword arguments, making it the model's active
-    task for this call."""
+    """Enter the packed forward and make the call's ``task`` the active task of every packed module of ``model``
+    for this call (checked against each of them first), whether or not the model's forward takes ``task`` itself."""
     calls = getattr(model, _TASK_CALLS_ATTR)
     # Pushed and entered first: the restoring hook runs (pops and leaves) even when the check below raises.
     calls.append(None)
     enter_packed_forward()
-    if getattr(model, _OWN_TASK_ATTR, False):
-        return None  # the model's forward takes ``task`` itself
-    task = kwargs.pop("task", None)
+    task, kwargs = _call_task(model, args, kwargs)
     if task is None:
         return args, kwargs
     modules = task_modules(model)
@@ -566,24 +592,27 @@ def _task_call_hook(model: nn.Module, args: tuple, output):
 
 
 def accept_task_argument(model: nn.Module) -> nn.Module:
-    """Let ``model(x, task=t)`` run task ``t`` (an int, or a 1-D integer tensor of per-row tasks) for that call only,
-    whatever the model's architecture; returns ``model``.
+    """Let ``model(x, task=t)`` run task ``t`` (an int, or a 1-D integer tensor of per-row tasks) in every packed
+    module of ``model`` for that call only, whatever the model's architecture; returns ``model``.
 
     The task is taken out of the call's keyword arguments before ``forward`` runs (a forward hook, so ``forward``
-    itself and its ``torch.fx`` tracing stay unchanged) and the previous active tasks are restored after the call,
-    also when it raises. ``task=None`` runs the active task (:func:`set_task`). Checked on every call like
-    ``module(x, task=t)``: the type, and a task tensor's dtype and shape; its values on the CPU only (on a GPU a
-    packed layer writes NaN rows for a task beyond its tables; a :class:`TaskSwitch` reads the values anyway and
-    raises). ``torch.compile(model, fullgraph=True)`` traces the hooks into its one graph; an int ``task=`` then
-    compiles one graph per task value, so set it with :func:`set_task` outside the compiled call instead. Like
-    :func:`set_task`, the active task belongs to the model, not to a thread: threads that run one model at once
-    must not give different tasks (give each thread its own model).
+    itself and its ``torch.fx`` tracing stay unchanged), made the active task of every packed module, and the
+    previous active tasks are restored after the call, also when it raises. ``task=None`` runs the active task
+    (:func:`set_task`). A forward that declares a parameter named ``task`` still receives it (by keyword or by
+    position, as the caller gave it), and every packed module runs that task too; a forward that only takes
+    ``**kwargs`` (every Hugging Face model) never sees it: ``**kwargs`` is never read as "the model handles the
+    task itself". Checked on every call like ``module(x, task=t)``: the type, and a task tensor's dtype and shape;
+    its values on the CPU only (on a GPU a packed layer writes NaN rows for a task beyond its tables; a
+    :class:`TaskSwitch` reads the values anyway and raises). ``torch.compile(model, fullgraph=True)`` traces the
+    hooks into its one graph; an int ``task=`` then compiles one graph per task value, so set it with
+    :func:`set_task` outside the compiled call instead. Like :func:`set_task`, the active task belongs to the model,
+    not to a thread: threads that run one model at once must not give different tasks (give each thread its own
+    model).
 
     The hooks also mark each call as one packed forward, inside which the kernels may reuse what they derived from
     a mixed batch's task tensor for an earlier layer (its sort by task). Called by
     :func:`packnet.build_packed_model` (so :func:`packnet.compile_pack` and :func:`packnet.load_pack`) and
-    :func:`swap_packed_`. A model whose ``forward`` already takes a ``task`` argument (or ``**kwargs``) keeps the
-    argument: it is the model's own. Calling it again changes nothing.
+    :func:`swap_packed_`. Calling it again changes nothing.
 
     Raises:
         ValueError: at call time, a task outside 1..num_tasks of some module (a task tensor's values: CPU only).
@@ -591,9 +620,9 @@ def accept_task_argument(model: nn.Module) -> nn.Module:
     """
     if hasattr(model, _TASK_CALLS_ATTR):
         return model
-    parameters = inspect.signature(model.forward).parameters.values()
-    if any(p.name == "task" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        object.__setattr__(model, _OWN_TASK_ATTR, True)
+    signature = _names_task_parameter(model.forward)
+    if signature is not None:
+        object.__setattr__(model, _OWN_TASK_ATTR, signature)
     object.__setattr__(model, _TASK_CALLS_ATTR, [])
     model.register_forward_pre_hook(_task_call_pre_hook, with_kwargs=True)
     model.register_forward_hook(_task_call_hook, always_call=True)

@@ -413,12 +413,25 @@ def test_loaded_and_custom_models_take_the_task_per_call(tmp_path):
             super().__init__()
             self.layer = nn.Linear(4, 3)
 
-        def forward(self, x, task="own"):
+        def forward(self, x, task=None):
             return self.layer(x), task
 
-    own = packnet.swap_packed_(OwnTask(), {"layer": torch.ones(3, 4, dtype=torch.uint8)}, num_tasks=1)
-    with packnet.set_task(own, 1):
-        assert own(torch.randn(2, 4), task="mine")[1] == "mine"
+    ids = torch.tensor([[1, 2, 1, 2]] * 3, dtype=torch.uint8)
+    own = packnet.swap_packed_(OwnTask(), {"layer": ids}, num_tasks=2, backend="reference")
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        expected = {}
+        for task in (1, 2):
+            with packnet.set_task(own, task):
+                expected[task] = own(x)[0]
+        assert not torch.equal(expected[1], expected[2])
+        packnet.set_task(own, 1)
+        # The forward gets its task, by keyword or by position, and every packed layer runs that task too.
+        for output, task in (own(x, task=2), own(x, 2)):
+            assert task == 2 and torch.equal(output, expected[2])
+        assert own.layer.active_task == 1
+        with pytest.raises(TypeError, match="task must be an int, got str 'mine'"):
+            own(x, task="mine")
 
 
 @pytest.mark.interpreter

@@ -131,3 +131,40 @@ def test_compiled_model_has_one_graph():
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     assert torch.equal(compiled(x), model(x))
     assert counter.frame_count == 1
+
+
+class _KeywordArgumentsNet(nn.Module):
+    """A forward taking ``**kwargs``, as every Hugging Face model's does: it ignores a ``task`` among them."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, **kwargs):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_a_task_argument_is_never_lost_in_a_forwards_keyword_arguments():
+    """``model(x, task=t)`` runs task t in every packed module, also when the forward takes ``**kwargs`` (once it
+    silently ran the active task): two trained tasks, task 1 active, ``task=2`` must give task 2's outputs."""
+    torch.manual_seed(0)
+    trainer = packnet.PackNet(_KeywordArgumentsNet(), prune_ratio=0.5, head="head")
+    x = torch.randn(16, 6)
+    for task in (1, 2):
+        targets = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(task))
+        trainer.learn_task([(x, targets)], lambda p: torch.optim.SGD(p, lr=0.5), epochs=3, show_progress=False)
+    packed = packnet.compile_pack(trainer)
+    with torch.no_grad():
+        expected = {task: trainer.predict(x, task) for task in (1, 2)}
+        assert not torch.equal(expected[1], expected[2])
+        packnet.set_task(packed, 1)
+        assert torch.equal(packed(x, task=2), expected[2])
+        assert torch.equal(packed(x, task=torch.tensor([2] * 16)), expected[2])
+        assert torch.equal(packed(x), expected[1])  # the call's task was for that call only
+        with packnet.set_task(packed, 2):
+            assert torch.equal(packed(x, task=1), expected[1]) and torch.equal(packed(x), expected[2])
+        with pytest.raises(ValueError, match=r"task 3 is outside 1\.\.2"):
+            packed(x, task=3)
+        with pytest.raises(TypeError, match="task must be an int"):
+            packed(x, task="2")
