@@ -206,8 +206,9 @@ def time_packed_layers(model: nn.Module, sample: torch.Tensor, task: int, device
         if name not in inputs:
             continue
         x = inputs[name]
-        mask = ((module.task_ids != 0) & (module.task_ids <= task)).to(module.weight.dtype)
-        premasked = effective_weight(module.weight, module.task_ids, task)
+        ids = module.task_ids.to(module.weight.device)  # a host copy beside compact ids on a GPU
+        mask = ((ids != 0) & (ids <= task)).to(module.weight.dtype)
+        premasked = effective_weight(module.weight, ids, task)
         bias, scale, shift = module._epilogue(task)
         # The baselines run the same per-task epilogue (a folded BatchNorm and ReLU) as unfused elementwise ops.
         if isinstance(module, PackedConv2d):

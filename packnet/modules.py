@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from packnet_kernels import MAX_TASKS, masked_conv2d, masked_linear, tile_map
+from packnet_kernels import MAX_TASKS, bits_for, compact_task_ids, masked_conv2d, masked_linear, tile_map
 from packnet_kernels._checks import (
     TASK_TENSOR_DTYPES,
     check_backend,
@@ -117,6 +117,14 @@ class _TaskSelecting(nn.Module):
 class _PackedLayer(_TaskSelecting):
     """Common storage of the packed layers: weight, task ids, per-task bias and per-task epilogue."""
 
+    # Whether this layer's kernel reads compact run-time ids (see uses_compact_ids).
+    COMPACT_IDS = False
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._place_ids()
+        return self
+
     def _init_storage(self, weight_shape, num_tasks, bias, device, dtype, backend) -> None:
         self.num_tasks = _check_num_tasks(num_tasks)
         self.backend = check_backend(backend)
@@ -138,6 +146,9 @@ class _PackedLayer(_TaskSelecting):
         # Let the kernels skip what a task does not use (see tile_map_state); never saved, always recomputed.
         self.use_tile_map = True
         self._tile_state: tuple | None = None
+        # The kernels' run-time ids (packnet_kernels.id_layout), derived from task_ids when needed: see kernel_ids.
+        self._compact_state: tuple | None = None
+        self._place_ids()
 
     def load_packed(
         self,
@@ -158,7 +169,8 @@ class _PackedLayer(_TaskSelecting):
                 f"{type(self).__name__}: task_ids hold task {int(task_ids.max())} but the layer has {self.num_tasks}"
             )
         with torch.no_grad():
-            self.weight.copy_(torch.where(task_ids != 0, weight.to(self.weight), torch.zeros_like(self.weight)))
+            owned = task_ids.to(self.weight.device) != 0
+            self.weight.copy_(torch.where(owned, weight.to(self.weight), torch.zeros_like(self.weight)))
             self.task_ids.copy_(task_ids)
             if self.bias is not None:
                 if biases is None or len(biases) != self.num_tasks:
@@ -221,16 +233,64 @@ class _PackedLayer(_TaskSelecting):
         key = (weight.data_ptr(), weight._version, task_ids.data_ptr(), task_ids._version, weight.device)
         if self._tile_state is None or self._tile_state[0] != key:
             with torch.no_grad():
-                free_weights_zero = bool(((task_ids != 0) | (weight == 0)).all())
-            self._tile_state = (key, tile_map(task_ids).contiguous(), free_weights_zero)
+                ids = task_ids.to(weight.device)  # the host copy when the device holds compact ids
+                free_weights_zero = bool(((ids != 0) | (weight == 0)).all())
+            self._tile_state = (key, tile_map(ids).contiguous(), free_weights_zero)
         return self._tile_state[1], self._tile_state[2]
+
+    def uses_compact_ids(self) -> bool:
+        """True when the device holds the compact run-time ids (:mod:`packnet_kernels.id_layout`: 2 bits per weight
+        up to 3 tasks, 4 up to 15) instead of the uint8 ``task_ids``, which then stay on the host: a layer whose
+        kernel reads them (``COMPACT_IDS``) on a CUDA device with at most 15 tasks."""
+        return self.COMPACT_IDS and self.weight.is_cuda and bits_for(self.num_tasks) < 8
+
+    def _place_ids(self) -> None:
+        """After a move: the uint8 ids on the weight's device, or on the host beside compact ids on the device."""
+        device = torch.device("cpu") if self.uses_compact_ids() else self.weight.device
+        if self.task_ids.device != device:
+            self.task_ids = self.task_ids.to(device)
+        self._compact_state = None
+
+    def kernel_ids(self, x: torch.Tensor):
+        """The ids a kernel call on ``x`` reads: the compact run-time ids (:meth:`compact_ids`) when
+        :meth:`uses_compact_ids` and the kernel runs; else ``task_ids`` on the weight's device (the reference backend
+        reads uint8 ids)."""
+        kernel_path = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+        if kernel_path and self.uses_compact_ids():
+            return self.compact_ids()
+        return self.task_ids.to(self.weight.device)
+
+    def compact_ids(self):
+        """``task_ids`` in the kernels' run-time layout on the weight's device (:func:`packnet_kernels.
+        compact_task_ids`), derived whenever the ids were replaced or written in place (their version counter) and
+        reused otherwise; inside ``torch.compile``, the last ones made eagerly. Ids made under
+        ``torch.inference_mode`` keep no version counter: their compact copy is derived on every call."""
+        if torch.compiler.is_compiling() and self._compact_state is not None:
+            return self._compact_state[1]
+        task_ids = self.task_ids
+        key = (task_ids.data_ptr(), task_ids._version, self.weight.device)
+        if task_ids.is_inference() or self._compact_state is None or self._compact_state[0] != key:
+            with torch.no_grad():
+                compact = compact_task_ids(task_ids.to(self.weight.device), self.num_tasks)
+            if task_ids.is_inference():
+                return compact
+            self._compact_state = (key, compact)
+        return self._compact_state[1]
+
+    def device_id_bytes(self) -> int:
+        """Bytes the task ids take on the weight's device: the compact ids' where the layer holds them, else the uint8
+        ids'."""
+        if self.uses_compact_ids():
+            return self.compact_ids().nbytes()
+        return self.task_ids.numel() * self.task_ids.element_size()
 
     def refresh_tile_map(self) -> None:
         """Forget the tile map, so that the next kernel call recomputes it (and re-checks free weights). Needed only
         after writing ``weight`` or ``task_ids`` in a way PyTorch's version counters do not see (through ``.data``,
         NumPy or DLPack): a stale map would skip tiles the new ids use. Writes through PyTorch operations, in place
-        or not, are seen without it."""
+        or not, are seen without it. The compact run-time ids (:meth:`kernel_ids`) are derived again too."""
         self._tile_state = None
+        self._compact_state = None
 
     def _kernel_tile_args(self, x: torch.Tensor) -> dict:
         """The tile-map keywords of a kernel call: none when the reference path runs (it has no use for them) or the
@@ -261,8 +321,12 @@ def _norm_buffer_name(key: str) -> str:
 class PackedLinear(_PackedLayer):
     """``nn.Linear`` for a pack: ``y = x @ where(task_ids in 1..t, W, 0)^T + bias[t]`` (+ fused epilogue).
 
-    Shapes: ``weight``/``task_ids`` ``[out, in]``, ``bias`` ``[num_tasks, out]``; input ``[..., in]``.
+    Shapes: ``weight``/``task_ids`` ``[out, in]``, ``bias`` ``[num_tasks, out]``; input ``[..., in]``. On a CUDA
+    device with at most 15 tasks the kernel reads compact ids (2 or 4 bits per weight, derived from ``task_ids``)
+    and ``task_ids`` stays on the host: see :meth:`uses_compact_ids`.
     """
+
+    COMPACT_IDS = True
 
     def __init__(
         self,
@@ -311,7 +375,7 @@ class PackedLinear(_PackedLayer):
         return masked_linear(
             x,
             self.weight,
-            self.task_ids,
+            self.kernel_ids(x),
             task,
             bias,
             scale=scale,
@@ -415,7 +479,7 @@ class PackedConv2d(_PackedLayer):
         return masked_conv2d(
             x,
             self.weight,
-            self.task_ids,
+            self.kernel_ids(x),
             task,
             bias,
             self.stride,

@@ -23,10 +23,15 @@ from ._checks import (
     resolve_backend,
     task_limit,
 )
+from .id_layout import CompactTaskIds, bits_for, compact_task_ids, unpack_task_ids
 from .reference import effective_weight, masked_conv2d_ref, masked_linear_ref, task_mask, tile_map
 
 __all__ = [
     "MAX_TASKS",
+    "CompactTaskIds",
+    "bits_for",
+    "compact_task_ids",
+    "unpack_task_ids",
     "effective_weight",
     "interpreter_enabled",
     "masked_conv2d",
@@ -72,7 +77,9 @@ def masked_linear(
     Args:
         x: ``[..., in]``, same dtype and device as ``weight``.
         weight: ``[out, in]``, float32/float16/bfloat16 (float64 on the reference backend).
-        task_ids: ``[out, in]`` uint8; 0 = free, k = owned by task k.
+        task_ids: ``[out, in]`` uint8; 0 = free, k = owned by task k. Or the same ids in the kernels' run-time
+            layout (:class:`~packnet_kernels.id_layout.CompactTaskIds`, 2 or 4 bits per weight, what a packed layer
+            on a GPU passes).
         task: int in 1..255; the weights of tasks 1..task are used. Or a mixed batch: an integer tensor (uint8,
             int8/16/32/64) of shape ``[rows]``, ``rows = x.numel() // in``, on ``x``'s device: row ``i`` of
             ``x.reshape(-1, in)`` runs task ``task[i]``. Its length, dtype and device are checked here; its values
@@ -105,6 +112,8 @@ def masked_linear(
         check_tile_map("masked_linear", tile_map, weight, free_weights_zero)
         if isinstance(task, torch.Tensor):
             check_task_values("masked_linear", task, task_limit(bias, scale, shift))
+        if isinstance(task_ids, CompactTaskIds):
+            task_ids = unpack_task_ids(task_ids)
         return masked_linear_ref(x, weight, task_ids, task, bias, scale=scale, shift=shift, relu=relu)
     _require_triton("masked_linear")
     from .linear import masked_linear_triton

@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from .id_layout import CompactTaskIds
+
 MAX_TASKS = 255
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = (*KERNEL_DTYPES, torch.float64)
@@ -204,14 +206,17 @@ def check_common(
 
     ``task`` is an int, or (a mixed batch) a 1-D integer tensor of ``rows`` entries, checked by
     :func:`check_task_tensor` without reading its values; the epilogue vectors may then be per-task tables."""
-    for name, tensor in (("x", x), ("weight", weight), ("task_ids", task_ids)):
+    compact = isinstance(task_ids, CompactTaskIds)
+    for name, tensor in (("x", x), ("weight", weight), ("task_ids", task_ids.words if compact else task_ids)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
     mixed = isinstance(task, torch.Tensor)
     task = check_task_tensor(op, task, rows, x.device) if mixed else check_task(task)
-    if task_ids.dtype != torch.uint8:
+    if compact:
+        check_compact_ids(op, task_ids, weight)
+    elif task_ids.dtype != torch.uint8:
         raise TypeError(f"{op}: task_ids must be torch.uint8 (0 = free, k = owned by task k), got {task_ids.dtype}")
-    if task_ids.shape != weight.shape:
+    elif task_ids.shape != weight.shape:
         raise ValueError(
             f"{op}: task_ids must have the weight's shape {tuple(weight.shape)}, got {tuple(task_ids.shape)}"
         )
@@ -220,7 +225,7 @@ def check_common(
     if x.dtype != weight.dtype:
         raise TypeError(f"{op}: input dtype {x.dtype} does not match weight dtype {weight.dtype}")
     device = x.device  # a new object per access: read once
-    for name, tensor in (("weight", weight), ("task_ids", task_ids)):
+    for name, tensor in (("weight", weight), ("task_ids", task_ids.words if compact else task_ids)):
         if tensor.device != device:
             raise ValueError(f"{op}: {name} is on {tensor.device} but the input is on {device}")
     out_features = weight.shape[0]
@@ -228,6 +233,34 @@ def check_common(
     _check_vector(f"{op}: scale", scale, out_features, x, mixed)
     _check_vector(f"{op}: shift", shift, out_features, x, mixed)
     return task
+
+
+def check_compact_ids(op: str, compact: CompactTaskIds, weight: torch.Tensor) -> None:
+    """Compact ids (:class:`~packnet_kernels.id_layout.CompactTaskIds`) must describe ``weight``: its shape, the
+    group of its layer kind, int32 contiguous words holding every group."""
+    if tuple(compact.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"{op}: compact task ids are for shape {tuple(compact.shape)}, the weight is {tuple(weight.shape)}"
+        )
+    if compact.bits not in (2, 4) or compact.group != weight.shape[1]:
+        raise ValueError(
+            f"{op}: compact task ids must have 2 or 4 bits and groups of {weight.shape[1]} columns, got"
+            f" {compact.bits} bits and groups of {compact.group} (build them with id_layout.compact_task_ids)"
+        )
+    words = compact.words
+    groups = math.prod(weight.shape[1:]) // max(compact.group, 1)
+    if (
+        words.dtype != torch.int32
+        or words.dim() != 2
+        or not words.is_contiguous()
+        or words.shape[0] != weight.shape[0]
+        or words.shape[1] < groups * compact.group_words
+    ):
+        raise ValueError(
+            f"{op}: compact task ids need contiguous int32 words [{weight.shape[0]},"
+            f" >= {groups * compact.group_words}], got {words.dtype} {tuple(words.shape)} (build them with"
+            " id_layout.compact_task_ids)"
+        )
 
 
 # Rows x columns of weight elements per tile-map cell, over the weight as a GEMM operand ``[out, K]`` in the kernels'

@@ -5,6 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._decode_asm import DECODE_ASM
+
 
 @triton.jit
 def task_owns(ids, active_task):
@@ -86,3 +88,101 @@ def next_pass(tasks, done_task, SEGMENTS: tl.constexpr):
         last = next_task(tasks, last)
         count += (last < 256).to(tl.int32)
     return count, last
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+# Compact ids (packnet_kernels.id_layout): 2 or 4 bits per weight in int32 words, decoded a word at a time.
+
+_NIBBLE_ASM = tl.constexpr(DECODE_ASM[4])
+_CRUMB_ASM = tl.constexpr(DECODE_ASM[2])
+
+
+@triton.jit
+def _pair_mask(words, task, FIRST: tl.constexpr, ID_BITS: tl.constexpr):
+    """The pair mask of fields ``FIRST`` and ``FIRST + 1`` of every word, field by field (the decode's Triton form,
+    which the interpreter runs: it cannot run PTX)."""
+    FIELD: tl.constexpr = (1 << ID_BITS) - 1
+    low = (words >> (FIRST * ID_BITS)) & FIELD
+    high = (words >> ((FIRST + 1) * ID_BITS)) & FIELD
+    return tl.where((low != 0) & (low <= task), 0xFFFF, 0) | tl.where((high != 0) & (high <= task), -65536, 0)
+
+
+@triton.jit
+def _interleave4(m0, m1, m2, m3):
+    """``[..., 2, 2]`` whose flattened last two axes hold ``m0..m3`` in order (``join`` appends an axis)."""
+    return tl.join(tl.join(m0, m2), tl.join(m1, m3))
+
+
+@triton.jit
+def owned_pair_masks(words, task, ID_BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """Pair masks of compact ids: int32 ``[rows, W * 16 / ID_BITS]`` from int32 ``words`` ``[rows, W]`` for an int
+    ``task`` >= 1: mask ``i`` covers the weights ``2i`` and ``2i + 1`` of the words' span, ``0xFFFF`` in the low
+    half where the first is owned by a task in ``1..task``, in the high half for the second (``id_layout.
+    owned_pair_masks`` is the spec). ``USE_ASM``: the PTX of ``_decode_asm`` (one pass over each word, about 1.5
+    instructions per weight); else the same masks field by field."""
+    FIELD: tl.constexpr = (1 << ID_BITS) - 1
+    task = tl.minimum(task, FIELD)
+    if USE_ASM:
+        ONES: tl.constexpr = 0x11111111 if ID_BITS == 4 else 0x55555555
+        LOW: tl.constexpr = 0x77777777 if ID_BITS == 4 else 0x55555555
+        c = (FIELD - task).to(tl.uint32) * ONES
+        c_low = c & LOW
+        if ID_BITS == 4:
+            m0, m1, m2, m3 = tl.inline_asm_elementwise(
+                _NIBBLE_ASM, "=r,=r,=r,=r,r,r,r", [words, c_low, c], dtype=(tl.int32,) * 4, is_pure=True, pack=1
+            )
+            masks = _interleave4(m0, m1, m2, m3)
+        else:
+            m0, m1, m2, m3, m4, m5, m6, m7 = tl.inline_asm_elementwise(
+                _CRUMB_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [words, c_low, c], dtype=(tl.int32,) * 8, is_pure=True,
+                pack=1,
+            )  # fmt: skip
+            masks = tl.join(_interleave4(m0, m2, m4, m6), _interleave4(m1, m3, m5, m7))
+    else:
+        if ID_BITS == 4:
+            masks = _interleave4(
+                _pair_mask(words, task, 0, 4),
+                _pair_mask(words, task, 2, 4),
+                _pair_mask(words, task, 4, 4),
+                _pair_mask(words, task, 6, 4),
+            )
+        else:
+            even = _interleave4(
+                _pair_mask(words, task, 0, 2),
+                _pair_mask(words, task, 4, 2),
+                _pair_mask(words, task, 8, 2),
+                _pair_mask(words, task, 12, 2),
+            )
+            odd = _interleave4(
+                _pair_mask(words, task, 2, 2),
+                _pair_mask(words, task, 6, 2),
+                _pair_mask(words, task, 10, 2),
+                _pair_mask(words, task, 14, 2),
+            )
+            masks = tl.join(even, odd)
+    ROWS: tl.constexpr = words.shape[0]
+    PAIRS: tl.constexpr = words.shape[1] * (16 // ID_BITS)
+    return tl.reshape(masks, (ROWS, PAIRS))
+
+
+@triton.jit
+def element_masks(pair_masks, WIDE: tl.constexpr):
+    """Per-weight masks ``[rows, 2 * pairs]`` of pair masks ``[rows, pairs]``: int16 halves (0 or -1), or with
+    ``WIDE`` (32-bit weights) int32 ones."""
+    if WIDE:
+        low = (pair_masks << 16) >> 16
+        high = pair_masks >> 16
+    else:
+        low = pair_masks.to(tl.int16)
+        high = (pair_masks >> 16).to(tl.int16)
+    ROWS: tl.constexpr = pair_masks.shape[0]
+    COLUMNS: tl.constexpr = 2 * pair_masks.shape[1]
+    return tl.reshape(tl.join(low, high), (ROWS, COLUMNS))
+
+
+@triton.jit
+def keep_owned(w, masks):
+    """``w`` with the weights whose mask is 0 replaced by +0.0: an integer AND on the bits, so a NaN/Inf there is
+    dropped like the select drops it. ``masks`` as :func:`element_masks` gives for ``w``'s width."""
+    INT: tl.constexpr = tl.int16 if w.dtype.primitive_bitwidth == 16 else tl.int32
+    return (w.to(INT, bitcast=True) & masks).to(w.dtype, bitcast=True)

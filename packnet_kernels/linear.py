@@ -50,7 +50,17 @@ from ._checks import (
     require_kernel_device,
     task_limit,
 )
-from ._predicate import next_pass, next_task, span_owners, task_owns, tile_bounds
+from ._predicate import (
+    element_masks,
+    keep_owned,
+    next_pass,
+    next_task,
+    owned_pair_masks,
+    span_owners,
+    task_owns,
+    tile_bounds,
+)
+from .id_layout import CompactTaskIds
 
 __all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton", "release_workspaces"]
 
@@ -134,6 +144,80 @@ def _epilogue(
 
 
 @triton.jit
+def _load_ids(ids_ptrs, n_mask, offs_k, ids_remaining, ID_BITS: tl.constexpr):
+    """One step's ids: the uint8 ``[BLOCK_N, BLOCK_K]`` tile, or (``ID_BITS`` 2 or 4) its int32 words ``[BLOCK_N,
+    BLOCK_K * ID_BITS / 32]`` of compact ids; columns from ``ids_remaining`` on are not read (0)."""
+    if ID_BITS < 8:
+        # A row's words are padded to whole steps of every BLOCK_K (id_layout.ROW_ALIGN_WORDS), zero past K, so the
+        # step's words need no bound along K: they are read whole (16-byte vectors) or, for a tile whose ids need no
+        # reading, not at all.
+        words_read = tl.full((offs_k.shape[0] * ID_BITS // 32,), 0, tl.int32) < ids_remaining
+        ids = tl.load(ids_ptrs, mask=n_mask[:, None] & words_read[None, :], other=0)
+    else:
+        ids = tl.load(ids_ptrs, mask=n_mask[:, None] & (offs_k < ids_remaining)[None, :], other=0)
+    return ids
+
+
+@triton.jit
+def _keep_task(
+    w, ids, offs_k, ids_remaining, task, TILE_MAP: tl.constexpr, ID_BITS: tl.constexpr, USE_ASM: tl.constexpr
+):
+    """``w`` with the weights task ``task`` does not own set to +0.0 (a select, or for compact ids an AND of the
+    bits: a NaN/Inf stored in a weight the task does not own is dropped either way); with ``TILE_MAP`` the columns
+    from ``ids_remaining`` on (whose ids were not read: raw tiles) are kept as they are. ``w`` is the weight tile, or
+    with compact ids and 16-bit weights its int32 pairs ``[BLOCK_N, BLOCK_K / 2]`` (:func:`_load_weight`)."""
+    if ID_BITS < 8:
+        masks = owned_pair_masks(ids, task, ID_BITS, USE_ASM)
+        if w.dtype == tl.int32:
+            if TILE_MAP:
+                masks = masks | tl.where(tl.arange(0, masks.shape[1]) >= ids_remaining // 2, -1, 0)[None, :]
+            w = w & masks
+        else:
+            masks = element_masks(masks, w.dtype.primitive_bitwidth == 32)
+            if TILE_MAP:
+                masks = masks | tl.where(offs_k >= ids_remaining, -1, 0).to(masks.dtype)[None, :]
+            w = keep_owned(w, masks)
+    else:
+        owned = task_owns(ids, task)
+        if TILE_MAP:
+            owned = owned | (offs_k >= ids_remaining)[None, :]
+        w = tl.where(owned, w, 0.0)
+    return w
+
+
+@triton.jit
+def _load_weight(w_ptrs, n_mask, offs_k, k_remaining):
+    """One step's weight tile ``[BLOCK_N, BLOCK_K]``, or from an int32 view of 16-bit weights (compact ids) its
+    pairs ``[BLOCK_N, BLOCK_K / 2]``, which a pair mask covers with one AND; columns from ``k_remaining`` on are 0."""
+    if w_ptrs.dtype.element_ty == tl.int32:
+        offs_pair = tl.arange(0, offs_k.shape[0] // 2)
+        # k_remaining is even (the launcher pairs only even rows), so no pair straddles the bound.
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_pair < k_remaining // 2)[None, :], other=0)
+    else:
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k < k_remaining)[None, :], other=0.0)
+    return w
+
+
+@triton.jit
+def _weight_tile(w, dtype):
+    """The dot's ``[BLOCK_N, BLOCK_K]`` tile in ``dtype``: ``w`` itself, or the halves of int32 pairs (low first)."""
+    if w.dtype == tl.int32:
+        low = w.to(tl.int16).to(dtype, bitcast=True)
+        high = (w >> 16).to(tl.int16).to(dtype, bitcast=True)
+        w = tl.reshape(tl.join(low, high), (w.shape[0], 2 * w.shape[1]))
+    return w
+
+
+@triton.jit
+def _masked_step(w, ids_ptrs, n_mask, offs_k, ids_remaining, task, TILE_MAP: tl.constexpr, ID_BITS: tl.constexpr,
+                 USE_ASM: tl.constexpr):  # fmt: skip
+    """One step's weight tile masked for ``task``: its ids loaded (:func:`_load_ids`), then applied
+    (:func:`_keep_task`)."""
+    ids = _load_ids(ids_ptrs, n_mask, offs_k, ids_remaining, ID_BITS)
+    return _keep_task(w, ids, offs_k, ids_remaining, task, TILE_MAP, ID_BITS, USE_ASM)
+
+
+@triton.jit
 def _task_sums(
     acc,
     w_ptrs,
@@ -159,6 +243,8 @@ def _task_sums(
     CELL_K: tl.constexpr,
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One task's sums over ``[k_start, k_end)``: ``acc + w_masked @ xt`` step by step. With ``TILE_MAP`` each step
@@ -176,24 +262,19 @@ def _task_sums(
             )
             map_ptrs += BLOCK_K // CELL_K
         k_mask = offs_k < k_remaining
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w = _load_weight(w_ptrs, n_mask, offs_k, k_remaining)
         if USE_MASK:
-            ids_k_mask = offs_k < ids_remaining
-            ids = tl.load(ids_ptrs, mask=n_mask[:, None] & ids_k_mask[None, :], other=0)
-            # Columns whose ids were not read hold either raw-tile weights (kept as stored: every owner is visible and
+            # Columns whose ids are not read hold either raw-tile weights (kept as stored: every owner is visible and
             # free weights are zero) or zeros (skipped tiles, the tail past K).
-            owned = task_owns(ids, active_task)
-            if TILE_MAP:
-                owned = owned | (offs_k >= ids_remaining)[None, :]
-            # A select, not a multiply: a NaN/Inf stored in a weight this task does not own is dropped here.
-            w = tl.where(owned, w, 0.0)
-            ids_ptrs += BLOCK_K * stride_idk
+            w = _masked_step(w, ids_ptrs, n_mask, offs_k, ids_remaining, active_task, TILE_MAP, ID_BITS, USE_ASM)
+            ids_ptrs += (BLOCK_K * ID_BITS // 32) if ID_BITS < 8 else BLOCK_K * stride_idk
         xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+        w = _weight_tile(w, xt.dtype)
         if UPCAST_BF16:
             w = w.to(tl.float32)
             xt = xt.to(tl.float32)
         acc = tl.dot(w, xt, acc, input_precision=INPUT_PRECISION)
-        w_ptrs += BLOCK_K * stride_wk
+        w_ptrs += (BLOCK_K // 2 if w_ptrs.dtype.element_ty == tl.int32 else BLOCK_K) * stride_wk
         xt_ptrs += BLOCK_K * stride_xk
     return acc
 
@@ -227,6 +308,8 @@ def _mixed_pass(
     CELL_K: tl.constexpr,
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -244,11 +327,12 @@ def _mixed_pass(
             )
             map_ptrs += BLOCK_K // CELL_K
         k_mask = offs_k < k_remaining
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w = _load_weight(w_ptrs, n_mask, offs_k, k_remaining)
         if USE_MASK:
-            ids = tl.load(ids_ptrs, mask=n_mask[:, None] & (offs_k < ids_remaining)[None, :], other=0)
-            ids_ptrs += BLOCK_K * stride_idk
+            ids = _load_ids(ids_ptrs, n_mask, offs_k, ids_remaining, ID_BITS)
+            ids_ptrs += (BLOCK_K * ID_BITS // 32) if ID_BITS < 8 else BLOCK_K * stride_idk
         xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+        dtype = xt.dtype
         if UPCAST_BF16:
             xt = xt.to(tl.float32)
         segment_task = done_task
@@ -256,16 +340,14 @@ def _mixed_pass(
             segment_task = next_task(row_tasks, segment_task)
             w_task = w
             if USE_MASK:
-                owned = task_owns(ids, segment_task)
-                if TILE_MAP:
-                    owned = owned | (offs_k >= ids_remaining)[None, :]
-                w_task = tl.where(owned, w, 0.0)
+                w_task = _keep_task(w, ids, offs_k, ids_remaining, segment_task, TILE_MAP, ID_BITS, USE_ASM)
+            w_task = _weight_tile(w_task, dtype)
             if UPCAST_BF16:
                 w_task = w_task.to(tl.float32)
             # The other tasks' columns keep their sums: 0 * Inf from a weight they do not own never lands.
             summed = tl.dot(w_task, xt, acc, input_precision=INPUT_PRECISION)
             acc = tl.where((row_tasks == segment_task)[None, :], summed, acc)
-        w_ptrs += BLOCK_K * stride_wk
+        w_ptrs += (BLOCK_K // 2 if w_ptrs.dtype.element_ty == tl.int32 else BLOCK_K) * stride_wk
         xt_ptrs += BLOCK_K * stride_xk
     return acc
 
@@ -298,6 +380,8 @@ def _mixed_task_sums(
     CELL_K: tl.constexpr,
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -345,6 +429,8 @@ def _mixed_task_sums(
                     CELL_K,
                     UPCAST_BF16,
                     INPUT_PRECISION,
+                    ID_BITS,
+                    USE_ASM,
                     FEW_SEGMENTS,
                     BLOCK_K,
                 )
@@ -377,6 +463,8 @@ def _mixed_task_sums(
                     CELL_K,
                     UPCAST_BF16,
                     INPUT_PRECISION,
+                    ID_BITS,
+                    USE_ASM,
                     SEGMENTS,
                     BLOCK_K,
                 )
@@ -409,6 +497,8 @@ def _mixed_task_sums(
                 CELL_K,
                 UPCAST_BF16,
                 INPUT_PRECISION,
+                ID_BITS,
+                USE_ASM,
                 SEGMENTS,
                 BLOCK_K,
             )
@@ -467,6 +557,8 @@ def _masked_linear_kernel(
     INPUT_PRECISION: tl.constexpr,
     MIXED: tl.constexpr,
     SEGMENTS: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -545,8 +637,20 @@ def _masked_linear_kernel(
     else:
         x_rows = offs_m
 
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k64[None, :] * stride_wk
-    ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_k64[None, :] * stride_idk
+    if w_ptr.dtype.element_ty == tl.int32:
+        # 16-bit weights read as int32 pairs (compact ids): one AND per pair applies a pair mask.
+        offs_pair = k_start.to(tl.int64) // 2 + tl.arange(0, BLOCK_K // 2)
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_pair[None, :] * stride_wk
+    else:
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k64[None, :] * stride_wk
+    if ID_BITS < 8:
+        # Compact ids: int32 words of 32 / ID_BITS ids, K-contiguous; a split starts on a word (k_per_split is a
+        # multiple of every BLOCK_K).
+        PER_WORD: tl.constexpr = 32 // ID_BITS
+        offs_word = k_start.to(tl.int64) // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+        ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_word[None, :]
+    else:
+        ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_k64[None, :] * stride_idk
     xt_ptrs = x_ptr + offs_k64[:, None] * stride_xk + x_rows[None, :] * stride_xm
 
     if TILE_MAP:
@@ -584,6 +688,8 @@ def _masked_linear_kernel(
             CELL_K,
             UPCAST_BF16,
             INPUT_PRECISION,
+            ID_BITS,
+            USE_ASM,
             SEGMENTS,
             BLOCK_K,
         )
@@ -610,16 +716,16 @@ def _masked_linear_kernel(
                     # Every owner visible and free weights zero: the weights as stored, no ids, no map.
                     acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, None, None, offs_k, n_mask, m_mask, k_start,
                                      k_end, K, active_task, 0, stride_wk, stride_idk, stride_xk, False, False, False,
-                                     CELL_K, UPCAST_BF16, INPUT_PRECISION, BLOCK_K)  # fmt: skip
+                                     CELL_K, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
                 else:
                     acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, map_ptrs, cell_row_mask, offs_cell_k, offs_k,
                                      n_mask, m_mask, k_start, k_end, K, active_task, stride_map_plane, stride_wk,
                                      stride_idk, stride_xk, USE_MASK, True, RAW_TILES, CELL_K, UPCAST_BF16,
-                                     INPUT_PRECISION, BLOCK_K)  # fmt: skip
+                                     INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
         else:
             acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, None, None, offs_k, n_mask, m_mask, k_start, k_end,
                              K, active_task, 0, stride_wk, stride_idk, stride_xk, USE_MASK, False, False, CELL_K,
-                             UPCAST_BF16, INPUT_PRECISION, BLOCK_K)  # fmt: skip
+                             UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
 
     out_mask = n_mask[:, None] & m_mask[None, :]
     y_ptrs = y_ptr + x_rows[None, :] * stride_ym + offs_n[:, None] * stride_yn
@@ -945,6 +1051,18 @@ def _grouped_rows(tasks: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, torch
     return grouping
 
 
+def pairs_allowed(weight: torch.Tensor) -> bool:
+    """Whether the kernel may read ``weight`` as int32 pairs (compact ids apply one pair mask per AND): 16-bit,
+    K-contiguous, with an even row stride, offset and ``in`` (a pair never straddles two rows)."""
+    return (
+        weight.element_size() == 2
+        and weight.stride(1) == 1
+        and weight.stride(0) % 2 == 0
+        and weight.shape[1] % 2 == 0
+        and weight.storage_offset() % 2 == 0
+    )
+
+
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -960,6 +1078,7 @@ def _launch(
     tasks: torch.Tensor | None = None,
     wrap=wrap_triton,
     reuse_workspace: bool = False,
+    id_bits: int = 8,
 ) -> torch.Tensor:
     """Allocate the output (and the split-K workspace) and launch the kernel once; arguments already validated.
 
@@ -969,7 +1088,8 @@ def _launch(
     about a millisecond of host time per call and broke CUDA-graph capture. ``reuse_workspace``: see
     :func:`_split_workspace` and :func:`_grouped_rows`. ``tasks``: a mixed batch's per-row tasks (``task`` is then
     unused); the rows are grouped by task with a stable sort on the device, which the kernel reads through (no
-    permuted copies)."""
+    permuted copies). ``id_bits`` 2 or 4: ``task_ids`` is the int32 words of compact ids
+    (:class:`~packnet_kernels.id_layout.CompactTaskIds`), else uint8 ids."""
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
     rows = 1
@@ -997,6 +1117,8 @@ def _launch(
     row_tasks = row_order = None
     if tasks is not None:
         row_tasks, row_order = _grouped_rows(tasks, reuse_workspace)
+    if id_bits < 8 and use_mask and pairs_allowed(weight):
+        weight = weight.view(torch.int32)
     main_args = (
         x2d,
         weight,
@@ -1020,7 +1142,7 @@ def _launch(
         *(tile_map.stride()[:2] if tile_map is not None else (0, 0)),
         *x2d.stride(),
         *weight.stride(),
-        *task_ids.stride(),
+        *(task_ids.stride() if id_bits == 8 else (task_ids.stride(0), 1)),
         *vector_strides,
         *task_strides,
         out_features,
@@ -1041,6 +1163,8 @@ def _launch(
         "INPUT_PRECISION": _input_precision(x.dtype),
         "MIXED": tasks is not None,
         "SEGMENTS": mixed_segments(rows) if tasks is not None else 1,
+        "ID_BITS": id_bits,
+        "USE_ASM": not interpreted,
     }
 
     def grid(meta):
@@ -1068,23 +1192,22 @@ def _launch(
 
 _OP_ARGS = (
     "Tensor x, Tensor weight, Tensor task_ids, int task, Tensor? bias, Tensor? scale, Tensor? shift, bool relu, "
-    "bool use_mask, Tensor? tile_map, bool free_weights_zero, Tensor? tasks"
+    "bool use_mask, Tensor? tile_map, bool free_weights_zero, Tensor? tasks, int id_bits"
 )
 
 
 @torch.library.custom_op("packnet::masked_linear_interpreted", mutates_args=(), schema=f"({_OP_ARGS}) -> Tensor")
 def _masked_linear_interpreted(
-    x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks
+    x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks, id_bits
 ):
     """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
     ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
-    return _launch(
-        x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks, reuse_workspace=True
-    )
+    args = (x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks)
+    return _launch(*args, reuse_workspace=True, id_bits=id_bits)
 
 
 @_masked_linear_interpreted.register_fake
-def _(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks):
+def _(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks, id_bits):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -1102,22 +1225,23 @@ def _masked_linear_op(
     tile_map: torch.Tensor | None,
     free_weights_zero: bool,
     tasks: torch.Tensor | None,
+    id_bits: int,
 ) -> torch.Tensor:
     """The registered op (also its own fake implementation); arguments already validated by
     :func:`masked_linear_triton`. CUDA launches go through ``wrap_triton`` so ``torch.compile`` sees the kernels.
-    ``tasks``: a mixed batch's per-row tasks (``task`` is then 0), else None."""
+    ``tasks``: a mixed batch's per-row tasks (``task`` is then 0), else None; ``id_bits``: see :func:`_launch`."""
     args = (x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero, tasks)
     if not x.is_cuda:
-        return _masked_linear_interpreted(*args)
+        return _masked_linear_interpreted(*args, id_bits)
     # Triton launches on the current device: make it the tensors' one (they may live on another GPU).
     with torch.cuda.device(x.device):
-        return _launch(*args)
+        return _launch(*args, id_bits=id_bits)
 
 
 def masked_linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
-    task_ids: torch.Tensor,
+    task_ids: torch.Tensor | CompactTaskIds,
     task: int | torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -1133,7 +1257,9 @@ def masked_linear_triton(
     Args:
         x: ``[..., in]`` float32/float16/bfloat16, any strides; an empty batch gives an empty output.
         weight: ``[out, in]`` in ``x``'s dtype, any strides.
-        task_ids: ``[out, in]`` uint8 (0 = free, k = owned by task k), any strides.
+        task_ids: ``[out, in]`` uint8 (0 = free, k = owned by task k), any strides; or the same ids in the
+            run-time layout (:class:`~packnet_kernels.id_layout.CompactTaskIds`, 2 or 4 bits per weight), which the
+            kernel decodes a word at a time.
         task: int in 1..255, or a mixed batch's integer tensor ``[rows]`` of per-row tasks (one launch for any mix:
             see ``MIXED`` in :func:`_masked_linear_kernel`). Its values are checked for CPU tensors in eager mode
             only; on CUDA and inside ``torch.compile`` a row whose task is outside 1..255 (or beyond an epilogue
@@ -1172,9 +1298,12 @@ def masked_linear_triton(
         if not x.is_cuda and not torch.compiler.is_compiling():
             check_task_values("masked_linear", task, task_limit(bias, scale, shift))
         tasks, task = task, 0
+    id_bits = 8
+    if isinstance(task_ids, CompactTaskIds):
+        task_ids, id_bits = task_ids.words, task_ids.bits
     args = (x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero, tasks)
     if direct_launch_allowed(x, weight, bias, scale, shift):
         # Eager calls skip the registered op's dispatch: most of a small layer's host time.
         with on_device(x.device):
-            return _launch(*args, wrap=as_is, reuse_workspace=True)
-    return _masked_linear_op(*args)
+            return _launch(*args, wrap=as_is, reuse_workspace=True, id_bits=id_bits)
+    return _masked_linear_op(*args, id_bits)

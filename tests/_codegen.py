@@ -16,6 +16,18 @@ from collections import Counter
 # Per-block shared-memory limits (opt-in maximum) by compute capability major, in bytes.
 SHARED_MEMORY_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
 
+# One SASS instruction of ``cuobjdump -sass``: address, optional predicate, opcode with its modifiers, operands.
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+# Instruction kinds of a main loop, by opcode (without modifiers).
+SASS_KINDS = {
+    "tensor": {"HGMMA", "HMMA", "IMMA", "QGMMA"},
+    "integer": {"IADD3", "IMAD", "LOP3", "PRMT", "ISETP", "SEL", "SHF", "LEA", "IABS", "IMNMX", "VIADD", "VIMNMX",
+                "SGXT", "BMSK", "POPC", "FLO", "SHL", "SHR", "PLOP3", "IDP", "LOP", "IADD", "ICMP", "BFE", "BFI"},
+    "shared_store": {"STS", "STSM"},
+    "shared_load": {"LDS", "LDSM"},
+    "global_load": {"LDG", "LDGSTS", "LDGDEPBAR", "UTMALDG"},
+    "sync": {"BAR", "WARPSYNC", "DEPBAR", "WARPGROUP", "SYNCS", "MEMBAR", "FENCE"},
+}  # fmt: skip
 _LOAD = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld\.global[\w.:]*|cp\.async\.c[ag]\.shared\.global[^;]*)", re.M)
 _RESOURCES = re.compile(r"REG:(\w+) STACK:(\w+) SHARED:(\w+) LOCAL:(\w+)")
 
@@ -54,6 +66,60 @@ def _load_bytes(instruction: str) -> int:
     vector = re.search(r"\.v(\d)", instruction)
     bits = re.search(r"\.[bfsu](\d+)$", instruction)
     return (int(vector.group(1)) if vector else 1) * int(bits.group(1)) // 8
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """The loops of a kernel's SASS that hold tensor-core instructions (its main loops), innermost first by
+    address: per loop ``instructions`` (per iteration: one K step), a Counter ``kinds`` of :data:`SASS_KINDS`
+    (``other`` for the rest: moves, uniform-datapath and branch instructions) and ``opcodes``."""
+    instructions = [(int(address, 16), opcode) for address, opcode, _ in _SASS.findall(sass)]
+    targets = [
+        (int(target.group(1), 16), address)
+        for (address, opcode), (_, _, operands) in zip(instructions, _SASS.findall(sass), strict=True)
+        if opcode.startswith("BRA")
+        and (target := re.search(r"0x([0-9a-f]+)", operands))
+        and int(target.group(1), 16) <= address
+    ]
+    loops = []
+    for start, end in sorted(set(targets)):
+        body = [opcode.split(".")[0] for address, opcode in instructions if start <= address <= end]
+        opcodes = Counter(body)
+        if not any(opcode in SASS_KINDS["tensor"] for opcode in opcodes):
+            continue
+        kinds = Counter()
+        for opcode, count in opcodes.items():
+            kind = next((name for name, members in SASS_KINDS.items() if opcode in members), "other")
+            kinds[kind] += count
+        loops.append({"start": start, "instructions": len(body), "kinds": kinds, "opcodes": opcodes})
+    # Keep innermost loops only: a loop containing another loop's tensor instructions is an outer one.
+    starts = [(loop["start"], loop["start"] + 16 * loop["instructions"]) for loop in loops]
+    return [
+        loop
+        for loop, (start, end) in zip(loops, starts, strict=True)
+        if not any(start <= other_start and other_end <= end and (other_start, other_end) != (start, end)
+                   for other_start, other_end in starts)
+    ]  # fmt: skip
+
+
+def serialized_wgmma(ptx: str, bin_dir: str) -> int:
+    """How many C7515 notes (``wgmma.mma_async instructions are serialized``) ptxas gives for ``ptx`` on sm_90a.
+    Triton 3.9 writes PTX 9.x, which only its ``ptxas-blackwell`` (CUDA 13) reads; 3.6's ``ptxas`` reads its own."""
+    with tempfile.TemporaryDirectory() as scratch:
+        source = os.path.join(scratch, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        for name in ("ptxas", "ptxas-blackwell"):
+            binary = os.path.join(bin_dir, name)
+            if not os.path.exists(binary):
+                continue
+            run = subprocess.run(
+                [binary, "-v", "-arch=sm_90a", source, "-o", os.path.join(scratch, "kernel.cubin")],
+                capture_output=True,
+                text=True,
+            )
+            if run.returncode == 0:
+                return run.stderr.count("C7515")
+    raise RuntimeError("no bundled ptxas could assemble the kernel's PTX")
 
 
 def compile_variant(spec: dict) -> dict:
@@ -104,6 +170,9 @@ def compile_variant(spec: dict) -> dict:
         with open(cubin, "wb") as handle:
             handle.write(compiled.asm["cubin"])
         usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     registers, stack, _, local = (int(value, 0) for value in _RESOURCES.search(usage).groups())
-    summary.update(registers=registers, stack=stack, local=local)
+    summary.update(registers=registers, stack=stack, local=local, loops=sass_loops(sass))
+    if spec.get("ptxas_notes") and spec["arch"] == 90:
+        summary["serialized_wgmma"] = serialized_wgmma(ptx, os.path.dirname(cuobjdump))
     return summary

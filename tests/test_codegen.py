@@ -120,6 +120,8 @@ def _linear_variants() -> list[dict]:
                         "INPUT_PRECISION": "tf32" if dtype != "fp32" else "ieee",
                         "MIXED": False,
                         "SEGMENTS": 1,
+                        "ID_BITS": 8,
+                        "USE_ASM": True,
                         **config.kwargs,
                     }
                     name = (
@@ -330,6 +332,16 @@ VARIANTS += (
         dict(tile_map_ptr="*u8", stride_map_plane=128 * 128, stride_map_row=128),
         dict(TILE_MAP=True, RAW_TILES=True),
     )
+    # Compact 4-bit ids (what a packed layer with up to 15 tasks reads on a GPU): int32 words of ids, the fp16 weight
+    # read as int32 pairs; and the same configs with the predicate compiled out, the loop they are measured against.
+    + _derived_variants(
+        VARIANTS,
+        ("linear-m1-", "linear-m4096-"),
+        "-ids4",
+        dict(w_ptr="*i32", ids_ptr="*i32", stride_wn=4096 // 2, stride_idn=4096 // 8),
+        dict(ID_BITS=4),
+    )
+    + _derived_variants(VARIANTS, ("linear-m1-", "linear-m4096-"), "-nopredicate", {}, dict(USE_MASK=False))
     # Mixed-task conv batches: images of several tasks in one launch, 2 task segments per pass, int64 image tasks.
     + _derived_variants(
         VARIANTS,
@@ -341,9 +353,15 @@ VARIANTS += (
 )
 
 
+# The variants the predicate-cost test compares (see the end of this file).
+PREDICATE_PREFIXES = ("linear-m1-fp16-sm90-", "linear-m4096-fp16-sm90-")
+
+
 def _spec(variant: dict) -> dict:
     keys = ("module", "kernel", "args", "constexprs", "num_warps", "num_stages", "arch")
-    return {key: variant[key] for key in keys}
+    # ptxas's notes (serialized wgmma) for the loops the predicate tests below compare.
+    notes = variant["name"].startswith(PREDICATE_PREFIXES)
+    return {key: variant[key] for key in keys} | {"ptxas_notes": notes}
 
 
 @pytest.fixture(scope="module")
@@ -355,6 +373,8 @@ def compiled(request, tmp_path_factory) -> dict:
         for item in request.session.items
         if hasattr(item, "callspec") and "variant" in item.callspec.params
     }
+    if any(item.name.startswith("test_compact_ids_cut_the_predicate_loop") for item in request.session.items):
+        wanted |= {variant["name"] for variant in VARIANTS if variant["name"].startswith(PREDICATE_PREFIXES)}
     saved = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
@@ -474,3 +494,63 @@ def test_every_path_has_a_config_that_fits(arch, dtype):
     ):
         default = conv2d.default_config(kernel, DTYPES[dtype], limit, taps_outer, mixed)
         assert conv2d.config_fits(default, DTYPES[dtype], limit, taps_outer, mixed)
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# The predicate's cost per K step (sm_90 fp16, every config of each regime): the main loop's SASS on uint8 ids and on
+# compact 4-bit ids against the same kernel with the predicate compiled out.
+
+PREDICATE_REGIMES = dict(zip(("small", "large"), PREDICATE_PREFIXES, strict=True))
+
+
+def _loop_costs(compiled: dict, regime: str) -> dict[str, list[dict]]:
+    """Per encoding ("uint8", "ids4") and config: instructions per step and integer instructions per weight
+    element per thread, relative to the no-predicate loop; stores to shared memory; C7515 notes."""
+    costs: dict[str, list[dict]] = {"uint8": [], "ids4": []}
+    prefix = PREDICATE_REGIMES[regime]
+    for variant in VARIANTS:
+        name = variant["name"]
+        if not name.startswith(prefix) or name.endswith(("-ids4", "-nopredicate", "-tilemap")) or _pruned(variant):
+            continue
+        plain = compiled[name + "-nopredicate"]["loops"][0]
+        tile = variant["config"].kwargs
+        elements = tile["BLOCK_N"] * tile["BLOCK_K"] / (32 * variant["config"].num_warps)
+        for encoding, summary in (("uint8", compiled[name]), ("ids4", compiled[name + "-ids4"])):
+            loop = summary["loops"][0]
+            costs[encoding].append(
+                {
+                    "name": name,
+                    "ratio": loop["instructions"] / plain["instructions"],
+                    "integer_per_element": loop["kinds"]["integer"] / elements,
+                    "shared_stores": loop["kinds"]["shared_store"],
+                    "serialized": summary["serialized_wgmma"],
+                }
+            )
+    return costs
+
+
+def _median(values):
+    values = sorted(values)
+    return (values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
+
+
+@pytest.fixture(scope="module")
+def predicate_costs(compiled):
+    for name in compiled:
+        if isinstance(compiled[name], Exception):
+            raise compiled[name]
+    return {regime: _loop_costs(compiled, regime) for regime in PREDICATE_REGIMES}
+
+
+@pytest.mark.parametrize("regime", list(PREDICATE_REGIMES))
+def test_compact_ids_cut_the_predicate_loop(regime, predicate_costs):
+    """Measured when kernels v8 came (triton 3.9 and 3.6): compact ids take the small-batch loop from a median 3.7-5x
+    of the no-predicate loop to 2.2-2.9x, and integer work from 8.4-9.8 to 3-4.5 instructions per weight element per
+    thread. Pinned with a margin: a change that loses most of it fails."""
+    costs = predicate_costs[regime]
+    ids4 = _median([cost["ratio"] for cost in costs["ids4"]])
+    uint8 = _median([cost["ratio"] for cost in costs["uint8"]])
+    assert ids4 <= 0.75 * uint8, f"{regime}: compact ids {ids4:.2f}x the plain loop, uint8 ids {uint8:.2f}x"
+    assert ids4 <= 3.2, f"{regime}: compact ids {ids4:.2f}x the plain loop: {costs['ids4']}"
+    integer = _median([cost["integer_per_element"] for cost in costs["ids4"]])
+    assert integer <= 5.0, f"{regime}: {integer:.1f} integer instructions per weight element per thread"

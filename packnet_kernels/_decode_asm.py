@@ -1,0 +1,56 @@
+"""PTX of the word-parallel id decode (no Triton import: the tests run this very text through a small emulator).
+
+Each block reads one int32 word of packed ids (``packnet_kernels.id_layout``) and two per-task constants and writes
+one int32 mask per pair of 16-bit weights: ``0xFFFF`` in a half whose weight is owned by a task in ``1..task``.
+
+Operands: the outputs ``$0..$(P-1)`` (``P`` pairs per word), then the word, ``c_low`` and ``c``, where ``c`` is
+``(2**bits - 1 - task)`` in every field and ``c_low`` is ``c`` with each field's top bit cleared. With ``x`` the word
+and ``l`` its fields' low bits, ``s = l + c_low`` puts the carry into each field's top bit there (no field
+overflows), so ``maj(x, c, s)`` is the carry out of ``x + c``: set exactly where ``id > task``. ``l + low`` sets a
+field's top bit where its low bits are not all zero, so ``(l + low) | x`` marks ``id != 0``. Both land on each
+field's top bit; shifting copies puts every field's flag on bit 7 of its byte, where ``prmt`` in sign mode
+replicates it over the bytes of a 16-bit half: 5 logic/add, a few shifts and one ``prmt`` per pair.
+"""
+
+from __future__ import annotations
+
+# bits -> (pattern with every field = 1, the fields' low bits, pairs per word)
+FIELDS = {4: (0x11111111, 0x77777777, 4), 2: (0x55555555, 0x55555555, 8)}
+
+_PREDICATE = """and.b32 l, {word}, {low};
+add.u32 s, l, {c_low};
+add.u32 z, l, {low};
+lop3.b32 g, {word}, {c}, s, 0xE8;
+lop3.b32 o, z, {word}, g, 0x54;
+"""
+
+# 4-bit: field 2p (even) has its flag on bit 3 of byte p, field 2p + 1 on bit 7; e = o << 4 moves the even ones up.
+NIBBLE_ASM = (
+    "{\n.reg .b32 l, s, z, g, o, e;\n"
+    + _PREDICATE.format(word="$4", low="0x77777777", c_low="$5", c="$6")
+    + "shl.b32 e, o, 4;\n"
+    + "".join(f"prmt.b32 ${pair}, e, o, 0x{0xCC88 + 0x1111 * pair:X};\n" for pair in range(4))
+    + "}"
+)
+
+# 2-bit: field 4B + r has its flag on bit 2r + 1 of byte B; o << (6 - 2r) moves it to bit 7.
+CRUMB_ASM = (
+    "{\n.reg .b32 l, s, z, g, o, e6, e4, e2;\n"
+    + _PREDICATE.format(word="$8", low="0x55555555", c_low="$9", c="$10")
+    + "shl.b32 e6, o, 6;\nshl.b32 e4, o, 4;\nshl.b32 e2, o, 2;\n"
+    + "".join(
+        f"prmt.b32 ${pair}, {'e6, e4' if pair % 2 == 0 else 'e2, o'}, 0x{0xCC88 + 0x1111 * (pair // 2):X};\n"
+        for pair in range(8)
+    )
+    + "}"
+)
+
+DECODE_ASM = {4: NIBBLE_ASM, 2: CRUMB_ASM}
+
+
+def decode_constants(bits: int, task: int) -> tuple[int, int]:
+    """``(c_low, c)`` of the asm for ``task`` (clamped to ``2**bits - 1``), as unsigned 32-bit values."""
+    ones, low, _ = FIELDS[bits]
+    field = (1 << bits) - 1
+    c = ((field - min(task, field)) * ones) & 0xFFFFFFFF
+    return c & low, c

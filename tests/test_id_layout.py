@@ -1,0 +1,235 @@
+"""The run-time id layout (packnet_kernels.id_layout) and the PTX that decodes it, checked on the CPU.
+
+The decode's PTX runs here through a small emulator of the five instructions it uses, exhaustively: every id in
+every field position against every task, so the text the GPU assembles is the text this file checks."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import torch
+
+from packnet_kernels import _decode_asm
+from packnet_kernels.id_layout import (
+    bits_for,
+    compact_task_ids,
+    owned_pair_masks,
+    row_align_words,
+    unpack_task_ids,
+)
+from packnet_kernels.reference import task_mask
+
+MASK32 = 0xFFFFFFFF
+
+
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 (default mode): byte i of the result is byte ``selector[4i+2:4i]`` of ``{b, a}``, or with
+    ``selector`` bit ``4i+3`` set that byte's top bit replicated."""
+    source = (b << 32) | a
+    result = 0
+    for i in range(4):
+        nibble = (selector >> (4 * i)) & 0xF
+        byte = (source >> (8 * (nibble & 7))) & 0xFF
+        if nibble & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        result |= byte << (8 * i)
+    return result
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    result = 0
+    for bit in range(32):
+        index = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+        # LOP3's table: a = 0xF0, b = 0xCC, c = 0xAA, i.e. bit (4a + 2b + c) of lut.
+        result |= ((lut >> index) & 1) << bit
+    return result
+
+
+def run_ptx(asm: str, operands: list[int], outputs: int) -> list[int]:
+    """Execute the decode's PTX block on 32-bit values; ``operands`` are ``$outputs..``; returns ``$0..``."""
+    registers = {f"${outputs + i}": value & MASK32 for i, value in enumerate(operands)}
+
+    def value(token: str) -> int:
+        token = token.strip()
+        return int(token, 0) & MASK32 if token[0].isdigit() else registers[token]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        opcode, args = line.split(None, 1)
+        dest, *sources = [arg.strip() for arg in args.split(",")]
+        values = [value(source) for source in sources]
+        if opcode == "and.b32":
+            result = values[0] & values[1]
+        elif opcode == "add.u32":
+            result = (values[0] + values[1]) & MASK32
+        elif opcode == "shl.b32":
+            result = (values[0] << values[1]) & MASK32
+        elif opcode == "lop3.b32":
+            result = _lop3(*values)
+        elif opcode == "prmt.b32":
+            result = _prmt(*values)
+        else:
+            raise AssertionError(f"the emulator does not know {opcode!r}")
+        registers[dest] = result
+    return [registers[f"${i}"] for i in range(outputs)]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_the_decode_ptx_marks_exactly_the_owned_weights_for_every_id_and_task(bits):
+    """Every id (0..2**bits - 1) at every field position, with random neighbours, for every task of the layout
+    and tasks past it (clamped): the pair masks equal the reference predicate's."""
+    ones, _, pairs = _decode_asm.FIELDS[bits]
+    per_word = 32 // bits
+    generator = torch.Generator().manual_seed(bits)
+    words = []
+    for position, id_value in itertools.product(range(per_word), range(1 << bits)):
+        for _ in range(3):
+            fields = torch.randint(0, 1 << bits, (per_word,), generator=generator).tolist()
+            fields[position] = id_value
+            words.append(sum(field << (bits * index) for index, field in enumerate(fields)))
+    words.append(0)
+    words.append(MASK32)
+    word_tensor = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+    for task in range(1, (1 << bits) + 3):
+        c_low, c = _decode_asm.decode_constants(bits, task)
+        got = [run_ptx(_decode_asm.DECODE_ASM[bits], [word, c_low, c], pairs) for word in words]
+        expected = owned_pair_masks(word_tensor, bits, min(task, (1 << bits) - 1))
+        assert torch.equal(torch.tensor(got, dtype=torch.int64), expected), f"task {task}"
+    # The spec itself against the reference predicate, field by field.
+    ids = (word_tensor.to(torch.int64)[:, None] & MASK32) >> (torch.arange(per_word) * bits) & ((1 << bits) - 1)
+    for task in range(1, 1 << bits):
+        owned = task_mask(ids, task).reshape(len(words), pairs, 2).to(torch.int64)
+        expected = owned[..., 0] * 0xFFFF + owned[..., 1] * 0xFFFF0000
+        assert torch.equal(owned_pair_masks(word_tensor, bits, task), expected)
+
+
+def test_bits_follow_the_largest_task():
+    assert [bits_for(t) for t in (1, 3, 4, 15, 16, 255)] == [2, 2, 4, 4, 8, 8]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (5, 64), (2, 65), (4, 3, 3, 3), (2, 24, 1, 1), (3, 5, 2, 2)])
+@pytest.mark.parametrize("max_task", [1, 3, 5, 15])
+def test_compact_ids_round_trip_and_align_their_rows(shape, max_task):
+    ids = torch.randint(0, max_task + 1, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    compact = compact_task_ids(ids, max_task)
+    assert compact.bits == bits_for(max_task) and compact.words.dtype == torch.int32
+    assert compact.words.shape[1] % row_align_words(compact.bits) == 0 and compact.words.is_contiguous()
+    assert torch.equal(unpack_task_ids(compact), ids)
+    # Column j of a group sits in word j // (32 / bits) of its group, at bits b * (j % (32 / bits)).
+    rows = ids if ids.dim() == 2 else ids.permute(0, 2, 3, 1).reshape(shape[0], -1)
+    group, per_word = compact.group, 32 // compact.bits
+    for row, column in [(0, 0), (shape[0] - 1, rows.shape[1] - 1), (0, rows.shape[1] // 2)]:
+        tap, j = divmod(column, group)
+        word = int(compact.words[row, tap * compact.group_words + j // per_word]) & MASK32
+        assert (word >> (compact.bits * (j % per_word))) & ((1 << compact.bits) - 1) == rows[row, column]
+
+
+def test_compact_ids_refuse_what_does_not_fit():
+    ids = torch.tensor([[0, 4]], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="an id is 4, above max_task=3"):
+        compact_task_ids(ids, 3)
+    with pytest.raises(ValueError, match="max_task 16 does not fit 4-bit ids"):
+        compact_task_ids(ids, 16, bits=4)
+    with pytest.raises(ValueError, match="bits must be 2 or 4"):
+        compact_task_ids(ids, 3, bits=8)
+    with pytest.raises(TypeError, match="must be torch.uint8"):
+        compact_task_ids(ids.to(torch.int32), 3)
+
+
+def test_the_asm_text_uses_only_what_the_emulator_knows():
+    for asm in _decode_asm.DECODE_ASM.values():
+        opcodes = {line.split()[0] for line in asm.splitlines() if re.match(r"\s*[a-z]", line) and ".reg" not in line}
+        assert opcodes <= {"and.b32", "add.u32", "shl.b32", "lop3.b32", "prmt.b32"}
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+# The kernels on compact ids: bit for bit what they give on the uint8 ids (same tiles, same accumulation order).
+
+linear_kernel = pytest.importorskip("packnet_kernels.linear")
+
+# (M, N, K, tasks): both regimes, tails, a split-K with a ragged last split, an odd K (no pairs: per-weight masks).
+KERNEL_CASES = [(1, 31, 200, 3), (7, 33, 129, 15), (16, 32, 64, 2), (17, 31, 96, 5), (40, 64, 130, 3), (3, 5, 6, 1)]
+
+
+def _layer(m, n, k, tasks, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=generator).to(dtype=dtype, device=device)
+    ids = torch.randint(0, tasks + 1, (n, k), generator=generator, dtype=torch.uint8).to(device)
+    weight = torch.randn(n, k, generator=generator).to(dtype=dtype, device=device)
+    return x, torch.where(ids == 0, torch.zeros((), dtype=dtype, device=device), weight), ids
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_the_linear_kernel_on_compact_ids_equals_it_on_bytes(case, dtype, kernel_device):
+    m, n, k, tasks = case
+    x, weight, ids = _layer(m, n, k, tasks, dtype, kernel_device)
+    compact = compact_task_ids(ids, tasks)
+    bias = torch.randn(n).to(dtype=dtype, device=kernel_device)
+    for task in sorted({1, tasks, min(tasks + 1, 255)}):
+        expected = linear_kernel.masked_linear_triton(x, weight, ids, task, bias, relu=True)
+        assert torch.equal(linear_kernel.masked_linear_triton(x, weight, compact, task, bias, relu=True), expected)
+    rows = torch.randint(1, tasks + 1, (m,), generator=torch.Generator().manual_seed(1)).to(kernel_device)
+    table = torch.randn(tasks, n).to(dtype=dtype, device=kernel_device)
+    expected = linear_kernel.masked_linear_triton(x, weight, ids, rows, table)
+    assert torch.equal(linear_kernel.masked_linear_triton(x, weight, compact, rows, table), expected)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("free_weights_zero", [False, True])
+def test_compact_ids_follow_the_tile_map(free_weights_zero, kernel_device):
+    """Block-structured ownership (whole 32 x 32 cells per task): skipped tiles, raw tiles and checked tiles on compact
+    ids give the uint8 path's results, and NaN stored in weights task 1 does not own never reaches it."""
+    from packnet_kernels import tile_map
+
+    n, k = 64, 128
+    ids = torch.zeros(n, k, dtype=torch.uint8)
+    for row, column in itertools.product(range(2), range(4)):
+        ids[32 * row : 32 * row + 32, 32 * column : 32 * column + 32] = (row + column) % 4
+    ids[5, 70] = 2  # one checked cell
+    ids = ids.to(kernel_device)
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.where(ids == 0, 0.0, torch.randn(n, k, generator=generator).to(kernel_device)).half()
+    weight = torch.where(ids > 1, torch.tensor(float("nan"), device=kernel_device).half(), weight)
+    x = torch.randn(4, k, generator=generator).to(kernel_device).half()
+    cells = tile_map(ids).contiguous()
+    compact = compact_task_ids(ids, 3)
+    args = {"tile_map": cells, "free_weights_zero": free_weights_zero}
+    y = linear_kernel.masked_linear_triton(x, weight, compact, 1, **args)
+    assert not y.isnan().any()
+    assert torch.equal(y, linear_kernel.masked_linear_triton(x, weight, ids, 1, **args))
+
+
+@pytest.mark.interpreter
+def test_a_packed_linear_reads_compact_ids_where_it_holds_them(monkeypatch, kernel_device):
+    """A PackedLinear that holds compact ids (on a GPU; forced here on the CPU) keeps its uint8 ids on the host,
+    gives the kernel's outputs on those uint8 ids bit for bit, and derives its compact ids again after an in-place
+    write to them."""
+    import packnet
+
+    x, weight, ids = _layer(9, 33, 256, 3, torch.float16, kernel_device)
+    monkeypatch.setattr(packnet.PackedLinear, "uses_compact_ids", lambda self: True)
+    layer = packnet.PackedLinear(256, 33, 3, bias=False, backend="triton", device=kernel_device, dtype=torch.float16)
+    layer.load_packed(weight, ids)
+    assert layer.task_ids.device.type == "cpu"
+    # 2 bits per weight on the device (256 columns: 16 words a row), the bytes on the host.
+    assert layer.device_id_bytes() == layer.kernel_ids(x).nbytes() == 33 * 256 // 4
+
+    def expected(task):
+        return linear_kernel.masked_linear_triton(x, layer.weight, layer.task_ids.to(kernel_device), task)
+
+    tasks = torch.tensor([1, 3, 2, 2, 1, 3, 1, 2, 3], device=kernel_device)
+    for task in (1, 2, 3, tasks):
+        assert torch.equal(layer(x, task=task), expected(task))
+    with torch.no_grad():
+        layer.task_ids[:, :128] = 3
+    assert torch.equal(layer(x, task=2), expected(2))
+    layer.use_tile_map = False  # the map alone would skip the written columns: check the ids themselves
+    with torch.no_grad():
+        layer.task_ids[:, :128] = 1
+    assert torch.equal(layer(x, task=2), expected(2))
