@@ -5,10 +5,12 @@ Train with :class:`PackNet`, compile with :func:`compile_pack`, save and load wi
 live in ``packnet_kernels``.
 """
 
+from .layers import PackedConv1d, PackedEmbedding, PackedMultiheadAttention, PackedTransposedLinear
 from .models import build_model, mlp, module_fingerprint, register_builder, small_cnn
 from .modules import (
     PackedConv2d,
     PackedLinear,
+    TaskParameters,
     TaskSwitch,
     accept_task_argument,
     set_task,
@@ -30,7 +32,7 @@ from .pack import (
     save_pack,
 )
 from .pruning import magnitude_task_ids
-from .training import LayerOwnership, PackNet
+from .training import LayerOwnership, PackNet, is_norm
 
 __version__ = "0.1.0"
 
@@ -40,8 +42,13 @@ __all__ = [
     "PackFormatError",
     "PackSaveError",
     "PackNet",
+    "PackedConv1d",
     "PackedConv2d",
+    "PackedEmbedding",
     "PackedLinear",
+    "PackedMultiheadAttention",
+    "PackedTransposedLinear",
+    "TaskParameters",
     "TaskSwitch",
     "accept_task_argument",
     "build_model",
@@ -49,6 +56,7 @@ __all__ = [
     "compile_pack",
     "export_task_state_dict",
     "fold_norms",
+    "is_norm",
     "load_pack",
     "magnitude_task_ids",
     "mlp",

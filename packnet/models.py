@@ -16,6 +16,7 @@ __all__ = [
     "ARCH_ATTR",
     "BUILDERS",
     "INPUT_SHAPE_ATTR",
+    "INPUT_SPEC_ATTR",
     "arch_spec",
     "build_model",
     "mlp",
@@ -27,6 +28,9 @@ __all__ = [
 ARCH_ATTR = "packnet_arch"
 # Per-sample input shape (no batch dimension) a model takes, e.g. (1, 8, 8); save_pack draws its probe input from it.
 INPUT_SHAPE_ATTR = "packnet_input_shape"
+# What a model's inputs look like (packnet.training.input_spec: shape, dtype and value range of a tensor or of each
+# keyword input); save_pack draws its default probe from it, so token models get integer probes.
+INPUT_SPEC_ATTR = "packnet_input_spec"
 BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 

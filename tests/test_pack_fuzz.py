@@ -524,7 +524,6 @@ RULES_V2 = {
         r"keys both shared and per task: \['features\.4\.bias'\]",
     ),
     "shared_layer_bias": (_share("features.10.bias"), r"pack layer 'features\.10' has a shared bias"),
-    "shared_per_task_mix": (_share("features.1.bias"), r"module 'features\.1' holds per-task state and shared state"),
     "fingerprint_type": (_meta("fingerprint", {"features.0": "Conv2d"}), r"fingerprint must be null or a list of"),
     "fingerprint_entry": (_fingerprint_entry(1, ["features", "Sequential"]), r"fingerprint must be null or a list"),
     "fingerprint_negative_dim": (
@@ -557,6 +556,22 @@ def test_each_format_2_rule_is_reached_and_named(tmp_path, rule):
     path = write_pack(tmp_path / "damaged.pack", tensors, meta)
     with pytest.raises(packnet.PackFormatError, match=message):
         packnet.load_pack(path, backend="reference")
+
+
+def test_a_module_with_shared_and_per_task_state_keeps_both(tmp_path):
+    """A BatchNorm whose bias is shared and whose other state is per task (refused before: "a module's state must be
+    all per task or all shared") loads: the shared bias stays in the module, the rest is read per task. Task 1,
+    whose bias the shared one is, gives the golden outputs bit for bit; the others run."""
+    tensors, meta = load_file(DATA / "golden_v2.pack"), golden_meta_v2()
+    _share("features.1.bias")(tensors, meta)
+    model = packnet.load_pack(write_pack(tmp_path / "mixed.pack", tensors, meta), fuse=False, backend="reference")
+    golden = packnet.load_pack(DATA / "golden_v2.pack", fuse=False, backend="reference")
+    x = load_file(DATA / "golden_v2_expected.safetensors")["input"]
+    got, want = outputs(model, x), outputs(golden, x)
+    assert torch.equal(got[1], want[1])
+    assert not torch.equal(got[2], want[2])  # task 2's own bias is gone: task 1's is shared
+    assert isinstance(model.features[1].packnet_task_state, packnet.TaskParameters)
+    assert torch.equal(model.features[1].bias, golden.features[1].per_task[0].bias)
 
 
 def test_layer_renamed_to_a_module_that_is_not_prunable(tmp_path):

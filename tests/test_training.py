@@ -152,7 +152,7 @@ def test_heads_are_per_task_and_reinitialised():
         (dict(prune_ratio=1.0), ValueError, r"prune_ratio must be in \[0, 1\)"),
         (dict(prune_ratio=-0.1), ValueError, r"prune_ratio must be in \[0, 1\)"),
         (dict(head="classifier"), ValueError, r"head 'classifier' is not a submodule"),
-        (dict(prunable=lambda name, module: isinstance(module, nn.ReLU)), TypeError, r"only Linear/Conv2d"),
+        (dict(prunable=lambda name, module: isinstance(module, nn.ReLU)), TypeError, r"is a ReLU; only Linear/Conv1d"),
         (dict(prunable=lambda name, module: False), ValueError, r"no prunable"),
         (dict(prune_granularity="block"), ValueError, r"'element' or a \(rows, cols\) pair"),
         (dict(prune_granularity=(32, 0)), ValueError, r"pair of positive ints"),
