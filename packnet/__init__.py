@@ -5,6 +5,7 @@ Train with :class:`PackNet`, compile with :func:`compile_pack`, save and load wi
 live in ``packnet_kernels``.
 """
 
+from .census import Census, census
 from .layers import PackedConv1d, PackedEmbedding, PackedMultiheadAttention, PackedTransposedLinear
 from .models import build_model, mlp, module_fingerprint, register_builder, small_cnn
 from .modules import (
@@ -37,6 +38,7 @@ from .training import LayerOwnership, PackNet, is_norm
 __version__ = "0.1.0"
 
 __all__ = [
+    "Census",
     "LayerOwnership",
     "Pack",
     "PackFormatError",
@@ -53,6 +55,7 @@ __all__ = [
     "accept_task_argument",
     "build_model",
     "build_packed_model",
+    "census",
     "compile_pack",
     "export_task_state_dict",
     "fold_norms",

@@ -131,7 +131,8 @@ class PackNet:
             ``reset_parameters``) when a new task starts; other per-task state starts from the previous task's.
         share: ``(name, module) -> bool`` picking modules whose own state (parameters and buffers, e.g. a norm's)
             is one copy shared by all tasks instead of one per task: trained with task 1 and frozen after it, as in
-            the original PackNet. Default: none, every norm is per task; :func:`is_norm` shares all norms.
+            the original PackNet. Default: none, every norm is per task; :func:`is_norm` shares all norms outside
+            ``head`` (a head is per task whatever the filter says).
 
     Everything in the model's state that is neither a shared layer's weight nor shared by ``share`` is stored per
     task (biases, norms, class tokens, position embeddings, layer scales, the head).
@@ -237,7 +238,8 @@ class PackNet:
             return set()
         keys = set()
         for name, module in net.named_modules():
-            if name in self.layers or not share(name, module):
+            in_head = self.head is not None and (name == self.head or name.startswith(self.head + "."))
+            if name in self.layers or in_head or not share(name, module):  # a head is per task by definition
                 continue
             prefix = f"{name}." if name else ""
             own = [key for key, value in module._parameters.items() if value is not None]
