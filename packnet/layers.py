@@ -415,7 +415,11 @@ class PackedMultiheadAttention(_PackedLayer):
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
-            query, key, value = (tensor.transpose(0, 1) for tensor in (query, key, value))
+            # Batch first and dense: the projections then see the same rows whether a batch is mixed or not.
+            if query is key and key is value:
+                query = key = value = query.transpose(0, 1).contiguous()
+            else:
+                query, key, value = (tensor.transpose(0, 1).contiguous() for tensor in (query, key, value))
         batch, length, _ = query.shape
         source = key.shape[1]
         if isinstance(task, torch.Tensor) and task.shape[0] != batch:
