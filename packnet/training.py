@@ -16,6 +16,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -560,3 +561,179 @@ class PackNet:
             key = f"{name}.{KINDS[self.kinds[name]].weight_key}"
             state[key] = effective_weight(weight.detach(), self.task_ids[name], task).clone()
         return state
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path) -> dict[str, Any]:
+        """Write the trainer between two tasks to ``path`` (one safetensors file, no pickle); returns its metadata.
+
+        The file holds the model's whole state, every task id, each task's state and the shared state, the
+        settings (prune ratio, granularity, head, the layers and the shared keys), the passes run so far, what the
+        inputs look like, and the random generators (torch's CPU and CUDA ones, Python's ``random``, NumPy's
+        global one), so that the tasks trained after :meth:`load_checkpoint` come out bit for bit as they would
+        have without the interruption (same data, same optimizer factory). Written atomically, with a SHA-256 of
+        the tensors. An optimizer given as an object, not a factory, keeps state of its own that is not saved.
+
+        Raises:
+            RuntimeError: a task is being trained (save after ``end_task``/``learn_task``).
+        """
+        import json
+        import random
+
+        from safetensors.torch import save_file
+
+        from .pack import PRODUCER, _digest, write_file_atomically
+
+        if self.current_task:
+            raise RuntimeError(
+                f"task {self.current_task} is being trained; save a checkpoint between tasks (after end_task)"
+            )
+        tensors = {f"model/{key}": value for key, value in self.net.state_dict().items()}
+        tensors.update({f"task_ids/{name}": ids for name, ids in self.task_ids.items()})
+        for task, state in enumerate(self.task_states, 1):
+            tensors.update({f"tasks/{task}/{key}": value for key, value in state.items()})
+        tensors.update({f"shared/{key}": value for key, value in self.shared_state.items()})
+        tensors["rng/torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            tensors.update({f"rng/cuda/{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+        numpy_state = _numpy_rng_state()
+        if numpy_state is not None:
+            tensors["rng/numpy"] = numpy_state[1]
+        # Tied or shared storage cannot be written as one safetensors tensor each: every entry gets its own copy.
+        tensors = {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
+        python_state = random.getstate()
+        ratio = self.prune_ratio if isinstance(self.prune_ratio, (int, float)) else list(self.prune_ratio)
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "producer": PRODUCER,
+            "num_tasks": self.num_tasks,
+            "prune_ratio": ratio,
+            "prune_granularity": self.prune_granularity
+            if self.prune_granularity == "element"
+            else list(self.prune_granularity),
+            "head": self.head,
+            "layers": self.kinds,
+            "shared_keys": sorted(self.state_shared_keys),
+            "epochs_run": self._epochs_run,
+            "init_std": self._init_std,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "input_spec": self.input_spec,
+            "rng_python": [python_state[0], list(python_state[1]), python_state[2]],
+            "rng_numpy": None if numpy_state is None else numpy_state[0],
+            "sha256": _digest(tensors),
+        }
+        write_file_atomically(
+            path, lambda tmp: save_file(tensors, tmp, metadata={"packnet_checkpoint": json.dumps(meta)})
+        )
+        return meta
+
+    @classmethod
+    def load_checkpoint(
+        cls,
+        path,
+        model: nn.Module,
+        *,
+        prunable: Callable[[str, nn.Module], bool] | None = None,
+        restore_rng: bool = True,
+    ) -> PackNet:
+        """A trainer resumed from :meth:`save_checkpoint` on ``model`` (the same architecture, freshly built: its
+        values are all overwritten), ready for its next task. The settings come from the file; ``prunable`` is
+        only needed for a filter that depends on more than module names (the file lists the layers). With
+        ``restore_rng`` the random generators are put back as they were at the save.
+
+        Raises:
+            ValueError: not a checkpoint, a damaged one, or a model that does not fit it (named).
+        """
+        import json
+        import random
+
+        from .pack import PackFormatError, _digest, _read_safetensors
+
+        try:
+            tensors, metadata = _read_safetensors(os.fspath(path))
+        except PackFormatError as error:
+            raise ValueError(str(error)) from None
+        try:
+            meta = json.loads(metadata["packnet_checkpoint"])
+        except (KeyError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: not a packnet checkpoint (no valid packnet_checkpoint metadata)") from error
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(
+                f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this packnet reads"
+                f" {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}"
+            )
+        if meta.get("sha256") != _digest(tensors):
+            raise ValueError(f"{path}: checksum mismatch: the tensors are not the ones this checkpoint was saved with")
+        layers, shared_keys = meta["layers"], set(meta["shared_keys"])
+        granularity = meta["prune_granularity"]
+        try:
+            trainer = cls(
+                model,
+                prune_ratio=meta["prune_ratio"],
+                prune_granularity=granularity if granularity == "element" else tuple(granularity),
+                prunable=prunable or (lambda name, module: name in layers),
+                head=meta["head"],
+                share=lambda name, module: any(key.rpartition(".")[0] == name for key in shared_keys),
+            )
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path}: the model does not fit the checkpoint ({error})") from None
+        if trainer.kinds != layers:
+            raise ValueError(f"{path}: the model's shared layers {trainer.kinds} are not the checkpoint's {layers}")
+        if trainer.state_shared_keys != shared_keys:
+            raise ValueError(f"{path}: the model's shared state does not match the checkpoint's {sorted(shared_keys)}")
+        state = {key[len("model/") :]: value for key, value in tensors.items() if key.startswith("model/")}
+        try:
+            trainer.net.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0:2]
+            raise ValueError(f"{path}: the model is not the checkpoint's architecture ({' '.join(first)})") from None
+        with torch.no_grad():
+            for name, ids in trainer.task_ids.items():
+                ids.copy_(tensors[f"task_ids/{name}"])
+        device = next(iter(trainer.weights.values())).device
+        trainer.task_states = [
+            {
+                key.split("/", 2)[2]: value.to(device)
+                for key, value in tensors.items()
+                if key.startswith(f"tasks/{task}/")
+            }
+            for task in range(1, meta["num_tasks"] + 1)
+        ]
+        trainer.shared_state = {
+            key[len("shared/") :]: v.to(device) for key, v in tensors.items() if key[:7] == "shared/"
+        }
+        trainer._epochs_run = meta["epochs_run"]
+        trainer._init_std = dict(meta["init_std"])  # the spread the original model was built with, not this copy's
+        trainer.input_shape = None if meta["input_shape"] is None else tuple(meta["input_shape"])
+        trainer.input_spec = meta["input_spec"]
+        if restore_rng:
+            torch.set_rng_state(tensors["rng/torch"])
+            cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith("rng/cuda/")]
+            if cuda_states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(cuda_states)
+            version, internal, gauss = meta["rng_python"]
+            random.setstate((version, tuple(internal), gauss))
+            if meta["rng_numpy"] is not None and "rng/numpy" in tensors:
+                _set_numpy_rng_state(meta["rng_numpy"], tensors["rng/numpy"])
+        return trainer
+
+
+CHECKPOINT_FORMAT = "packnet-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def _numpy_rng_state():
+    """``(json part, key tensor)`` of NumPy's global generator, or None without NumPy."""
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return [kind, int(position), int(has_gauss), float(cached)], torch.from_numpy(keys.astype(np.int64))
+
+
+def _set_numpy_rng_state(fields, keys: torch.Tensor) -> None:
+    import numpy as np
+
+    kind, position, has_gauss, cached = fields
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))

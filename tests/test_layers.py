@@ -313,3 +313,20 @@ def test_attention_that_cannot_be_packed_is_refused_or_left_per_task():
     plain.attention = nn.MultiheadAttention(8, 2)
     with pytest.raises(TypeError, match="whose forward reads its weight directly"):
         packnet.swap_packed_(plain, {"attention.out_proj": torch.ones(8, 8, dtype=torch.uint8)}, 1)
+
+
+def test_block_pruning_of_a_transformers_conv1d_follows_the_kernels_layout():
+    """Block pruning cuts blocks of the weight as the kernels read it: for Conv1D's ``[in, out]`` storage, blocks of
+    its transposed ``[out, in]`` view, so each block of that view has one owner."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(16, 12), nn.ReLU(), nn.Linear(16, 2))
+    trainer = packnet.PackNet(model, head="2", prune_granularity=(4, 6))
+    assert trainer.kinds == {"0": "transformers_conv1d"}
+    x = torch.randn(8, 12)
+    for _ in range(2):
+        trainer.learn_task(
+            [(x, torch.randint(0, 2, (8,)))], lambda p: torch.optim.SGD(p, lr=0.1), 1, show_progress=False
+        )
+    blocks = trainer.task_ids["0"].t().reshape(4, 4, 2, 6).permute(0, 2, 1, 3).reshape(8, 24)
+    assert all(len(set(row.tolist())) == 1 for row in blocks)
+    assert set(blocks[:, 0].tolist()) == {0, 1, 2}
