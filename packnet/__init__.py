@@ -7,7 +7,7 @@ live in ``packnet_kernels``.
 
 from .census import Census, census
 from .layers import PackedConv1d, PackedEmbedding, PackedMultiheadAttention, PackedTransposedLinear
-from .models import build_model, mlp, module_fingerprint, register_builder, small_cnn
+from .models import build_model, mlp, module_fingerprint, register_builder, small_cnn, small_vit
 from .modules import (
     PackedConv2d,
     PackedLinear,
@@ -71,6 +71,7 @@ __all__ = [
     "save_pack",
     "set_task",
     "small_cnn",
+    "small_vit",
     "swap_packed_",
     "task_modules",
 ]
