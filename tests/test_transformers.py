@@ -383,7 +383,11 @@ def test_a_builder_that_cannot_run_on_meta_loads_on_the_cpu(tmp_path):
     torch.manual_seed(0)
     inputs = torch.randn(BATCH, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     trainer = _train(build(), "fc", inputs)
+    unfused = packnet.compile_pack(trainer, fuse=False)
+    for task in (1, 2):
+        assert torch.equal(_run(unfused, inputs, task), trainer.predict(inputs, task)), task
     packed = packnet.compile_pack(trainer)
+    assert packed.packnet_folding["folded"] == packed.packnet_folding["norms"] > 0
     packnet.save_pack(packed, tmp_path / "regnet.pack")
     loaded = packnet.load_pack(tmp_path / "regnet.pack")  # no skeleton: rebuilt from the registered builder
     for task in (1, 2):
