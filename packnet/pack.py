@@ -259,7 +259,7 @@ def _check_against_skeleton(pack: Pack, skeleton: nn.Module) -> None:
             raise PackFormatError(f"pack layer {name!r} is not a module of the model") from None
         kind, found = pack.kind(name), kind_of(module)
         if found != kind:
-            expected = "Linear/Conv2d" if name not in pack.kinds else f"a {kind} layer"
+            expected = "Linear/Conv2d" if name not in pack.kinds else f"the pack's kind, {kind}"
             raise PackFormatError(f"pack layer {name!r} is a {type(module).__name__} in the model, not {expected}")
         model_weight = getattr(module, KINDS[kind].weight_key)
         if tuple(model_weight.shape) != tuple(weight.shape):
@@ -710,7 +710,9 @@ def export_task_state_dict(source: nn.Module | Pack, task: int) -> dict[str, tor
     """A plain ``state_dict`` of the original architecture for ``task`` alone, for runtimes without packnet.
 
     ``source`` is a packed model or a :class:`Pack`; load the result into the unpacked model with
-    ``load_state_dict`` (strict).
+    ``load_state_dict`` (strict). For a transformers model, that plain model's ``save_pretrained`` then writes a
+    checkpoint ``from_pretrained`` reads back as task ``task``, bit for bit (``from_pretrained(None, config=config,
+    state_dict=...)`` takes the dict directly); a packed model's own ``save_pretrained`` refuses.
     """
     pack = source if isinstance(source, Pack) else pack_from_model(source)
     return pack.task_state_dict(task)
