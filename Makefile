@@ -8,11 +8,15 @@ OUT ?= demo-out
 
 .PHONY: demo test bench lint format clean
 
+# The last install step: torchvision for its model classes (tests/test_transformers.py), at the release matching the
+# installed torch (torch 2.N pairs with torchvision 0.(N+15)), without its dependencies so that it never swaps torch
+# for another build. Beside a CPU torch its C ops cannot load: packnet.compat.import_torchvision makes it importable.
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test,bench,demo,dev]"
+	$(PY) -m pip install -q --no-deps "torchvision==$$($(PY) -c 'import torch; print("0.%d.*" % (int(torch.__version__.split(".")[1]) + 15))')"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -27,6 +27,8 @@ setup(
             "scikit-learn>=1.3",
             "matplotlib>=3.7",
             "transformers==5.24.0",
+            # torchvision's transforms import PIL; torchvision itself is installed by the Makefile, matched to torch.
+            "pillow>=9",
         ],
         "transformers": ["transformers>=4.40"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],

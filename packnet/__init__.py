@@ -5,10 +5,13 @@ Train with :class:`PackNet`, compile with :func:`compile_pack`, save and load wi
 live in ``packnet_kernels``.
 """
 
-from .models import build_model, mlp, module_fingerprint, register_builder, small_cnn
+from .census import Census, census
+from .layers import PackedConv1d, PackedEmbedding, PackedMultiheadAttention, PackedTransposedLinear
+from .models import build_model, mlp, module_fingerprint, register_builder, small_cnn, small_vit
 from .modules import (
     PackedConv2d,
     PackedLinear,
+    TaskParameters,
     TaskSwitch,
     accept_task_argument,
     set_task,
@@ -30,25 +33,33 @@ from .pack import (
     save_pack,
 )
 from .pruning import magnitude_task_ids
-from .training import LayerOwnership, PackNet
+from .training import LayerOwnership, PackNet, is_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Census",
     "LayerOwnership",
     "Pack",
     "PackFormatError",
     "PackSaveError",
     "PackNet",
+    "PackedConv1d",
     "PackedConv2d",
+    "PackedEmbedding",
     "PackedLinear",
+    "PackedMultiheadAttention",
+    "PackedTransposedLinear",
+    "TaskParameters",
     "TaskSwitch",
     "accept_task_argument",
     "build_model",
     "build_packed_model",
+    "census",
     "compile_pack",
     "export_task_state_dict",
     "fold_norms",
+    "is_norm",
     "load_pack",
     "magnitude_task_ids",
     "mlp",
@@ -60,6 +71,7 @@ __all__ = [
     "save_pack",
     "set_task",
     "small_cnn",
+    "small_vit",
     "swap_packed_",
     "task_modules",
 ]

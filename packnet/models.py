@@ -10,23 +10,29 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 __all__ = [
     "ARCH_ATTR",
     "BUILDERS",
     "INPUT_SHAPE_ATTR",
+    "INPUT_SPEC_ATTR",
     "arch_spec",
     "build_model",
     "mlp",
     "module_fingerprint",
     "register_builder",
     "small_cnn",
+    "small_vit",
 ]
 
 ARCH_ATTR = "packnet_arch"
 # Per-sample input shape (no batch dimension) a model takes, e.g. (1, 8, 8); save_pack draws its probe input from it.
 INPUT_SHAPE_ATTR = "packnet_input_shape"
+# What a model's inputs look like (packnet.training.input_spec: shape, dtype and value range of a tensor or of each
+# keyword input); save_pack draws its default probe from it, so token models get integer probes.
+INPUT_SPEC_ATTR = "packnet_input_spec"
 BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -153,4 +159,66 @@ def mlp(in_features: int = 64, hidden: int = 64, depth: int = 2, num_classes: in
         width = hidden
     model = Classifier(nn.Sequential(*layers), nn.Linear(width, num_classes))
     setattr(model, INPUT_SHAPE_ATTR, (in_features,))
+    return model
+
+
+class TokenEmbedding(nn.Module):
+    """Images ``[N, C, H, W]`` as ``H`` tokens of ``C * W`` pixels each (the rows), projected to ``dim``, after a
+    class token, plus learned positions: ``[N, H + 1, dim]``. The class token and positions are parameters of this
+    module beside its packed projection: a pack keeps them per task."""
+
+    def __init__(self, pixels: int, tokens: int, dim: int):
+        super().__init__()
+        self.project = nn.Linear(pixels, dim)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.positions = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        rows = images.permute(0, 2, 1, 3).flatten(2)  # [N, H, C * W]
+        tokens = self.project(rows)
+        return torch.cat([self.class_token.expand(len(tokens), -1, -1), tokens], dim=1) + self.positions
+
+
+class EncoderBlock(nn.Module):
+    """A pre-norm transformer block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``; ``[N, S, dim]``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = self.norm1(x)
+        x = x + self.attention(normed, normed, normed, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class SmallViT(nn.Module):
+    """``head(norm(blocks(embed(x)))[:, 0])``: a ViT-style classifier whose head is named ``head``."""
+
+    def __init__(self, embed: nn.Module, blocks: nn.Module, dim: int, num_classes: int):
+        super().__init__()
+        self.embed = embed
+        self.blocks = blocks
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(self.embed(x)))[:, 0])
+
+
+@register_builder("small_vit")
+def small_vit(
+    in_channels: int = 1, image_size: int = 8, dim: int = 32, depth: int = 2, heads: int = 4, num_classes: int = 2
+) -> nn.Module:
+    """A small ViT on ``[N, in_channels, image_size, image_size]`` images: each image row is one token of
+    ``in_channels * image_size`` pixels (an 8x8 digit is 8 tokens of 8 pixels), a class token, learned positions,
+    ``depth`` pre-norm blocks of ``nn.MultiheadAttention`` and an MLP, then a ``head`` Linear. Output
+    ``[N, num_classes]``."""
+    embed = TokenEmbedding(in_channels * image_size, image_size, dim)
+    blocks = nn.Sequential(*(EncoderBlock(dim, heads) for _ in range(depth)))
+    model = SmallViT(embed, blocks, dim, num_classes)
+    setattr(model, INPUT_SHAPE_ATTR, (in_channels, image_size, image_size))
     return model

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -32,11 +33,14 @@ from packnet_kernels._checks import (
     check_task_values,
     enter_packed_forward,
     leave_packed_forward,
+    linear_rows,
 )
+from packnet_kernels.reference import empty_rows_like
 
 __all__ = [
     "PackedConv2d",
     "PackedLinear",
+    "TaskParameters",
     "TaskSwitch",
     "accept_task_argument",
     "set_task",
@@ -114,22 +118,77 @@ class _TaskSelecting(nn.Module):
         return task
 
 
-class _PackedLayer(_TaskSelecting):
-    """Common storage of the packed layers: weight, task ids, per-task bias and per-task epilogue."""
+# The last per-sample task tensor spread over rows, for the next layer of the same forward: (weak reference to the
+# per-sample tasks, their version counter, rows per sample, the spread tensor). Every layer of one forward then gets
+# the same spread tensor, so the kernels sort a mixed batch once per forward (see packnet_kernels.linear).
+_LAST_SPREAD: list = []
 
+
+def spread_tasks(what: str, task: torch.Tensor, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, tasks)`` with one task per row of an op whose input ``x`` has ``rows`` rows (a linear's flattened leading
+    dimensions, an embedding's indices, a conv's images).
+
+    The batch is dimension 0, and a task tensor of ``x.shape[0]`` entries is one task per sample, spread over the
+    sample's rows: a ``[B]`` task tensor for ``[B, S, H]`` or ``[B, S]`` inputs runs every token of sample ``i`` with
+    task ``tasks[i]``. An input of one sample (``[1, S, ...]``: a position embedding's ``[1, S]`` ids, a buffer
+    broadcast over the batch) meets ``B > 1`` tasks by being expanded to ``B`` samples, each its task's result, so
+    that it broadcasts as before. Otherwise a task tensor of ``rows`` entries gives one task per row. Sequence-first
+    layouts (``[S, B, H]``) must pass one task per row.
+
+    Raises:
+        ValueError: a task tensor whose length fits none of these.
+    """
+    count = task.shape[0]
+    samples = x.shape[0] if x.dim() else 0
+    if count == samples:
+        return x, task if count == rows else _spread(task, rows // max(count, 1))
+    if samples == 1 and count > 1:
+        return x.expand(count, *x.shape[1:]), _spread(task, rows)
+    if count == rows:
+        return x, task
+    raise ValueError(
+        f"{what}: {count} tasks for an input of shape {tuple(x.shape)}: give one task per sample (dimension 0,"
+        f" {samples}) or one per row ({rows})"
+    )
+
+
+def _spread(task: torch.Tensor, per_sample: int) -> torch.Tensor:
+    """``task`` with each entry repeated ``per_sample`` times (no device sync), the same tensor object for the same
+    (unchanged) task tensor within a forward."""
+    cacheable = not (torch.compiler.is_compiling() or task.is_inference())
+    if cacheable and _LAST_SPREAD:
+        reference, version, last_per_sample, spread = _LAST_SPREAD
+        if reference() is task and version == task._version and last_per_sample == per_sample:
+            return spread
+    spread = task.repeat_interleave(per_sample)
+    if cacheable:
+        _LAST_SPREAD[:] = [weakref.ref(task), task._version, per_sample, spread]
+    return spread
+
+
+class _PackedLayer(_TaskSelecting):
+    """Common storage of the packed layers: weight, task ids, per-task bias and per-task epilogue.
+
+    ``kind`` names the layer type in a pack; ``weight_key`` and ``bias_key`` are the plain module's state-dict names
+    of the packed weight and of the bias stored per task."""
+
+    kind = "linear"
+    weight_key = "weight"
+    bias_key = "bias"
     # Whether this layer's kernel reads compact run-time ids (see uses_compact_ids).
     COMPACT_IDS = False
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self._place_ids()
+        if "_compact_state" in self.__dict__:  # storage made (_init_storage)
+            self._place_ids()
         return self
 
-    def _init_storage(self, weight_shape, num_tasks, bias, device, dtype, backend) -> None:
+    def _init_storage(self, weight_shape, num_tasks, bias, device, dtype, backend, out_features=None) -> None:
         self.num_tasks = _check_num_tasks(num_tasks)
         self.backend = check_backend(backend)
         self.active_task = None
-        out_features = weight_shape[0]
+        out_features = weight_shape[0] if out_features is None else out_features
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.zeros(weight_shape, **factory), requires_grad=False)
         self.register_buffer("task_ids", torch.zeros(weight_shape, dtype=torch.uint8, device=device))
@@ -193,7 +252,7 @@ class _PackedLayer(_TaskSelecting):
         only so that the unfused parameters can be written back into a pack; ``norm_shared`` says they were one
         module shared by all tasks (then every task's slice is the same) and go back as shared state.
         """
-        expected = (self.num_tasks, self.weight.shape[0])
+        expected = (self.num_tasks, self.bias_features())
         if scale.shape != expected or shift.shape != expected:
             raise ValueError(f"epilogue scale and shift must have shape {expected}")
         self.scale = scale.to(self.weight).contiguous()
@@ -204,6 +263,16 @@ class _PackedLayer(_TaskSelecting):
         self.fused_norm_shared = bool(norm_shared)
         for key, value in (norm_state or {}).items():
             self.register_buffer(_norm_buffer_name(key), value.clone())
+
+    def bias_features(self) -> int:
+        """Length of one task's bias and epilogue vectors (the output features)."""
+        return self.weight.shape[0]
+
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, task_ids)`` as the kernels read them (views of the stored tensors, never copies): the stored
+        ones for Linear and Conv2d; a transposed view for a weight stored ``[in, out]``, a height-1 view for a 1-D
+        conv. Tile maps are computed on these."""
+        return self.weight, self.task_ids
 
     def fused_norm_state(self, task: int) -> dict[str, torch.Tensor]:
         """Task ``task``'s state dict of the normalisation folded into this layer (empty when none)."""
@@ -233,8 +302,8 @@ class _PackedLayer(_TaskSelecting):
         key = (weight.data_ptr(), weight._version, task_ids.data_ptr(), task_ids._version, weight.device)
         if self._tile_state is None or self._tile_state[0] != key:
             with torch.no_grad():
-                ids = task_ids.to(weight.device)  # the host copy when the device holds compact ids
-                free_weights_zero = bool(((ids != 0) | (weight == 0)).all())
+                ids = self.kernel_operands()[1].to(weight.device)  # a host copy beside compact ids on a GPU
+                free_weights_zero = bool(((task_ids.to(weight.device) != 0) | (weight == 0)).all())
             self._tile_state = (key, tile_map(ids).contiguous(), free_weights_zero)
         return self._tile_state[1], self._tile_state[2]
 
@@ -368,13 +437,16 @@ class PackedLinear(_PackedLayer):
         return packed
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:
-        """``x [..., in]`` -> ``[..., out]``; ``task`` an int or a task tensor with one entry per row of
-        ``x.reshape(-1, in)`` (module docstring)."""
+        """``x [..., in]`` -> ``[..., out]``; ``task`` an int or a task tensor with one entry per sample (``x``'s
+        dimension 0) or per row of ``x.reshape(-1, in)`` (:func:`spread_tasks`)."""
         task = self._resolve_task(task)
+        if isinstance(task, torch.Tensor):
+            x, task = spread_tasks(type(self).__name__, task, x, linear_rows(x))
         bias, scale, shift = self._epilogue(task)
+        weight, task_ids = self.kernel_operands()
         return masked_linear(
             x,
-            self.weight,
+            weight,
             self.kernel_ids(x),
             task,
             bias,
@@ -397,6 +469,8 @@ class PackedConv2d(_PackedLayer):
 
     Shapes: ``weight``/``task_ids`` ``[out, in/groups, kh, kw]``, ``bias`` ``[num_tasks, out]``; input ``[N, C, H, W]``.
     """
+
+    kind = "conv2d"
 
     def __init__(
         self,
@@ -473,8 +547,11 @@ class PackedConv2d(_PackedLayer):
         return packed
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:
-        """``x [N, C, H, W]``; ``task`` an int or a task tensor ``[N]``, one task per image."""
+        """``x [N, C, H, W]``; ``task`` an int or a task tensor ``[N]``, one task per image (an input of one image
+        meets ``[B]`` tasks expanded: :func:`spread_tasks`)."""
         task = self._resolve_task(task)
+        if isinstance(task, torch.Tensor):
+            x, task = spread_tasks(type(self).__name__, task, x, x.shape[0] if x.dim() else 0)
         bias, scale, shift = self._epilogue(task)
         return masked_conv2d(
             x,
@@ -511,42 +588,185 @@ class TaskSwitch(_TaskSelecting):
         self.active_task = None
 
     def forward(self, *args, task: int | torch.Tensor | None = None, **kwargs):
-        """The task's module on ``args``. With a task tensor (one task per row of ``args[0]``), each task's module
-        runs on its rows (``args[0][rows]``; the other arguments as they are) and the rows are put back in order.
+        """The task's module on ``args``. With a task tensor (one task per sample of ``args[0]``), each task's module
+        runs on its samples (``args[0][rows]``; the other arguments as they are) and the results are put back in
+        order (a tensor, or tuples, lists and dicts of them, e.g. a ``ModelOutput``). An ``args[0]`` of one sample
+        (a ``[1, S]`` buffer broadcast over the batch) meets ``B`` tasks by being expanded to ``B`` samples.
 
         Raises:
-            ValueError: a task tensor whose length is not ``args[0]``'s, a task outside 1..num_tasks (checked on
-                the host, where the task values are read anyway), or tasks whose outputs differ in shape beyond the
-                batch dimension (e.g. heads with different numbers of classes).
+            ValueError: a task tensor whose length is neither ``args[0]``'s nor broadcast from 1, a task outside
+                1..num_tasks (checked on the host, where the task values are read anyway), or tasks whose outputs
+                differ in shape beyond the batch dimension (e.g. heads with different numbers of classes).
         """
         task = self._resolve_task(task)
         if not isinstance(task, torch.Tensor):
             return self.per_task[task - 1](*args, **kwargs)
-        batch, *rest = args
-        if task.shape[0] != batch.shape[0]:
-            raise ValueError(f"TaskSwitch: {task.shape[0]} tasks for an input of {batch.shape[0]} rows")
-        result = None
-        present = torch.unique(task).tolist()
-        # The values are on the host now anyway: a task outside 1..num_tasks would otherwise index another task's
-        # module (task 0 is per_task[-1]).
-        if present and not 1 <= present[0] <= present[-1] <= self.num_tasks:
-            bad = present[0] if present[0] < 1 else present[-1]
-            raise ValueError(f"TaskSwitch: every task must be in 1..{self.num_tasks}, got {bad}")
-        for each_task in present:
-            rows = (task == each_task).nonzero().squeeze(1).to(batch.device)
-            part = self.per_task[each_task - 1](batch[rows], *rest, **kwargs)
-            if result is None:
-                result, first_task = part.new_empty((batch.shape[0], *part.shape[1:])), each_task
-            elif part.shape[1:] != result.shape[1:]:
+        return run_per_task_rows(
+            "TaskSwitch", task, self.num_tasks, args, kwargs, lambda each_task: self.per_task[each_task - 1]
+        )
+
+
+def run_per_task_rows(what: str, task: torch.Tensor, num_tasks: int, args: tuple, kwargs: dict, run_task):
+    """A mixed batch run one task at a time: ``run_task(t)(args[0][rows of t], *args[1:], **kwargs)`` for each task
+    ``t`` present, the results put back row by row (see :meth:`TaskSwitch.forward`)."""
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise TypeError(f"{what}: a mixed batch needs the batch as the first positional argument, a tensor")
+    batch, *rest = args
+    if batch.dim() and batch.shape[0] == 1 and task.shape[0] > 1:
+        batch = batch.expand(task.shape[0], *batch.shape[1:])
+    if not batch.dim() or task.shape[0] != batch.shape[0]:
+        rows = batch.shape[0] if batch.dim() else 0
+        raise ValueError(f"{what}: {task.shape[0]} tasks for an input of {rows} rows")
+    present = torch.unique(task).tolist()
+    # The values are on the host now anyway: a task outside 1..num_tasks would otherwise index another task's
+    # module (task 0 is per_task[-1]).
+    if present and not 1 <= present[0] <= present[-1] <= num_tasks:
+        bad = present[0] if present[0] < 1 else present[-1]
+        raise ValueError(f"{what}: every task must be in 1..{num_tasks}, got {bad}")
+    if not present:  # an empty batch: any task's module gives the shape
+        return run_task(1)(batch, *rest, **kwargs)
+    parts = []
+    for each_task in present:
+        rows = (task == each_task).nonzero().squeeze(1).to(batch.device)
+        parts.append((each_task, rows, run_task(each_task)(batch[rows], *rest, **kwargs)))
+    return _merge_rows(what, parts, batch.shape[0])
+
+
+def _merge_rows(what: str, parts: list, count: int):
+    """Put per-task results back in row order: ``parts`` is ``[(task, rows, output)]``, every output of the same
+    structure (a tensor, None, or a tuple, list or dict of them)."""
+    first_task, _, first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        result = empty_rows_like(first, count)
+        for each_task, rows, part in parts:
+            if part.shape[1:] != result.shape[1:]:
                 raise ValueError(
-                    f"TaskSwitch: task {each_task}'s output has per-row shape {tuple(part.shape[1:])} but task"
+                    f"{what}: task {each_task}'s output has per-row shape {tuple(part.shape[1:])} but task"
                     f" {first_task}'s has {tuple(result.shape[1:])}; a mixed batch needs one output shape (run"
                     " tasks with different heads separately)"
                 )
             result[rows] = part
-        if result is None:  # an empty batch: any task's module gives the shape
-            result = self.per_task[0](batch, *rest, **kwargs)
         return result
+    if isinstance(first, Mapping):
+        merged = {key: _merge_rows(what, [(t, r, part[key]) for t, r, part in parts], count) for key in first}
+        return type(first)(**merged) if type(first) is not dict else merged
+    if isinstance(first, (tuple, list)):
+        merged = [
+            _merge_rows(what, [(t, r, part[index]) for t, r, part in parts], count) for index in range(len(first))
+        ]
+        return type(first)(*merged) if hasattr(first, "_fields") else type(first)(merged)
+    raise TypeError(f"{what}: cannot merge a mixed batch's outputs of type {type(first).__name__} row by row")
+
+
+# Name of the submodule holding the per-task values of the parameters and buffers a module holds itself (see
+# TaskParameters); the module reads them through properties of its class, swapped for a subclass.
+TASK_STATE_NAME = "packnet_task_state"
+_TASK_STATE_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+class TaskParameters(_TaskSelecting):
+    """Per-task values of the parameters and buffers one module holds itself beside packed children (a class token, a
+    position embedding, a layer scale, a norm's weight in a module that also holds packed layers).
+
+    Each value is stored stacked, ``[num_tasks, *shape]``, as a buffer named like the original; the owning module
+    (see :func:`hold_task_state`) reads ``module.<name>`` as the active task's ``[*shape]`` value, so its own
+    ``forward`` runs unchanged. A mixed batch runs the owning module once per task present, on that task's samples
+    (the value has one task's shape; no broadcasting rule could be right for every use of it).
+    """
+
+    def __init__(self, per_task: Mapping[str, Sequence[torch.Tensor]]):
+        super().__init__()
+        counts = {len(values) for values in per_task.values()}
+        if len(counts) != 1:
+            raise ValueError(f"TaskParameters: every value needs one tensor per task, got counts {sorted(counts)}")
+        self.num_tasks = _check_num_tasks(counts.pop())
+        self.active_task = None
+        self.names = list(per_task)
+        for name, values in per_task.items():
+            self.register_buffer(name, torch.stack([value.detach() for value in values]))
+
+    def value(self, name: str) -> torch.Tensor:
+        """The active task's value of ``name`` (task 1's while ``torch.fx`` traces with no active task)."""
+        if self.active_task is None and _fx_tracing():
+            return self._buffers[name][0]
+        task = self._resolve_task(None)
+        if isinstance(task, torch.Tensor):
+            raise RuntimeError(
+                f"TaskParameters: {name!r} read during a mixed batch outside its module's forward; the module runs"
+                " once per task present (read the value inside forward)"
+            )
+        return self._buffers[name][task - 1]
+
+    def task_value(self, name: str, task: int) -> torch.Tensor:
+        """Task ``task``'s value of ``name``."""
+        return self._buffers[name][task - 1]
+
+    def extra_repr(self) -> str:
+        return f"{', '.join(self.names)}, num_tasks={self.num_tasks}"
+
+
+def _fx_tracing() -> bool:
+    """True while ``torch.fx.symbolic_trace`` traces (not torch.export or torch.compile)."""
+    symbolic = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None)
+    return symbolic() if symbolic is not None else torch.fx._symbolic_trace.is_fx_tracing()
+
+
+def _read_task_value(name: str):
+    def read(module: nn.Module) -> torch.Tensor:
+        return module._modules[TASK_STATE_NAME].value(name)
+
+    return property(read, doc=f"The active task's {name!r} (packnet.TaskParameters)")
+
+
+def _forward_per_task(self, *args, **kwargs):
+    """A module holding per-task values: with a task tensor active, its own forward once per task present, on that
+    task's samples (with the int task active in its whole subtree), the results put back in row order."""
+    holder = self._modules[TASK_STATE_NAME]
+    task = holder.active_task
+    plain_forward = super(type(self), self).forward
+    if not isinstance(task, torch.Tensor):
+        return plain_forward(*args, **kwargs)
+
+    def run_task(each_task: int):
+        def run(*task_args, **task_kwargs):
+            with set_task(self, each_task):
+                return plain_forward(*task_args, **task_kwargs)
+
+        return run
+
+    return run_per_task_rows(type(self).__name__, task, holder.num_tasks, args, kwargs, run_task)
+
+
+def hold_task_state(module: nn.Module, per_task: Mapping[str, Sequence[torch.Tensor]]) -> TaskParameters:
+    """Move the parameters and buffers ``per_task`` names (the module's own, local names) into a
+    :class:`TaskParameters` submodule of ``module`` holding one value per task, in place; ``module``'s class becomes a
+    subclass (same name) whose properties read the active task's values and whose forward runs a mixed batch one task
+    at a time. Returns the holder.
+
+    Raises:
+        KeyError: a name that is not a parameter or buffer ``module`` holds itself.
+    """
+    names = tuple(per_task)
+    for name in names:
+        if module._parameters.get(name) is None and module._buffers.get(name) is None:
+            raise KeyError(f"hold_task_state: {type(module).__name__} holds no parameter or buffer {name!r}")
+    holder = TaskParameters(per_task)
+    for name in names:
+        module._parameters.pop(name, None)
+        module._buffers.pop(name, None)
+        module._non_persistent_buffers_set.discard(name)
+    base = type(module)
+    key = (base, names)
+    if key not in _TASK_STATE_CLASSES:
+        namespace = {name: _read_task_value(name) for name in names}
+        namespace.update(forward=_forward_per_task, __module__=base.__module__, __qualname__=base.__qualname__)
+        namespace["__doc__"] = base.__doc__
+        _TASK_STATE_CLASSES[key] = type(base.__name__, (base,), namespace)
+    module.__class__ = _TASK_STATE_CLASSES[key]
+    module.add_module(TASK_STATE_NAME, holder)
+    return holder
 
 
 def task_modules(model: nn.Module) -> list[_TaskSelecting]:
@@ -702,17 +922,23 @@ def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def swap_packed_(
     model: nn.Module, task_ids: Mapping[str, torch.Tensor], num_tasks: int, backend: str = "auto"
 ) -> nn.Module:
-    """Replace in place each ``nn.Linear``/``nn.Conv2d`` named in ``task_ids`` by its packed twin.
+    """Replace in place each module named in ``task_ids`` by its packed twin: ``nn.Linear``, ``nn.Conv1d``,
+    ``nn.Conv2d``, ``nn.Embedding``, transformers' ``Conv1D`` or ``nn.MultiheadAttention`` (see
+    :mod:`packnet.layers`).
 
-    ``task_ids`` maps qualified module names to ``uint8`` tensors shaped like that module's weight. Biases are
-    shared by all tasks (use :func:`packnet.compile_pack` for per-task biases from training); every other module
-    (BatchNorm, LayerNorm, unpacked layers) stays as it is and is saved in a pack as state shared by all tasks. The
-    plain model is recorded (shapes only) so that :func:`packnet.save_pack` can check what it writes. Returns
-    ``model``.
+    ``task_ids`` maps qualified module names to ``uint8`` tensors shaped like that module's packed weight (an
+    attention's ``in_proj_weight``). Biases are shared by all tasks (use :func:`packnet.compile_pack` for per-task
+    biases from training); every other module (BatchNorm, LayerNorm, unpacked layers) stays as it is and is saved in
+    a pack as state shared by all tasks. The plain model is recorded (shapes only) so that :func:`packnet.save_pack`
+    can check what it writes. Returns ``model``.
 
     Raises:
-        KeyError: a name that is not a submodule. TypeError: a module that is not Linear/Conv2d.
+        KeyError: a name that is not a submodule. TypeError: a module of no packable kind, or an attention's
+        ``out_proj`` named without the attention (``nn.MultiheadAttention`` reads it directly). ValueError: a module
+        of a packable kind in a configuration that is not (e.g. ``padding_mode='reflect'``).
     """
+    from .layers import kind_of, pack_layer
+
     _check_num_tasks(num_tasks)
     if recorded_skeleton(model) is None:
         record_skeleton(model, model)
@@ -721,11 +947,18 @@ def swap_packed_(
             module = model.get_submodule(name)
         except AttributeError as error:
             raise KeyError(f"swap_packed_: the model has no submodule {name!r}") from error
-        if isinstance(module, nn.Linear):
-            packed = PackedLinear.from_dense(module, ids, num_tasks, backend=backend)
-        elif isinstance(module, nn.Conv2d):
-            packed = PackedConv2d.from_dense(module, ids, num_tasks, backend=backend)
-        else:
-            raise TypeError(f"swap_packed_: {name!r} is a {type(module).__name__}, not nn.Linear or nn.Conv2d")
-        _replace_submodule(model, name, packed)
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if child_name == "out_proj" and isinstance(parent, nn.MultiheadAttention) and parent_name not in task_ids:
+            raise TypeError(
+                f"swap_packed_: {name!r} is the out_proj of nn.MultiheadAttention {parent_name!r}, whose forward reads"
+                f" its weight directly; pack the attention too (name {parent_name!r} with its in_proj ids)"
+            )
+        kind = kind_of(module)
+        if kind is None:
+            raise TypeError(
+                f"swap_packed_: {name!r} is a {type(module).__name__}, not a packable layer (nn.Linear, nn.Conv1d,"
+                " nn.Conv2d, nn.Embedding, transformers' Conv1D, nn.MultiheadAttention)"
+            )
+        _replace_submodule(model, name, pack_layer(kind, module, ids, num_tasks, backend=backend))
     return accept_task_argument(model)

@@ -33,18 +33,30 @@ from safetensors.torch import save_file
 
 from packnet_kernels import MAX_TASKS, effective_weight
 
-from .models import ARCH_ATTR, BUILDERS, INPUT_SHAPE_ATTR, arch_spec, build_model, module_fingerprint
+from .layers import KINDS, kind_of, pack_layer
+from .models import (
+    ARCH_ATTR,
+    BUILDERS,
+    INPUT_SHAPE_ATTR,
+    INPUT_SPEC_ATTR,
+    arch_spec,
+    build_model,
+    module_fingerprint,
+)
 from .modules import (
+    TASK_STATE_NAME,
     PackedConv2d,
-    PackedLinear,
+    TaskParameters,
     TaskSwitch,
     _PackedLayer,
     _replace_submodule,
     accept_task_argument,
+    hold_task_state,
     record_skeleton,
     recorded_skeleton,
     set_task,
 )
+from .training import input_spec
 
 __all__ = [
     "FORMAT_NAME",
@@ -109,6 +121,10 @@ class Pack:
         shared_state: state-dict key of the plain model -> tensor, for state shared by all tasks.
         fingerprint: :func:`packnet.models.module_fingerprint` of the plain model, or None (unknown; format v1).
         input_shape: per-sample input shape of the model (no batch dimension), or None when unknown.
+        kinds: qualified layer name -> layer kind (:data:`packnet.layers.KINDS`); a layer missing here is a Linear
+            (2-D weight) or Conv2d (4-D), as in packs written before other kinds existed.
+        input_spec: what the model's inputs look like (:func:`packnet.training.input_spec`: shape, dtype and value
+            range of a tensor input, or of each keyword input), for drawing probe inputs; None when unknown.
     """
 
     num_tasks: int
@@ -119,10 +135,26 @@ class Pack:
     shared_state: dict[str, torch.Tensor] = field(default_factory=dict)
     fingerprint: list | None = None
     input_shape: list[int] | None = None
+    kinds: dict[str, str] = field(default_factory=dict)
+    input_spec: dict[str, Any] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.layers.values()))[0].dtype
+
+    def kind(self, name: str) -> str:
+        """Layer ``name``'s kind: as recorded, else ``linear`` for a 2-D weight and ``conv2d`` for a 4-D one."""
+        if name in self.kinds:
+            return self.kinds[name]
+        return "linear" if self.layers[name][0].dim() == 2 else "conv2d"
+
+    def weight_key(self, name: str) -> str:
+        """The plain model's state-dict key of layer ``name``'s packed weight (``<name>.weight``, an attention's
+        ``<name>.in_proj_weight``)."""
+        return f"{name}.{KINDS[self.kind(name)].weight_key}"
+
+    def bias_key(self, name: str) -> str:
+        return f"{name}.{KINDS[self.kind(name)].bias_key}"
 
     def ownership(self) -> dict[str, list[int]]:
         """Per layer, the number of weights owned by each task (index 0 = free)."""
@@ -138,7 +170,7 @@ class Pack:
         state = {key: value.clone() for key, value in self.shared_state.items()}
         state.update({key: value.clone() for key, value in self.task_states[task - 1].items()})
         for name, (weight, ids) in self.layers.items():
-            state[f"{name}.weight"] = effective_weight(weight, ids, task).clone()
+            state[self.weight_key(name)] = effective_weight(weight, ids, task).clone()
         return state
 
     def nbytes(self) -> int:
@@ -163,19 +195,29 @@ def pack_from_trainer(trainer, dtype: torch.dtype | None = None) -> Pack:
     if dtype is not None and dtype not in WEIGHT_DTYPES.values():
         raise TypeError(f"pack dtype must be one of {list(WEIGHT_DTYPES)}, got {dtype}")
     layers = {
-        name: (_cast(layer.weight, dtype).cpu(), trainer.task_ids[name].detach().clone().cpu())
-        for name, layer in trainer.layers.items()
+        name: (_cast(weight, dtype).cpu(), trainer.task_ids[name].detach().clone().cpu())
+        for name, weight in trainer.weights.items()
     }
     task_states = [{key: _cast(value, dtype).cpu() for key, value in state.items()} for state in trainer.task_states]
+    shared_state = {key: _cast(value, dtype).cpu() for key, value in trainer.shared_state.items()}
     input_shape = trainer.input_shape or getattr(trainer.net, INPUT_SHAPE_ATTR, None)
     return Pack(
         trainer.num_tasks,
         layers,
         task_states,
         arch_spec(trainer.net),
+        shared_state=shared_state,
         fingerprint=module_fingerprint(trainer.net),
         input_shape=None if input_shape is None else list(input_shape),
+        kinds=_recorded_kinds(dict(trainer.kinds)),
+        input_spec=copy.deepcopy(trainer.input_spec),
     )
+
+
+def _recorded_kinds(kinds: Mapping[str, str]) -> dict[str, str]:
+    """The kinds a pack records: all but Linear and Conv2d, whose weights' dimensions say what they are (so packs
+    of those alone are written as before)."""
+    return {name: kind for name, kind in kinds.items() if kind not in ("linear", "conv2d")}
 
 
 def _describe_state(state: list) -> str:
@@ -215,19 +257,23 @@ def _check_against_skeleton(pack: Pack, skeleton: nn.Module) -> None:
             module = skeleton.get_submodule(name)
         except AttributeError:
             raise PackFormatError(f"pack layer {name!r} is not a module of the model") from None
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise PackFormatError(f"pack layer {name!r} is a {type(module).__name__} in the model, not Linear/Conv2d")
-        if tuple(module.weight.shape) != tuple(weight.shape):
+        kind, found = pack.kind(name), kind_of(module)
+        if found != kind:
+            expected = "Linear/Conv2d" if name not in pack.kinds else f"the pack's kind, {kind}"
+            raise PackFormatError(f"pack layer {name!r} is a {type(module).__name__} in the model, not {expected}")
+        model_weight = getattr(module, KINDS[kind].weight_key)
+        if tuple(model_weight.shape) != tuple(weight.shape):
             raise PackFormatError(
                 f"pack layer {name!r} has weight shape {tuple(weight.shape)} but the model's is"
-                f" {tuple(module.weight.shape)}: the pack is for another architecture"
+                f" {tuple(model_weight.shape)}: the pack is for another architecture"
             )
-    expected = {key: value for key, value in state.items() if key[: -len(".weight")] not in pack.layers}
+    weight_keys = {pack.weight_key(name) for name in pack.layers}
+    expected = {key: value for key, value in state.items() if key not in weight_keys}
     shared_extra = sorted(set(pack.shared_state) - set(expected))
     if shared_extra:
         raise PackFormatError(f"the pack's shared state does not match the model: unexpected {shared_extra[:5]}")
     for name in pack.layers:
-        if f"{name}.bias" in pack.shared_state:
+        if pack.bias_key(name) in pack.shared_state:
             raise PackFormatError(f"pack layer {name!r} has a shared bias; a packed layer's bias must be per task")
     per_task = {key: value for key, value in expected.items() if key not in pack.shared_state}
     states = [(f"task {task}'s", task_state) for task, task_state in enumerate(pack.task_states, 1)]
@@ -253,6 +299,19 @@ def _check_against_skeleton(pack: Pack, skeleton: nn.Module) -> None:
                 )
 
 
+def build_shapes_first(arch: dict[str, Any]) -> tuple[nn.Module, bool]:
+    """``(model, on_meta)``: the model of ``arch`` built on the meta device (shapes only, no memory), or, when the
+    builder cannot run there (torchvision's RegNet reads tensor values while it builds: "Cannot copy out of meta
+    tensor"), built on the CPU; the reason is logged."""
+    try:
+        with torch.device("meta"):
+            return build_model(arch), True
+    except (RuntimeError, NotImplementedError) as error:
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        log.info("builder %r cannot run on the meta device (%s); building it on the CPU", arch.get("builder"), reason)
+        return build_model(arch), False
+
+
 def _rebuild_checked(pack: Pack) -> nn.Module:
     """Rebuild ``pack.arch``, allocating real memory only once its shapes are known to match the pack's tensors.
 
@@ -273,12 +332,12 @@ def _rebuild_checked(pack: Pack) -> nn.Module:
         if type(value) is int and not 0 <= value <= max(stored, 1):
             raise PackFormatError(f"architecture argument {key}={value} cannot describe a model of {stored} values")
     try:
-        with torch.device("meta"):  # shapes only, no memory
-            skeleton = build_model(pack.arch)
+        skeleton, on_meta = build_shapes_first(pack.arch)
+        with torch.device("meta"):
             if pack.fingerprint is not None:
                 check_fingerprint(pack.fingerprint, skeleton)
             _check_against_skeleton(pack, skeleton)
-        return build_model(pack.arch)
+        return build_model(pack.arch) if on_meta else skeleton
     except PackFormatError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
@@ -349,49 +408,70 @@ def build_packed_model(
     num_tasks = pack.num_tasks
     for name, (weight, ids) in pack.layers.items():
         module = model.get_submodule(name)
-        kind = PackedLinear if isinstance(module, nn.Linear) else PackedConv2d
-        biases = [state[f"{name}.bias"] for state in pack.task_states] if module.bias is not None else None
+        kind = pack.kind(name)
+        bias_key = pack.bias_key(name)
+        has_bias = getattr(module, KINDS[kind].bias_key, None) is not None
+        biases = [state[bias_key] for state in pack.task_states] if has_bias else None
         with torch.no_grad():
-            module.weight.copy_(weight)
-        _replace_submodule(model, name, kind.from_dense(module, ids, num_tasks, biases, backend=backend))
+            getattr(module, KINDS[kind].weight_key).copy_(weight)
+        _replace_submodule(model, name, pack_layer(kind, module, ids, num_tasks, biases, backend=backend))
     with torch.no_grad():
         for key, value in pack.shared_state.items():
             module_name, _, local = key.rpartition(".")
             getattr(model.get_submodule(module_name) if module_name else model, local).copy_(value)
-    covered: list[str] = list(pack.layers)
+    switched: list[str] = []  # task switches made: their subtrees are per-task copies
     for name, module in list(model.named_modules()):
-        if any(_subtree(done, name) for done in covered) or isinstance(module, (_PackedLayer, TaskSwitch)):
+        if any(_subtree(done, name) for done in switched) or isinstance(module, (_PackedLayer, TaskSwitch)):
             continue
-        own = [f"{name}.{key}" if name else key for key in _own_state_keys(module)]
-        if not own or all(key in pack.shared_state for key in own):
+        own = [key for key in _own_state_keys(module) if (f"{name}.{key}" if name else key) not in pack.shared_state]
+        if not own:
             continue
+        prefix = f"{name}." if name else ""
         inside = [layer for layer in pack.layers if _subtree(name, layer)]
-        if inside or not name:
-            raise PackFormatError(
-                f"module {name or '<root>'!r} holds its own per-task state and contains shared layers {inside};"
-                " move the state into a submodule of its own"
-            )
-        shared_inside = sorted(key for key in pack.shared_state if _subtree(name, key))
-        if shared_inside:
-            raise PackFormatError(
-                f"module {name!r} holds per-task state and shared state {shared_inside[:5]}; a module's state must"
-                " be all per task or all shared"
-            )
+        shared_inside = [key for key in pack.shared_state if _subtree(name, key)]
+        if inside or shared_inside or not name or len(own) < len(_own_state_keys(module)):
+            # State of its own beside packed layers or shared state: the module stays, its own per-task values
+            # move into a TaskParameters holder that it reads as its own attributes.
+            hold_task_state(module, {key: [state[prefix + key] for state in pack.task_states] for key in own})
+            continue
         copies = []
         for task_state in pack.task_states:
             per_task = copy.deepcopy(module)
             per_task.load_state_dict(_local_state(task_state, name))
             copies.append(per_task)
         _replace_submodule(model, name, TaskSwitch(copies))
-        covered.append(name)
+        switched.append(name)
     folding = fold_norms(model) if fuse else {"norms": _count_norms(model), "folded": 0, "method": None}
     setattr(model, FOLDING_ATTR, folding)
     setattr(model, ARCH_ATTR, pack.arch)
     input_shape = pack.input_shape or getattr(skeleton, INPUT_SHAPE_ATTR, None)
     if input_shape is not None:
         setattr(model, INPUT_SHAPE_ATTR, tuple(input_shape))
+    spec = pack.input_spec or getattr(skeleton, INPUT_SPEC_ATTR, None)
+    if spec is not None:
+        setattr(model, INPUT_SPEC_ATTR, copy.deepcopy(spec))
     record_skeleton(model, skeleton)
+    _refuse_save_pretrained(model)
     return accept_task_argument(model).eval()
+
+
+def _refuse_save_pretrained(model: nn.Module) -> None:
+    """A packed transformers model keeps ``save_pretrained``/``push_to_hub`` from its class, which would write every
+    task's weights under the plain model's names, a checkpoint no plain model reads correctly: they raise instead,
+    saying what to do."""
+    if not callable(getattr(type(model), "save_pretrained", None)):
+        return
+
+    def refuse(*args, **kwargs):
+        raise TypeError(
+            "save_pretrained cannot save a packed model (one shared weight holds every task); save it with"
+            " packnet.save_pack(model, path), or export one task with packnet.export_task_state_dict(model, t),"
+            " load that into the plain model (load_state_dict) and call the plain model's save_pretrained"
+        )
+
+    # Instance attributes shadow the class's methods (push_to_hub saves through save_pretrained).
+    object.__setattr__(model, "save_pretrained", refuse)
+    object.__setattr__(model, "push_to_hub", refuse)
 
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -467,6 +547,8 @@ def fold_norms(model: nn.Module) -> dict[str, Any]:
         "reason": why tracing failed (fallback only)}``.
     """
     norms = _count_norms(model)
+    if not norms:  # nothing to fold: no need to trace (which transformers models do not survive)
+        return {"norms": 0, "folded": 0, "method": "fx"}
     try:
         graph = _PackedTracer().trace(model)
     except Exception as error:  # noqa: BLE001 - tracing runs the model's own forward code, which may raise anything
@@ -560,8 +642,9 @@ def pack_from_model(model: nn.Module) -> Pack:
     shared_state: dict[str, torch.Tensor] = {}
     task_owned: list[str] = []
     task_states: list[dict[str, torch.Tensor]] | None = None
+    kinds: dict[str, str] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, (_PackedLayer, TaskSwitch)):
+        if not isinstance(module, (_PackedLayer, TaskSwitch, TaskParameters)):
             continue
         task_owned.append(name)
         if num_tasks is None:
@@ -578,18 +661,31 @@ def pack_from_model(model: nn.Module) -> Pack:
                 for key, value in module.per_task[task - 1].state_dict().items():
                     state[f"{name}.{key}"] = value.detach().cpu().clone()
                 continue
+            if isinstance(module, TaskParameters):
+                owner = name.removesuffix(TASK_STATE_NAME).removesuffix(".")
+                prefix = f"{owner}." if owner else ""
+                for key in module.names:
+                    state[prefix + key] = module.task_value(key, task).detach().cpu().clone()
+                continue
             if module.bias is not None:
-                state[f"{name}.bias"] = module.bias[task - 1].detach().cpu().clone()
+                state[f"{name}.{module.bias_key}"] = module.bias[task - 1].detach().cpu().clone()
             if not module.fused_norm_shared:
                 for key, value in module.fused_norm_state(task).items():
                     state[f"{module.fused_norm_name}.{key}"] = value.detach().cpu().clone()
         if isinstance(module, _PackedLayer):
             layers[name] = (module.weight.detach().cpu().clone(), module.task_ids.detach().cpu().clone())
+            kinds[name] = module.kind
     if not layers:
         raise ValueError("the model has no packed layers; build one with compile_pack, load_pack or swap_packed_")
+    packed_children = [name for name in task_owned if isinstance(model.get_submodule(name), _PackedLayer)]
     for key, value in model.state_dict().items():
-        if not any(_subtree(owner, key) for owner in task_owned):
-            shared_state[key] = value.detach().cpu().clone()
+        if any(_subtree(owner, key) for owner in task_owned):
+            # A packed layer's own state is its weight, ids, biases and epilogue; its submodules (an attention's
+            # out_proj) are modules of their own.
+            owner = max((name for name in packed_children if _subtree(name, key)), key=len, default=None)
+            if owner is None or "." not in key[len(owner) + 1 :] or _owned_below(task_owned, owner, key):
+                continue
+        shared_state[key] = value.detach().cpu().clone()
     skeleton = recorded_skeleton(model)
     input_shape = getattr(model, INPUT_SHAPE_ATTR, None)
     return Pack(
@@ -600,14 +696,23 @@ def pack_from_model(model: nn.Module) -> Pack:
         shared_state=shared_state,
         fingerprint=None if skeleton is None else module_fingerprint(skeleton),
         input_shape=None if input_shape is None else list(input_shape),
+        kinds=_recorded_kinds(kinds),
+        input_spec=copy.deepcopy(getattr(model, INPUT_SPEC_ATTR, None)),
     )
+
+
+def _owned_below(task_owned: list[str], owner: str, key: str) -> bool:
+    """Whether ``key`` (inside packed layer ``owner``) belongs to a task-owned module nested in ``owner``."""
+    return any(name != owner and _subtree(owner, name) and _subtree(name, key) for name in task_owned)
 
 
 def export_task_state_dict(source: nn.Module | Pack, task: int) -> dict[str, torch.Tensor]:
     """A plain ``state_dict`` of the original architecture for ``task`` alone, for runtimes without packnet.
 
     ``source`` is a packed model or a :class:`Pack`; load the result into the unpacked model with
-    ``load_state_dict`` (strict).
+    ``load_state_dict`` (strict). For a transformers model, that plain model's ``save_pretrained`` then writes a
+    checkpoint ``from_pretrained`` reads back as task ``task``, bit for bit (``from_pretrained(None, config=config,
+    state_dict=...)`` takes the dict directly); a packed model's own ``save_pretrained`` refuses.
     """
     pack = source if isinstance(source, Pack) else pack_from_model(source)
     return pack.task_state_dict(task)
@@ -684,27 +789,119 @@ def write_file_atomically(
         raise
 
 
-def _probe_input(probe: torch.Tensor | None, pack: Pack) -> torch.Tensor:
+_SPEC_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def _draw(spec: Mapping[str, Any], float_dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Two samples of a tensor spec: normal floats (in the pack's dtype), integers in ``0..high-1``."""
+    shape, dtype = (2, *spec["shape"]), _SPEC_DTYPES[spec["dtype"]]
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(float_dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    return torch.randint(0, max(int(spec.get("high", 1)), 1), shape, generator=generator, dtype=dtype)
+
+
+def _probe_input(probe, pack: Pack):
+    """The probe as given (a tensor, or a dict of keyword inputs), on the CPU; by default two samples drawn from
+    the pack's input spec (integer inputs stay in the range training saw), else from its input shape."""
     if probe is not None:
-        if not isinstance(probe, torch.Tensor):
-            raise TypeError(f"save_pack: probe must be a tensor (a batch of inputs), got {type(probe).__name__}")
-        return probe.detach().cpu()
+        if isinstance(probe, torch.Tensor):
+            return probe.detach().cpu()
+        if isinstance(probe, Mapping) and all(
+            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in probe.items()
+        ):
+            return {key: value.detach().cpu() for key, value in probe.items()}
+        raise TypeError(
+            "save_pack: probe must be a tensor (a batch of inputs) or a dict of keyword inputs"
+            f" ({{'input_ids': ..., 'attention_mask': ...}}), got {type(probe).__name__}"
+        )
+    generator = torch.Generator().manual_seed(0)
+    if pack.input_spec is not None:
+        if "keywords" in pack.input_spec:
+            return {key: _draw(spec, pack.dtype, generator) for key, spec in pack.input_spec["keywords"].items()}
+        return _draw(pack.input_spec, pack.dtype, generator)
     if pack.input_shape is None:
         raise ValueError(
             "save_pack checks the file it writes by running the model on a probe input, but the model records no"
             " input shape; pass probe=<a small batch of inputs>, e.g. probe=torch.randn(2, 3, 32, 32)"
         )
-    generator = torch.Generator().manual_seed(0)
     return torch.randn((2, *pack.input_shape), generator=generator).to(pack.dtype)
 
 
-def _task_outputs(model: nn.Module, probe: torch.Tensor, num_tasks: int) -> list[torch.Tensor]:
+def _describe_probe(probe) -> str:
+    if isinstance(probe, Mapping):
+        return "keyword inputs " + ", ".join(f"{key} {tuple(v.shape)} {v.dtype}" for key, v in probe.items())
+    return f"shape {tuple(probe.shape)} and dtype {probe.dtype}"
+
+
+def _call(model: nn.Module, probe):
+    return model(**probe) if isinstance(probe, Mapping) else model(probe)
+
+
+def _task_outputs(model: nn.Module, probe, num_tasks: int) -> list:
     outputs = []
     with torch.no_grad():
         for task in range(1, num_tasks + 1):
             with set_task(model, task):
-                outputs.append(model(probe))
+                outputs.append(_call(model, probe))
     return outputs
+
+
+def output_difference(want, got, where: str = "output", depth: int = 0) -> str | None:
+    """Where two model outputs differ, or None when they are equal bit for bit (NaNs in the same places): tensors,
+    and tuples, lists and dicts of them (a transformers ``ModelOutput`` field by field), compared recursively; other
+    objects (a transformers key-value cache) by their attributes, a few levels deep."""
+    if depth > 8:
+        return None
+    if isinstance(want, torch.Tensor) or isinstance(got, torch.Tensor):
+        if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)):
+            return f"{where} is a {type(want).__name__} in one and a {type(got).__name__} in the other"
+        if want.shape != got.shape or want.dtype != got.dtype:
+            return f"{where} has shape {tuple(want.shape)} {want.dtype} vs {tuple(got.shape)} {got.dtype}"
+        if want.is_floating_point() and not torch.equal(want.isnan(), got.isnan()):
+            return f"{where} has NaNs in other places"
+        if not torch.equal(
+            want.nan_to_num() if want.is_floating_point() else want,
+            got.nan_to_num() if got.is_floating_point() else got,
+        ):
+            return f"{where} differs"
+        return None
+    if isinstance(want, Mapping) and isinstance(got, Mapping):
+        if list(want) != list(got):
+            return f"{where} has fields {list(want)} vs {list(got)}"
+        for key in want:
+            difference = output_difference(want[key], got[key], f"{where}.{key}", depth + 1)
+            if difference:
+                return difference
+        return None
+    if isinstance(want, (tuple, list)) and isinstance(got, (tuple, list)):
+        if len(want) != len(got):
+            return f"{where} has {len(want)} items vs {len(got)}"
+        for index, (first, second) in enumerate(zip(want, got, strict=True)):
+            difference = output_difference(first, second, f"{where}[{index}]", depth + 1)
+            if difference:
+                return difference
+        return None
+    if type(want) is not type(got):
+        return f"{where} is a {type(want).__name__} in one and a {type(got).__name__} in the other"
+    if isinstance(want, (str, bytes, int, float, bool, type(None), torch.dtype, torch.device)):
+        return None if want == got else f"{where} is {want!r} vs {got!r}"
+    attributes = getattr(want, "__dict__", None)
+    if isinstance(attributes, dict):
+        return output_difference(attributes, vars(got), where, depth + 1)
+    return None
 
 
 def _reference_copy(model: nn.Module) -> nn.Module:
@@ -716,7 +913,7 @@ def _reference_copy(model: nn.Module) -> nn.Module:
     return reference
 
 
-def _written_file_check(model: nn.Module | Pack, pack: Pack, probe: torch.Tensor | None) -> Callable[[Pack], None]:
+def _written_file_check(model: nn.Module | Pack, pack: Pack, probe) -> Callable[[Pack], None]:
     """Prepare, before anything is written, the check of the written pack; returns it as ``check(read_back)``.
 
     A model: the file must rebuild (from the model's recorded plain skeleton) into a model whose outputs equal the
@@ -728,8 +925,7 @@ def _written_file_check(model: nn.Module | Pack, pack: Pack, probe: torch.Tensor
         return lambda read_back: build_packed_model(read_back, fuse=False, backend="reference")
     skeleton = recorded_skeleton(model)
     if skeleton is None and pack.arch is not None and pack.arch.get("builder") in BUILDERS:
-        with torch.device("meta"):
-            skeleton = build_model(pack.arch)
+        skeleton = build_shapes_first(pack.arch)[0]
     if skeleton is None:
         raise ValueError(
             "save_pack checks the file it writes by rebuilding the model, but this model records no plain"
@@ -742,9 +938,9 @@ def _written_file_check(model: nn.Module | Pack, pack: Pack, probe: torch.Tensor
         expected = _task_outputs(_reference_copy(model), probe_input, pack.num_tasks)
     except Exception as error:  # noqa: BLE001 - the model's own forward code on an input it may not accept
         raise ValueError(
-            f"save_pack checks the file by running the model on a probe input of shape {tuple(probe_input.shape)}"
-            f" and dtype {probe_input.dtype}, which failed ({type(error).__name__}: {error}); pass"
-            " probe=<a small batch of inputs the model accepts>"
+            f"save_pack checks the file by running the model on a probe input of {_describe_probe(probe_input)},"
+            f" which failed ({type(error).__name__}: {error}); pass probe=<a small batch of inputs the model accepts"
+            " (a tensor, or a dict of keyword inputs)>"
         ) from error
 
     def check(read_back: Pack) -> None:
@@ -752,27 +948,28 @@ def _written_file_check(model: nn.Module | Pack, pack: Pack, probe: torch.Tensor
         for task, (want, got) in enumerate(
             zip(expected, _task_outputs(rebuilt, probe_input, pack.num_tasks), strict=True), 1
         ):
-            if (
-                want.shape != got.shape
-                or not torch.equal(want.isnan(), got.isnan())
-                or not torch.equal(want.nan_to_num(), got.nan_to_num())
-            ):
+            difference = output_difference(want, got)
+            if difference:
                 raise PackSaveError(
                     f"the file written does not reproduce the model: task {task}'s outputs on the probe input differ"
+                    f" ({difference})"
                 )
 
     return check
 
 
-def save_pack(model: nn.Module | Pack, path: str | os.PathLike, *, probe: torch.Tensor | None = None) -> dict[str, Any]:
+def save_pack(model: nn.Module | Pack, path: str | os.PathLike, *, probe=None) -> dict[str, Any]:
     """Write a packed model (or a :class:`Pack`) to ``path`` as one safetensors file; returns the metadata.
 
     The file is written to a temporary name in the same directory, read back and checked, then renamed, so a
     reader never sees half a pack and a pack that would not load is never left behind. The check reads the file
     with :func:`read_pack`, rebuilds it on the model's plain architecture (recorded by ``swap_packed_``,
-    ``compile_pack`` and ``load_pack``) and compares the outputs of every task with the model's on ``probe`` (a
-    batch of inputs; by default two random inputs of the model's recorded input shape, and when the model records
-    none, the probe's per-sample shape is recorded in the file), bit for bit. The check costs a CPU copy of the
+    ``compile_pack`` and ``load_pack``) and compares the outputs of every task with the model's on ``probe``, bit
+    for bit (tensors, or tuples, lists, dicts and transformers ``ModelOutput``s of them, field by field). ``probe``
+    is a batch of inputs, or a dict of keyword inputs (``model(**probe)``: ``{"input_ids": ..., "attention_mask":
+    ...}``); by default two samples drawn from what the model records of its inputs (the input spec training saw:
+    integers in the range seen for token models, else normal floats of the recorded input shape), and when it
+    records nothing, what the probe looks like is recorded in the file. The check costs a CPU copy of the
     model, one rebuild and two forward passes per task. A :class:`Pack` of a registered builder must rebuild. The
     file gets the mode the umask gives an ordinary file.
 
@@ -795,7 +992,7 @@ def save_pack(model: nn.Module | Pack, path: str | os.PathLike, *, probe: torch.
         "num_tasks": pack.num_tasks,
         "dtype": str(pack.dtype).removeprefix("torch."),
         "layers": [
-            {"name": name, "kind": "linear" if weight.dim() == 2 else "conv2d", "shape": list(weight.shape)}
+            {"name": name, "kind": pack.kind(name), "shape": list(weight.shape)}
             for name, (weight, _) in pack.layers.items()
         ],
         "task_keys": sorted(pack.task_states[0]),
@@ -803,9 +1000,14 @@ def save_pack(model: nn.Module | Pack, path: str | os.PathLike, *, probe: torch.
         "arch": pack.arch,
         "fingerprint": pack.fingerprint,
         # A probe given once tells the shape for later saves of the loaded pack.
-        "input_shape": pack.input_shape if pack.input_shape is not None or probe is None else list(probe.shape[1:]),
+        "input_shape": pack.input_shape
+        if pack.input_shape is not None or not isinstance(probe, torch.Tensor)
+        else list(probe.shape[1:]),
         "sha256": _digest(tensors),
     }
+    spec = pack.input_spec if pack.input_spec is not None or probe is None else input_spec(probe)
+    if spec is not None:  # written only when known, so packs without one keep their bytes
+        meta["input_spec"] = spec
     path = os.fspath(path)
 
     def check(tmp_path: str) -> None:
@@ -937,7 +1139,7 @@ def read_pack(path: str | os.PathLike) -> Pack:
         raise _fail(path, f"missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if extra:
         raise _fail(path, f"unexpected tensors: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    layers = {}
+    layers, kinds = {}, {}
     for entry in layer_entries:
         name, shape = entry["name"], entry["shape"]
         weight, ids = tensors[f"layers/{name}/weight"], tensors[f"layers/{name}/task_ids"]
@@ -945,12 +1147,21 @@ def read_pack(path: str | os.PathLike) -> Pack:
             raise _fail(path, f"layer {name!r} weight is {weight.dtype}, the pack's dtype is {dtype}")
         if ids.dtype != torch.uint8:
             raise _fail(path, f"layer {name!r} task_ids are {ids.dtype}, expected torch.uint8")
-        if list(weight.shape) != shape or list(ids.shape) != shape or len(shape) not in (2, 4):
+        kind = entry.get("kind")
+        if kind is not None and (not isinstance(kind, str) or kind not in KINDS):
+            raise _fail(path, f"layer {name!r} has unknown kind {kind!r}; this packnet knows {sorted(KINDS)}")
+        # Linear and Conv2d layers are told apart by their weight's dimensions, as before other kinds existed.
+        legacy = kind in (None, "linear", "conv2d")
+        dims = (2, 4) if legacy else (KINDS[kind].weight_dims,)
+        if list(weight.shape) != shape or list(ids.shape) != shape or len(shape) not in dims:
+            declared = " or ".join(f"{dim}-D" for dim in dims)
             raise _fail(
                 path,
                 f"layer {name!r}: weight {list(weight.shape)} and task_ids {list(ids.shape)} must both be"
-                f" the declared 2-D or 4-D shape {shape}",
+                f" the declared {declared} shape {shape}",
             )
+        if not legacy:
+            kinds[name] = kind
         if ids.numel() and int(ids.max()) > num_tasks:
             raise _fail(path, f"layer {name!r} has task id {int(ids.max())} but the pack holds {num_tasks} tasks")
         if bool((weight[ids == 0] != 0).any()):
@@ -966,7 +1177,39 @@ def read_pack(path: str | os.PathLike) -> Pack:
     if both:
         raise _fail(path, f"keys both shared and per task: {both[:5]}")
     shared_state = {key: tensors[f"shared/{key}"] for key in shared_keys}
-    return Pack(num_tasks, layers, task_states, arch, meta, shared_state, fingerprint, input_shape)
+    spec = _read_input_spec(path, meta.get("input_spec"))
+    return Pack(num_tasks, layers, task_states, arch, meta, shared_state, fingerprint, input_shape, kinds, spec)
+
+
+def _read_tensor_spec(path: str, where: str, spec) -> dict[str, Any]:
+    if not isinstance(spec, dict) or not set(spec) <= {"shape", "dtype", "high"} or not {"shape", "dtype"} <= set(spec):
+        raise _fail(path, f"{where} must be {{'shape': [...], 'dtype': name, 'high'?: int}}, got {spec!r}")
+    shape, dtype, high = spec["shape"], spec["dtype"], spec.get("high", 1)
+    if not (
+        isinstance(shape, list)
+        and all(type(dim) is int and 1 <= dim <= _MAX_INPUT_VALUES for dim in shape)
+        and math.prod(shape) <= _MAX_INPUT_VALUES
+    ):
+        raise _fail(path, f"{where} shape must be a list of positive ints, at most {_MAX_INPUT_VALUES} values")
+    if dtype not in _SPEC_DTYPES:
+        raise _fail(path, f"{where} dtype must be one of {sorted(_SPEC_DTYPES)}, got {dtype!r}")
+    if type(high) is not int or not 1 <= high <= 2**62:
+        raise _fail(path, f"{where} high must be an int in 1..2**62, got {high!r}")
+    return spec
+
+
+def _read_input_spec(path: str, spec) -> dict[str, Any] | None:
+    """Validate the optional ``input_spec`` (a tensor spec, or ``{"keywords": {name: spec}}``)."""
+    if spec is None:
+        return None
+    if isinstance(spec, dict) and set(spec) == {"keywords"}:
+        keywords = spec["keywords"]
+        if not isinstance(keywords, dict) or not keywords or len(keywords) > 64:
+            raise _fail(path, "input_spec keywords must map 1 to 64 input names to tensor specs")
+        for key, value in keywords.items():
+            _read_tensor_spec(path, f"input_spec keyword {key!r}", value)
+        return spec
+    return _read_tensor_spec(path, "input_spec", spec)
 
 
 _MAX_INPUT_VALUES = 2**26  # per sample; save_pack draws a probe of this shape, so a crafted pack must not be huge

@@ -6,6 +6,8 @@ of a linear input's flattened leading dimensions, per image of a conv input), wi
 
 ``backend="auto"`` runs the Triton kernels on CUDA tensors and the pure-PyTorch reference elsewhere;
 ``"triton"`` forces the kernels (on the CPU only under ``TRITON_INTERPRET=1``); ``"reference"`` forces the reference.
+``masked_embedding`` (a lookup of rows masked by their ids) has the reference only, on every device: it reads just the
+rows looked up and their ids, so a kernel would save no pass over the table.
 Importing this package imports neither Triton nor CUDA: the kernels load on first use.
 """
 
@@ -15,7 +17,9 @@ import torch
 
 from ._checks import (
     MAX_TASKS,
+    check_backend,
     check_conv2d,
+    check_embedding,
     check_linear,
     check_task_values,
     check_tile_map,
@@ -24,7 +28,14 @@ from ._checks import (
     task_limit,
 )
 from .id_layout import CompactTaskIds, bits_for, compact_task_ids, unpack_task_ids
-from .reference import effective_weight, masked_conv2d_ref, masked_linear_ref, task_mask, tile_map
+from .reference import (
+    effective_weight,
+    masked_conv2d_ref,
+    masked_embedding_ref,
+    masked_linear_ref,
+    task_mask,
+    tile_map,
+)
 
 __all__ = [
     "MAX_TASKS",
@@ -36,6 +47,8 @@ __all__ = [
     "interpreter_enabled",
     "masked_conv2d",
     "masked_conv2d_ref",
+    "masked_embedding",
+    "masked_embedding_ref",
     "masked_linear",
     "masked_linear_ref",
     "task_mask",
@@ -201,3 +214,31 @@ def masked_conv2d(
         tile_map=tile_map,
         free_weights_zero=free_weights_zero,
     )
+
+
+def masked_embedding(
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    task_ids: torch.Tensor,
+    task: int | torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``F.embedding(indices, W_t)`` where ``W_t = where(task_ids in 1..task, weight, 0)``, without a masked table.
+
+    Args:
+        indices: ``[...]`` int64 or int32, each in ``0..num_embeddings-1``, on ``weight``'s device.
+        weight: ``[num_embeddings, dim]`` float32/float16/bfloat16/float64; ``task_ids`` the same shape, uint8.
+        task: int in 1..255, or a mixed batch: an integer tensor with one task per element of ``indices.reshape(-1)``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``: all run the reference lookup (a gather of the rows
+            looked up and their ids, then a select), which reads nothing a kernel would skip.
+
+    Returns:
+        ``[..., dim]`` in ``weight``'s dtype.
+
+    Raises:
+        TypeError, ValueError: see :func:`packnet_kernels._checks.check_embedding`; an unknown backend.
+    """
+    check_backend(backend)
+    task = check_embedding(indices, weight, task_ids, task)
+    return masked_embedding_ref(indices, weight, task_ids, task)

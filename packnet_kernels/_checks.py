@@ -403,3 +403,52 @@ def check_conv2d(
             f" {dilation[0] * (kh - 1) + 1}x{dilation[1] * (kw - 1) + 1}"
         )
     return task, stride, padding, dilation
+
+
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_embedding(indices, weight, task_ids, task) -> int | torch.Tensor:
+    """Validate a masked embedding lookup; returns the task (an int, or the mixed batch's task tensor, one task per
+    element of ``indices``). Index values and a task tensor's values are checked for CPU tensors only (on a GPU that
+    would be a device sync per lookup; there an index out of range fails in the gather, as in ``F.embedding``).
+
+    Raises:
+        TypeError: non-tensors, indices that are not int64/int32, task_ids not uint8, a weight dtype outside
+            :data:`REFERENCE_DTYPES`. ValueError: shapes, devices, tasks or an index outside ``0..num_embeddings-1``.
+    """
+    op = "masked_embedding"
+    for name, tensor in (("indices", indices), ("weight", weight), ("task_ids", task_ids)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{op}: indices must be torch.int64 or torch.int32, got {indices.dtype}")
+    if isinstance(task, torch.Tensor):
+        task = check_task_tensor(op, task, indices.numel(), indices.device)
+    else:
+        task = check_task(task)
+    if task_ids.dtype != torch.uint8:
+        raise TypeError(f"{op}: task_ids must be torch.uint8 (0 = free, k = owned by task k), got {task_ids.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D [num_embeddings, dim], got shape {tuple(weight.shape)}")
+    if task_ids.shape != weight.shape:
+        raise ValueError(
+            f"{op}: task_ids must have the weight's shape {tuple(weight.shape)}, got {tuple(task_ids.shape)}"
+        )
+    if weight.dtype not in REFERENCE_DTYPES:
+        raise TypeError(
+            f"{op}: weight dtype {weight.dtype} is not supported; allowed: {', '.join(map(str, REFERENCE_DTYPES))}"
+        )
+    for name, tensor in (("weight", weight), ("task_ids", task_ids)):
+        if tensor.device != indices.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but the indices are on {indices.device}")
+    if indices.numel() and not indices.is_cuda:
+        if isinstance(task, torch.Tensor):
+            check_task_values(op, task)
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= weight.shape[0]:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"{op}: index {bad} is outside 0..{weight.shape[0] - 1} (num_embeddings={weight.shape[0]})"
+            )
+    return task

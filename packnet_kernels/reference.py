@@ -89,6 +89,16 @@ def task_vector(vector: torch.Tensor | None, task: int) -> torch.Tensor | None:
     return vector if vector is None or vector.dim() == 1 else vector[task - 1]
 
 
+def empty_rows_like(part: torch.Tensor, rows: int) -> torch.Tensor:
+    """An uninitialised tensor of ``rows`` rows shaped like ``part`` beyond dimension 0, laid out in memory as
+    ``part`` is (channels_last stays channels_last), so a result assembled from per-task parts has the layout a
+    single-task run gives, and the ops after it compute exactly what they compute on that."""
+    order = sorted(range(part.dim()), key=lambda dim: -part.stride(dim))  # outermost first; stable for ties
+    sizes = [rows if dim == 0 else part.shape[dim] for dim in range(part.dim())]
+    dense = part.new_empty([sizes[dim] for dim in order])
+    return dense.permute([order.index(dim) for dim in range(part.dim())])
+
+
 def per_task_rows(op, x: torch.Tensor, tasks: torch.Tensor, vectors: tuple) -> torch.Tensor:
     """Row ``i`` of the result is row ``i`` of ``op(x[rows of task t], t, *task vectors of t)`` with ``t =
     tasks[i]``: ``op`` runs once per distinct task (in increasing order) on the rows of that task.
@@ -107,7 +117,7 @@ def per_task_rows(op, x: torch.Tensor, tasks: torch.Tensor, vectors: tuple) -> t
         rows = (tasks == task).nonzero().squeeze(1).to(x.device)
         part = op(x[rows], task, *(task_vector(vector, task) for vector in vectors))
         if result is None:
-            result = part.new_empty((x.shape[0], *part.shape[1:]))
+            result = empty_rows_like(part, x.shape[0])
         result[rows] = part
     return result
 
@@ -186,3 +196,21 @@ def masked_conv2d_ref(
         return per_task_rows(single, x, task, (bias, scale, shift))
     y = F.conv2d(x, effective_weight(weight, task_ids, task), bias, stride, padding, dilation, groups)
     return apply_epilogue(y, scale, shift, relu, channel_dim=1)
+
+
+def masked_embedding_ref(
+    indices: torch.Tensor, weight: torch.Tensor, task_ids: torch.Tensor, task: int | torch.Tensor
+) -> torch.Tensor:
+    """``F.embedding(indices, W_t)`` with ``W_t = effective_weight(weight, task_ids, task)``, reading only the rows
+    looked up: ``where(task_mask(task_ids[indices], task), weight[indices], 0)``.
+
+    Shapes: ``indices [...]`` integer, ``weight``/``task_ids`` ``[num_embeddings, dim]``; returns ``[..., dim]`` in
+    ``weight``'s dtype. A mixed batch: ``task`` an integer tensor with one task per element of ``indices.reshape(-1)``.
+    The select is elementwise, so a mixed batch's row ``i`` is bitwise the single-task lookup of task ``task[i]``.
+    """
+    rows = weight[indices]
+    ids = task_ids[indices]
+    if isinstance(task, torch.Tensor):
+        task = task.reshape(*indices.shape, 1).to(torch.int16)
+    owned = (ids != 0) & (ids.to(torch.int16) <= task)
+    return torch.where(owned, rows, torch.zeros((), dtype=weight.dtype, device=weight.device))

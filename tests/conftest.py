@@ -6,6 +6,7 @@ imported; on a CUDA machine the same tests run the compiled kernels on the GPU.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -13,6 +14,13 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torchvision's CUDA wheel beside a CPU torch cannot load its C ops, and transformers imports torchvision whenever it
+# is installed: make torchvision importable (its model classes) before any test imports transformers.
+if importlib.util.find_spec("torchvision") is not None:
+    from packnet.compat import import_torchvision
+
+    import_torchvision()
 
 # (atol, rtol) of a kernel against the float64 reference, per input dtype; fp32 allows TF32 tensor-core dots on GPU.
 TOLERANCES = {

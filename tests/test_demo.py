@@ -68,3 +68,18 @@ def test_block_pruning_and_the_mixed_batch_are_reported(demo_result):
     # task alone (the demo also checks the rows bit for bit).
     assert mixed["accuracy_per_task"] == [check["accuracy_pack"] for check in result["checks"]]
     assert mixed["rows"] > 5 * 50
+
+
+def test_a_vit_learns_the_five_tasks_and_is_packed_beside_the_cnn(demo_result):
+    """The ViT (8 tokens of 8 pixels, nn.MultiheadAttention blocks) forgets nothing, is saved, reloaded bit for bit,
+    stays close to the trained model, and serves all five tasks in one mixed batch, row for row its tasks' own runs."""
+    result, out = demo_result
+    matrix = result["accuracy"]["vit"]
+    for task, row in enumerate(matrix):
+        assert row[task:] == [row[task]] * (len(row) - task)
+        assert row[task] >= 0.85
+    vit = result["vit"]
+    assert (out / "split_digits_vit.pack").is_file()
+    assert vit["pack_file_bytes"] < 5 * vit["one_network_bytes"]
+    assert all(check["reloaded_equal_to_saved"] and check["max_abs_diff_to_trainer"] <= 1e-4 for check in vit["checks"])
+    assert vit["mixed_batch"]["accuracy_per_task"] == [check["accuracy_pack"] for check in vit["checks"]]

@@ -168,3 +168,80 @@ def test_a_task_argument_is_never_lost_in_a_forwards_keyword_arguments():
             packed(x, task=3)
         with pytest.raises(TypeError, match="task must be an int"):
             packed(x, task="2")
+
+
+def test_task_switch_broadcasts_one_sample_and_merges_structured_outputs():
+    """A per-task module called on a ``[1, S]`` buffer (a position embedding left per task) meets ``B`` tasks as
+    ``B`` samples, each its task's result; tuple and dict outputs (a ModelOutput) are put back row by row."""
+    torch.manual_seed(0)
+    switch = packnet.TaskSwitch([nn.Embedding(6, 4), nn.Embedding(6, 4)])
+    positions = torch.arange(5).unsqueeze(0)
+    tasks = torch.tensor([2, 1, 2])
+    out = switch(positions, task=tasks)
+    assert out.shape == (3, 5, 4)
+    for row, task in enumerate(tasks.tolist()):
+        assert torch.equal(out[row], switch.per_task[task - 1](positions)[0])
+
+    class Pair(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, x):
+            return {"double": x * self.scale, "parts": (x + self.scale, None)}
+
+    pairs = packnet.TaskSwitch([Pair(1.0), Pair(2.0)])
+    x = torch.randn(3, 2)
+    merged = pairs(x, task=tasks)
+    assert torch.equal(merged["double"], x * tasks[:, None].float())
+    assert torch.equal(merged["parts"][0], x + tasks[:, None].float()) and merged["parts"][1] is None
+    with pytest.raises(ValueError, match="2 tasks for an input of 3 rows"):
+        pairs(x, task=torch.tensor([1, 2]))
+
+
+def test_per_sample_task_tensors_spread_over_tokens():
+    """A ``[B]`` task tensor for a ``[B, S, H]`` input is one task per sample; ``B * S`` entries are one per row; any
+    other length names both options."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3)
+    packed = packnet.PackedLinear.from_dense(linear, magnitude_task_ids(linear.weight, 2, 0.5), 2, backend="reference")
+    x = torch.randn(3, 5, 4)
+    tasks = torch.tensor([2, 1, 2])
+    per_sample = packed(x, task=tasks)
+    for row, task in enumerate(tasks.tolist()):
+        assert torch.equal(per_sample[row], packed(x[row], task=task))
+    per_row = tasks.repeat_interleave(5)
+    assert torch.equal(packed(x, task=per_row), per_sample)
+    assert torch.equal(packed(x[:1], task=tasks), packed(x[:1].expand(3, 5, 4), task=tasks))
+    with pytest.raises(ValueError, match=r"4 tasks for an input of shape \(3, 5, 4\): give one task per sample"):
+        packed(x, task=torch.tensor([1, 2, 1, 2]))
+
+
+def test_own_parameters_beside_packed_children_are_kept_per_task():
+    """A module holding a parameter of its own beside a packed child reads its active task's value (the class keeps
+    its name and forward); in a mixed batch it runs once per task present, so any use of the value is right."""
+    torch.manual_seed(0)
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.linear(x) * self.scale
+
+    model = Scaled()
+    packnet.swap_packed_(model, {"linear": magnitude_task_ids(model.linear.weight, 2, 0.5)}, 2, backend="reference")
+    holder = packnet.modules.hold_task_state(model, {"scale": [torch.ones(3), torch.full((3,), 2.0)]})
+    assert type(model).__name__ == "Scaled" and isinstance(holder, packnet.TaskParameters)
+    assert "scale" not in dict(model.named_parameters()) and "packnet_task_state.scale" in model.state_dict()
+    x = torch.randn(4, 4)
+    with torch.no_grad():
+        one, two = model(x, task=1), model(x, task=2)
+        assert torch.equal(two, model.linear(x, task=2) * 2.0) and torch.equal(one, model.linear(x, task=1))
+        tasks = torch.tensor([2, 1, 1, 2])
+        mixed = model(x, task=tasks)
+        for task in (1, 2):
+            rows = tasks == task
+            assert torch.equal(mixed[rows], model(x[rows], task=task))

@@ -524,7 +524,6 @@ RULES_V2 = {
         r"keys both shared and per task: \['features\.4\.bias'\]",
     ),
     "shared_layer_bias": (_share("features.10.bias"), r"pack layer 'features\.10' has a shared bias"),
-    "shared_per_task_mix": (_share("features.1.bias"), r"module 'features\.1' holds per-task state and shared state"),
     "fingerprint_type": (_meta("fingerprint", {"features.0": "Conv2d"}), r"fingerprint must be null or a list of"),
     "fingerprint_entry": (_fingerprint_entry(1, ["features", "Sequential"]), r"fingerprint must be null or a list"),
     "fingerprint_negative_dim": (
@@ -557,6 +556,22 @@ def test_each_format_2_rule_is_reached_and_named(tmp_path, rule):
     path = write_pack(tmp_path / "damaged.pack", tensors, meta)
     with pytest.raises(packnet.PackFormatError, match=message):
         packnet.load_pack(path, backend="reference")
+
+
+def test_a_module_with_shared_and_per_task_state_keeps_both(tmp_path):
+    """A BatchNorm whose bias is shared and whose other state is per task (refused before: "a module's state must be
+    all per task or all shared") loads: the shared bias stays in the module, the rest is read per task. Task 1,
+    whose bias the shared one is, gives the golden outputs bit for bit; the others run."""
+    tensors, meta = load_file(DATA / "golden_v2.pack"), golden_meta_v2()
+    _share("features.1.bias")(tensors, meta)
+    model = packnet.load_pack(write_pack(tmp_path / "mixed.pack", tensors, meta), fuse=False, backend="reference")
+    golden = packnet.load_pack(DATA / "golden_v2.pack", fuse=False, backend="reference")
+    x = load_file(DATA / "golden_v2_expected.safetensors")["input"]
+    got, want = outputs(model, x), outputs(golden, x)
+    assert torch.equal(got[1], want[1])
+    assert not torch.equal(got[2], want[2])  # task 2's own bias is gone: task 1's is shared
+    assert isinstance(model.features[1].packnet_task_state, packnet.TaskParameters)
+    assert torch.equal(model.features[1].bias, golden.features[1].per_task[0].bias)
 
 
 def test_layer_renamed_to_a_module_that_is_not_prunable(tmp_path):
@@ -848,3 +863,38 @@ def test_rewritten_tensor_values_with_a_valid_checksum(scratch, expected, data):
     error = load_outcome(scratch, expected, f"{name}.flat[{index}] = {value!r}", same_outputs=False)
     if name.endswith("/task_ids") and value > NUM_TASKS:
         assert error is not None and "but the pack holds 3 tasks" in str(error)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"shape": [8], "dtype": "complex64"}, r"input_spec dtype must be one of"),
+        ({"shape": [2**27], "dtype": "int64"}, r"input_spec shape must be a list of positive ints"),
+        ({"shape": [8], "dtype": "int64", "high": 0}, r"input_spec high must be an int in 1\.\.2\*\*62"),
+        ({"shape": [8], "dtype": "int64", "extra": 1}, r"input_spec must be \{'shape'"),
+        ({"keywords": {}}, r"input_spec keywords must map 1 to 64 input names"),
+        ({"keywords": {"input_ids": {"shape": [-1], "dtype": "int64"}}}, r"keyword 'input_ids' shape must be"),
+        ([8], r"input_spec must be \{'shape'"),
+    ],
+)
+def test_a_crafted_input_spec_is_refused_by_name(tmp_path, spec, message):
+    """The input spec sizes the probe save_pack draws: a crafted one must neither allocate without bound nor pass."""
+    tensors, meta = load_file(DATA / "golden_v2.pack"), golden_meta_v2()
+    meta["input_spec"] = spec
+    with pytest.raises(packnet.PackFormatError, match=message):
+        packnet.read_pack(write_pack(tmp_path / "spec.pack", tensors, meta))
+
+
+def test_layer_kinds_are_checked_against_the_weight_and_the_model(tmp_path):
+    tensors, meta = load_file(DATA / "golden_v2.pack"), golden_meta_v2()
+    meta["layers"][0]["kind"] = "lstm"
+    with pytest.raises(packnet.PackFormatError, match=r"layer 'features\.0' has unknown kind 'lstm'"):
+        packnet.read_pack(write_pack(tmp_path / "kind.pack", tensors, meta))
+    meta["layers"][0]["kind"] = "conv1d"  # a 4-D weight declared a 1-D conv's
+    with pytest.raises(packnet.PackFormatError, match=r"must both be the declared 3-D shape"):
+        packnet.read_pack(write_pack(tmp_path / "kind.pack", tensors, meta))
+    linear = next(entry for entry in meta["layers"] if len(entry["shape"]) == 2)
+    meta["layers"][0]["kind"] = "conv2d"
+    linear["kind"] = "embedding"  # the right shape, the wrong module
+    with pytest.raises(packnet.PackFormatError, match=r"is a Linear in the model, not the pack's kind, embedding"):
+        packnet.load_pack(write_pack(tmp_path / "kind.pack", tensors, meta), backend="reference")

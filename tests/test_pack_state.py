@@ -132,7 +132,9 @@ def test_save_without_a_probe_or_input_shape_says_what_to_pass(tmp_path):
     model = _swapped(MODULE_TYPES["LayerNorm"][0])
     with pytest.raises(ValueError, match=r"records no input shape; pass probe=<a small batch of inputs>"):
         packnet.save_pack(model, tmp_path / "model.pack")
-    with pytest.raises(TypeError, match=r"probe must be a tensor \(a batch of inputs\), got list"):
+    with pytest.raises(
+        TypeError, match=r"probe must be a tensor \(a batch of inputs\) or a dict of keyword inputs .*, got list"
+    ):
         packnet.save_pack(model, tmp_path / "model.pack", probe=[1.0])
     assert os.listdir(tmp_path) == []
 

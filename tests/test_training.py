@@ -1,5 +1,7 @@
 """The PackNet training loop: zero forgetting, ownership, pruning and its errors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,6 +9,8 @@ import torch.nn as nn
 import packnet
 from packnet.pruning import magnitude_task_ids, prune_ratio_for, release_smallest, release_smallest_blocks
 from packnet_kernels import tile_map
+
+DATA_PACK = Path(__file__).parent / "data" / "golden_v2.pack"
 
 OPTIMIZERS = {
     "sgd_momentum_wd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-2),
@@ -152,7 +156,7 @@ def test_heads_are_per_task_and_reinitialised():
         (dict(prune_ratio=1.0), ValueError, r"prune_ratio must be in \[0, 1\)"),
         (dict(prune_ratio=-0.1), ValueError, r"prune_ratio must be in \[0, 1\)"),
         (dict(head="classifier"), ValueError, r"head 'classifier' is not a submodule"),
-        (dict(prunable=lambda name, module: isinstance(module, nn.ReLU)), TypeError, r"only Linear/Conv2d"),
+        (dict(prunable=lambda name, module: isinstance(module, nn.ReLU)), TypeError, r"is a ReLU; only Linear/Conv1d"),
         (dict(prunable=lambda name, module: False), ValueError, r"no prunable"),
         (dict(prune_granularity="block"), ValueError, r"'element' or a \(rows, cols\) pair"),
         (dict(prune_granularity=(32, 0)), ValueError, r"pair of positive ints"),
@@ -176,3 +180,98 @@ def test_life_cycle_errors():
         prune_ratio_for(trainer.prune_ratio, 2)
     with pytest.raises(ValueError, match=r"finished task in 1\.\.1, got 2"):
         trainer.predict(torch.randn(1, 64), 2)
+
+
+class _TokenNet(nn.Module):
+    """Embedding -> Conv1d -> BatchNorm1d -> pooled Linear head: every kind of state a resume must carry."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.norm = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        hidden = torch.relu(self.norm(self.conv(self.embed(tokens).transpose(1, 2))))
+        return self.head(hidden.mean(dim=2))
+
+
+def _token_data():
+    generator = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 20, (32, 6), generator=generator)
+    labels = torch.randint(0, 3, (32,), generator=generator)
+    # shuffle=True: each epoch's order comes from torch's global generator, which a resume must restore.
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, labels), batch_size=8, shuffle=True)
+
+
+def _learn(trainer, tasks):
+    data = _token_data()
+    for _ in range(tasks):
+        trainer.learn_task(
+            data,
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
+            epochs=2,
+            finetune_epochs=1,
+            show_progress=False,
+        )
+
+
+def test_a_resumed_sequence_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    """Four tasks in one go, and two tasks, a checkpoint, a fresh model (other weights, other generator state)
+    resumed from it, two more tasks: the same task ids, weights, per-task state and predictions, bit for bit."""
+    torch.manual_seed(0)
+    straight = packnet.PackNet(_TokenNet(), prune_ratio=[0.5, 0.5, 0.5, 0.5], head="head", share=packnet.is_norm)
+    _learn(straight, 4)
+
+    torch.manual_seed(0)
+    first = packnet.PackNet(_TokenNet(), prune_ratio=[0.5, 0.5, 0.5, 0.5], head="head", share=packnet.is_norm)
+    _learn(first, 2)
+    meta = first.save_checkpoint(tmp_path / "after2.ckpt")
+    assert meta["num_tasks"] == 2 and meta["layers"] == {"embed": "embedding", "conv": "conv1d"}
+    torch.manual_seed(99)
+    fresh = _TokenNet()
+    torch.randn(100)  # the generator moves on: the checkpoint must put it back
+    resumed = packnet.PackNet.load_checkpoint(tmp_path / "after2.ckpt", fresh)
+    assert resumed.num_tasks == 2 and resumed.state_shared_keys == first.state_shared_keys
+    _learn(resumed, 2)
+
+    tokens = _token_data().dataset.tensors[0]
+    for name in straight.layers:
+        assert torch.equal(straight.task_ids[name], resumed.task_ids[name]), name
+        assert torch.equal(straight.weights[name], resumed.weights[name]), name
+    assert all(
+        torch.equal(a[key], b[key]) for a, b in zip(straight.task_states, resumed.task_states, strict=True) for key in a
+    )
+    for task in range(1, 5):
+        assert torch.equal(straight.predict(tokens, task), resumed.predict(tokens, task)), task
+
+
+def test_checkpoint_errors(tmp_path):
+    torch.manual_seed(0)
+    trainer = packnet.PackNet(_TokenNet(), head="head")
+    trainer.start_task()
+    with pytest.raises(RuntimeError, match="task 1 is being trained; save a checkpoint between tasks"):
+        trainer.save_checkpoint(tmp_path / "x.ckpt")
+    trainer.prune()
+    trainer.end_task()
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    with pytest.raises(ValueError, match=r"does not fit the checkpoint \(head 'head' is not a submodule"):
+        packnet.PackNet.load_checkpoint(tmp_path / "one.ckpt", nn.Sequential(nn.Linear(4, 4)))
+    renamed = _TokenNet()
+    renamed.embedding = renamed.embed
+    del renamed.embed
+    with pytest.raises(ValueError, match=r"shared layers \{'conv': 'conv1d', 'embedding': 'embedding'\} are not"):
+        packnet.PackNet.load_checkpoint(tmp_path / "one.ckpt", renamed, prunable=packnet.training.default_prunable)
+    wider = _TokenNet()
+    wider.head = nn.Linear(8, 5)
+    with pytest.raises(ValueError, match="not the checkpoint's architecture"):
+        packnet.PackNet.load_checkpoint(tmp_path / "one.ckpt", wider)
+    data = bytearray((tmp_path / "one.ckpt").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "bad.ckpt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        packnet.PackNet.load_checkpoint(tmp_path / "bad.ckpt", _TokenNet())
+    with pytest.raises(ValueError, match="not a packnet checkpoint"):
+        packnet.PackNet.load_checkpoint(DATA_PACK, _TokenNet())
