@@ -9,6 +9,8 @@ magnitude pruning (50 %, then 50 % of the rest) and queried for task 1 and task 
 - ``packnet``: ``packnet_kernels.masked_linear``/``masked_conv2d`` (the fused Triton kernel);
 - ``packnet_tilemap``: the same with the layer's tile map and free weights declared zero, as a ``PackedLinear`` or
   ``PackedConv2d`` calls it (tiles a task does not use are skipped; tiles whose owners it all sees read no ids);
+- ``packnet_compact`` (linear): that path on the compact run-time ids a ``PackedLinear`` holds on a GPU since kernel
+  v8 (2 bits per weight for 3 tasks, decoded a word at a time; ``packnet_kernels.id_layout``);
 - ``packnet_nomask``: the same kernel with its predicate compiled out (the Triton-vs-cuBLAS/cuDNN gap);
 - ``dense_masking``: ``F.linear(x, W * mask_t)`` with ``mask_t`` precomputed in the weight's dtype (the user's
   default, what ``torch.nn.utils.prune`` does in one line);
@@ -51,7 +53,7 @@ import shapes  # noqa: E402
 import timing  # noqa: E402
 
 from packnet.pruning import magnitude_task_ids  # noqa: E402
-from packnet_kernels import interpreter_enabled, masked_conv2d, masked_linear, tile_map  # noqa: E402
+from packnet_kernels import compact_task_ids, interpreter_enabled, masked_conv2d, masked_linear, tile_map  # noqa: E402
 from packnet_kernels.reference import effective_weight, task_mask  # noqa: E402
 
 NUM_TASKS, PRUNE_RATIO = 3, 0.5
@@ -59,6 +61,7 @@ TASKS = (1, NUM_TASKS)
 METHODS = (
     "packnet",
     "packnet_tilemap",
+    "packnet_compact",
     "packnet_nomask",
     "dense_masking",
     "dense_masking_ids",
@@ -106,6 +109,8 @@ class LayerSets:
         self.dense_weights = [w.contiguous(memory_format=layout) for w in self.weights]
         self.dense_ids = [ids.contiguous(memory_format=layout) for ids in self.task_ids]
         self.tile_maps = [tile_map(ids).contiguous() for ids in self.task_ids]
+        # What a PackedLinear reads on a GPU (kernels v8); convs read uint8 ids.
+        self.compact_ids = [compact_task_ids(ids, NUM_TASKS) for ids in self.task_ids] if layer.op == "linear" else []
 
 
 def build_methods(layer: shapes.LayerShape, sets: LayerSets, xs: list, task: int) -> dict:
@@ -154,6 +159,15 @@ def build_methods(layer: shapes.LayerShape, sets: LayerSets, xs: list, task: int
             tile_map=sets.tile_maps[i % n],
             free_weights_zero=True,
         ),
+        "packnet_compact": lambda i: packed_op(
+            xs[i % n],
+            sets.dense_weights[i % n],
+            sets.compact_ids[i % n],
+            task,
+            None,
+            tile_map=sets.tile_maps[i % n],
+            free_weights_zero=True,
+        ),
         "packnet_nomask": lambda i: raw_kernel(
             xs[i % n], sets.dense_weights[i % n], sets.dense_ids[i % n], task, None, *args, use_mask=False
         ),
@@ -162,6 +176,8 @@ def build_methods(layer: shapes.LayerShape, sets: LayerSets, xs: list, task: int
         "torch_prune": lambda i: modules[i % n](xs[i % n]),
         "premasked": lambda i: dense(xs[i % n], premasked[i % n]),
     }
+    if conv:
+        del methods["packnet_compact"]
     if not xs[0].is_cuda and not interpreter_enabled():
         del methods["packnet_nomask"]  # the raw kernel runs only on CUDA or under TRITON_INTERPRET=1
     return methods
@@ -202,6 +218,8 @@ def traffic_bytes(layer: shapes.LayerShape, batch: int, element: int, method: st
     gemm = (math.prod(layer.input_shape(batch)) + math.prod(layer.output_shape(batch)) + numel) * element
     if method in ("packnet", "packnet_tilemap"):  # the tile map's savings depend on the task: the reports show them
         return gemm + numel
+    if method == "packnet_compact":  # 2-bit ids for 3 tasks (rows padded to whole 256-column steps)
+        return gemm + layer.weight_shape[0] * -(-numel // layer.weight_shape[0] // 256) * 256 // 4
     if method in ("packnet_nomask", "premasked"):
         return gemm
     if method == "dense_masking_ids":
@@ -220,7 +238,7 @@ def run_case(layer, dtype, batch, task, sets, device, rotations, warm_only) -> l
     ]
     methods = build_methods(layer, sets, xs, task)
     if warm_only:
-        for method in ("packnet", "packnet_tilemap", "packnet_nomask"):
+        for method in ("packnet", "packnet_tilemap", "packnet_compact", "packnet_nomask"):
             if method in methods:
                 methods[method](0)
         return []
@@ -257,7 +275,7 @@ def run_case(layer, dtype, batch, task, sets, device, rotations, warm_only) -> l
             if not row["ok"]:
                 row["note"] = f"normwise error {row['error']:.2e} > {MAX_ERROR[dtype]:.0e}"
             row.update(timing.latency_row(fn, device, rotations))
-            if method in ("packnet", "packnet_tilemap") and device == "cuda":
+            if method in ("packnet", "packnet_tilemap", "packnet_compact") and device == "cuda":
                 row["host_us"] = host_us(fn)
             if method.startswith("packnet") and device == "cuda":
                 row["config"] = tuned_config(lambda fn=fn: fn(0))

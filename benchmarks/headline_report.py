@@ -17,6 +17,7 @@ from pathlib import Path
 METHOD_LABELS = {
     "packnet": "packed kernel",
     "packnet_tilemap": "packed kernel, tile map",
+    "packnet_compact": "packed kernel, tile map, compact ids (v8)",
     "packnet_nomask": "kernel, no predicate",
     "dense_masking": "dense masking (mask precomputed)",
     "dense_masking_ids": "dense masking (mask from ids)",

@@ -916,7 +916,7 @@ def _tuned_kernel(regime: str, capability_major: int):
     prune = {"early_config_prune": _prune_configs}
     return triton.autotune(
         configs=_configs(regime, capability_major),
-        key=["m_bucket", "N", "K", "USE_MASK", "TILE_MAP", "RAW_TILES", "INPUT_PRECISION", "SEGMENTS"],
+        key=["m_bucket", "N", "K", "USE_MASK", "TILE_MAP", "RAW_TILES", "INPUT_PRECISION", "SEGMENTS", "ID_BITS"],
         prune_configs_by=prune,
         do_bench=autotune_bench,
     )(_masked_linear_kernel)
