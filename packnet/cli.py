@@ -178,6 +178,7 @@ def _serve(args: argparse.Namespace) -> int:
             app_name=args.app_name,
             route_prefix=args.route_prefix,
             num_cpus=args.num_cpus,
+            metrics_port=args.metrics_port,
             replicas=args.replicas,
             gpus_per_replica=args.gpus_per_replica,
             cpus_per_replica=args.cpus_per_replica,
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--app-name", default="packnet", help="Serve application name (default: packnet)")
     serve.add_argument("--route-prefix", default="/", help="URL prefix of the routes (default: /)")
     serve.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all)")
+    serve.add_argument(
+        "--metrics-port", type=int, help="port where the local Ray serves its Prometheus metrics (default: Ray picks)"
+    )
     serve.add_argument("--no-access-log", action="store_true", help="no Ray Serve access log line per request")
     serve.set_defaults(run=_serve)
 

@@ -1183,6 +1183,7 @@ def start(
     app_name: str = APP_NAME,
     route_prefix: str = "/",
     num_cpus: int | None = None,
+    metrics_port: int | None = None,
     **app_options,
 ) -> RunningServer:
     """Validate ``pack``, start Ray (or join ``address``), start Serve's HTTP proxy on ``host:port`` and deploy
@@ -1191,6 +1192,9 @@ def start(
     Without ``address`` a new local Ray starts (its node address is 127.0.0.1 and its files go under
     ``RAY_TMPDIR`` when set). With ``address`` (``"auto"``, ``"HOST:6379"``, ``"ray://HOST:10001"``) the
     application is added to that cluster; if Serve already runs there, its HTTP host and port stay as they are.
+    ``metrics_port`` (local Ray only) is where Ray's metrics agent serves Prometheus text, this application's
+    ``packnet_serve_*`` metrics among Ray Serve's own (a cluster's nodes set theirs with ``ray start
+    --metrics-export-port``).
 
     Raises:
         PackFormatError, OSError, ValueError: the pack does not validate (before Ray starts).
@@ -1210,7 +1214,13 @@ def start(
     except ImportError as error:
         raise ImportError(f"serving needs Ray Serve: pip install 'packnet[serve]' ({error})") from None
     if started_ray:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            _metrics_export_port=metrics_port,
+        )
     else:
         ray.init(address=address, log_to_driver=False)
     try:

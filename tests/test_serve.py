@@ -379,6 +379,7 @@ class Server:
     ray_tmpdir: str
     pack_path: Path
     output: list[str]
+    metrics_port: int
 
     def request(self, method: str, path: str, body=None, headers=None, timeout=HTTP_TIMEOUT_S):
         """``(status, parsed JSON, raw body)`` of one request on a fresh connection to 127.0.0.1."""
@@ -409,11 +410,11 @@ def server(packs):
     ray_tmpdir = tempfile.mkdtemp(prefix="pn-serve-", dir="/tmp")
     pack_path = Path(ray_tmpdir) / "served.pack"
     shutil.copyfile(packs["a"], pack_path)
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     env = {**_env_with_repo(), "RAY_TMPDIR": ray_tmpdir, "RAY_AUTH_MODE": "disabled"}
     command = [sys.executable, "-m", "packnet", "serve", str(pack_path), "--port", str(port)]
     command += ["--max-request-bytes", "65536", "--max-rows", "64", "--watch", "0.5", "--no-access-log"]
-    command += ["--max-batch", "32", "--batch-wait-ms", "10", "--num-cpus", "2"]
+    command += ["--max-batch", "32", "--batch-wait-ms", "10", "--num-cpus", "2", "--metrics-port", str(metrics_port)]
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -433,7 +434,7 @@ def server(packs):
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"packnet serve did not start (exit {process.poll()}):\n" + "\n".join(output[-40:]))
         match = re.search(r"Ray at (\S+);", next(line for line in output if line.startswith("serving ")))
-        yield Server(port, match.group(1), process, ray_tmpdir, pack_path, output)
+        yield Server(port, match.group(1), process, ray_tmpdir, pack_path, output, metrics_port)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -781,6 +782,31 @@ def test_load_mixed_batching_against_batching_by_task(server, packs, data, drive
         print(f"\nserve load on 127.0.0.1, 20 clients: {json.dumps(figures)}")
     finally:
         driver("delete", name="by-task")
+
+
+def test_metrics_reach_rays_prometheus_endpoint(server):
+    """The replica's metrics are exported by Ray's metrics agent (reported every few seconds), with their tags."""
+    wanted = [
+        r'ray_packnet_serve_rejected_total\{[^}]*reason="unknown_task"[^}]*\} [1-9]',
+        r'ray_packnet_serve_requests_total\{[^}]*task="3"[^}]*\} [1-9]',
+        r'ray_packnet_serve_latency_ms_count\{[^}]*task="5"[^}]*\} [1-9]',
+        r"ray_packnet_serve_batch_requests_count\{[^}]*application=\"packnet\"[^}]*\} [1-9]",
+        r"ray_packnet_serve_tasks_per_batch_bucket\{",
+        r"ray_packnet_serve_batch_rows_bucket\{",
+    ]
+
+    def exported():
+        connection = http.client.HTTPConnection("127.0.0.1", server.metrics_port, timeout=HTTP_TIMEOUT_S)
+        try:
+            connection.request("GET", "/metrics")
+            text = connection.getresponse().read().decode()
+        except OSError:
+            return False
+        finally:
+            connection.close()
+        return all(re.search(pattern, text) for pattern in wanted)
+
+    _wait_for(exported, "the packnet_serve metrics on Ray's Prometheus endpoint", timeout=60)
 
 
 def test_sigterm_stops_the_server_and_every_ray_process(server, driver):
