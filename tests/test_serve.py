@@ -231,6 +231,7 @@ def test_serve_config_refuses_bad_options():
         ({"batching": "random"}, "batching must be one of ['mixed', 'by_task']"),
         ({"input_shape": (1, 0)}, "input_shape must be positive integers"),
         ({"max_rows": True}, "max_rows must be an integer"),
+        ({"watch_s": True}, "watch_s must be a finite number of at least 0, got True"),
     ]:
         with pytest.raises(ValueError, match=re.escape(words)):
             ServeConfig(**bad)
