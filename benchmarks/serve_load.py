@@ -96,6 +96,37 @@ def make_work(pack_path: str, requests: int, rows: int, seed: int) -> list[tuple
     return work
 
 
+def model_costs(pack_path: str, threads: int, repeats: int = 100) -> list[dict]:
+    """Offline, in this process with ``threads`` torch threads: the model's time for a batch of one task against a
+    mixed batch of the same rows spread over k tasks (median of ``repeats`` calls, ms). Explains what the replicas'
+    forwards cost: on the CPU (the reference backend) a mixed batch runs per task present."""
+    import packnet
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model = packnet.load_pack(pack_path)
+    num_tasks = packnet.read_pack(pack_path).num_tasks
+    inputs = torch.rand((32, *packnet.read_pack(pack_path).input_shape), generator=torch.Generator().manual_seed(0))
+    rows_out = []
+    try:
+        with torch.inference_mode():
+            for rows in (2, 6, 32):
+                batch = inputs[:rows]
+                for count in sorted({1, min(3, num_tasks), num_tasks}):
+                    task = count if count == 1 else torch.arange(rows) % count + 1
+                    for _ in range(5):
+                        model(batch, task=task)
+                    times = []
+                    for _ in range(repeats):
+                        started = time.perf_counter()
+                        model(batch, task=task)
+                        times.append(1000 * (time.perf_counter() - started))
+                    rows_out.append({"rows": rows, "tasks": count, "ms": percentile(times, 0.5)})
+    finally:
+        torch.set_num_threads(previous)
+    return rows_out
+
+
 def run_load(port: int, prefix: str, work: list, clients: int, deadline: float) -> dict:
     """Send ``work`` from ``clients`` keep-alive connections; every answer is checked against its expected outputs.
 
@@ -209,8 +240,8 @@ def write_report(result: dict, stem: Path) -> None:
         f" run of its inputs: within {TOLERANCE:g} and the same class (the bit-exact ones are counted).",
         "",
         "| mode | round | answered | errors | wrong | bit-exact | max diff | p50 ms | p99 ms | throughput req/s |"
-        " mean requests/batch | mean tasks/batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " mean requests/batch | mean tasks/batch | model ms/batch | model busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in result["runs"]:
         lines.append(
@@ -218,6 +249,7 @@ def write_report(result: dict, stem: Path) -> None:
             f" {run['bit_exact']} | {run['max_abs_difference']:.1e} | {run['p50_ms']:.1f} | {run['p99_ms']:.1f} |"
             f" {run['throughput_rps']:.0f} |"
             f" {run['batch_requests']['mean']:.2f} | {run['tasks_per_batch']['mean']:.2f} |"
+            f" {run['forward_ms']['mean']:.2f} | {100 * run['forward_busy_fraction']:.0f}% |"
         )
     lines.append("")
     for mode, summary in result["summary"].items():
@@ -225,6 +257,17 @@ def write_report(result: dict, stem: Path) -> None:
             f"- {mode}: median over rounds p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms,"
             f" {summary['throughput_rps']:.0f} requests/s"
         )
+    lines += [
+        "",
+        f"The model alone, offline, 1 torch thread (each replica ran {result['replica_torch_threads']}): a batch of"
+        " one task against the same rows spread over k tasks, median ms. On the CPU the reference backend runs a"
+        " mixed batch per task present, so a mixed forward costs about one forward per task in it; the one-pass"
+        " mixed kernels are the Triton ones (GPU).",
+        "",
+        "| rows | tasks in the batch | ms |",
+        "|---:|---:|---:|",
+        *(f"| {c['rows']} | {c['tasks']} | {c['ms']:.2f} |" for c in result["model_costs_1_thread"]),
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     import matplotlib
@@ -303,11 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     num_tasks = packnet.read_pack(pack_path).num_tasks
     print(f"making {args.requests} requests and their offline answers ...", flush=True)
     work = make_work(pack_path, args.requests, args.rows, seed=0)
+    costs = model_costs(pack_path, threads=1)
     port = free_port()
     deadline = time.monotonic() + args.budget_s
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     runs = []
+    replica_threads = None
     try:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -321,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 cpus_per_replica=0.5,
             )
             serve.run(app, name=mode, route_prefix=prefix, blocking=False)
+        replica_threads = get_json(port, "/mixed/healthz").get("torch_threads")
         for prefix in MODES.values():  # warm up: every task once per mode, unchecked
             run_load(port, prefix, work[: 4 * num_tasks], args.clients, deadline)
         for round_index in range(1, args.rounds + 1):
@@ -347,14 +393,18 @@ def main(argv: list[str] | None = None) -> int:
                     "wall_s": load["wall_s"],
                     "batch_requests": histogram_delta(after["batch_requests"], before["batch_requests"]),
                     "tasks_per_batch": histogram_delta(after["tasks_per_batch"], before["tasks_per_batch"]),
+                    "forward_ms": histogram_delta(after["forward_ms"], before["forward_ms"]),
                     "latencies_ms": [1000 * value for value in latencies],
                 }
+                forward = run["forward_ms"]
+                run["forward_busy_fraction"] = (forward["mean"] or 0) * forward["count"] / 1000 / load["wall_s"]
                 runs.append(run)
                 print(
                     f"round {round_index} {mode:>8}: {run['answered']}/{len(work)} answered, {run['errors']} errors,"
                     f" {run['wrong']} wrong; p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms,"
                     f" {run['throughput_rps']:.0f} req/s; {run['batch_requests']['mean']:.2f} requests and"
-                    f" {run['tasks_per_batch']['mean']:.2f} tasks per batch",
+                    f" {run['tasks_per_batch']['mean']:.2f} tasks per batch; {run['forward_ms']['mean']:.2f} ms per"
+                    f" batch in the model ({100 * run['forward_busy_fraction']:.0f}% of the wall time)",
                     flush=True,
                 )
     finally:
@@ -405,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
             "pack_tasks": num_tasks,
             "pack": "split_digits demo (trained for the run)" if args.pack is None else args.pack,
         },
+        "replica_torch_threads": replica_threads,
+        "model_costs_1_thread": costs,
         "runs": runs,
         "summary": summary,
     }

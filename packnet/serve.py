@@ -83,6 +83,7 @@ BATCH_REQUEST_BOUNDARIES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BATCH_ROW_BOUNDARIES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 TASKS_PER_BATCH_BOUNDARIES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 64, 128, 255)
 LATENCY_MS_BOUNDARIES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+FORWARD_MS_BOUNDARIES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
 # ------------------------------------------------------------------------------------------------------ configuration
@@ -620,6 +621,7 @@ class ServeMetrics:
 
     - ``packnet_serve_batch_requests`` / ``packnet_serve_batch_rows``: histograms of requests and rows per batch;
     - ``packnet_serve_tasks_per_batch``: histogram of distinct tasks per batch;
+    - ``packnet_serve_forward_ms``: histogram of a batch's time in the model (its forwards, copies and checks);
     - ``packnet_serve_latency_ms`` (tag ``task``): time from a request's arrival at the replica to its answer;
     - ``packnet_serve_requests`` (tag ``task``): requests answered with outputs;
     - ``packnet_serve_rejected`` (tag ``reason``): requests refused, by :data:`REJECTION_REASONS`;
@@ -631,6 +633,7 @@ class ServeMetrics:
         self.batch_requests = _Histogram(BATCH_REQUEST_BOUNDARIES)
         self.batch_rows = _Histogram(BATCH_ROW_BOUNDARIES)
         self.tasks_per_batch = _Histogram(TASKS_PER_BATCH_BOUNDARIES)
+        self.forward_ms = _Histogram(FORWARD_MS_BOUNDARIES)
         self.latency_ms: dict[int, _Histogram] = {}
         self.served: dict[int, int] = {}
         self.rejected: dict[str, int] = {}
@@ -649,6 +652,9 @@ class ServeMetrics:
                 "tasks_per_batch": metrics.Histogram(
                     "packnet_serve_tasks_per_batch", "distinct tasks per batch", list(TASKS_PER_BATCH_BOUNDARIES)
                 ),
+                "forward_ms": metrics.Histogram(
+                    "packnet_serve_forward_ms", "a batch's time in the model, ms", list(FORWARD_MS_BOUNDARIES)
+                ),
                 "latency_ms": metrics.Histogram(
                     "packnet_serve_latency_ms",
                     "time from a request's arrival at the replica to its answer, ms",
@@ -664,17 +670,19 @@ class ServeMetrics:
                 "reloads": metrics.Counter("packnet_serve_reloads", "pack reloads", tag_keys=("outcome",)),
             }
 
-    def record_batch(self, report: BatchReport) -> None:
+    def record_batch(self, report: BatchReport, forward_ms: float) -> None:
         if not report.requests:
             return
         with self._lock:
             self.batch_requests.observe(report.requests)
             self.batch_rows.observe(report.rows)
             self.tasks_per_batch.observe(report.tasks)
+            self.forward_ms.observe(forward_ms)
             if self._ray:
                 self._ray["batch_requests"].observe(report.requests)
                 self._ray["batch_rows"].observe(report.rows)
                 self._ray["tasks_per_batch"].observe(report.tasks)
+                self._ray["forward_ms"].observe(forward_ms)
 
     def record_served(self, task: int, latency_ms: float) -> None:
         with self._lock:
@@ -703,6 +711,7 @@ class ServeMetrics:
                 "batch_requests": self.batch_requests.as_dict(),
                 "batch_rows": self.batch_rows.as_dict(),
                 "tasks_per_batch": self.tasks_per_batch.as_dict(),
+                "forward_ms": self.forward_ms.as_dict(),
                 "latency_ms": {str(task): hist.as_dict() for task, hist in sorted(self.latency_ms.items())},
                 "served": {str(task): count for task, count in sorted(self.served.items())},
                 "rejected": dict(sorted(self.rejected.items())),
@@ -796,10 +805,15 @@ class PackServer:
     async def _run_batch(self, requests: list[_Pending]) -> list:
         loop = asyncio.get_running_loop()
         served = self._served  # one snapshot per batch: a reload swaps it between batches
-        results, report = await loop.run_in_executor(
-            self._executor, run_batch, served, requests, self._config.batching == "mixed"
-        )
-        self._metrics.record_batch(report)
+        mixed = self._config.batching == "mixed"
+
+        def timed():
+            started = time.perf_counter()
+            outcome = run_batch(served, requests, mixed)
+            return outcome, (time.perf_counter() - started) * 1000
+
+        (results, report), forward_ms = await loop.run_in_executor(self._executor, timed)
+        self._metrics.record_batch(report, forward_ms)
         return results
 
     def _queue_for(self, task: int) -> Callable:

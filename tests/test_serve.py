@@ -313,7 +313,7 @@ def test_serve_metrics_histograms_and_counters():
 
     metrics = ServeMetrics()
     for requests, tasks in [(1, 1), (3, 2), (20, 5), (600, 5)]:
-        metrics.record_batch(BatchReport(requests=requests, rows=2 * requests, tasks=tasks))
+        metrics.record_batch(BatchReport(requests=requests, rows=2 * requests, tasks=tasks), forward_ms=0.3 * tasks)
     metrics.record_served(2, 3.5)
     metrics.record_served(2, 700.0)
     metrics.record_rejected("unknown_task")
@@ -324,6 +324,7 @@ def test_serve_metrics_histograms_and_counters():
     assert batches["counts"][0] == 1 and batches["counts"][2] == 1 and batches["counts"][5] == 1
     assert batches["counts"][-1] == 1  # 600 is above the last boundary (512)
     assert snapshot["tasks_per_batch"]["counts"][:5] == [1, 1, 0, 0, 2]
+    assert snapshot["forward_ms"]["counts"][:5] == [0, 0, 1, 1, 2] and snapshot["forward_ms"]["count"] == 4
     assert snapshot["latency_ms"]["2"]["count"] == 2 and snapshot["served"] == {"2": 2}
     assert snapshot["rejected"] == {"unknown_task": 1} and snapshot["reloads"] == {"accepted": 0, "refused": 1}
 
@@ -794,6 +795,7 @@ def test_metrics_reach_rays_prometheus_endpoint(server):
         r"ray_packnet_serve_batch_requests_count\{[^}]*application=\"packnet\"[^}]*\} [1-9]",
         r"ray_packnet_serve_tasks_per_batch_bucket\{",
         r"ray_packnet_serve_batch_rows_bucket\{",
+        r"ray_packnet_serve_forward_ms_bucket\{",
     ]
 
     def exported():
