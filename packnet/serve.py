@@ -1099,15 +1099,28 @@ def build_app(
     return serve.deployment(PackServer, **options).bind(path, config)
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
+def _parse_shape(value: Any) -> tuple[int, ...]:
+    """``"1,8,8"``, ``"1x8x8"`` or (from a Serve config file) ``[1, 8, 8]``."""
+    parts = value if isinstance(value, (list, tuple)) else str(value).replace("x", ",").split(",")
     try:
-        shape = tuple(int(part) for part in str(text).replace("x", ",").split(",") if part.strip())
+        return tuple(int(part) for part in parts if str(part).strip())
     except ValueError:
-        raise ValueError(f"input shape must be integers like 1,8,8, got {text!r}") from None
-    return shape
+        raise ValueError(f"input shape must be integers like 1,8,8, got {value!r}") from None
 
 
-_BUILDER_TYPES: dict[str, Callable[[str], Any]] = {
+def _parse_names(value: Any) -> tuple[str, ...]:
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return tuple(str(part).strip() for part in parts if str(part).strip())
+
+
+def _parse_flag(value: Any) -> bool:
+    text = str(value).strip().lower()
+    if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return text in ("1", "true", "yes", "on")
+
+
+_BUILDER_TYPES: dict[str, Callable[[Any], Any]] = {
     "replicas": int,
     "gpus_per_replica": float,
     "cpus_per_replica": float,
@@ -1119,9 +1132,9 @@ _BUILDER_TYPES: dict[str, Callable[[str], Any]] = {
     "input_shape": _parse_shape,
     "backend": str,
     "watch_s": float,
-    "imports": lambda text: tuple(part for part in str(text).split(",") if part),
+    "imports": _parse_names,
     "max_ongoing_requests": int,
-    "access_log": lambda text: str(text).lower() in ("1", "true", "yes", "on"),
+    "access_log": _parse_flag,
 }
 
 
@@ -1129,8 +1142,8 @@ def app_builder(args: dict[str, str]):
     """Ray Serve's application builder: ``serve run packnet.serve:app_builder pack=/shared/model.pack max_batch=64``
     or ``import_path: packnet.serve:app_builder`` with ``args:`` in a Serve config file (``serve deploy``).
 
-    ``args`` are :func:`build_app`'s keyword arguments as strings, plus ``pack``; the pack is validated where the
-    builder runs when it can be read there.
+    ``args`` are :func:`build_app`'s keyword arguments as strings (or the values a config file gives), plus
+    ``pack``; the pack is validated where the builder runs when it can be read there.
 
     Raises:
         ValueError: no ``pack``, an unknown key or a value that does not parse.

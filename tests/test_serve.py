@@ -338,6 +338,10 @@ def test_app_builder_parses_its_arguments(packs):
     config = deployment.init_args[1]
     assert (config.max_batch, config.batching, config.input_shape) == (8, "by_task", (1, 8, 8))
     assert deployment.init_args[0] == str(packs["a"])
+    from_config = app_builder({"pack": str(packs["a"]), "input_shape": [1, 8, 8], "access_log": False, "max_batch": 4})
+    config = from_config._bound_deployment.init_args[1]
+    assert (config.input_shape, config.max_batch) == ((1, 8, 8), 4)
+    assert from_config._bound_deployment._deployment_config.logging_config["enable_access_log"] is False
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['max_batches'\]"):
         app_builder({"pack": str(packs["a"]), "max_batches": "8"})
     with pytest.raises(ValueError, match="max_batch='eight' does not parse"):
