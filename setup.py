@@ -19,7 +19,8 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
-        # transformers pinned: an unpinned one may ask for a torch the CPU install does not have.
+        # transformers pinned: an unpinned one may ask for a torch the CPU install does not have. Ray Serve pinned as
+        # in the serve extra, so that tests/test_serve.py runs in CI.
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -29,8 +30,11 @@ setup(
             "transformers==5.24.0",
             # torchvision's transforms import PIL; torchvision itself is installed by the Makefile, matched to torch.
             "pillow>=9",
+            "ray[serve]==2.60.0",
         ],
         "transformers": ["transformers>=4.40"],
+        # Ray Serve for `packnet serve` and packnet.serve; pinned: its HTTP, batching and metrics behaviour is tested.
+        "serve": ["ray[serve]==2.60.0"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
         "demo": ["scikit-learn>=1.3"],
         "dev": ["ruff>=0.6"],

@@ -1,4 +1,4 @@
-"""The ``packnet`` command: ``demo``, ``inspect``, ``export`` and ``bench``."""
+"""The ``packnet`` command: ``demo``, ``inspect``, ``export``, ``serve`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -139,6 +139,78 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
+    return value
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers like 1,8,8, got {text!r}") from None
+    if not all(dim >= 1 for dim in shape):
+        raise argparse.ArgumentTypeError(f"every dimension must be at least 1, got {text!r}")
+    return shape
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .serve import start
+
+    stop = threading.Event()
+
+    def request_stop(signum, frame):  # Serve and Ray are stopped in order below, not by the default handlers
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+    try:
+        server = start(
+            args.pack,
+            host=args.host,
+            port=args.port,
+            address=args.address,
+            app_name=args.app_name,
+            route_prefix=args.route_prefix,
+            num_cpus=args.num_cpus,
+            metrics_port=args.metrics_port,
+            replicas=args.replicas,
+            gpus_per_replica=args.gpus_per_replica,
+            cpus_per_replica=args.cpus_per_replica,
+            max_batch=args.max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+            batching=args.batching,
+            max_request_bytes=args.max_request_bytes,
+            max_rows=args.max_rows,
+            input_shape=args.input_shape,
+            watch_s=args.watch,
+            imports=tuple(args.imports),
+            access_log=not args.no_access_log,
+        )
+    except ImportError as error:
+        print(f"packnet serve: {error}", file=sys.stderr)
+        return 2
+    for signum in (signal.SIGINT, signal.SIGTERM):  # ray.init may have installed its own
+        signal.signal(signum, request_stop)
+    served = server.served
+    print(
+        f"serving {args.pack} ({served.num_tasks} tasks, input {list(served.input_shape)}, {args.batching} batching)"
+        f" at {server.url}: POST /predict, GET /tasks, GET /healthz, GET /stats; Ray at {server.gcs_address};"
+        " Ctrl-C stops",
+        flush=True,
+    )
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    print("stopped", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -173,6 +245,76 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the .safetensors file to write (never the input pack)")
     export.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     export.set_defaults(run=_export)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve every task of a pack over HTTP with Ray Serve, mixed-task batches (needs packnet[serve])",
+        description='Serve a pack with Ray Serve: POST /predict {"task": T, "inputs": [...]}, GET /tasks,'
+        " GET /healthz, GET /stats. Requests of any tasks are batched into one mixed-task forward. Without --address"
+        " a local Ray starts on this machine; SIGINT or SIGTERM stops Serve and Ray.",
+    )
+    serve.add_argument("pack", help="the pack file (readable at this path on every node that runs a replica)")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    serve.add_argument(
+        "--address", help="join this Ray cluster (auto, HOST:6379, ray://HOST:10001) instead of starting a local Ray"
+    )
+    serve.add_argument("--replicas", type=_positive_int, default=1, help="replicas of the deployment (default: 1)")
+    serve.add_argument(
+        "--gpus-per-replica",
+        type=_non_negative_float,
+        default=None,
+        help="GPUs per replica, fractions share one (default: 1 when the cluster has a GPU, else 0)",
+    )
+    serve.add_argument("--cpus-per-replica", type=_non_negative_float, default=1.0, help="default: 1")
+    serve.add_argument("--max-batch", type=_positive_int, default=32, help="most requests per batch (default: 32)")
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=_non_negative_float,
+        default=5.0,
+        help="longest a batch waits for more requests after its first, ms (default: 5)",
+    )
+    serve.add_argument(
+        "--batching",
+        choices=("mixed", "by-task"),
+        default="mixed",
+        help="mixed: any tasks in one batch and forward (default); by-task: one queue and batch per task",
+    )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=16 * 1024 * 1024,
+        help="largest request body accepted; larger ones get a 413 (default: 16 MiB)",
+    )
+    serve.add_argument(
+        "--max-rows", type=_positive_int, default=256, help="most samples in one request; more get a 413 (default: 256)"
+    )
+    serve.add_argument(
+        "--input-shape", type=_input_shape, help="per-sample input shape like 1,8,8 when the pack records none"
+    )
+    serve.add_argument(
+        "--watch",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="poll the pack file every SECONDS and reload it when it changed and validates (default: 0, never)",
+    )
+    serve.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="module every replica imports before loading (one that calls packnet.register_builder); repeatable",
+    )
+    serve.add_argument("--app-name", default="packnet", help="Serve application name (default: packnet)")
+    serve.add_argument("--route-prefix", default="/", help="URL prefix of the routes (default: /)")
+    serve.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all)")
+    serve.add_argument(
+        "--metrics-port", type=int, help="port where the local Ray serves its Prometheus metrics (default: Ray picks)"
+    )
+    serve.add_argument("--no-access-log", action="store_true", help="no Ray Serve access log line per request")
+    serve.set_defaults(run=_serve)
 
     try:
         from . import bench
