@@ -33,5 +33,5 @@ setup(
         "demo": ["scikit-learn>=1.3"],
         "dev": ["ruff>=0.6"],
     },
-    entry_points={"console_scripts": ["packnet=packnet.cli:main"]},
+    entry_points={"console_scripts": ["packnet=packnet.cli:console_main"]},
 )

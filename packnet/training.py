@@ -16,6 +16,7 @@ import contextlib
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,11 +31,17 @@ from packnet_kernels import MAX_TASKS, effective_weight
 from .distributed import broadcast_, ddp_group, is_main_process, mean_across_ranks
 from .pruning import check_granularity, prune_ratio_for, release_smallest, release_smallest_blocks
 
-__all__ = ["LayerOwnership", "PackNet", "default_prunable"]
+__all__ = ["CapacityWarning", "LayerOwnership", "PackNet", "default_prunable"]
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+class CapacityWarning(UserWarning):
+    """A task starts with no free weight in any prunable layer: earlier tasks kept them all, so it can train only its
+    own state (biases, norms, head) on their frozen weights. Raise ``prune_ratio`` (or, with block pruning, use
+    smaller blocks) so that each task releases more for the next."""
 
 
 def default_prunable(name: str, module: nn.Module) -> bool:
@@ -175,7 +182,13 @@ class PackNet:
 
     # ------------------------------------------------------------------ the task life cycle
     def start_task(self) -> int:
-        """Give every free weight to the next task, re-initialise those weights and the head; returns the task."""
+        """Give every free weight to the next task, re-initialise those weights and the head; returns the task.
+
+        Warns with :class:`CapacityWarning` when no layer has a free weight left for the new task.
+
+        Raises:
+            RuntimeError: a task is still being trained. ValueError: 255 tasks are trained already.
+        """
         if self.current_task:
             raise RuntimeError(f"task {self.current_task} is still being trained; call end_task() first")
         task = self.num_tasks + 1
@@ -187,11 +200,12 @@ class PackNet:
                 for module in self.net.get_submodule(self.head).modules():
                     if hasattr(module, "reset_parameters"):
                         module.reset_parameters()
+        full = []  # layers without a free weight for this task
         with torch.no_grad():
             for name, layer in self.layers.items():
                 free = self.task_ids[name] == 0
                 if not bool(free.any()):
-                    log.warning("layer %s has no free weights left for task %d", name, task)
+                    full.append(name)
                 fresh = torch.empty_like(layer.weight)
                 nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear/nn.Conv2d's own initialisation
                 layer.weight.copy_(torch.where(free, fresh, layer.weight))
@@ -199,7 +213,35 @@ class PackNet:
         self._sync_ranks()
         self.current_task = task
         self._snapshot_frozen()
+        self._report_capacity(task, full)
         return task
+
+    def _report_capacity(self, task: int, full: list[str]) -> None:
+        """Warn (:class:`CapacityWarning`) when ``task`` gets no free weight in any layer: it then learns only its own
+        state, which a user should change. Some layers full while others still have room is normal for small
+        layers (a log line at INFO)."""
+        if not full:
+            return
+        if len(full) < len(self.layers):
+            log.info(
+                "task %d: no free weight left in %s; it uses the frozen weights of tasks 1..%d there and trains its"
+                " other layers",
+                task,
+                ", ".join(full),
+                task - 1,
+            )
+            return
+        fix = f"a larger prune_ratio than {self.prune_ratio!r}"
+        if self.prune_granularity != "element":
+            fix += f", or blocks smaller than {self.prune_granularity}"
+        warnings.warn(
+            CapacityWarning(
+                f"task {task} starts with no free weight in any of the {len(full)} prunable layers: it trains only its"
+                f" own state (biases, norms, head) on the frozen weights of tasks 1..{task - 1}; to leave room for"
+                f" later tasks, release more of each task's weights ({fix})"
+            ),
+            stacklevel=3,
+        )
 
     def _snapshot_frozen(self) -> None:
         """Record the values of the weights the current task may not change, and which ones it may."""
@@ -343,9 +385,14 @@ class PackNet:
         """Context in which the model computes task ``task``: its state, the weights of tasks 1..task, eval mode.
 
         Everything (weights, per-task state, train/eval mode) is put back on exit.
+
+        Raises:
+            TypeError: ``task`` is not an int. ValueError: ``task`` is not a finished task (tasks count from 1).
         """
-        if isinstance(task, bool) or not isinstance(task, int) or not 1 <= task <= self.num_tasks:
-            raise ValueError(f"task must be a finished task in 1..{self.num_tasks}, got {task!r}")
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"task must be an int, got {type(task).__name__} {task!r}")
+        if not 1 <= task <= self.num_tasks:
+            raise ValueError(f"task must be a finished task in 1..{self.num_tasks}, got {task}")
         saved_state = {key: value.detach().clone() for key, value in self._task_specific_state().items()}
         saved_weights = {name: layer.weight.detach().clone() for name, layer in self.layers.items()}
         was_training = self.model.training
@@ -365,7 +412,7 @@ class PackNet:
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor, task: int) -> torch.Tensor:
-        """The model's output for ``task`` on ``inputs``."""
+        """The model's output for ``task`` on ``inputs``; raises as :meth:`task`."""
         with self.task(task) as net:
             return net(inputs)
 
@@ -375,7 +422,13 @@ class PackNet:
         return copy.deepcopy(self.net)
 
     def task_state_dict(self, task: int) -> dict[str, torch.Tensor]:
-        """A plain ``state_dict`` of the model for ``task`` alone: masked weights and that task's own state."""
+        """A plain ``state_dict`` of the model for ``task`` alone: masked weights and that task's own state.
+
+        Raises:
+            TypeError: ``task`` is not an int. ValueError: ``task`` outside 1..num_tasks.
+        """
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"task must be an int, got {type(task).__name__} {task!r}")
         if not 1 <= task <= self.num_tasks:
             raise ValueError(f"task must be in 1..{self.num_tasks}, got {task}")
         state = dict(self.task_states[task - 1])

@@ -99,7 +99,7 @@ def masked_linear(
             mismatched shapes or devices, unknown backend.
         RuntimeError: ``backend="triton"`` where Triton cannot run.
     """
-    backend = resolve_backend(backend, x)
+    backend = resolve_backend(backend, x, "masked_linear")
     if backend == "reference":
         task = check_linear(x, weight, task_ids, task, bias, scale, shift)
         check_tile_map("masked_linear", tile_map, weight, free_weights_zero)
@@ -162,7 +162,7 @@ def masked_conv2d(
     Raises:
         TypeError, ValueError, RuntimeError: as :func:`masked_linear`, plus bad conv geometry.
     """
-    backend = resolve_backend(backend, x)
+    backend = resolve_backend(backend, x, "masked_conv2d")
     if backend == "reference":
         task, stride, padding, dilation = check_conv2d(
             x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale, shift
