@@ -34,4 +34,4 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache .benchmarks
+	rm -rf $(VENV) $(OUT) packnet-bench .pytest_cache .benchmarks
