@@ -6,13 +6,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= demo-out
 
-.PHONY: demo test bench lint format clean
+.PHONY: demo test docs bench lint format clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench,demo,dev]"
+	$(PY) -m pip install -q -e ".[test,bench,demo,dev,docs]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -21,6 +21,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q benchmarks --benchmark-disable
+
+# The site (docs/ and the API reference from the docstrings) into site/; any warning fails the build.
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/packnet bench
@@ -34,4 +38,4 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(OUT) packnet-bench .pytest_cache .benchmarks
+	rm -rf $(VENV) $(OUT) packnet-bench site .pytest_cache .benchmarks
