@@ -317,7 +317,18 @@ def test_ctrl_c_during_a_real_demo_run(tmp_path):
     exit status 130, and no file in its output directory."""
     out = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "packnet", "demo", "--out", str(out), "--json", str(out / "demo.json")],
+        [
+            sys.executable,
+            "-m",
+            "packnet",
+            "demo",
+            "--out",
+            str(out),
+            "--json",
+            str(out / "demo.json"),
+            "--epochs",
+            "50",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
