@@ -38,6 +38,8 @@ setup(
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
         "demo": ["scikit-learn>=1.3"],
         "dev": ["ruff>=0.6"],
+        # `make docs`: the pages in docs/ and the API reference from the docstrings, warnings as errors.
+        "docs": ["mkdocs==1.6.1", "mkdocstrings[python]==1.0.8", "mkdocstrings-python==2.0.11"],
     },
-    entry_points={"console_scripts": ["packnet=packnet.cli:main"]},
+    entry_points={"console_scripts": ["packnet=packnet.cli:console_main"]},
 )

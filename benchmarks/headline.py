@@ -286,21 +286,27 @@ def run_case(layer, dtype, batch, task, sets, device, rotations, warm_only) -> l
 
 
 def _summary_line(rows: list[dict]) -> str:
+    """One case's line: the packed kernel's times with units (``-`` for what was not measured: graph and host times
+    on the CPU) and its speed against dense masking and pre-masked dense (> 1x: packed is faster)."""
     by = {row["method"]: row for row in rows}
     first = rows[0]
+    packed = by.get("packnet", {})
+    key = "graph_ms" if packed.get("graph_ms") else "event_ms"
+
+    def us(value, width=9):
+        return f"{'-':>{width}}" if value is None else f"{value * 1e3:>{width - 3}.1f} us"
 
     def speed(method):
-        key = "graph_ms" if by.get("packnet", {}).get("graph_ms") else "event_ms"
-        if not by.get(method, {}).get(key) or not by.get("packnet", {}).get(key):
-            return "  -  "
-        return f"{by[method][key] / by['packnet'][key]:5.2f}"
+        other, own = by.get(method, {}).get(key), packed.get(key)
+        return "    -" if not other or not own else f"{other / own:5.2f}x"
 
-    packed = by.get("packnet", {})
+    host = packed.get("host_us")
     return (
         f"{first['layer']:30s} {first['dtype']:8s} b{first['batch']:<5d} t{first['task']} "
-        f"packnet {packed.get('event_ms', float('nan')):8.4f}/{packed.get('graph_ms') or float('nan'):8.4f} ms "
-        f"host {packed.get('host_us', float('nan')):5.1f}us | vs masking x{speed('dense_masking')} "
-        f"vs premasked x{speed('premasked')} | ok={all(row.get('ok') for row in rows)}"
+        f"packed event {us(packed.get('event_ms'))} graph {us(packed.get('graph_ms'))} "
+        f"host {us(None if host is None else host / 1e3, 8)} | vs masking {speed('dense_masking')} "
+        f"vs pre-masked {speed('premasked')} ({key.removesuffix('_ms')} times) | "
+        f"{'ok' if all(row.get('ok') for row in rows) else 'FAILED'}"
     )
 
 

@@ -115,20 +115,27 @@ def markdown(report: dict) -> str:
             f"Measured limits: copy {limits['copy_gbps']:.0f} GB/s (read + write); {limits['matmul_size']}^3 matmul "
             f"{rates}."
         )
-    if device.get("device") != "cuda":
+    on_gpu = device.get("device") == "cuda"
+    # A CPU run has no CUDA graphs: its method columns give one eager call's time instead.
+    key = "graph_ms" if on_gpu else "event_ms"
+    if not on_gpu:
         lines += ["", "**CPU run: these numbers are not kernel numbers** (the reference path); no targets, no plot."]
+    timed = (
+        "Times in microseconds: pure GPU time from CUDA-graph replay; `event` is one eager call between CUDA events "
+        "(host launch included), `host` the host time to issue one packed call."
+        if on_gpu
+        else "Times in microseconds, each one eager call's wall-clock time on the CPU (no CUDA graphs, no host column)."
+    )
     lines += [
         "",
-        "Times in microseconds: pure GPU time from CUDA-graph replay; `event` is one eager call between CUDA events "
-        "(host launch included), `host` the host time to issue one packed call. `vs masking` and `vs pre-masked` are "
-        "speeds relative to the packed kernel's (graph times; > 1 means the packed kernel is faster). "
-        "`spread` is the packed time's interquartile range over its median; a method whose time spreads more than "
-        "10 % is listed as `unstable` (its ratios are not to be trusted). "
-        "A row whose check against the float64 reference failed is marked `FAILED`.",
+        f"{timed} `vs masking` and `vs pre-masked` are speeds relative to the packed kernel's (> 1 means the packed "
+        "kernel is faster). `spread` is the packed time's interquartile range over its median; a method whose time "
+        "spreads more than 10 % is listed as `unstable` under notes (its ratios are not to be trusted), and a method "
+        "whose check against the float64 reference failed as `FAILED`.",
         "",
         "| layer | dtype | batch | task | packed | spread | packed event | host | with tile map | no predicate "
-        "| masking | masking (ids) | prune | pre-masked | vs masking | vs pre-masked | packed GB/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| masking | masking (ids) | prune | pre-masked | vs masking | vs pre-masked | packed GB/s | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     unstable_rows = 0
     for (layer, dtype, batch, task), methods in cases.items():
@@ -137,21 +144,22 @@ def markdown(report: dict) -> str:
         unstable = [m for m, row in methods.items() if row.get("unstable")]
         unstable_rows += bool(unstable)
         graph = packed.get("graph_ms")
+        quoted = packed.get(key)
         spread = packed.get("graph_spread" if graph else "event_spread")
         gbps = None if not graph else packed["bytes"] / graph / 1e6
         host = packed.get("host_us")
+        notes = "; ".join(
+            [f"FAILED: {', '.join(failed)}"] * bool(failed) + [f"unstable: {', '.join(unstable)}"] * bool(unstable)
+        )
         lines.append(
-            f"| {layer} | {dtype} | {batch} | {task} | {_us(packed, 'graph_ms')} "
+            f"| {layer} | {dtype} | {batch} | {task} | {_us(packed, key)} "
             f"| {'-' if spread is None else f'{100 * spread:.0f} %'} | {_us(packed, 'event_ms')} "
-            f"| {_fmt(host, 0)} | {_us(methods.get('packnet_tilemap'), 'graph_ms')} "
-            f"| {_us(methods.get('packnet_nomask'), 'graph_ms')} "
-            f"| {_us(methods.get('dense_masking'), 'graph_ms')} | {_us(methods.get('dense_masking_ids'), 'graph_ms')} "
-            f"| {_us(methods.get('torch_prune'), 'graph_ms')} | {_us(methods.get('premasked'), 'graph_ms')} "
-            f"| {_fmt(_ratio(methods.get('dense_masking', {}).get('graph_ms'), graph))} "
-            f"| {_fmt(_ratio(methods.get('premasked', {}).get('graph_ms'), graph))} | {_fmt(gbps, 0)}"
-            + (f" FAILED: {', '.join(failed)}" if failed else "")
-            + (f" unstable: {', '.join(unstable)}" if unstable else "")
-            + " |"
+            f"| {_fmt(host, 0)} | {_us(methods.get('packnet_tilemap'), key)} "
+            f"| {_us(methods.get('packnet_nomask'), key)} "
+            f"| {_us(methods.get('dense_masking'), key)} | {_us(methods.get('dense_masking_ids'), key)} "
+            f"| {_us(methods.get('torch_prune'), key)} | {_us(methods.get('premasked'), key)} "
+            f"| {_fmt(_ratio(methods.get('dense_masking', {}).get(key), quoted))} "
+            f"| {_fmt(_ratio(methods.get('premasked', {}).get(key), quoted))} | {_fmt(gbps, 0)} | {notes} |"
         )
     if unstable_rows:
         lines += ["", f"{unstable_rows} of {len(cases)} rows have an unstable method (spread over 10 %)."]

@@ -208,8 +208,10 @@ def main(argv=None) -> int:
             result["results"].extend(rows)
             timing.write_json(path, result)
             key = "graph_ms" if device == "cuda" else "event_ms"
-            summary = " ".join(f"{row['method']} {row.get(key)}" for row in rows)
-            print(f"b{batch:<4d} k{task_count} {summary} ok={all(row.get('ok') for row in rows)}", flush=True)
+            summary = "  ".join(f"{row['method']} {timing.format_us(row.get(key))}" for row in rows)
+            ok = "ok" if all(row.get("ok") for row in rows) else "FAILED"
+            tasks = f"{task_count} task{'s' if task_count > 1 else ''}"
+            print(f"batch {batch:<4d} {tasks:<7}  {summary}  ({key.removesuffix('_ms')} times) {ok}", flush=True)
     timing.write_json(path, result)
     failed = [row for row in result["results"] if not row.get("ok")]
     for row in failed:

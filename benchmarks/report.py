@@ -46,7 +46,7 @@ def load(path: str | Path) -> dict:
     "meta": {...}}``. Each row is the entry's ``extra_info`` with ``median_ms`` filled in."""
     with open(path, encoding="utf-8") as handle:
         data = json.load(handle)
-    rows: dict = {"layer": [], "model": [], "limit": [], "meta": {"datetime": data.get("datetime")}}
+    rows: dict = {"layer": [], "model": [], "limit": [], "host": [], "meta": {"datetime": data.get("datetime")}}
     for entry in data.get("benchmarks", []):
         info = dict(entry.get("extra_info") or {})
         if info.get("median_ms") is None and entry.get("stats"):
@@ -55,6 +55,8 @@ def load(path: str | Path) -> dict:
         kind = info.get("kind")
         if kind in ("layer", "model", "limit"):
             rows[kind].append(info)
+        elif info.get("host_us") is not None:  # benchmarks/test_host_path.py: the host side of one call
+            rows["host"].append(info)
         else:
             log.warning("skipping benchmark %s: no 'kind' in extra_info", entry.get("name"))
         for key in ("device", "gpu_name", "torch", "triton", "cuda"):
@@ -245,6 +247,14 @@ def markdown(rows: dict) -> str:
             )
         header = ["model", "dtype", "batch", "task", "method", "ms", "weights MiB", "peak MiB"]
         lines += _table([*header, "vs dense masking", "vs dense copies", "spread"], table)
+    if rows.get("host"):
+        lines += ["", "## Host path", ""]
+        lines.append(
+            "Host time of one packed call's checks and launch preparation, the Triton launch itself replaced by a"
+            " no-op (`benchmarks/test_host_path.py`; median over 2000 calls)."
+        )
+        lines.append("")
+        lines += _table(["benchmark", "host time"], [[r["name"], f"{r['host_us']:.1f} us"] for r in rows["host"]])
     return "\n".join(lines) + "\n"
 
 

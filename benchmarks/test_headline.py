@@ -21,6 +21,26 @@ def test_quick_run_writes_checked_results_and_a_cpu_report(tmp_path):
     written = headline_report.write_report(tmp_path / "headline.json")
     text = written[0].read_text()
     assert len(written) == 1 and "not kernel numbers" in text and "## Targets" not in text
+    # Every row has the header's cells: notes such as "unstable" sit in their own column, not in another's.
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].endswith("| packed GB/s | notes |")
+    assert {line.count(" | ") for line in table} == {table[0].count(" | ")}
+    # The CPU run has event times only: the method columns show them rather than nothing.
+    fc = next(line for line in table if line.startswith("| tiny.linear |")).split(" | ")
+    assert fc[10] != "-" and fc[14] != "-"
+
+
+def test_case_lines_say_units_and_never_nan():
+    """The line printed per case on a CPU run (no graph or host times): units on every time, `-` where nothing was
+    measured."""
+    rows = [
+        {"layer": "fc", "dtype": "float16", "batch": 1, "task": 3, "method": "packnet", "ok": True, "event_ms": 0.25},
+        {"layer": "fc", "dtype": "float16", "batch": 1, "task": 3, "method": "dense_masking", "ok": True,
+         "event_ms": 0.5, "graph_ms": None},
+    ]  # fmt: skip
+    line = headline._summary_line(rows)
+    assert "nan" not in line and "packed event  250.0 us graph         - host        -" in line
+    assert "vs masking  2.00x vs pre-masked     - (event times) | ok" in line
 
 
 def _case(layer, op, batch, task, packed_ms, masking_ms, premasked_ms, host_us=10.0):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
-from pathlib import Path
 
 import pytest
 import report
@@ -156,60 +154,3 @@ def test_bench_cli_helpers(results_json, tmp_path):
     assert command[1:3] == ["-m", "pytest"] and command[-2:] == ["-k", "tiny and packnet"]
     assert command[3].endswith("test_models.py") and not any("test_layers" in part for part in command)
     assert f"--benchmark-json={tmp_path / 'out.json'}" in command
-
-
-def _fake_suite(calls: list, headline_status: int = 0):
-    """Stands in for the stages' subprocesses: writes what each would write, records the command lines."""
-
-    def call(command, cwd, env):
-        calls.append(command)
-        if command[1].endswith("headline.py"):
-            row = {"layer": "fc", "op": "linear", "dtype": "float16", "batch": 1, "task": 3, "ok": True, "bytes": 3}
-            results = [
-                {**row, "method": method, "graph_ms": ms, "event_ms": ms, "graph_spread": 0.01, "unstable": False}
-                for method, ms in (("packnet", 1.0), ("dense_masking", 2.0), ("premasked", 0.8))
-            ]
-            path = Path(command[command.index("--json") + 1])
-            path.write_text(json.dumps({"device": {"device": "cuda", "gpu_name": "Test GPU"}, "results": results}))
-            return headline_status
-        target = next(part for part in command if part.startswith("--benchmark-json="))
-        Path(target.split("=", 1)[1]).write_text(json.dumps(_synthetic()))
-        return 0
-
-    return call
-
-
-def test_bench_runs_the_chosen_stages_and_reports_each(tmp_path, monkeypatch):
-    import argparse
-
-    from packnet import bench
-
-    calls = []
-    monkeypatch.setattr(bench.subprocess, "call", _fake_suite(calls))
-    monkeypatch.setattr(bench, "_gpu_name", lambda: "Test GPU 80GB")
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    args = parser.parse_args(["--out", str(tmp_path), "--stage", "headline", "--stage", "models", "--budget-s", "300"])
-    assert bench.run(args) == 0
-    assert calls[0][1].endswith("headline.py") and calls[0][-2:] == ["--budget-s", "300.0"]
-    assert calls[1][3].endswith("test_models.py") and len(calls) == 2
-    stem = f"test-gpu-80gb-{datetime.date.today().isoformat()}"
-    written = sorted(path.name for path in tmp_path.iterdir())
-    assert written == sorted(
-        f"{stem}-{stage}.{ext}" for stage in ("headline", "models") for ext in ("json", "md", "png")
-    )
-    assert (tmp_path / f"{stem}-headline.md").read_text().startswith("# Headline benchmark: Test GPU")
-
-
-def test_bench_reports_a_headline_stage_cut_short(tmp_path, monkeypatch):
-    """A headline stage stopped by a time limit (status 124) keeps and reports the cases it measured."""
-    import argparse
-
-    from packnet import bench
-
-    monkeypatch.setattr(bench.subprocess, "call", _fake_suite([], headline_status=124))
-    monkeypatch.setattr(bench, "_gpu_name", lambda: None)
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    assert bench.run(parser.parse_args(["--out", str(tmp_path), "--stage", "headline"])) == 124
-    assert "| fc | float16 | 1 | 3 |" in (tmp_path / f"cpu-{datetime.date.today().isoformat()}-headline.md").read_text()

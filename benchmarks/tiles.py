@@ -249,8 +249,8 @@ def main(argv=None) -> int:
                 result["results"].extend(rows)
                 timing.write_json(path, result)
                 times = {row["method"]: row.get("graph_ms") for row in rows}
-                summary = " ".join(f"{method} {ms}" for method, ms in times.items())
-                print(f"{packing:8s} b{batch:<3d} t{task} {summary}", flush=True)
+                summary = "  ".join(f"{method} {timing.format_us(ms)}" for method, ms in times.items())
+                print(f"{packing:8s} batch {batch:<3d} task {task}  {summary}  (graph times)", flush=True)
     failed = [row for row in result["results"] if not row.get("ok") and row["method"] != "bsr"]
     return 1 if failed else 0
 

@@ -201,12 +201,21 @@ def latency_row(fn: Callable[[int], object], device: str, rotations: int, rep_ms
     }
 
 
+def format_us(ms: float | None) -> str:
+    """A time in milliseconds as microseconds with the unit, ``-`` when not measured."""
+    return "-" if ms is None else f"{ms * 1e3:.1f} us"
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename, so a run stopped at any moment leaves the
     previous complete file (the scripts rewrite their results after every case)."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk mid-write: no half-written file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def markdown_report(json_path: str | Path, markdown: Callable[[dict], str]) -> list[Path]:

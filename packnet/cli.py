@@ -15,22 +15,39 @@ log = logging.getLogger("packnet")
 _MISLEADING_EXPORT_EXTENSIONS = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar", ".pack"}
 
 
+# Exit statuses: 2 for a refused argument or input (argparse's own), 130 for Ctrl-C and 141 for a closed pipe, as a
+# shell reports a process ended by SIGINT or SIGPIPE.
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
 def _prune_ratio(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
@@ -71,11 +88,18 @@ def _demo(args: argparse.Namespace) -> int:
     )
     print(format_report(result))
     if args.json:
+        from .pack import write_file_atomically
+
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+        text = json.dumps(result, indent=2)
+        write_file_atomically(args.json, lambda tmp_path: _write_text(tmp_path, text))
         print(f"figures written to {args.json}")
     return 0
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def _folding_line(pack) -> str:
@@ -119,20 +143,26 @@ def _export(args: argparse.Namespace) -> int:
     from .pack import read_pack, write_file_atomically
 
     out, extension = args.out, os.path.splitext(args.out)[1].lower()
+    # Every refusal comes before the warning and before the pack is read.
     if os.path.exists(out) and os.path.exists(args.pack) and os.path.samefile(out, args.pack):
         raise OSError(f"--out {out} is the input pack itself; refusing to overwrite it")
+    if os.path.isdir(out):
+        raise IsADirectoryError(
+            f"--out {out} is a directory; give a file name, e.g. {os.path.join(out, 'task.safetensors')}"
+        )
     if extension in _MISLEADING_EXPORT_EXTENSIONS:
         raise OSError(
             f"--out {out}: export writes a safetensors state_dict, which a {extension} name misrepresents"
             " (torch.load or packnet would fail on it); name it .safetensors"
         )
+    if os.path.exists(out) and not args.force:
+        raise FileExistsError(f"--out {out} exists; pass --force to overwrite it")
     if extension != ".safetensors":
         log.warning("export: %s does not end in .safetensors, but the file is safetensors", out)
-    if os.path.isdir(out):
-        raise OSError(f"--out {out} is a directory; give a file name")
-    if os.path.exists(out) and not args.force:
-        raise OSError(f"--out {out} exists; pass --force to overwrite it")
-    state = read_pack(args.pack).task_state_dict(args.task)
+    pack = read_pack(args.pack)
+    if args.task > pack.num_tasks:
+        raise ValueError(f"--task {args.task}: {args.pack} holds tasks 1..{pack.num_tasks}")
+    state = pack.task_state_dict(args.task)
     tensors = {key: value.contiguous() for key, value in state.items()}
     write_file_atomically(out, lambda tmp_path: save_file(tensors, tmp_path))
     print(f"task {args.task} written to {out} as a plain state_dict ({len(state)} tensors)")
@@ -328,15 +358,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    from .pack import PackFormatError
+    """Run the ``packnet`` command line; returns the exit status.
 
+    A refused input prints one line ``packnet COMMAND: what is wrong`` to stderr and returns 2; Ctrl-C prints one
+    line and returns 130 (files being written are removed: every output goes through a temporary file); a closed
+    stdout (``packnet inspect PACK | head``) ends quietly with 141.
+    """
+    command = "packnet"
     try:
-        return args.run(args)
-    except PackFormatError as error:
-        print(f"packnet {args.command}: invalid pack: {error}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as error:
-        print(f"packnet {args.command}: {error}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        command = f"packnet {args.command}"
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+        from .pack import PackFormatError
+
+        try:
+            return args.run(args)
+        except PackFormatError as error:
+            print(f"{command}: invalid pack: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except (ValueError, OSError) as error:
+            if isinstance(error, BrokenPipeError):
+                raise
+            print(f"{command}: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        print(f"{command}: interrupted (Ctrl-C); no partial file was left", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an interrupt left open, so the last line starts at the left margin."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: its reader has gone, and Python would report the failed flush at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a file descriptor
+        pass
+
+
+def console_main() -> None:
+    """The ``packnet`` console script and ``python -m packnet``: :func:`main`, then exit with its status. After
+    Ctrl-C the interpreter's teardown is skipped: an interrupt inside an extension module's import (Triton's,
+    torch's) can leave it half initialised, and its teardown may then abort the process."""
+    status = main()
+    if status == EXIT_INTERRUPTED:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+    sys.exit(status)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
 
@@ -36,6 +37,8 @@ from packnet_kernels._checks import (
     linear_rows,
 )
 from packnet_kernels.reference import empty_rows_like
+
+from .models import INPUT_SHAPE_ATTR
 
 __all__ = [
     "PackedConv2d",
@@ -84,6 +87,70 @@ def _check_num_tasks(num_tasks: int) -> int:
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= MAX_TASKS:
         raise ValueError(f"num_tasks must be an int in 1..{MAX_TASKS}, got {num_tasks!r}")
     return num_tasks
+
+
+# The packed-model calls in progress on this thread, outermost first: ``(model, args, kwargs)``. Read only when a
+# packed layer refuses its input, to name the layer and the shape the caller gave (see _input_error).
+_MODEL_CALLS = threading.local()
+
+
+def _model_calls() -> list:
+    calls = getattr(_MODEL_CALLS, "stack", None)
+    if calls is None:
+        calls = _MODEL_CALLS.stack = []
+    return calls
+
+
+def _push_model_call(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    # Not while torch.compile traces: a compiled forward's errors are raised at trace time, and dynamo would break
+    # the graph on the thread-local (fullgraph=True would fail).
+    if not torch.compiler.is_compiling():
+        _model_calls().append((model, args, kwargs))
+
+
+def _pop_model_call() -> None:
+    if not torch.compiler.is_compiling():
+        calls = _model_calls()
+        if calls:
+            calls.pop()
+
+
+def _type_name(value) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
+def _input_error(layer: nn.Module, error: Exception, shape_mismatch: bool) -> Exception:
+    """``error`` (a refused input) of the same type, its message naming the layer inside the model the caller called
+    and, for a wrong input size, the shape the caller gave and the one the model takes. Unchanged for a layer called
+    on its own (the caller's input is the layer's)."""
+    calls = _model_calls()
+    if not calls:
+        return error
+    model, args, kwargs = calls[0]
+    name = next((name for name, module in model.named_modules() if module is layer), None)
+    if name is None:
+        return error
+    message = str(error)
+    for prefix in ("masked_linear: ", "masked_conv2d: ", f"{type(layer).__name__}: "):
+        message = message.removeprefix(prefix)
+    message = f"layer {name!r} ({type(layer).__name__}) of {type(model).__name__}: {message}"
+    if shape_mismatch:
+        given = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        if given is not None:
+            message += f"; the model was called with an input of shape {tuple(given.shape)}"
+        expected = getattr(model, INPUT_SHAPE_ATTR, None)
+        if expected is not None:
+            message += f" and takes (batch, {', '.join(map(str, expected))})"
+    return type(error)(message)
+
+
+def _require_tensor(layer: nn.Module, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        fix = "; convert it with torch.from_numpy(x)" if type(x).__module__ == "numpy" else ""
+        raise _input_error(
+            layer, TypeError(f"{type(layer).__name__}: input must be a torch.Tensor, got {_type_name(x)}{fix}"), False
+        )
 
 
 class _TaskSelecting(nn.Module):
@@ -440,22 +507,26 @@ class PackedLinear(_PackedLayer):
         """``x [..., in]`` -> ``[..., out]``; ``task`` an int or a task tensor with one entry per sample (``x``'s
         dimension 0) or per row of ``x.reshape(-1, in)`` (:func:`spread_tasks`)."""
         task = self._resolve_task(task)
+        _require_tensor(self, x)
         if isinstance(task, torch.Tensor):
             x, task = spread_tasks(type(self).__name__, task, x, linear_rows(x))
         bias, scale, shift = self._epilogue(task)
-        weight, task_ids = self.kernel_operands()
-        return masked_linear(
-            x,
-            weight,
-            self.kernel_ids(x),
-            task,
-            bias,
-            scale=scale,
-            shift=shift,
-            relu=self.relu,
-            backend=self.backend,
-            **self._kernel_tile_args(x),
-        )
+        weight, _ = self.kernel_operands()
+        try:
+            return masked_linear(
+                x,
+                weight,
+                self.kernel_ids(x),
+                task,
+                bias,
+                scale=scale,
+                shift=shift,
+                relu=self.relu,
+                backend=self.backend,
+                **self._kernel_tile_args(x),
+            )
+        except (TypeError, ValueError) as error:
+            raise _input_error(self, error, x.dim() < 1 or x.shape[-1] != self.in_features) from None
 
     def extra_repr(self) -> str:
         return (
@@ -550,25 +621,29 @@ class PackedConv2d(_PackedLayer):
         """``x [N, C, H, W]``; ``task`` an int or a task tensor ``[N]``, one task per image (an input of one image
         meets ``[B]`` tasks expanded: :func:`spread_tasks`)."""
         task = self._resolve_task(task)
+        _require_tensor(self, x)
         if isinstance(task, torch.Tensor):
             x, task = spread_tasks(type(self).__name__, task, x, x.shape[0] if x.dim() else 0)
         bias, scale, shift = self._epilogue(task)
-        return masked_conv2d(
-            x,
-            self.weight,
-            self.kernel_ids(x),
-            task,
-            bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            scale=scale,
-            shift=shift,
-            relu=self.relu,
-            backend=self.backend,
-            **self._kernel_tile_args(x),
-        )
+        try:
+            return masked_conv2d(
+                x,
+                self.weight,
+                self.kernel_ids(x),
+                task,
+                bias,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                scale=scale,
+                shift=shift,
+                relu=self.relu,
+                backend=self.backend,
+                **self._kernel_tile_args(x),
+            )
+        except (TypeError, ValueError) as error:
+            raise _input_error(self, error, x.dim() != 4 or x.shape[1] != self.in_channels) from None
 
     def extra_repr(self) -> str:
         return (
@@ -851,6 +926,7 @@ def _task_call_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
     calls = getattr(model, _TASK_CALLS_ATTR)
     # Pushed and entered first: the restoring hook runs (pops and leaves) even when the check below raises.
     calls.append(None)
+    _push_model_call(model, args, kwargs)
     enter_packed_forward()
     task, kwargs = _call_task(model, args, kwargs)
     if task is None:
@@ -870,6 +946,7 @@ def _task_call_hook(model: nn.Module, args: tuple, output):
     if not calls:
         return  # a hook registered ahead of ours raised before ours ran: nothing was changed
     previous = calls.pop()
+    _pop_model_call()
     leave_packed_forward()
     for module, task in previous or ():
         module.active_task = task

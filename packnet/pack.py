@@ -164,9 +164,15 @@ class Pack:
         }
 
     def task_state_dict(self, task: int) -> dict[str, torch.Tensor]:
-        """A plain ``state_dict`` of the original architecture for ``task`` alone (masked weights)."""
-        if isinstance(task, bool) or not isinstance(task, int) or not 1 <= task <= self.num_tasks:
-            raise ValueError(f"task must be in 1..{self.num_tasks}, got {task!r}")
+        """A plain ``state_dict`` of the original architecture for ``task`` alone (masked weights).
+
+        Raises:
+            TypeError: ``task`` is not an int. ValueError: ``task`` outside 1..num_tasks (tasks count from 1).
+        """
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"task must be an int in 1..{self.num_tasks}, got {type(task).__name__} {task!r}")
+        if not 1 <= task <= self.num_tasks:
+            raise ValueError(f"task must be in 1..{self.num_tasks}, got {task}")
         state = {key: value.clone() for key, value in self.shared_state.items()}
         state.update({key: value.clone() for key, value in self.task_states[task - 1].items()})
         for name, (weight, ids) in self.layers.items():
@@ -713,6 +719,10 @@ def export_task_state_dict(source: nn.Module | Pack, task: int) -> dict[str, tor
     ``load_state_dict`` (strict). For a transformers model, that plain model's ``save_pretrained`` then writes a
     checkpoint ``from_pretrained`` reads back as task ``task``, bit for bit (``from_pretrained(None, config=config,
     state_dict=...)`` takes the dict directly); a packed model's own ``save_pretrained`` refuses.
+    Tasks count from 1: task ``t`` was trained ``t``-th.
+
+    Raises:
+        TypeError: ``task`` is not an int. ValueError: ``task`` outside 1..num_tasks.
     """
     pack = source if isinstance(source, Pack) else pack_from_model(source)
     return pack.task_state_dict(task)
@@ -767,6 +777,8 @@ def write_file_atomically(
     Raises:
         FileNotFoundError: the directory of ``path`` does not exist.
         PermissionError: the directory is not writable.
+        OSError: any other failure to create, write or rename the file (a read-only file system, a full disk),
+            named by ``path``, never by the temporary file.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -776,6 +788,8 @@ def write_file_atomically(
         handle, tmp_path = tempfile.mkstemp(prefix=".packnet-", suffix=".tmp", dir=directory)
     except PermissionError:
         raise PermissionError(f"cannot write {path}: directory {directory} is not writable") from None
+    except OSError as error:
+        raise _naming_target(error, path) from None
     os.close(handle)
     try:
         write(tmp_path)
@@ -783,10 +797,21 @@ def write_file_atomically(
             check(tmp_path)
         os.chmod(tmp_path, default_file_mode())  # mkstemp creates 0600
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
+        if isinstance(error, OSError) and tmp_path in str(error):
+            raise _naming_target(error, path) from None
         raise
+
+
+def _naming_target(error: OSError, path: str) -> OSError:
+    """``error`` again, of the same class and errno, with a message naming ``path`` (the file the caller asked
+    for) instead of the hidden temporary file it was written through."""
+    reason = error.strerror or str(error)
+    renamed = type(error)(f"cannot write {path}: {reason[:1].lower()}{reason[1:]}")
+    renamed.errno = error.errno
+    return renamed
 
 
 _SPEC_DTYPES = {
@@ -1033,12 +1058,21 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         with open(path, "rb") as handle:
             data = handle.read()
-    except OSError as error:
-        raise PackFormatError(f"cannot read pack {path!r}: {error.strerror or error}") from error
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no pack at {path}: no such file") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path} is a directory, not a pack file") from None
+    except PermissionError:
+        raise PermissionError(f"cannot read pack {path}: permission denied") from None
     if len(data) < 8:
         raise PackFormatError(f"{path}: file too short ({len(data)} bytes) to be a safetensors pack")
     (header_size,) = struct.unpack("<Q", data[:8])
     if header_size > min(len(data) - 8, _MAX_HEADER_BYTES):
+        if data[8:9] != b"{":  # every safetensors header is a JSON object right after its 8-byte length
+            raise PackFormatError(
+                f"{path}: not a pack (nor any safetensors file): it starts with {data[:12]!r}; give a file written"
+                " by packnet.save_pack"
+            )
         raise PackFormatError(f"{path}: header length {header_size} exceeds the file ({len(data)} bytes): truncated?")
     try:
         header = json.loads(data[8 : 8 + header_size].decode("utf-8"))
@@ -1091,7 +1125,8 @@ def read_pack(path: str | os.PathLike) -> Pack:
     (version 2) the shared keys, fingerprint and input shape well formed.
 
     Raises:
-        PackFormatError: naming the first problem found.
+        PackFormatError: naming the first problem found (also for a file that is not a pack at all).
+        FileNotFoundError, IsADirectoryError, PermissionError: ``path`` cannot be read.
     """
     path = os.fspath(path)
     tensors, metadata = _read_safetensors(path)
@@ -1265,6 +1300,7 @@ def load_pack(
     Raises:
         PackFormatError: the file is not a valid pack, does not fit ``model``, or names a builder that is not
             registered in this process (a pack's builder name is only ever looked up, never imported).
+        FileNotFoundError, IsADirectoryError, PermissionError: ``path`` cannot be read.
     """
     pack = read_pack(path)
     if model is not None and getattr(model, ARCH_ATTR, None) not in (None, pack.arch) and pack.arch is not None:

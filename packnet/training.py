@@ -17,6 +17,7 @@ import copy
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +34,17 @@ from .distributed import broadcast_, ddp_group, is_main_process, mean_across_ran
 from .layers import KINDS, kind_of, packable_problem
 from .pruning import check_granularity, prune_ratio_for, release_smallest, release_smallest_blocks
 
-__all__ = ["LayerOwnership", "PackNet", "default_prunable", "input_spec", "is_norm"]
+__all__ = ["CapacityWarning", "LayerOwnership", "PackNet", "default_prunable", "input_spec", "is_norm"]
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+class CapacityWarning(UserWarning):
+    """A task starts with no free weight in any prunable layer: earlier tasks kept them all, so it can train only its
+    own state (biases, norms, head) on their frozen weights. Raise ``prune_ratio`` (or, with block pruning, use
+    smaller blocks) so that each task releases more for the next."""
 
 
 def default_prunable(name: str, module: nn.Module) -> bool:
@@ -306,7 +313,13 @@ class PackNet:
 
     # ------------------------------------------------------------------ the task life cycle
     def start_task(self) -> int:
-        """Give every free weight to the next task, re-initialise those weights and the head; returns the task."""
+        """Give every free weight to the next task, re-initialise those weights and the head; returns the task.
+
+        Warns with :class:`CapacityWarning` when no layer has a free weight left for the new task.
+
+        Raises:
+            RuntimeError: a task is still being trained. ValueError: 255 tasks are trained already.
+        """
         if self.current_task:
             raise RuntimeError(f"task {self.current_task} is still being trained; call end_task() first")
         task = self.num_tasks + 1
@@ -318,16 +331,18 @@ class PackNet:
                 for module in self.net.get_submodule(self.head).modules():
                     if hasattr(module, "reset_parameters"):
                         module.reset_parameters()
+        full = []  # layers without a free weight for this task
         with torch.no_grad():
             for name, weight in self.weights.items():
                 free = self.task_ids[name] == 0
                 if not bool(free.any()):
-                    log.warning("layer %s has no free weights left for task %d", name, task)
+                    full.append(name)
                 weight.copy_(torch.where(free, self._fresh_weight(name), weight))
                 self.task_ids[name][free] = task
         self._sync_ranks()
         self.current_task = task
         self._snapshot_frozen()
+        self._report_capacity(task, full)
         return task
 
     def _fresh_weight(self, name: str) -> torch.Tensor:
@@ -348,6 +363,33 @@ class PackNet:
         else:
             nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear/nn.Conv*d's own initialisation
         return fresh
+
+    def _report_capacity(self, task: int, full: list[str]) -> None:
+        """Warn (:class:`CapacityWarning`) when ``task`` gets no free weight in any layer: it then learns only its own
+        state, which a user should change. Some layers full while others still have room is normal for small
+        layers (a log line at INFO)."""
+        if not full:
+            return
+        if len(full) < len(self.layers):
+            log.info(
+                "task %d: no free weight left in %s; it uses the frozen weights of tasks 1..%d there and trains its"
+                " other layers",
+                task,
+                ", ".join(full),
+                task - 1,
+            )
+            return
+        fix = f"a larger prune_ratio than {self.prune_ratio!r}"
+        if self.prune_granularity != "element":
+            fix += f", or blocks smaller than {self.prune_granularity}"
+        warnings.warn(
+            CapacityWarning(
+                f"task {task} starts with no free weight in any of the {len(full)} prunable layers: it trains only its"
+                f" own state (biases, norms, head) on the frozen weights of tasks 1..{task - 1}; to leave room for"
+                f" later tasks, release more of each task's weights ({fix})"
+            ),
+            stacklevel=3,
+        )
 
     def _snapshot_frozen(self) -> None:
         """Record the values of the weights the current task may not change, and which ones it may; after task 1,
@@ -519,9 +561,14 @@ class PackNet:
         """Context in which the model computes task ``task``: its state, the weights of tasks 1..task, eval mode.
 
         Everything (weights, per-task state, train/eval mode) is put back on exit.
+
+        Raises:
+            TypeError: ``task`` is not an int. ValueError: ``task`` is not a finished task (tasks count from 1).
         """
-        if isinstance(task, bool) or not isinstance(task, int) or not 1 <= task <= self.num_tasks:
-            raise ValueError(f"task must be a finished task in 1..{self.num_tasks}, got {task!r}")
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"task must be an int, got {type(task).__name__} {task!r}")
+        if not 1 <= task <= self.num_tasks:
+            raise ValueError(f"task must be a finished task in 1..{self.num_tasks}, got {task}")
         saved_state = {key: value.detach().clone() for key, value in self._task_specific_state().items()}
         saved_weights = {name: weight.detach().clone() for name, weight in self.weights.items()}
         was_training = self.model.training
@@ -541,7 +588,8 @@ class PackNet:
 
     @torch.no_grad()
     def predict(self, inputs, task: int):
-        """The model's output for ``task`` on ``inputs`` (a tensor, or a dict of keyword inputs)."""
+        """The model's output for ``task`` on ``inputs`` (a tensor, or a dict of keyword inputs); raises as
+        :meth:`task`."""
         with self.task(task) as net:
             return call_model(net, inputs)
 
@@ -552,7 +600,13 @@ class PackNet:
 
     def task_state_dict(self, task: int) -> dict[str, torch.Tensor]:
         """A plain ``state_dict`` of the model for ``task`` alone: masked weights, that task's own state and the
-        state shared by all tasks."""
+        state shared by all tasks.
+
+        Raises:
+            TypeError: ``task`` is not an int. ValueError: ``task`` outside 1..num_tasks.
+        """
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"task must be an int, got {type(task).__name__} {task!r}")
         if not 1 <= task <= self.num_tasks:
             raise ValueError(f"task must be in 1..{self.num_tasks}, got {task}")
         state = dict(self.shared_state)

@@ -99,8 +99,10 @@ def masked_linear(
             (1..255, and at most the rows of every epilogue table) on the reference backend and for CPU tensors, not
             for CUDA tensors on the Triton backend (that would cost a device sync per call): there a row whose task
             is out of range comes out all NaN.
-        bias, scale, shift: optional ``[out]`` vectors in ``x``'s dtype (the per-task epilogue). With a task tensor
-            each may also be a ``[num_tasks, out]`` table: row ``i`` uses its row ``task[i] - 1``.
+        bias: optional ``[out]`` vector in ``x``'s dtype, added first (the per-task epilogue). With a task tensor it
+            may also be a ``[num_tasks, out]`` table: row ``i`` uses its row ``task[i] - 1``.
+        scale: optional ``[out]`` vector (or, with a task tensor, table) multiplying the result, like ``bias``.
+        shift: optional ``[out]`` vector (or, with a task tensor, table) added after ``scale``, like ``bias``.
         relu: apply ReLU last.
         tile_map: optional :func:`~packnet_kernels.reference.tile_map` of ``task_ids`` (what the packed layers
             pass): the Triton kernels then skip the tiles task ``task`` does not use (for a mixed batch, the tiles
@@ -119,7 +121,7 @@ def masked_linear(
             mismatched shapes or devices, unknown backend.
         RuntimeError: ``backend="triton"`` where Triton cannot run.
     """
-    backend = resolve_backend(backend, x)
+    backend = resolve_backend(backend, x, "masked_linear")
     if backend == "reference":
         task = check_linear(x, weight, task_ids, task, bias, scale, shift)
         check_tile_map("masked_linear", tile_map, weight, free_weights_zero)
@@ -151,9 +153,9 @@ def masked_conv2d(
     task_ids: torch.Tensor,
     task: int | torch.Tensor,
     bias: torch.Tensor | None = None,
-    stride=1,
-    padding=0,
-    dilation=1,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
     groups: int = 1,
     *,
     scale: torch.Tensor | None = None,
@@ -172,10 +174,17 @@ def masked_conv2d(
             ``shift`` each ``[out]`` or ``[num_tasks, out]`` (as in :func:`masked_linear`). The Triton backend runs
             a mixed batch in one launch where the GEMM kernel's tap-by-tap loop runs (16 or more channels per
             group), else one launch per task present (reading the task values on the host, one device sync).
-        bias, scale, shift: optional ``[out]`` vectors (the per-task epilogue, e.g. a folded BatchNorm).
-        stride, dilation: int or pair; padding: int, pair, ``"same"`` or ``"valid"``; groups: int.
-        tile_map, free_weights_zero: as for :func:`masked_linear`, the map of ``reference.gemm_matrix(task_ids)``;
-            the kernel uses it where its tiles line up with the cells (``C/groups`` a multiple of 32).
+        bias: optional ``[out]`` vector, or ``[num_tasks, out]`` with a task tensor (as in :func:`masked_linear`).
+        stride: int or pair.
+        padding: int, pair, ``"same"`` or ``"valid"``.
+        dilation: int or pair.
+        groups: int.
+        scale: optional per-task epilogue factor (e.g. a folded BatchNorm), as in :func:`masked_linear`.
+        shift: optional per-task epilogue term, as in :func:`masked_linear`.
+        relu: apply ReLU last.
+        tile_map: as for :func:`masked_linear`, the map of ``reference.gemm_matrix(task_ids)``; the kernel uses it
+            where its tiles line up with the cells (``C/groups`` a multiple of 32).
+        free_weights_zero: as for :func:`masked_linear`.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -184,7 +193,7 @@ def masked_conv2d(
     Raises:
         TypeError, ValueError, RuntimeError: as :func:`masked_linear`, plus bad conv geometry.
     """
-    backend = resolve_backend(backend, x)
+    backend = resolve_backend(backend, x, "masked_conv2d")
     if backend == "reference":
         task, stride, padding, dilation = check_conv2d(
             x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale, shift

@@ -85,9 +85,15 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """``"auto"`` -> ``"triton"`` for CUDA tensors, ``"reference"`` otherwise; check ``"triton"`` can run here."""
+def resolve_backend(backend: str, x: torch.Tensor, op: str = "input") -> str:
+    """``"auto"`` -> ``"triton"`` for CUDA tensors, ``"reference"`` otherwise; check ``"triton"`` can run here.
+    Raises ``TypeError`` when ``x`` is not a tensor (``op`` names the op in the message)."""
     check_backend(backend)
+    if not isinstance(x, torch.Tensor):
+        kind = type(x)
+        name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+        fix = "; convert it with torch.from_numpy(x)" if kind.__module__ == "numpy" else ""
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {name}{fix}")
     if backend == "auto":
         return "triton" if x.is_cuda else "reference"
     if backend == "triton":

@@ -1,19 +1,47 @@
 """The Split-Digits demo, end to end through the CLI."""
 
+import contextlib
+import io
 import json
+import logging
 import subprocess
 import sys
+import warnings
 
 import pytest
 
 from packnet.cli import main as cli_main
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 @pytest.fixture(scope="module")
-def demo_result(tmp_path_factory):
+def demo_run(tmp_path_factory):
+    """The demo's JSON, its output directory, its printed report, and every warning and WARNING log it gave."""
     out = tmp_path_factory.mktemp("demo")
-    assert cli_main(["demo", "--out", str(out), "--json", str(out / "demo.json"), "--epochs", "4"]) == 0
-    return json.loads((out / "demo.json").read_text()), out
+    handler, stdout = _Records(), io.StringIO()
+    logging.getLogger("packnet").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(stdout):
+            warnings.simplefilter("always")
+            status = cli_main(["demo", "--out", str(out), "--json", str(out / "demo.json"), "--epochs", "4"])
+    finally:
+        logging.getLogger("packnet").removeHandler(handler)
+    assert status == 0
+    ours = [w for w in caught if "packnet" in w.filename or issubclass(w.category, UserWarning)]
+    return json.loads((out / "demo.json").read_text()), out, stdout.getvalue(), ours, handler.records
+
+
+@pytest.fixture(scope="module")
+def demo_result(demo_run):
+    return demo_run[0], demo_run[1]
 
 
 def test_packnet_never_forgets_and_learns_every_task(demo_result):
@@ -83,3 +111,39 @@ def test_a_vit_learns_the_five_tasks_and_is_packed_beside_the_cnn(demo_result):
     assert vit["pack_file_bytes"] < 5 * vit["one_network_bytes"]
     assert all(check["reloaded_equal_to_saved"] and check["max_abs_diff_to_trainer"] <= 1e-4 for check in vit["checks"])
     assert vit["mixed_batch"]["accuracy_per_task"] == [check["accuracy_pack"] for check in vit["checks"]]
+
+
+def test_the_demo_warns_of_nothing_a_user_must_act_on(demo_run):
+    """The block run's full layers are expected (its layers are 1 to 9 blocks): the report explains them, no warning
+    or log line does."""
+    result, _, report, caught, records = demo_run
+    assert [str(w.message) for w in caught] == [] and [r.getMessage() for r in records] == []
+    starved = result["no_weights_of_their_own"]
+    owners = {row["layer"]: row["owned"] for row in result["ownership_blocks"]}
+    for task in range(1, 6):
+        assert starved.get(str(task), []) == [layer for layer, owned in owners.items() if owned[task] == 0]
+    assert "later tasks own no weight in some layers (task 2: features.0;" in report
+
+
+def _tables(report: str) -> list[list[str]]:
+    """The report's tables: runs of two or more indented lines, each starting with its header."""
+    tables, current = [], []
+    for line in report.splitlines() + [""]:
+        if line.startswith("  ") and not line.startswith("  (") and not line.startswith("  mean"):
+            current.append(line)
+        else:
+            if len(current) > 1:
+                tables.append(current)
+            current = []
+    return tables
+
+
+def test_the_report_tables_are_aligned(demo_run):
+    _, _, report, _, _ = demo_run
+    tables = _tables(report)
+    assert len(tables) == 7  # 3 accuracy matrices, the tiles, 2 ownerships, the timing
+    for table in tables:
+        assert len({len(line) for line in table}) == 1, table  # every column padded to one width
+        header = table[0].split()
+        assert header[0] in ("task", "layer"), table
+    assert "packnet_blockstask" not in report and "PackNet, 32x32 block pruning:" in report

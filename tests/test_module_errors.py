@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import packnet
+import packnet_kernels
 from packnet.models import Classifier
 from packnet.pruning import magnitude_task_ids
 
@@ -139,8 +140,10 @@ def test_trainer_task_errors():
     trainer.learn_task([(torch.randn(4, 6), torch.randint(0, 2, (4,)))], torch.optim.SGD, 1, show_progress=False)
     with pytest.raises(ValueError, match=r"task must be a finished task in 1\.\.1, got 2"):
         trainer.predict(torch.randn(1, 6), 2)
-    with pytest.raises(ValueError, match=r"task must be a finished task in 1\.\.1, got True"):
+    with pytest.raises(TypeError, match=r"task must be an int, got bool True"):
         trainer.predict(torch.randn(1, 6), True)
+    with pytest.raises(TypeError, match=r"task must be an int, got str '1'"):
+        trainer.task_state_dict("1")
 
 
 # ------------------------------------------------------------------------------------------------ dtype, shape, device
@@ -328,3 +331,61 @@ def test_packed_layer_refuses_tensors_of_another_shape():
         layer.load_packed(torch.zeros(5, 6), torch.zeros(5, 6, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"PackedLinear: expected 3 per-task biases"):
         layer.load_packed(torch.zeros(5, 6), torch.zeros(5, 6, dtype=torch.uint8), [torch.zeros(5)])
+
+
+# ---------------------------------------------------------------------------------------------- inputs a user mixes up
+def test_numpy_input_is_a_type_error_that_says_how_to_convert(mlp_pack):
+    import numpy as np
+
+    model = packnet.load_pack(mlp_pack)
+    with pytest.raises(
+        TypeError,
+        match=r"^layer 'features\.0' \(PackedLinear\) of Classifier: input must be a torch\.Tensor, got numpy\.ndarray;"
+        r" convert it with torch\.from_numpy\(x\)$",
+    ):
+        model(np.zeros((2, 6), dtype=np.float32), task=1)
+    with pytest.raises(TypeError, match=r"^PackedLinear: input must be a torch\.Tensor, got list$"):
+        _linear()([[0.0] * 6], task=1)
+    with pytest.raises(TypeError, match=r"^masked_conv2d: x must be a torch\.Tensor, got numpy\.ndarray; convert it"):
+        conv = _conv()
+        packnet_kernels.masked_conv2d(np.zeros((1, 4, 4, 4)), conv.weight, conv.task_ids, 1)
+
+
+def test_a_wrong_input_size_names_the_layer_and_the_callers_shape(tmp_path):
+    """A 16x16 image for a model trained on 8x8 ones: the convs take it, the first linear layer cannot; the message
+    names that layer, the shape the caller gave and the one the model takes."""
+    torch.manual_seed(0)
+    trainer = packnet.PackNet(packnet.small_cnn(width=2), head="head")
+    trainer.learn_task([(torch.randn(4, 1, 8, 8), torch.randint(0, 2, (4,)))], torch.optim.SGD, 1, show_progress=False)
+    model = packnet.compile_pack(trainer)
+    with pytest.raises(
+        ValueError,
+        match=r"^layer 'features\.10' \(PackedLinear\) of Classifier: input's last dimension must equal in_features=16,"
+        r" got shape \(4, 64\); the model was called with an input of shape \(4, 1, 16, 16\) and takes"
+        r" \(batch, 1, 8, 8\)$",
+    ):
+        model(torch.zeros(4, 1, 16, 16), task=1)
+    with pytest.raises(
+        ValueError,
+        match=r"^layer 'features\.0' \(PackedConv2d\) of Classifier: input has 3 channels but weight expects .*; the"
+        r" model was called with an input of shape \(4, 3, 8, 8\) and takes \(batch, 1, 8, 8\)$",
+    ):
+        with packnet.set_task(model, 1):
+            model(torch.zeros(4, 3, 8, 8))
+    # Errors that are not about the input's size name the layer, nothing more.
+    with pytest.raises(TypeError, match=r"^layer 'features\.0' \(PackedConv2d\) of Classifier: input dtype"):
+        model(torch.zeros(4, 1, 8, 8, dtype=torch.float64), task=1)
+    # The model still runs afterwards: the failed calls left nothing behind.
+    assert model(torch.zeros(4, 1, 8, 8), task=1).shape == (4, 2)
+    from packnet.modules import _model_calls
+
+    assert _model_calls() == []
+
+
+@pytest.mark.parametrize(("task", "shown"), [("2", "str '2'"), (2.0, "float 2.0"), (True, "bool True")])
+def test_export_task_of_the_wrong_type_is_a_type_error(mlp_pack, task, shown):
+    model = packnet.load_pack(mlp_pack)
+    with pytest.raises(TypeError, match=rf"task must be an int in 1\.\.2, got {shown}"):
+        packnet.export_task_state_dict(model, task)
+    with pytest.raises(TypeError, match=rf"task must be an int in 1\.\.2, got {shown}"):
+        packnet.read_pack(mlp_pack).task_state_dict(task)

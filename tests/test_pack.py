@@ -1,5 +1,6 @@
 """Compiling, saving, loading and exporting packs."""
 
+import errno
 import json
 import os
 import struct
@@ -131,8 +132,10 @@ def test_load_errors_name_the_problem(trained, tmp_path):
         packnet.PackFormatError, match=r"'features.0' \(Conv2d\) holds weight \(4, 1, 3, 3\) in the pack"
     ):
         packnet.load_pack(path, model=unnamed)
-    with pytest.raises(packnet.PackFormatError, match="cannot read pack"):
+    with pytest.raises(FileNotFoundError, match=r"no pack at .*missing\.pack: no such file"):
         packnet.load_pack(tmp_path / "missing.pack")
+    with pytest.raises(IsADirectoryError, match=r"is a directory, not a pack file"):
+        packnet.load_pack(tmp_path)
     (tmp_path / "empty.pack").write_bytes(b"")
     with pytest.raises(packnet.PackFormatError, match="too short"):
         packnet.load_pack(tmp_path / "empty.pack")
@@ -178,3 +181,24 @@ def test_cli_inspect_and_export(trained, tmp_path, capsys):
     (tmp_path / "junk.pack").write_bytes(b"\x00" * 32)
     assert cli_main(["inspect", str(tmp_path / "junk.pack")]) == 2
     assert "invalid pack" in capsys.readouterr().err
+
+
+def test_save_on_a_read_only_file_system_names_the_file_asked_for(trained, tmp_path, monkeypatch):
+    """The error of a directory that refuses new files names the pack's path, not the hidden temporary file."""
+    trainer, _, _ = trained
+
+    def read_only(prefix="", suffix="", dir=None):
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, f"{prefix}x1y2{suffix}"))
+
+    monkeypatch.setattr("packnet.pack.tempfile.mkstemp", read_only)
+    path = tmp_path / "model.pack"
+    with pytest.raises(OSError, match=r"^cannot write .*model\.pack: read-only file system$") as error:
+        packnet.save_pack(packnet.compile_pack(trainer), path)
+    assert error.value.errno == errno.EROFS and ".packnet-" not in str(error.value)
+
+
+def test_a_file_of_another_kind_is_not_a_pack(tmp_path):
+    notes = tmp_path / "notes.pack"
+    notes.write_text("a text file, renamed\n")
+    with pytest.raises(packnet.PackFormatError, match=r"notes\.pack: not a pack \(nor any safetensors file\)"):
+        packnet.read_pack(notes)

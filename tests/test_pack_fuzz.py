@@ -637,6 +637,12 @@ def _first_two_overlap(header, body):
 CONTAINER = {
     "empty_file": (lambda: b"", r"file too short \(0 bytes\)"),
     "seven_bytes": (lambda: GOLDEN.read_bytes()[:7], r"file too short \(7 bytes\)"),
+    # Files of another kind named .pack: said to be no pack at all, not a damaged one.
+    "text_file": (
+        lambda: b"hello world, this is text\n",
+        r"not a pack \(nor any safetensors file\): it starts with b'hello",
+    ),
+    "png_file": (lambda: b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, r"not a pack \(nor any safetensors file\)"),
     "header_longer_than_file": (lambda: struct.pack("<Q", 10**6) + b"{}", r"header length 1000000 exceeds the file"),
     "header_length_huge": (lambda: b"\xff" * 8 + b"{}", r"header length 18446744073709551615 exceeds the file"),
     "header_not_json": (lambda: struct.pack("<Q", 8) + b"{not js}", r"the safetensors header is not valid JSON"),
@@ -695,7 +701,8 @@ def test_container_damage_is_named(tmp_path, case):
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(packnet.PackFormatError, match=r"cannot read pack .*nothing\.pack"):
+    """A missing file is not a damaged pack: the error a Python user expects for a path that is not there."""
+    with pytest.raises(FileNotFoundError, match=r"no pack at .*nothing\.pack: no such file"):
         packnet.load_pack(tmp_path / "nothing.pack")
 
 

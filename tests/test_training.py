@@ -275,3 +275,30 @@ def test_checkpoint_errors(tmp_path):
         packnet.PackNet.load_checkpoint(tmp_path / "bad.ckpt", _TokenNet())
     with pytest.raises(ValueError, match="not a packnet checkpoint"):
         packnet.PackNet.load_checkpoint(DATA_PACK, _TokenNet())
+
+
+def test_a_task_without_any_free_weight_warns_with_the_fix():
+    """prune_ratio 0 releases nothing, so task 2 finds every layer full: it can only train its own state."""
+    trainer = packnet.PackNet(packnet.mlp(in_features=12, hidden=8, depth=1), prune_ratio=0.0, head="head")
+    trainer.learn_task(_task_data(0, image=False, batches=1), torch.optim.SGD, 1, show_progress=False)
+    with pytest.warns(packnet.CapacityWarning) as record:
+        trainer.start_task()
+    (warning,) = record
+    assert str(warning.message) == (
+        "task 2 starts with no free weight in any of the 1 prunable layers: it trains only its own state (biases,"
+        " norms, head) on the frozen weights of tasks 1..1; to leave room for later tasks, release more of each"
+        " task's weights (a larger prune_ratio than 0.0)"
+    )
+
+
+def test_some_full_layers_are_normal_and_only_logged(recwarn, caplog):
+    """A layer of one 4x4 block: task 1 keeps its only block (half of one rounds to none), the other layer still has
+    room. Task 2 trains there: no warning, an INFO line naming the full layer."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    trainer = packnet.PackNet(model, prune_ratio=0.5, prune_granularity=(4, 4), head="4")
+    data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    trainer.learn_task(data, torch.optim.SGD, 1, show_progress=False)
+    with caplog.at_level("INFO", logger="packnet.training"):
+        trainer.start_task()
+    assert [str(w.message) for w in recwarn if issubclass(w.category, packnet.CapacityWarning)] == []
+    assert "task 2: no free weight left in 0; it uses the frozen weights of tasks 1..1 there" in caplog.text
