@@ -9,8 +9,9 @@ magnitude pruning (50 %, then 50 % of the rest) and queried for task 1 and task 
 - ``packnet``: ``packnet_kernels.masked_linear``/``masked_conv2d`` (the fused Triton kernel);
 - ``packnet_tilemap``: the same with the layer's tile map and free weights declared zero, as a ``PackedLinear`` or
   ``PackedConv2d`` calls it (tiles a task does not use are skipped; tiles whose owners it all sees read no ids);
-- ``packnet_compact`` (linear): that path on the compact run-time ids a ``PackedLinear`` holds on a GPU since kernel
-  v8 (2 bits per weight for 3 tasks, decoded a word at a time; ``packnet_kernels.id_layout``);
+- ``packnet_compact``: that path on the compact run-time ids a ``PackedLinear`` or ``PackedConv2d`` holds on a GPU
+  since kernel v8 (2 bits per weight for 3 tasks, decoded a word at a time; ``packnet_kernels.id_layout``); not for
+  the depthwise conv, whose kernel reads bytes;
 - ``packnet_nomask``: the same kernel with its predicate compiled out (the Triton-vs-cuBLAS/cuDNN gap);
 - ``dense_masking``: ``F.linear(x, W * mask_t)`` with ``mask_t`` precomputed in the weight's dtype (the user's
   default, what ``torch.nn.utils.prune`` does in one line);
@@ -54,6 +55,7 @@ import timing  # noqa: E402
 
 from packnet.pruning import magnitude_task_ids  # noqa: E402
 from packnet_kernels import compact_task_ids, interpreter_enabled, masked_conv2d, masked_linear, tile_map  # noqa: E402
+from packnet_kernels._checks import conv_reads_compact_ids  # noqa: E402
 from packnet_kernels.reference import effective_weight, task_mask  # noqa: E402
 
 NUM_TASKS, PRUNE_RATIO = 3, 0.5
@@ -109,8 +111,10 @@ class LayerSets:
         self.dense_weights = [w.contiguous(memory_format=layout) for w in self.weights]
         self.dense_ids = [ids.contiguous(memory_format=layout) for ids in self.task_ids]
         self.tile_maps = [tile_map(ids).contiguous() for ids in self.task_ids]
-        # What a PackedLinear reads on a GPU (kernels v8); convs read uint8 ids.
-        self.compact_ids = [compact_task_ids(ids, NUM_TASKS) for ids in self.task_ids] if layer.op == "linear" else []
+        # What a PackedLinear or PackedConv2d reads on a GPU since kernels v8, where its kernel reads compact ids.
+        per_group = (layer.in_ch // layer.groups, layer.out_ch // layer.groups, layer.groups)
+        compact = layer.op == "linear" or conv_reads_compact_ids(*per_group)
+        self.compact_ids = [compact_task_ids(ids, NUM_TASKS) for ids in self.dense_ids] if compact else []
 
 
 def build_methods(layer: shapes.LayerShape, sets: LayerSets, xs: list, task: int) -> dict:
@@ -165,6 +169,7 @@ def build_methods(layer: shapes.LayerShape, sets: LayerSets, xs: list, task: int
             sets.compact_ids[i % n],
             task,
             None,
+            *args,
             tile_map=sets.tile_maps[i % n],
             free_weights_zero=True,
         ),
@@ -176,7 +181,7 @@ def build_methods(layer: shapes.LayerShape, sets: LayerSets, xs: list, task: int
         "torch_prune": lambda i: modules[i % n](xs[i % n]),
         "premasked": lambda i: dense(xs[i % n], premasked[i % n]),
     }
-    if conv:
+    if not sets.compact_ids:
         del methods["packnet_compact"]
     if not xs[0].is_cuda and not interpreter_enabled():
         del methods["packnet_nomask"]  # the raw kernel runs only on CUDA or under TRITON_INTERPRET=1

@@ -58,7 +58,7 @@ __all__ = [
 
 # Where the names of __all__ are defined, searched in this order on first use (tests/test_package.py checks that each
 # resolves, and that the eager imports below for static tools list the same names).
-_SUBMODULES = ("census", "layers", "models", "modules", "pack", "pruning", "training")
+_SUBMODULES = ("inventory", "layers", "models", "modules", "pack", "pruning", "training")
 
 
 def __getattr__(name: str):
@@ -77,7 +77,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static tools (type checkers, IDEs) see: the same names, imported eagerly
-    from .census import Census, census
+    from .inventory import Census, census
     from .layers import PackedConv1d, PackedEmbedding, PackedMultiheadAttention, PackedTransposedLinear
     from .models import build_model, mlp, module_fingerprint, register_builder, small_cnn, small_vit
     from .modules import (

@@ -32,6 +32,7 @@ from packnet_kernels._checks import (
     TASK_TENSOR_DTYPES,
     check_backend,
     check_task_values,
+    conv_reads_compact_ids,
     enter_packed_forward,
     leave_packed_forward,
     linear_rows,
@@ -565,6 +566,14 @@ class PackedConv2d(_PackedLayer):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self._init_storage((out_channels, in_channels // groups, *kernel_size), num_tasks, bias, device, dtype, backend)
         self._use_kernel_layout()
+
+    COMPACT_IDS = True
+
+    def uses_compact_ids(self) -> bool:
+        """As for a linear layer, where this conv's kernel reads compact ids (``packnet_kernels.conv2d.
+        compact_ids_apply``: 16 or more channels per group, not a depthwise conv)."""
+        cin_per_group, cout_per_group = self.in_channels // self.groups, self.out_channels // self.groups
+        return super().uses_compact_ids() and conv_reads_compact_ids(cin_per_group, cout_per_group, self.groups)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

@@ -74,7 +74,7 @@ def _require_triton(op: str) -> None:
 def masked_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    task_ids: torch.Tensor,
+    task_ids: torch.Tensor | CompactTaskIds,
     task: int | torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -150,7 +150,7 @@ def masked_linear(
 def masked_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
-    task_ids: torch.Tensor,
+    task_ids: torch.Tensor | CompactTaskIds,
     task: int | torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: int | tuple[int, int] = 1,
@@ -201,6 +201,8 @@ def masked_conv2d(
         check_tile_map("masked_conv2d", tile_map, weight, free_weights_zero)
         if isinstance(task, torch.Tensor):
             check_task_values("masked_conv2d", task, task_limit(bias, scale, shift))
+        if isinstance(task_ids, CompactTaskIds):
+            task_ids = unpack_task_ids(task_ids)
         return masked_conv2d_ref(
             x, weight, task_ids, task, bias, stride, padding, dilation, groups, scale=scale, shift=shift, relu=relu
         )

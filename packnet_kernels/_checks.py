@@ -241,6 +241,23 @@ def check_common(
     return task
 
 
+# Convs with at least this many channels per group run the GEMM kernel's tap-by-tap loop (16-byte channel loads).
+TAPS_OUTER_MIN_CHANNELS = 16
+
+
+def uses_direct_conv_kernel(groups: int, cin_per_group: int, cout_per_group: int) -> bool:
+    """Grouped convs whose per-group GEMM is thinner than one 16-wide MMA tile go to the direct kernel."""
+    return groups > 1 and min(cin_per_group, cout_per_group) < 16
+
+
+def conv_reads_compact_ids(cin_per_group: int, cout_per_group: int, groups: int) -> bool:
+    """Whether the conv kernel of such a layer reads compact ids: the GEMM kernel's tap-by-tap loop (16 or more
+    channels per group); the direct (depthwise) kernel and the gathered loop of few channels read uint8 ids."""
+    return cin_per_group >= TAPS_OUTER_MIN_CHANNELS and not uses_direct_conv_kernel(
+        groups, cin_per_group, cout_per_group
+    )
+
+
 def check_compact_ids(op: str, compact: CompactTaskIds, weight: torch.Tensor) -> None:
     """Compact ids (:class:`~packnet_kernels.id_layout.CompactTaskIds`) must describe ``weight``: its shape, the
     group of its layer kind, int32 contiguous words holding every group."""

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ._checks import (
     KERNEL_DTYPES,
+    TAPS_OUTER_MIN_CHANNELS,
     TILE_CELL,
     as_is,
     autotune_bench,
@@ -29,13 +30,25 @@ from ._checks import (
     check_conv2d,
     check_task_values,
     check_tile_map,
+    conv_reads_compact_ids,
     device_properties,
     direct_launch_allowed,
     on_device,
     require_kernel_device,
     task_limit,
+    uses_direct_conv_kernel,
 )
-from ._predicate import next_pass, next_task, span_owners, task_owns, tile_bounds
+from ._predicate import (
+    element_masks,
+    keep_owned,
+    next_pass,
+    next_task,
+    owned_pair_masks,
+    span_owners,
+    task_owns,
+    tile_bounds,
+)
+from .id_layout import CompactTaskIds, unpack_task_ids
 from .reference import per_task_rows
 
 __all__ = ["masked_conv2d_triton"]
@@ -43,11 +56,54 @@ __all__ = ["masked_conv2d_triton"]
 _INT32_LIMIT = 2**31
 # Convs with at least this many input channels per group reduce tap by tap over channel blocks (vector loads);
 # thinner ones (an RGB stem) over all of (c, r, s) at once, which wastes less of each tile.
-_TAPS_OUTER_MIN_CHANNELS = 16
+_TAPS_OUTER_MIN_CHANNELS = TAPS_OUTER_MIN_CHANNELS
 
 # On a GPU, autotune the tiles (the default). When False, the first config of ``_configs`` runs untuned: tests set
 # this so that a CUDA test session compiles one config per kernel variant instead of tuning every shape.
 AUTOTUNE = True
+
+
+@triton.jit
+def _tap_ids(ids_cols, tap_row, tap_col, first_c, offs_c, ids_limit, n_valid, stride_ic, stride_ih, stride_iw,
+             ID_BITS: tl.constexpr):  # fmt: skip
+    """One step's ids: uint8 ``[BLOCK_K, BLOCK_N]`` (channels by output channels), or (``ID_BITS`` 2 or 4) the int32
+    words ``[BLOCK_N, BLOCK_K * ID_BITS / 32]`` of compact ids (``stride_ih``/``stride_iw`` count words per tap row
+    and per tap: a tap's channels are packed on their own). Rows from ``ids_limit`` on are not read (0)."""
+    if ID_BITS < 8:
+        PER_WORD: tl.constexpr = 32 // ID_BITS
+        WORDS: tl.constexpr = offs_c.shape[0] // PER_WORD
+        # A step's words need no bound along the channels: a row's words are padded past its last tap (id_layout),
+        # and words past a tap's channels meet weights that load as 0.
+        offs_word = tap_row * stride_ih + tap_col * stride_iw + first_c // PER_WORD + tl.arange(0, WORDS)
+        words_read = tl.full((WORDS,), 0, tl.int32) < ids_limit
+        ids = tl.load(ids_cols[:, None] + offs_word[None, :], mask=n_valid[:, None] & words_read[None, :], other=0)
+    else:
+        ids = tl.load(
+            (ids_cols + tap_row * stride_ih + tap_col * stride_iw)[None, :] + (offs_c * stride_ic)[:, None],
+            mask=(offs_c < ids_limit)[:, None] & n_valid[None, :],
+            other=0,
+        )
+    return ids
+
+
+@triton.jit
+def _keep_tap(w_tile, ids, offs_c, ids_limit, task, TILE_MAP: tl.constexpr, ID_BITS: tl.constexpr,
+              USE_ASM: tl.constexpr):  # fmt: skip
+    """``w_tile`` ``[BLOCK_K, BLOCK_N]`` with the weights task ``task`` does not own set to +0.0 (a select, or for
+    compact ids an AND of the bits; a NaN/Inf there is dropped either way); with ``TILE_MAP`` the rows from
+    ``ids_limit`` on (ids not read: raw tiles) are kept."""
+    if ID_BITS < 8:
+        masks = element_masks(owned_pair_masks(ids, task, ID_BITS, USE_ASM), w_tile.dtype.primitive_bitwidth == 32)
+        masks = tl.trans(masks)
+        if TILE_MAP:
+            masks = masks | tl.where(offs_c >= ids_limit, -1, 0).to(masks.dtype)[:, None]
+        w_tile = keep_owned(w_tile, masks)
+    else:
+        owned = task_owns(ids, task)
+        if TILE_MAP:
+            owned = owned | (offs_c >= ids_limit)[:, None]
+        w_tile = tl.where(owned, w_tile, 0.0)
+    return w_tile
 
 
 @triton.jit
@@ -91,6 +147,8 @@ def _mixed_taps_pass(
     CELL_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -133,11 +191,8 @@ def _mixed_taps_pass(
             other=0.0,
         )
         if USE_MASK:
-            ids = tl.load(
-                (ids_cols + tap_row * stride_ih + tap_col * stride_iw)[None, :] + (offs_c * stride_ic)[:, None],
-                mask=(offs_c < ids_limit)[:, None] & n_valid[None, :],
-                other=0,
-            )
+            ids = _tap_ids(ids_cols, tap_row, tap_col, first_c, offs_c, ids_limit, n_valid, stride_ic, stride_ih,
+                           stride_iw, ID_BITS)  # fmt: skip
         if UPCAST_DOT:
             x_tile = x_tile.to(tl.float32)
         segment_task = done_task
@@ -145,10 +200,7 @@ def _mixed_taps_pass(
             segment_task = next_task(pixel_tasks, segment_task)
             w_task = w_tile
             if USE_MASK:
-                owned = task_owns(ids, segment_task)
-                if TILE_MAP:
-                    owned = owned | (offs_c >= ids_limit)[:, None]
-                w_task = tl.where(owned, w_tile, 0.0)
+                w_task = _keep_tap(w_tile, ids, offs_c, ids_limit, segment_task, TILE_MAP, ID_BITS, USE_ASM)
             if UPCAST_DOT:
                 w_task = w_task.to(tl.float32)
             # Other tasks' rows keep their sums: 0 * Inf from a weight they do not own never lands.
@@ -195,6 +247,8 @@ def _task_taps(
     CELL_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One task's tap-by-tap reduction of a ``[BLOCK_M, BLOCK_N]`` tile: ``acc + x_tile @ w_masked`` step by step over
@@ -239,17 +293,10 @@ def _task_taps(
             other=0.0,
         )
         if USE_MASK:
-            ids = tl.load(
-                (ids_cols + tap_row * stride_ih + tap_col * stride_iw)[None, :] + (offs_c * stride_ic)[:, None],
-                mask=(offs_c < ids_limit)[:, None] & n_valid[None, :],
-                other=0,
-            )
-            owned = task_owns(ids, active_task)
-            if TILE_MAP:
-                # Rows whose ids were not read: raw-tile weights (kept) or zeros (skipped tiles, the tail).
-                owned = owned | (offs_c >= ids_limit)[:, None]
-            # A select, not a multiply: an Inf/NaN in a weight this task does not own must not reach the sum.
-            w_tile = tl.where(owned, w_tile, 0.0)
+            # Rows whose ids are not read: raw-tile weights (kept) or zeros (skipped tiles, the tail).
+            ids = _tap_ids(ids_cols, tap_row, tap_col, first_c, offs_c, ids_limit, n_valid, stride_ic, stride_ih,
+                           stride_iw, ID_BITS)  # fmt: skip
+            w_tile = _keep_tap(w_tile, ids, offs_c, ids_limit, active_task, TILE_MAP, ID_BITS, USE_ASM)
         if UPCAST_DOT:
             x_tile = x_tile.to(tl.float32)
             w_tile = w_tile.to(tl.float32)
@@ -297,6 +344,8 @@ def _mixed_taps(
     CELL_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -354,6 +403,8 @@ def _mixed_taps(
                 CELL_K,
                 UPCAST_DOT,
                 INPUT_PRECISION,
+                ID_BITS,
+                USE_ASM,
                 FEW_SEGMENTS,
                 BLOCK_K,
             )
@@ -398,6 +449,8 @@ def _mixed_taps(
                 CELL_K,
                 UPCAST_DOT,
                 INPUT_PRECISION,
+                ID_BITS,
+                USE_ASM,
                 SEGMENTS,
                 BLOCK_K,
             )
@@ -470,6 +523,8 @@ def _masked_conv2d_gemm_kernel(
     APPLY_RELU: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -591,6 +646,8 @@ def _masked_conv2d_gemm_kernel(
                 CELL_K,
                 UPCAST_DOT,
                 INPUT_PRECISION,
+                ID_BITS,
+                USE_ASM,
                 SEGMENTS,
                 BLOCK_K,
             )
@@ -611,20 +668,20 @@ def _masked_conv2d_gemm_kernel(
                                          m_valid, n_valid, in_h, in_w, cin_per_group, channel_blocks, 0, stride_xc,
                                          stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, stride_ic, stride_ih,
                                          stride_iw, dilation_h, dilation_w, KH, KW, False, False, False, CELL_K,
-                                         UPCAST_DOT, INPUT_PRECISION, BLOCK_K)  # fmt: skip
+                                         UPCAST_DOT, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
                     else:
                         acc = _task_taps(acc, x_rows, w_cols, ids_cols, map_rows, cell_row_mask, offs_cell_k,
                                          active_task, in_row0, in_col0, m_valid, n_valid, in_h, in_w, cin_per_group,
                                          channel_blocks, stride_map_plane, stride_xc, stride_xh, stride_xw, stride_wc,
                                          stride_wh, stride_ww, stride_ic, stride_ih, stride_iw, dilation_h,
                                          dilation_w, KH, KW, USE_MASK, True, RAW_TILES, CELL_K, UPCAST_DOT,
-                                         INPUT_PRECISION, BLOCK_K)  # fmt: skip
+                                         INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
             else:
                 acc = _task_taps(acc, x_rows, w_cols, ids_cols, None, None, None, active_task, in_row0, in_col0,
                                  m_valid, n_valid, in_h, in_w, cin_per_group, channel_blocks, 0, stride_xc, stride_xh,
                                  stride_xw, stride_wc, stride_wh, stride_ww, stride_ic, stride_ih, stride_iw,
                                  dilation_h, dilation_w, KH, KW, USE_MASK, False, False, CELL_K, UPCAST_DOT,
-                                 INPUT_PRECISION, BLOCK_K)  # fmt: skip
+                                 INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
     else:
         # Few channels per group (an RGB stem): k runs over all (c, r, s) at once so that a tile is not mostly
         # padding; loads are gathers, like an im2col's.
@@ -869,6 +926,7 @@ _AUTOTUNE_KEYS = {
         "TILE_MAP",
         "RAW_TILES",
         "MIXED",
+        "ID_BITS",
     ],
     "direct": ["m_bucket", "out_channels", "cin_per_group", "cout_per_group", "KH", "KW"],
 }
@@ -945,9 +1003,8 @@ def _row_bucket(rows: int) -> int:
     return 1 << max(int(rows) - 1, 0).bit_length()
 
 
-def _uses_direct_kernel(groups: int, cin_per_group: int, cout_per_group: int) -> bool:
-    """Grouped convs whose per-group GEMM is thinner than one 16-wide MMA tile go to the direct kernel."""
-    return groups > 1 and min(cin_per_group, cout_per_group) < 16
+_uses_direct_kernel = uses_direct_conv_kernel
+compact_ids_apply = conv_reads_compact_ids
 
 
 def mixed_kernel_applies(cin_per_group: int, cout_per_group: int, groups: int) -> bool:
@@ -1045,7 +1102,22 @@ def _vector_key(vector: torch.Tensor | None):
 
 
 def _plan_key(
-    x, weight, task_ids, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, tile_map, raw, tasks
+    x,
+    weight,
+    task_ids,
+    bias,
+    scale,
+    shift,
+    stride,
+    padding,
+    dilation,
+    groups,
+    relu,
+    use_mask,
+    tile_map,
+    raw,
+    tasks,
+    id_bits=8,
 ) -> tuple:
     """Everything :func:`_plan` reads: the tensors' shapes, strides, dtype and device (never their values), the
     convolution's geometry and flags, and PyTorch's TF32 setting for convs."""
@@ -1070,11 +1142,27 @@ def _plan_key(
         raw,
         tasks is None,
         torch.backends.cudnn.allow_tf32,
+        id_bits,
     )
 
 
 def _plan(
-    x, weight, task_ids, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, tile_map, raw, tasks
+    x,
+    weight,
+    task_ids,
+    bias,
+    scale,
+    shift,
+    stride,
+    padding,
+    dilation,
+    groups,
+    relu,
+    use_mask,
+    tile_map,
+    raw,
+    tasks,
+    id_bits=8,
 ) -> tuple:
     """``(out_shape, memory_format, kernel_name, constants, grid)``: all a launch of such arguments needs besides the
     tensors themselves and the task, computed from what :func:`_plan_key` holds only. ``constants`` are the kernel's
@@ -1093,12 +1181,21 @@ def _plan(
     memory_format = torch.channels_last if _output_channels_last(x, weight) else torch.contiguous_format
     out = torch.empty(out_shape, device="meta", memory_format=memory_format)
 
-    sx, sw, si, so = (kernel_strides(tensor) for tensor in (x, weight, task_ids, out))
+    sx, sw, so = (kernel_strides(tensor) for tensor in (x, weight, out))
+    if id_bits < 8:
+        # Compact ids (``task_ids`` their int32 words): a row per output channel, each tap's channels packed on their
+        # own (id_layout), so a tap row and a tap are whole numbers of words apart.
+        group_words = -(-cin_per_group // (32 // id_bits))
+        si = (task_ids.stride(0), 0, kw * group_words, group_words)
+        ids_extent = (task_ids.shape, task_ids.stride(), 0)
+    else:
+        si = kernel_strides(task_ids)
+        ids_extent = (task_ids.shape, si, 0)
     for name, shape, strides, first_dim in (
         ("one input image", x.shape, sx, 1),
         ("one output image", out.shape, so, 1),
         ("weight", weight.shape, sw, 0),
-        ("task_ids", task_ids.shape, si, 0),
+        ("task_ids", *ids_extent),
     ):
         if _max_offset(shape, strides, first_dim) >= _INT32_LIMIT:
             raise ValueError(f"masked_conv2d: {name} spans 2**31 elements or more, which the kernel does not index")
@@ -1178,6 +1275,8 @@ def _plan(
             # The interpreter's bf16 dot is wrong (numpy has no bf16): upcast the tiles there.
             UPCAST_DOT=_INTERPRETED and x.dtype == torch.bfloat16,
             INPUT_PRECISION="tf32" if tf32 else "tf32x3",
+            ID_BITS=id_bits,
+            USE_ASM=not _INTERPRETED,
         )
 
         def grid(meta):
@@ -1206,6 +1305,7 @@ def _launch(
     tasks=None,
     wrap=None,
     cache_plan=False,
+    id_bits=8,
 ):
     """Launch on validated arguments; ``padding`` is ``[top, bottom, left, right]``. ``wrap`` turns a kernel into its
     launchable form: ``wrap_triton`` (the default) inside the registered op, :func:`~packnet_kernels._checks.as_is`
@@ -1217,7 +1317,7 @@ def _launch(
     shapes, strides and flags for the next such call (:func:`_plan`): most of the host time of a small conv."""
     wrap = torch.library.wrap_triton if wrap is None else wrap
     args = (x, weight, task_ids, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, tile_map)
-    args += (free_weights_zero, tasks)
+    args += (free_weights_zero, tasks, id_bits)
     if cache_plan:
         key = _plan_key(*args)
         plan = _PLANS.get(key)
@@ -1266,7 +1366,7 @@ def _launch(
 _OP_ARGS = (
     "Tensor x, Tensor weight, Tensor task_ids, int task, Tensor? bias, Tensor? scale, Tensor? shift, int[] stride, "
     "int[] padding, int[] dilation, int groups, bool relu, bool use_mask, Tensor? tile_map, bool free_weights_zero, "
-    "Tensor? tasks"
+    "Tensor? tasks, int id_bits"
 )
 
 
@@ -1288,11 +1388,12 @@ def _masked_conv2d_interpreted(
     tile_map,
     raw,
     tasks,
+    id_bits,
 ):
     """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
     ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
     args = (x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask)
-    return _launch(*args, tile_map, raw, tasks, cache_plan=True)
+    return _launch(*args, tile_map, raw, tasks, cache_plan=True, id_bits=id_bits)
 
 
 @_masked_conv2d_interpreted.register_fake
@@ -1313,6 +1414,7 @@ def _(
     tile_map,
     raw,
     tasks,
+    id_bits,
 ):
     return _empty_output(x, weight, stride, padding, dilation)
 
@@ -1335,16 +1437,18 @@ def _masked_conv2d_op(
     tile_map: torch.Tensor | None,
     free_weights_zero: bool,
     tasks: torch.Tensor | None,
+    id_bits: int,
 ) -> torch.Tensor:
     """The registered op (also its own fake implementation); arguments validated by :func:`masked_conv2d_triton`.
-    CUDA launches go through ``wrap_triton`` so ``torch.compile`` sees the kernels."""
+    CUDA launches go through ``wrap_triton`` so ``torch.compile`` sees the kernels. ``id_bits`` 2 or 4: ``task_ids``
+    holds the int32 words of compact ids (:class:`~packnet_kernels.id_layout.CompactTaskIds`)."""
     args = (x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask)
     args += (tile_map, free_weights_zero, tasks)
     if not x.is_cuda:
-        return _masked_conv2d_interpreted(*args)
+        return _masked_conv2d_interpreted(*args, id_bits)
     # Triton launches on the current device: make it the tensors' one (they may live on another GPU).
     with torch.cuda.device(x.device):
-        return _launch(*args)
+        return _launch(*args, id_bits=id_bits)
 
 
 def masked_conv2d_triton(
@@ -1369,7 +1473,9 @@ def masked_conv2d_triton(
 
     Args:
         x: ``[N, C, H, W]``, contiguous or channels_last (other strides work too), float32/float16/bfloat16.
-        weight: ``[out, C/groups, kh, kw]`` in ``x``'s dtype; ``task_ids`` the same shape, uint8.
+        weight: ``[out, C/groups, kh, kw]`` in ``x``'s dtype; ``task_ids`` the same shape, uint8, or the same ids in
+            the run-time layout (:class:`~packnet_kernels.id_layout.CompactTaskIds`), which the GEMM kernel's
+            tap-by-tap loop decodes a word at a time where :func:`compact_ids_apply` (other convs unpack them).
         task: int in 1..255.
         bias, scale, shift: optional ``[out]`` vectors in ``x``'s dtype; a ``Conv2d -> BatchNorm2d(eval)`` pair
             folds into ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``.
@@ -1389,6 +1495,9 @@ def masked_conv2d_triton(
     )
     require_kernel_device("masked_conv2d_triton", x)
     check_tile_map("masked_conv2d", tile_map, weight, free_weights_zero)
+    compact = isinstance(task_ids, CompactTaskIds)
+    if compact and not compact_ids_apply(weight.shape[1], weight.shape[0] // groups, groups):
+        task_ids = unpack_task_ids(task_ids)  # this conv's kernel reads bytes (see compact_ids_apply)
     if not isinstance(use_mask, bool):
         raise TypeError(f"masked_conv2d: use_mask must be a bool, got {type(use_mask).__name__}")
     if not use_mask:
@@ -1424,11 +1533,14 @@ def masked_conv2d_triton(
             return per_task_rows(single, x, task, (bias, scale, shift))
         tasks, task = task, 0
         bias, scale, shift = (None if v is None else v.contiguous() for v in (bias, scale, shift))
+    id_bits = 8
+    if isinstance(task_ids, CompactTaskIds):
+        task_ids, id_bits = task_ids.words, task_ids.bits
     if direct_launch_allowed(x, weight, bias, scale, shift):
         # Eager calls skip the registered op's dispatch: most of a small layer's host time.
         args = (x, weight, task_ids, task, bias, scale, shift, stride, pads, dilation, groups, relu, use_mask)
         with on_device(x.device):
-            return _launch(*args, tile_map, free_weights_zero, tasks, wrap=as_is, cache_plan=True)
+            return _launch(*args, tile_map, free_weights_zero, tasks, wrap=as_is, cache_plan=True, id_bits=id_bits)
     return torch.ops.packnet.masked_conv2d(
         x,
         weight,
@@ -1446,4 +1558,5 @@ def masked_conv2d_triton(
         tile_map,
         free_weights_zero,
         tasks,
+        id_bits,
     )

@@ -125,7 +125,10 @@ def compact_task_ids(task_ids: torch.Tensor, max_task: int, bits: int | None = N
     packed = (fields << shifts).sum(dim=-1)
     packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
     align = row_align_words(bits)
-    row_words = -(-max(groups * group_words, 1) // align) * align
+    # A conv's step reads whole words from its tap's first word on and may run past the tap's end into the next
+    # tap's words (they meet weights loaded as 0): one whole step more keeps the last tap's within the row.
+    spare = align if groups > 1 else 0
+    row_words = -(-(max(groups * group_words, 1) + spare) // align) * align
     words = packed.new_zeros(rows, row_words)
     words[:, : groups * group_words] = packed
     return CompactTaskIds(words.contiguous(), bits, tuple(task_ids.shape), group, max_task)

@@ -333,6 +333,7 @@ def test_opcheck_schema_fake_kernel_and_aot_dispatch(groups, kernel_device):
         None,
         False,
         None,
+        8,
     )
     results = torch.library.opcheck(torch.ops.packnet.masked_conv2d.default, args)
     assert set(results.values()) == {"SUCCESS"}

@@ -141,7 +141,7 @@ def _tables(report: str) -> list[list[str]]:
 def test_the_report_tables_are_aligned(demo_run):
     _, _, report, _, _ = demo_run
     tables = _tables(report)
-    assert len(tables) == 7  # 3 accuracy matrices, the tiles, 2 ownerships, the timing
+    assert len(tables) == 8  # 4 accuracy matrices (the CNN three ways, the ViT), the tiles, 2 ownerships, the timing
     for table in tables:
         assert len({len(line) for line in table}) == 1, table  # every column padded to one width
         header = table[0].split()

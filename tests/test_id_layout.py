@@ -233,3 +233,67 @@ def test_a_packed_linear_reads_compact_ids_where_it_holds_them(monkeypatch, kern
     with torch.no_grad():
         layer.task_ids[:, :128] = 1
     assert torch.equal(layer(x, task=2), expected(2))
+
+
+conv_kernel = pytest.importorskip("packnet_kernels.conv2d")
+
+# (images, in, out, kernel, size, groups, tasks): the tap-by-tap GEMM loop on compact ids (16, 48, 64 channels per
+# group; 64 also with the tile map), and convs whose kernels read bytes (8 channels; depthwise), given compact ids.
+CONV_CASES = [(2, 16, 24, 3, 5, 1, 3), (1, 48, 16, 1, 4, 1, 15), (3, 32, 32, 3, 4, 2, 5), (2, 64, 32, 3, 3, 1, 3)]
+CONV_FALLBACK_CASES = [(2, 8, 8, 3, 4, 1, 3), (2, 16, 16, 3, 4, 16, 3)]
+
+
+def _conv_layer(images, cin, cout, kernel, size, groups, tasks, dtype, device):
+    generator = torch.Generator().manual_seed(cin + kernel)
+    layout = torch.channels_last
+    x = torch.randn(images, cin, size, size, generator=generator).to(dtype=dtype, device=device)
+    ids = torch.randint(0, tasks + 1, (cout, cin // groups, kernel, kernel), generator=generator, dtype=torch.uint8)
+    weight = torch.where(ids == 0, 0.0, torch.randn(ids.shape, generator=generator)).to(dtype)
+    return (
+        x.contiguous(memory_format=layout),
+        weight.to(device).contiguous(memory_format=layout),
+        ids.to(device).contiguous(memory_format=layout),
+    )
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CONV_CASES + CONV_FALLBACK_CASES)
+def test_the_conv_kernel_on_compact_ids_equals_it_on_bytes(case, dtype, kernel_device):
+    from packnet_kernels import tile_map
+
+    images, cin, cout, kernel, size, groups, tasks = case
+    x, weight, ids = _conv_layer(*case, dtype, kernel_device)
+    compact = compact_task_ids(ids, tasks)
+    geometry = (1, kernel // 2, 1, groups)
+    for task in (1, tasks):
+        expected = conv_kernel.masked_conv2d_triton(x, weight, ids, task, None, *geometry)
+        assert torch.equal(conv_kernel.masked_conv2d_triton(x, weight, compact, task, None, *geometry), expected)
+    if cin // groups % 32 == 0:
+        cells = {"tile_map": tile_map(ids).contiguous(), "free_weights_zero": True}
+        expected = conv_kernel.masked_conv2d_triton(x, weight, ids, 2, None, *geometry, **cells)
+        assert torch.equal(conv_kernel.masked_conv2d_triton(x, weight, compact, 2, None, *geometry, **cells), expected)
+    image_tasks = torch.randint(1, tasks + 1, (images,), generator=torch.Generator().manual_seed(2)).to(kernel_device)
+    expected = conv_kernel.masked_conv2d_triton(x, weight, ids, image_tasks, None, *geometry)
+    assert torch.equal(conv_kernel.masked_conv2d_triton(x, weight, compact, image_tasks, None, *geometry), expected)
+
+
+def test_convs_hold_compact_ids_where_their_kernel_reads_them():
+    import packnet
+
+    assert packnet.PackedConv2d.COMPACT_IDS and packnet.PackedLinear.COMPACT_IDS
+    for cin, cout, groups, reads in ((16, 24, 1, True), (8, 8, 1, False), (16, 16, 16, False), (32, 32, 2, True)):
+        assert conv_kernel.compact_ids_apply(cin // groups, cout // groups, groups) == reads
+
+
+def test_the_reference_backend_takes_compact_ids_too():
+    """The ops' contract: compact ids are the same ids in another layout, whatever the backend."""
+    from packnet_kernels import masked_conv2d, masked_linear
+
+    x, weight, ids = _layer(3, 7, 40, 5, torch.float32, "cpu")
+    compact = compact_task_ids(ids, 5)
+    assert torch.equal(masked_linear(x, weight, compact, 3, backend="reference"), masked_linear(x, weight, ids, 3))
+    x, weight, ids = _conv_layer(2, 16, 8, 3, 4, 1, 3, torch.float32, "cpu")
+    compact = compact_task_ids(ids, 3)
+    expected = masked_conv2d(x, weight, ids, 2, None, 1, 1, backend="reference")
+    assert torch.equal(masked_conv2d(x, weight, compact, 2, None, 1, 1, backend="reference"), expected)
