@@ -149,30 +149,21 @@ def build_methods(layer: shapes.LayerShape, sets: LayerSets, xs: list, task: int
         ids = sets.dense_ids[i % n]
         return torch.where((ids != 0) & (ids <= task), sets.dense_weights[i % n], zero)
 
+    def mapped(ids_sets):
+        """The packed layer's call: the tile map, free weights declared zero, ids of ``ids_sets`` (bytes or compact)."""
+
+        def call(i):
+            weight, ids, cells = sets.dense_weights[i % n], ids_sets[i % n], sets.tile_maps[i % n]
+            return packed_op(xs[i % n], weight, ids, task, None, *args, tile_map=cells, free_weights_zero=True)
+
+        return call
+
     methods = {
         # The packed layer's own layout on CUDA: K-contiguous conv weights and ids (channels_last memory).
         "packnet": lambda i: packed_op(xs[i % n], sets.dense_weights[i % n], sets.dense_ids[i % n], task, None, *args),
         # Free weights are zero in every set (LayerSets zeroes them), as a packed layer checks before passing this.
-        "packnet_tilemap": lambda i: packed_op(
-            xs[i % n],
-            sets.dense_weights[i % n],
-            sets.dense_ids[i % n],
-            task,
-            None,
-            *args,
-            tile_map=sets.tile_maps[i % n],
-            free_weights_zero=True,
-        ),
-        "packnet_compact": lambda i: packed_op(
-            xs[i % n],
-            sets.dense_weights[i % n],
-            sets.compact_ids[i % n],
-            task,
-            None,
-            *args,
-            tile_map=sets.tile_maps[i % n],
-            free_weights_zero=True,
-        ),
+        "packnet_tilemap": mapped(sets.dense_ids),
+        "packnet_compact": mapped(sets.compact_ids),
         "packnet_nomask": lambda i: raw_kernel(
             xs[i % n], sets.dense_weights[i % n], sets.dense_ids[i % n], task, None, *args, use_mask=False
         ),

@@ -1366,7 +1366,7 @@ def _launch(
 _OP_ARGS = (
     "Tensor x, Tensor weight, Tensor task_ids, int task, Tensor? bias, Tensor? scale, Tensor? shift, int[] stride, "
     "int[] padding, int[] dilation, int groups, bool relu, bool use_mask, Tensor? tile_map, bool free_weights_zero, "
-    "Tensor? tasks, int id_bits"
+    "Tensor? tasks, int id_bits=8"
 )
 
 
@@ -1388,7 +1388,7 @@ def _masked_conv2d_interpreted(
     tile_map,
     raw,
     tasks,
-    id_bits,
+    id_bits=8,
 ):
     """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
     ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
@@ -1414,7 +1414,7 @@ def _(
     tile_map,
     raw,
     tasks,
-    id_bits,
+    id_bits=8,
 ):
     return _empty_output(x, weight, stride, padding, dilation)
 
@@ -1437,7 +1437,7 @@ def _masked_conv2d_op(
     tile_map: torch.Tensor | None,
     free_weights_zero: bool,
     tasks: torch.Tensor | None,
-    id_bits: int,
+    id_bits: int = 8,
 ) -> torch.Tensor:
     """The registered op (also its own fake implementation); arguments validated by :func:`masked_conv2d_triton`.
     CUDA launches go through ``wrap_triton`` so ``torch.compile`` sees the kernels. ``id_bits`` 2 or 4: ``task_ids``

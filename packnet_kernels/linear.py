@@ -1192,13 +1192,13 @@ def _launch(
 
 _OP_ARGS = (
     "Tensor x, Tensor weight, Tensor task_ids, int task, Tensor? bias, Tensor? scale, Tensor? shift, bool relu, "
-    "bool use_mask, Tensor? tile_map, bool free_weights_zero, Tensor? tasks, int id_bits"
+    "bool use_mask, Tensor? tile_map, bool free_weights_zero, Tensor? tasks, int id_bits=8"
 )
 
 
 @torch.library.custom_op("packnet::masked_linear_interpreted", mutates_args=(), schema=f"({_OP_ARGS}) -> Tensor")
 def _masked_linear_interpreted(
-    x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks, id_bits
+    x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks, id_bits=8
 ):
     """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
     ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
@@ -1207,7 +1207,7 @@ def _masked_linear_interpreted(
 
 
 @_masked_linear_interpreted.register_fake
-def _(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks, id_bits):
+def _(x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks, id_bits=8):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -1225,7 +1225,7 @@ def _masked_linear_op(
     tile_map: torch.Tensor | None,
     free_weights_zero: bool,
     tasks: torch.Tensor | None,
-    id_bits: int,
+    id_bits: int = 8,
 ) -> torch.Tensor:
     """The registered op (also its own fake implementation); arguments already validated by
     :func:`masked_linear_triton`. CUDA launches go through ``wrap_triton`` so ``torch.compile`` sees the kernels.

@@ -391,7 +391,8 @@ def compiled(request, tmp_path_factory) -> dict:
         for item in request.session.items
         if hasattr(item, "callspec") and "variant" in item.callspec.params
     }
-    if any(item.name.startswith("test_compact_ids_cut_the_predicate_loop") for item in request.session.items):
+    predicate_tests = ("test_compact_ids_cut_the_predicate_loop", "test_the_predicate_loop_reaches")
+    if any(item.name.startswith(predicate_tests) for item in request.session.items):
         wanted |= {variant["name"] for variant in VARIANTS if variant["name"].startswith(PREDICATE_PREFIXES)}
     saved = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
     os.environ["TRITON_INTERPRET"] = "0"
@@ -580,3 +581,20 @@ def test_compact_ids_cut_the_predicate_loop(regime, predicate_costs):
     assert ids4 <= ceiling, f"{regime}: compact ids {ids4:.2f}x the plain loop: {costs['ids4']}"
     integer = _median([cost["integer_per_element"] for cost in costs["ids4"]])
     assert integer <= integer_limit, f"{regime}: {integer:.1f} integer instructions per weight element per thread"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="kernels v8 does not reach these yet (benchmarks/NOTES.md, v8): the masked tile still converts its layout"
+    " through shared memory, and ptxas serialises wgmma in most large-tile configs; when this passes, drop the mark",
+)
+def test_the_predicate_loop_reaches_the_kernel_issues_targets(predicate_costs):
+    """The kernel issue's targets for the linear loop on compact ids, both regimes: at most 2x the no-predicate loop's
+    instructions per K step (median), at most 3 integer instructions per weight element per thread, no stores to
+    shared memory in the loop, and no C7515 (serialised wgmma) from ptxas in any config."""
+    for regime in ("small", "large"):
+        costs = predicate_costs[regime]["ids4"]
+        assert _median([cost["ratio"] for cost in costs]) <= 2.0
+        assert _median([cost["integer_per_element"] for cost in costs]) <= 3.0
+        assert all(cost["shared_stores"] == 0 for cost in costs)
+        assert all(cost["serialized"] == 0 for cost in costs)

@@ -297,3 +297,21 @@ def test_the_reference_backend_takes_compact_ids_too():
     compact = compact_task_ids(ids, 3)
     expected = masked_conv2d(x, weight, ids, 2, None, 1, 1, backend="reference")
     assert torch.equal(masked_conv2d(x, weight, compact, 2, None, 1, 1, backend="reference"), expected)
+
+
+@pytest.mark.interpreter
+def test_the_registered_ops_take_compact_ids(kernel_device):
+    """torch.compile and CUDA graphs go through the registered ops: their schema, fake kernels and results with compact
+    ids (``id_bits`` 2 or 4, ``task_ids`` the words)."""
+    x, weight, ids = _layer(5, 33, 64, 3, torch.float16, kernel_device)
+    compact = compact_task_ids(ids, 3)
+    args = (x, weight, compact.words, 2, None, None, None, False, True, None, False, None, compact.bits)
+    assert set(torch.library.opcheck(torch.ops.packnet.masked_linear.default, args).values()) == {"SUCCESS"}
+    assert torch.equal(torch.ops.packnet.masked_linear(*args), linear_kernel.masked_linear_triton(x, weight, ids, 2))
+    x, weight, ids = _conv_layer(2, 16, 8, 3, 4, 1, 3, torch.float16, kernel_device)
+    compact = compact_task_ids(ids, 3)
+    args = (x, weight, compact.words, 2, None, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, True, None, False)
+    args += (None, compact.bits)
+    assert set(torch.library.opcheck(torch.ops.packnet.masked_conv2d.default, args).values()) == {"SUCCESS"}
+    expected = conv_kernel.masked_conv2d_triton(x, weight, ids, 2, None, 1, 1)
+    assert torch.equal(torch.ops.packnet.masked_conv2d(*args), expected)
