@@ -1019,9 +1019,10 @@ def swap_packed_(
     can check what it writes. Returns ``model``.
 
     Raises:
-        KeyError: a name that is not a submodule. TypeError: a module of no packable kind, or an attention's
-        ``out_proj`` named without the attention (``nn.MultiheadAttention`` reads it directly). ValueError: a module
-        of a packable kind in a configuration that is not (e.g. ``padding_mode='reflect'``).
+        KeyError: a name that is not a submodule.
+        TypeError: a module of no packable kind, or an attention's ``out_proj`` named without the attention
+            (``nn.MultiheadAttention`` reads it directly).
+        ValueError: a module of a packable kind in a configuration that is not (e.g. ``padding_mode='reflect'``).
     """
     from .layers import kind_of, pack_layer
 
