@@ -266,3 +266,35 @@ def test_stubbed_launches_bind_like_triton_and_run_nothing():
     assert kernel.calls == [1]  # nothing ran inside
     outside(args)
     assert kernel.calls == [1, 1] and not outside.direct
+
+
+def test_a_conv_launch_passes_each_calls_task_and_task_tensor_where_triton_binds_them(fake_gpu):
+    """The conv launcher gives the task, a mixed batch's task tensor and the tile map as keyword arguments anew on
+    every call: a direct launch puts them in the slots Triton binds them to, as Triton's launch of the same call."""
+    from packnet_kernels import conv2d
+
+    make, compiled = fake_gpu
+    jit = make(conv2d._masked_conv2d_gemm_kernel)
+    x = torch.randn(2, 32, 6, 6).half().contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(32, 32, 3, 3).half().contiguous(memory_format=torch.channels_last)
+    task_ids = torch.randint(0, 3, weight.shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(3, 32).half()
+    tile_map = torch.zeros(2, 1, 9, dtype=torch.uint8)
+    plan_args = (x, weight, task_ids, bias, None, None, (1, 1), [1, 1, 1, 1], (1, 1), 1, False, True, tile_map)
+    tasks = torch.tensor([2, 1])
+    out_shape, memory_format, kernel_name, constants, grid = conv2d._plan(*plan_args, False, tasks)
+    assert kernel_name == "gemm" and constants["TILE_MAP"] and constants["MIXED"]
+    out = torch.empty(out_shape, dtype=x.dtype, memory_format=memory_format)
+    pointers = (x, weight, task_ids, bias, x, x, out)
+    keywords = {**constants, **conv2d._INTERPRETER_CONFIGS["gemm"]}
+    launch = KernelLaunch(jit, grid, keywords, conv2d._VARYING["gemm"])
+    launch(pointers, (0, tasks, tile_map), stream=STREAM)
+    other_tasks = torch.tensor([1, 3])
+    launch(pointers, (0, other_tasks, tile_map), stream=STREAM)
+    assert len(compiled) == 1 and launch.direct
+    jit[grid](*pointers, **keywords, active_task=0, image_tasks_ptr=other_tasks, tile_map_ptr=tile_map)
+    recorder = compiled[0]._run
+    direct, through_triton = recorder.calls[1:]
+    assert _same(direct[:6], through_triton[:6]) and _same(direct[9:], through_triton[9:])
+    named = dict(zip(jit.arg_names, direct[9:], strict=True))
+    assert named["image_tasks_ptr"] is other_tasks and named["tile_map_ptr"] is tile_map
