@@ -6,6 +6,7 @@ live in ``packnet_kernels``.
 """
 
 from .census import Census, census
+from .cuda_graphs import MIXED, GraphedModel, cuda_graphs
 from .layers import PackedConv1d, PackedEmbedding, PackedMultiheadAttention, PackedTransposedLinear
 from .models import build_model, mlp, module_fingerprint, register_builder, small_cnn, small_vit
 from .modules import (
@@ -38,7 +39,9 @@ from .training import LayerOwnership, PackNet, is_norm
 __version__ = "0.1.0"
 
 __all__ = [
+    "MIXED",
     "Census",
+    "GraphedModel",
     "LayerOwnership",
     "Pack",
     "PackFormatError",
@@ -57,6 +60,7 @@ __all__ = [
     "build_packed_model",
     "census",
     "compile_pack",
+    "cuda_graphs",
     "export_task_state_dict",
     "fold_norms",
     "is_norm",
