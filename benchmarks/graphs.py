@@ -148,8 +148,9 @@ def measure_model(name: str, kwargs: dict, shape: tuple, device: str, dtype: tor
         row["dense_eager_ms"] = timing.latency(lambda i: dense(x), device, smoke=smoke)["median_ms"]
         row["eager_ratio"] = row["packed_eager_ms"] / row["dense_eager_ms"]
         row["eager_target"] = EAGER_TARGET
-        row["packed_host_us_per_layer"] = host_ms(lambda: packed(x, task=TASK), device) * 1e3 / packed_layers
-        row["dense_host_us_per_layer"] = host_ms(lambda: dense(x), device) * 1e3 / packed_layers
+        calls = 3 if smoke else 20
+        row["packed_host_us_per_layer"] = host_ms(lambda: packed(x, task=TASK), device, calls) * 1e3 / packed_layers
+        row["dense_host_us_per_layer"] = host_ms(lambda: dense(x), device, calls) * 1e3 / packed_layers
         if device != "cuda":
             return row
         row["packed_kernels_ms"] = kernels_ms(lambda: packed(x, task=TASK))
