@@ -2,25 +2,28 @@
 # One device call on a lent GPU, sized for the 8 minutes a session can afford: correctness on CUDA first, then the
 # headline numbers. Everything lands under $OUT (at most 8 files come back from a device call):
 #
-#   device.txt      GPU, driver, CUDA, torch and triton versions
 #   tests.log       the whole test suite on CUDA, no interpreter (pytest-xdist, 8 workers)
 #   demo.json       the Split-Digits demo on CUDA
 #   headline.json   benchmarks/headline.py, rewritten after every case (a timeout keeps what was measured)
 #   host_profile.txt  benchmarks/host_profile.py: the host time of each layer of a packed call, and a cProfile
 #   tiles.json      benchmarks/tiles.py: per-task latency with the tile map
 #   mixed.json      benchmarks/mixed.py: mixed-task batches in one launch against splitting by task
-#   logs.txt        the tails of the other logs (demo, compile warm-up, headline, tiles), gathered after each stage
-#                   from $LOGS (default /tmp/gpu-logs), so a call cut short still returns what they said so far
+#   graphs.json     benchmarks/graphs.py: packed ResNet-50 and BERT-base encoder at batch 1, eager and as CUDA graphs,
+#                   against their dense twins, and whether torch.compile(mode="reduce-overhead") takes our ops
+#   logs.txt        the GPU, driver, CUDA, torch and triton versions (device.log), then the tails of the other logs
+#                   (demo, compile warm-up, headline, tiles, mixed, graphs), gathered after each stage from $LOGS
+#                   (default /tmp/gpu-logs), so a call cut short still returns what they said so far
 #
-#   bash benchmarks/gpu_session.sh [tests] [profile] [demo] [headline] [tiles] [mixed]     (no argument: all six)
+#   bash benchmarks/gpu_session.sh [tests] [profile] [demo] [headline] [tiles] [mixed] [graphs]   (no argument: all)
 #
 # Reports: python -c 'import sys; sys.path[:0] = ["benchmarks"]; import tiles; tiles.write_report("OUT/tiles.json")'
 # (mixed likewise; headline: python benchmarks/headline_report.py OUT/headline.json).
 #
 # TEST_LIST names a file of pytest node ids, one per line, to run instead of the whole suite (a rerun of what failed
-# or was cut). TESTS_TIMEOUT_S (default 200) bounds stage 1 (tests, demo, compiling); HEADLINE_BUDGET_S (default 170) stops the
+# or was cut). TESTS_TIMEOUT_S (default 200) bounds stage 1 (tests, demo, compiling); HEADLINE_BUDGET_S (default 110) stops the
 # benchmark from starting new cases and HEADLINE_GRACE_S (default 90) kills it that much later; HEADLINE_ARGS adds
-# arguments to it (and to the compile warm-up).
+# arguments to it (and to the compile warm-up). TILES_BUDGET_S, MIXED_BUDGET_S and GRAPHS_BUDGET_S (60 each) do the same
+# for their stages, each killed a minute after its budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -30,7 +33,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 PYTHON=${PYTHON:-python3}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests profile demo headline tiles mixed)
+[ ${#stages[@]} -eq 0 ] && stages=(tests profile demo headline tiles mixed graphs)
 want() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 status=0
 start=$(date +%s)
@@ -52,8 +55,8 @@ gather() {
         --format=csv
     "$PYTHON" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__,
 "triton", triton.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
-} >"$OUT/device.txt" 2>&1
-cat "$OUT/device.txt"
+} >"$LOGS/device.log" 2>&1
+cat "$LOGS/device.log"
 
 # Stage 1, CPU-heavy work side by side: the tests, the demo, and Triton compiling the benchmark's kernels.
 export OMP_NUM_THREADS=1
@@ -76,9 +79,9 @@ if want headline; then
         pids+=($!)
     done
 fi
-# The tile-map and mixed-batch stages compile their own kernel variants (mixed tiles take tens of seconds each):
-# compiled here too, once per case, untimed.
-for stage in tiles mixed; do
+# The tile-map, mixed-batch and whole-model stages compile their own kernel variants (mixed tiles take tens of
+# seconds each; the models' untuned layers one each): compiled here too, once per case, untimed.
+for stage in tiles mixed graphs; do
     if want "$stage"; then
         timeout "${TESTS_TIMEOUT_S:-200}" "$PYTHON" "benchmarks/$stage.py" --json "/tmp/warm/$stage.json" --warm \
             >>"$LOGS/warm.log" 2>&1 &
@@ -110,8 +113,8 @@ fi
 if want headline; then
     stamp "headline"
     # shellcheck disable=SC2086
-    timeout $((${HEADLINE_BUDGET_S:-170} + ${HEADLINE_GRACE_S:-90})) "$PYTHON" benchmarks/headline.py --out "$OUT" \
-        --budget-s "${HEADLINE_BUDGET_S:-170}" ${HEADLINE_ARGS:-} >"$LOGS/headline.log" 2>&1 || status=1
+    timeout $((${HEADLINE_BUDGET_S:-110} + ${HEADLINE_GRACE_S:-90})) "$PYTHON" benchmarks/headline.py --out "$OUT" \
+        --budget-s "${HEADLINE_BUDGET_S:-110}" ${HEADLINE_ARGS:-} >"$LOGS/headline.log" 2>&1 || status=1
     tail -60 "$LOGS/headline.log"
     gather
 fi
@@ -122,6 +125,11 @@ if want tiles; then
 fi
 if want mixed; then
     timed_stage mixed "${MIXED_BUDGET_S:-60}"
+fi
+# Whole models at batch 1, eager and as CUDA graphs (issue 26): host-bound eager latency against the dense twins,
+# graph replays against the kernels' sum.
+if want graphs; then
+    timed_stage graphs "${GRAPHS_BUDGET_S:-60}"
 fi
 gather
 stamp "done (status $status)"

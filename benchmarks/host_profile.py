@@ -4,10 +4,12 @@
 
 For a batch-1 and a batch-256 linear, a 3x3 conv and a depthwise conv (one launch each), each stage of the call path
 is timed on its own: the packed module (``PackedLinear``/``PackedConv2d`` with ``task=2``: what a model pays per
-layer), the public dispatcher, the registered op, the launcher alone (a direct launch, as the dispatcher makes on
-CUDA), and ``F.linear``/``F.conv2d`` for scale. A time is the host time to issue ``CALLS`` calls back to back (the
-GPU queue does not fill), divided by ``CALLS``. Then cProfile lists the functions where a module call spends its
-time.
+layer; its launch plans and direct launches), the same module with direct launches off (``PACKNET_DIRECT_LAUNCH=0``:
+every launch through Triton's own launcher), the public dispatcher, the registered op, the launcher alone (a direct
+launch of a cached plan, as the dispatcher makes on CUDA), and ``F.linear``/``F.conv2d`` for scale; the last column
+is the module's time over the torch op's (issue 26's target on a GPU: at most 1.5). A time is the host time to issue
+``CALLS`` calls back to back (the GPU queue does not fill), divided by ``CALLS``. Then cProfile lists the functions
+where a module call spends its time.
 """
 
 from __future__ import annotations
@@ -50,6 +52,35 @@ def host_us(fn) -> float:
     return elapsed / CALLS * 1e6
 
 
+def _forget_launches(modules) -> None:
+    """Drop every launch plan (kernel modules' and packed layers'), so that the next calls plan anew."""
+    from packnet import PackedConv2d, PackedLinear
+    from packnet_kernels import conv2d, linear
+
+    linear._PLANS.clear()
+    conv2d._PLANS.clear()
+    conv2d._KERNEL_LAUNCHES.clear()
+    for module in modules:
+        if isinstance(module, (PackedLinear, PackedConv2d)):
+            module.launch_plans.clear()
+
+
+_MODULES: list = []
+
+
+def _with_plain_launches(fn) -> float:
+    """``host_us(fn)`` with direct launches off (plans made anew, every launch through Triton's launcher)."""
+    from packnet_kernels import _launcher
+
+    _forget_launches(_MODULES)
+    _launcher.DIRECT_LAUNCH = False
+    try:
+        return host_us(fn)
+    finally:
+        _launcher.DIRECT_LAUNCH = True
+        _forget_launches(_MODULES)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="write host_profile.txt here")
@@ -70,13 +101,14 @@ def main(argv=None) -> int:
         dense = torch.nn.Linear(FEATURES, FEATURES, bias=False, device=device, dtype=dtype)
         dense.weight.data.copy_(w)
         module = PackedLinear.from_dense(dense, ids, 3, backend="triton")
+        _MODULES.append(module)
         cases.append(
             (
                 f"linear {FEATURES}x{FEATURES} b{batch}",
                 lambda x=x, module=module: module(x, task=2),
                 lambda x=x, w=w, ids=ids: pk.masked_linear(x, w, ids, 2, backend="triton"),
                 lambda x=x, w=w, ids=ids: torch.ops.packnet.masked_linear(
-                    x, w, ids, 2, None, None, None, False, True, None, False, None
+                    x, w, ids, 2, None, None, None, False, True, None, False, None, 8
                 ),
                 lambda x=x, w=w, ids=ids: linear_module._launch(
                     x, w, ids, 2, None, None, None, False, True, wrap=as_is, reuse_workspace=True
@@ -100,6 +132,7 @@ def main(argv=None) -> int:
         dense = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=groups, bias=False, device=device, dtype=dtype)
         dense.weight.data.copy_(w)
         module = PackedConv2d.from_dense(dense, ids, 3, backend="triton")
+        _MODULES.append(module)
         launch_args = (
             x,
             w,
@@ -129,13 +162,18 @@ def main(argv=None) -> int:
             )
         )
     header = (
-        f"{'case':22s} {'module':>9s} {'dispatcher':>11s} {'op':>9s} {'launcher':>9s} {'torch op':>9s}"
-        "   (host us per call)"
+        f"{'case':22s} {'module':>9s} {'plain':>9s} {'dispatcher':>11s} {'op':>9s} {'launcher':>9s} {'torch op':>9s}"
+        f" {'ratio':>6s}   (host us per call; plain: the module with direct launches off; ratio: module / torch op)"
     )
     lines.append(header)
     with torch.no_grad():
-        for name, *fns in cases:
-            lines.append(f"{name:22s} " + " ".join(f"{host_us(fn):9.1f}" for fn in fns))
+        for name, module_call, *fns in cases:
+            module_us = host_us(module_call)
+            plain_us = _with_plain_launches(module_call)
+            times = [host_us(fn) for fn in fns]
+            cells = " ".join(f"{t:9.1f}" for t in (module_us, plain_us, times[0])) + " "
+            cells += " ".join(f"{t:9.1f}" for t in times[1:])
+            lines.append(f"{name:22s} {cells} {module_us / times[-1]:6.2f}")
     for name, module_call, *_ in cases:
         profiler = cProfile.Profile()
         profiler.enable()

@@ -1,5 +1,5 @@
-"""VGG-16 and ResNet-50 written with torch.nn (torchvision is not a dependency), and the three ways of serving a
-3-task PackNet version of them that the model benchmarks compare.
+"""VGG-16, ResNet-50 and a BERT-base encoder written with torch.nn (torchvision and transformers are not
+dependencies), and the three ways of serving a 3-task PackNet version of them that the model benchmarks compare.
 
 Module names follow the usual layout (``features.2``, ``layer3.1.conv2``, ``fc``) so that ``shapes.py`` can name
 layers the way people know them. ``width`` scales every channel count, which gives the tiny CPU variants.
@@ -11,6 +11,7 @@ import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from packnet_kernels import effective_weight
 
@@ -125,6 +126,53 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.normal_(module.bias, std=0.01)
 
 
+class BertLayer(nn.Module):
+    """One BERT encoder layer (post-norm): self-attention through ``query``/``key``/``value``/``output`` projections
+    and ``F.scaled_dot_product_attention``, then the GELU feed-forward ``intermediate`` -> ``out``."""
+
+    def __init__(self, hidden: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
+        self.output = nn.Linear(hidden, hidden)
+        self.attention_norm = nn.LayerNorm(hidden)
+        self.intermediate = nn.Linear(hidden, ffn)
+        self.out = nn.Linear(ffn, hidden)
+        self.output_norm = nn.LayerNorm(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+
+        def heads(projection: nn.Module) -> torch.Tensor:
+            return projection(x).view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(heads(self.query), heads(self.key), heads(self.value))
+        x = self.attention_norm(x + self.output(attended.transpose(1, 2).reshape(batch, length, hidden)))
+        return self.output_norm(x + self.out(F.gelu(self.intermediate(x))))
+
+
+class BertEncoder(nn.Module):
+    """The encoder of BERT-base (12 layers, hidden 768, 12 heads, feed-forward 3072) on hidden states ``[B, S, H]``
+    (no embeddings or pooler: every linear layer of the model, none of its lookups). ``width`` scales the hidden and
+    feed-forward sizes (heads of 64 features), ``layers`` the depth."""
+
+    def __init__(self, layers: int = 12, width: float = 1.0):
+        super().__init__()
+        hidden = max(64, _scaled(768, width) // 64 * 64)
+        self.hidden = hidden
+        self.layers = nn.ModuleList(BertLayer(hidden, hidden // 64, 4 * hidden) for _ in range(layers))
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+# The image models the layer and model benchmarks build by name (BertEncoder takes hidden states, not images).
 BUILDERS = {"vgg16": VGG16, "resnet50": ResNet50}
 
 

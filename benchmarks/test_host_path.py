@@ -1,4 +1,6 @@
-"""Host time of one packed call with no GPU: argument checks and launch preparation, the kernel launch a no-op.
+"""Host time of one kernel call with no GPU: argument checks and launch preparation, the kernel launch a no-op.
+
+The whole packed module's call is ``benchmarks/host.py`` (``packnet bench --stage host``).
 
 What a packed layer costs the host before Triton and the driver take over (the target for a whole call on a GPU is
 15 us). ``extra_info["host_us"]`` is the median microseconds per call over 2000 calls; under
@@ -49,22 +51,27 @@ def _median_us(fn, calls: int = CALLS) -> float:
 
 @pytest.mark.parametrize("batch", [1, 256], ids=lambda b: f"b{b}")
 def test_linear_host_path(benchmark, batch):
+    """The checks and the direct launch of a cached plan, the launch stubbed at the launcher's boundary."""
+    from packnet_kernels._checks import as_is
+    from packnet_kernels._launcher import stub_launches
+
     x = torch.randn(batch, 4096, dtype=torch.float16)
     weight = torch.randn(4096, 4096, dtype=torch.float16)
     task_ids = torch.randint(0, 4, weight.shape, dtype=torch.uint8)
-    no_launch = _NoLaunch()
 
     def call():
         task = check_linear(x, weight, task_ids, 2, None, None, None, dtypes=KERNEL_DTYPES)
         return linear._launch(
-            x, weight, task_ids, task, None, None, None, False, True, wrap=no_launch, reuse_workspace=True
+            x, weight, task_ids, task, None, None, None, False, True, wrap=as_is, reuse_workspace=True
         )
 
-    call()
-    assert no_launch.launches == 1, "one kernel launch per call, split-K or not"
-    out = benchmark(call)
-    assert out.shape == (batch, 4096)
-    benchmark.extra_info["host_us"] = _median_us(call)
+    with stub_launches() as stub:
+        call()
+        call()
+        assert (stub.plain_launches, stub.direct_launches) == (1, 1), "one kernel launch per call, split-K or not"
+        out = benchmark(call)
+        assert out.shape == (batch, 4096)
+        benchmark.extra_info["host_us"] = _median_us(call)
 
 
 @pytest.mark.parametrize("groups", [1, 192], ids=["conv3x3", "depthwise3x3"])

@@ -19,7 +19,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CapacityWarning",
     "Census",
+    "GraphedModel",
     "LayerOwnership",
+    "MIXED",
     "Pack",
     "PackFormatError",
     "PackNet",
@@ -37,6 +39,7 @@ __all__ = [
     "build_packed_model",
     "census",
     "compile_pack",
+    "cuda_graphs",
     "export_task_state_dict",
     "fold_norms",
     "is_norm",
@@ -58,7 +61,7 @@ __all__ = [
 
 # Where the names of __all__ are defined, searched in this order on first use (tests/test_package.py checks that each
 # resolves, and that the eager imports below for static tools list the same names).
-_SUBMODULES = ("inventory", "layers", "models", "modules", "pack", "pruning", "training")
+_SUBMODULES = ("graphs", "inventory", "layers", "models", "modules", "pack", "pruning", "training")
 
 
 def __getattr__(name: str):
@@ -77,6 +80,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static tools (type checkers, IDEs) see: the same names, imported eagerly
+    from .graphs import MIXED, GraphedModel, cuda_graphs
     from .inventory import Census, census
     from .layers import PackedConv1d, PackedEmbedding, PackedMultiheadAttention, PackedTransposedLinear
     from .models import build_model, mlp, module_fingerprint, register_builder, small_cnn, small_vit

@@ -14,6 +14,8 @@ device, date and stage are overwritten only with ``--force``:
 - ``tiles``: ``benchmarks/tiles.py``, the bytes each task reads with the tile map (block-structured and unstructured
   packs) and, on a GPU, each task's latency against pre-masked dense and a block-sparse (BSR) copy.
 - ``mixed``: ``benchmarks/mixed.py``, batches mixing 1 to 8 tasks in one launch against splitting them by task.
+- ``host``: ``benchmarks/host.py``, the host time of a packed module's call (kernel launch stubbed) against the same
+  torch layer on meta tensors; runs without a GPU.
 
 Stdout is a short table: per stage its result, what it measured, its wall time and its report; then the headline
 stage's main rows with units. Ctrl-C stops the stage in progress and removes its files (the stages finished before it
@@ -40,7 +42,7 @@ log = logging.getLogger("packnet.bench")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "benchmarks"
-STAGES = ("headline", "layers", "models", "tiles", "mixed")
+STAGES = ("headline", "layers", "models", "tiles", "mixed", "host")
 # The pytest files of each pytest-benchmark stage.
 STAGE_FILES = {"layers": ("test_layers.py", "test_host_path.py"), "models": ("test_models.py",)}
 DEFAULT_OUT = "packnet-bench"
@@ -65,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stage",
         action="append",
         choices=STAGES,
-        help="run this stage (repeat for several; default: all, in the order headline, layers, models, tiles, mixed)",
+        help="run this stage (repeat for several; default: all: headline, layers, models, tiles, mixed, host)",
     )
     parser.add_argument(
         "--budget-s",
@@ -111,7 +113,7 @@ def pytest_command(json_path: Path, keyword: str | None, stage: str = "layers") 
 
 # Stages run as scripts that rewrite their JSON case by case (a run cut short keeps what it measured), with the module
 # whose ``write_report(json_path)`` reports them.
-SCRIPT_STAGES = {"headline": "headline_report", "tiles": "tiles", "mixed": "mixed"}
+SCRIPT_STAGES = {"headline": "headline_report", "tiles": "tiles", "mixed": "mixed", "host": "host"}
 
 
 def headline_command(json_path: Path, args: argparse.Namespace, stage: str = "headline") -> list[str]:

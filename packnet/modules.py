@@ -39,6 +39,7 @@ from packnet_kernels._checks import (
 )
 from packnet_kernels.reference import empty_rows_like
 
+from .launch_plans import Conv2dLaunchPlans, LinearLaunchPlans
 from .models import INPUT_SHAPE_ATTR
 
 __all__ = [
@@ -425,9 +426,13 @@ class _PackedLayer(_TaskSelecting):
         """Forget the tile map, so that the next kernel call recomputes it (and re-checks free weights). Needed only
         after writing ``weight`` or ``task_ids`` in a way PyTorch's version counters do not see (through ``.data``,
         NumPy or DLPack): a stale map would skip tiles the new ids use. Writes through PyTorch operations, in place
-        or not, are seen without it. The compact run-time ids (:meth:`kernel_ids`) are derived again too."""
+        or not, are seen without it. The compact run-time ids (:meth:`kernel_ids`) are derived again too, and the
+        layer's launch plans (:mod:`packnet.launch_plans`) are forgotten."""
         self._tile_state = None
         self._compact_state = None
+        plans = self.__dict__.get("launch_plans")
+        if plans is not None:
+            plans.clear()
 
     def _kernel_tile_args(self, x: torch.Tensor) -> dict:
         """The tile-map keywords of a kernel call: none when the reference path runs (it has no use for them) or the
@@ -479,6 +484,7 @@ class PackedLinear(_PackedLayer):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_storage((out_features, in_features), num_tasks, bias, device, dtype, backend)
+        self.launch_plans = LinearLaunchPlans()
 
     @classmethod
     def from_dense(
@@ -511,6 +517,10 @@ class PackedLinear(_PackedLayer):
         _require_tensor(self, x)
         if isinstance(task, torch.Tensor):
             x, task = spread_tasks(type(self).__name__, task, x, linear_rows(x))
+        # An eager kernel call on an input shape seen before: its launch plan, checked then (packnet.launch_plans).
+        launch = self.launch_plans.lookup(self, x, task)
+        if launch is not None:
+            return launch(x, task)
         bias, scale, shift = self._epilogue(task)
         weight, _ = self.kernel_operands()
         try:
@@ -566,6 +576,7 @@ class PackedConv2d(_PackedLayer):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self._init_storage((out_channels, in_channels // groups, *kernel_size), num_tasks, bias, device, dtype, backend)
         self._use_kernel_layout()
+        self.launch_plans = Conv2dLaunchPlans()
 
     COMPACT_IDS = True
 
@@ -633,6 +644,10 @@ class PackedConv2d(_PackedLayer):
         _require_tensor(self, x)
         if isinstance(task, torch.Tensor):
             x, task = spread_tasks(type(self).__name__, task, x, x.shape[0] if x.dim() else 0)
+        # An eager kernel call on an input shape seen before: its launch plan, checked then (packnet.launch_plans).
+        launch = self.launch_plans.lookup(self, x, task)
+        if launch is not None:
+            return launch(x, task)
         bias, scale, shift = self._epilogue(task)
         try:
             return masked_conv2d(

@@ -113,11 +113,12 @@ def require_kernel_device(what: str, x: torch.Tensor) -> None:
 
 def direct_launch_allowed(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     """True when a launcher may run straight away instead of through its registered op, whose dispatch costs tens of
-    microseconds of host time per call: plain CUDA tensors, outside ``torch.compile`` and any tracing or dispatch
-    mode (which need the op to see the kernel), and no input that autograd would have to track (the op then
-    reports that it has no backward; a direct launch would silently return a constant)."""
+    microseconds of host time per call: plain CUDA tensors (or CPU tensors under the interpreter, so that the CPU
+    tests run the path a GPU runs), outside ``torch.compile`` and any tracing or dispatch mode (which need the op to
+    see the kernel), and no input that autograd would have to track (the op then reports that it has no backward; a
+    direct launch would silently return a constant)."""
     return (
-        x.is_cuda
+        (x.is_cuda or (x.device.type == "cpu" and interpreter_enabled()))
         and type(x) is torch.Tensor
         and not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0

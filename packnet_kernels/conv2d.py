@@ -38,6 +38,7 @@ from ._checks import (
     task_limit,
     uses_direct_conv_kernel,
 )
+from ._launcher import KernelLaunch
 from ._predicate import (
     element_masks,
     keep_owned,
@@ -1140,7 +1141,7 @@ def _plan_key(
         _vector_key(shift),
         None if tile_map is None else tile_map.stride(),
         raw,
-        tasks is None,
+        None if tasks is None else tasks.dtype,  # a direct launch's compiled kernel is specialised on it
         torch.backends.cudnn.allow_tf32,
         id_bits,
     )
@@ -1286,6 +1287,39 @@ def _plan(
     return out_shape, memory_format, kernel_name, constants, grid
 
 
+# Direct launches of cached plans (packnet_kernels._launcher.KernelLaunch), by plan key and kernel choice; cleared
+# with the plans.
+_KERNEL_LAUNCHES: dict = {}
+# The keyword arguments given anew on every call, per kernel (the rest are the plan's constants).
+_VARYING = {"gemm": ("active_task", "image_tasks_ptr", "tile_map_ptr"), "direct": ("active_task",)}
+
+
+def _kernel_launch(key, kernel_name: str, constants: dict, grid, x: torch.Tensor) -> KernelLaunch:
+    """The direct launch of the plan ``key`` for the current kernel choice (interpreted, autotuned or the untuned
+    default config for ``x``'s dtype and device): the kernel, its grid and the plan's constants with the config."""
+    launch_key = (key, AUTOTUNE)
+    launch = _KERNEL_LAUNCHES.get(launch_key)
+    if launch is None:
+        if _INTERPRETED:
+            kernel, config = _KERNELS[kernel_name], _INTERPRETER_CONFIGS[kernel_name]
+        elif AUTOTUNE:
+            kernel, config = _gpu_kernel(kernel_name), {}
+        else:
+            default = default_config(
+                kernel_name,
+                x.dtype,
+                device_properties(x.device).shared_memory_per_block_optin,
+                constants.get("TAPS_OUTER", True),
+                constants.get("MIXED", False),
+            )
+            kernel = _KERNELS[kernel_name]
+            config = {**default.kwargs, "num_warps": default.num_warps, "num_stages": default.num_stages}
+        launch = _KERNEL_LAUNCHES[launch_key] = KernelLaunch(
+            kernel, grid, {**constants, **config}, _VARYING[kernel_name]
+        )
+    return launch
+
+
 def _launch(
     x,
     weight,
@@ -1306,6 +1340,7 @@ def _launch(
     wrap=None,
     cache_plan=False,
     id_bits=8,
+    plan_key=None,
 ):
     """Launch on validated arguments; ``padding`` is ``[top, bottom, left, right]``. ``wrap`` turns a kernel into its
     launchable form: ``wrap_triton`` (the default) inside the registered op, :func:`~packnet_kernels._checks.as_is`
@@ -1314,17 +1349,20 @@ def _launch(
     tensor ``[N]``, one task per image; ``task`` is then unused) runs a mixed batch in this one launch: only where
     :func:`mixed_kernel_applies`, and the epilogue vectors may be ``[num_tasks, out]`` tables. ``cache_plan`` (real
     tensors only: direct launches and the interpreter's op, never a traced call) keeps the launch plan of these
-    shapes, strides and flags for the next such call (:func:`_plan`): most of the host time of a small conv."""
+    shapes, strides and flags for the next such call (:func:`_plan`): most of the host time of a small conv. With
+    ``wrap=as_is`` as well, the plan's kernel is launched directly after its first call (:func:`_kernel_launch`).
+    ``plan_key``: :func:`_plan_key` of these arguments when the caller keeps it (a packed layer, per input shape)."""
     wrap = torch.library.wrap_triton if wrap is None else wrap
     args = (x, weight, task_ids, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask, tile_map)
     args += (free_weights_zero, tasks, id_bits)
     if cache_plan:
-        key = _plan_key(*args)
+        key = _plan_key(*args) if plan_key is None else plan_key
         plan = _PLANS.get(key)
         if plan is None:
             plan = _plan(*args)
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
+                _KERNEL_LAUNCHES.clear()
             _PLANS[key] = plan
     else:
         plan = _plan(*args)
@@ -1338,12 +1376,20 @@ def _launch(
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
     if out.numel() == 0:
         return out
-    common = dict(constants, active_task=task)
-    if kernel_name == "gemm":
-        common.update(image_tasks_ptr=tasks, tile_map_ptr=tile_map if constants["TILE_MAP"] else None)
     # Absent epilogue vectors are never read (constexpr-guarded); any tensor can stand in for their pointers.
     pointers = (x, weight, task_ids, x if bias is None else bias, x if scale is None else scale)
     pointers += (x if shift is None else shift, out)
+    if cache_plan and wrap is as_is:
+        stream = torch._C._cuda_getCurrentRawStream(x.device.index) if x.is_cuda else 0
+        if kernel_name == "gemm":
+            varying = (task, tasks, tile_map if constants["TILE_MAP"] else None)
+        else:
+            varying = (task,)
+        _kernel_launch(key, kernel_name, constants, grid, x)(pointers, varying, stream)
+        return out
+    common = dict(constants, active_task=task)
+    if kernel_name == "gemm":
+        common.update(image_tasks_ptr=tasks, tile_map_ptr=tile_map if constants["TILE_MAP"] else None)
 
     if _INTERPRETED:
         wrap(_KERNELS[kernel_name])[grid](*pointers, **common, **_INTERPRETER_CONFIGS[kernel_name])
@@ -1393,7 +1439,7 @@ def _masked_conv2d_interpreted(
     """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
     ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
     args = (x, weight, task_ids, task, bias, scale, shift, stride, padding, dilation, groups, relu, use_mask)
-    return _launch(*args, tile_map, raw, tasks, cache_plan=True, id_bits=id_bits)
+    return _launch(*args, tile_map, raw, tasks, wrap=as_is, cache_plan=True, id_bits=id_bits)
 
 
 @_masked_conv2d_interpreted.register_fake

@@ -45,11 +45,11 @@ from ._checks import (
     check_tile_map,
     device_properties,
     direct_launch_allowed,
-    on_device,
     packed_forward,
     require_kernel_device,
     task_limit,
 )
+from ._launcher import KernelLaunch
 from ._predicate import (
     element_masks,
     keep_owned,
@@ -62,7 +62,15 @@ from ._predicate import (
 )
 from .id_layout import CompactTaskIds
 
-__all__ = ["AUTOTUNE", "SMALL_M_MAX", "choose_regime", "masked_linear_triton", "release_workspaces"]
+__all__ = [
+    "AUTOTUNE",
+    "SMALL_M_MAX",
+    "LinearPlan",
+    "choose_regime",
+    "linear_plan",
+    "masked_linear_triton",
+    "release_workspaces",
+]
 
 # On a GPU, autotune the tiles (the default). When False, the first config of ``_configs`` runs untuned: tests set
 # this so that a CUDA test session compiles one config per kernel variant instead of tuning every shape.
@@ -991,15 +999,20 @@ def release_workspaces() -> None:
     _LAST_GROUPING.clear()
 
 
-def _split_workspace(device: torch.device, partial_count: int, counter_count: int, reuse: bool):
+def _split_workspace(
+    device: torch.device, partial_count: int, counter_count: int, reuse: bool, stream: int | None = None
+):
     """``(partials, counters)``: flat fp32 and zeroed int32 tensors of at least the given lengths on ``device``.
 
     ``reuse`` returns this stream's kept workspace (grown when too small): for direct eager launches and the
     interpreter, never inside the registered op (``torch.compile`` must see each allocation) nor during CUDA-graph
-    capture (the graph must own its memory, and a workspace first zeroed inside a capture is not zero outside it)."""
+    capture (the graph must own its memory, and a workspace first zeroed inside a capture is not zero outside it).
+    ``stream``: the current stream's raw handle when the caller has it (else it is looked up)."""
     if device.type == "cuda":
-        reuse = reuse and not torch.cuda.is_current_stream_capturing()
-        key = (device.type, device.index, torch._C._cuda_getCurrentRawStream(device.index) if reuse else 0)
+        reuse = reuse and not torch._C._cuda_isCurrentStreamCapturing()
+        if reuse and stream is None:
+            stream = torch._C._cuda_getCurrentRawStream(device.index)
+        key = (device.type, device.index, stream if reuse else 0)
     else:
         key = (device.type, device.index, 0)
     kept = _WORKSPACES.get(key) if reuse else None
@@ -1063,6 +1076,193 @@ def pairs_allowed(weight: torch.Tensor) -> bool:
     )
 
 
+class LinearPlan:
+    """What a launch of one call shape needs besides its tensors and its task, computed once (:func:`linear_plan`):
+    the output's shape, the split-K plan and workspace size, every integer argument (sizes, strides) and the
+    constexpr flags, the grid, and per kernel choice (tuned, untuned, interpreted) the :class:`~packnet_kernels.
+    _launcher.KernelLaunch` that holds the compiled kernel after the first call.
+
+    Attributes:
+        out_shape: ``(*x.shape[:-1], out)``.
+        rows: the input's rows once its leading dimensions are flattened (``M``).
+        flatten: whether ``x`` is reshaped to ``[rows, in]`` first (inputs of more than 2 dimensions).
+        split_k: splits of K (1: none); ``partial_count``, ``counter_count``: the workspace it needs.
+        pairs: whether the weight operand is the int32 view of a 16-bit weight (compact ids; :func:`pairs_allowed`).
+        device_index: the CUDA device (None on the CPU).
+    """
+
+    __slots__ = (
+        "out_shape",
+        "rows",
+        "in_features",
+        "flatten",
+        "empty",
+        "split_k",
+        "partial_count",
+        "counter_count",
+        "pairs",
+        "sizes",
+        "ints",
+        "flags",
+        "family",
+        "grid",
+        "device",
+        "device_index",
+        "interpreted",
+        "dtype",
+        "launches",
+    )
+
+    def kernel_launch(self) -> KernelLaunch:
+        """The kernel launch of the current kernel choice (``AUTOTUNE`` may be switched between calls)."""
+        choice = "interpreter" if self.interpreted else AUTOTUNE
+        launch = self.launches.get(choice)
+        if launch is None:
+            kernel, constants = self.kernel_and_constants()
+            launch = self.launches[choice] = KernelLaunch(kernel, self.grid, constants)
+        return launch
+
+    def kernel_and_constants(self) -> tuple:
+        """``(kernel, keyword arguments)`` of a launch: the autotuned kernel (GPU, ``AUTOTUNE``), the kernel with the
+        untuned default config (GPU), or the kernel with the interpreter's fixed config."""
+        if self.interpreted:
+            # The interpreter cannot autotune (it cannot time anything): one small fixed config.
+            return _masked_linear_kernel, {**self.flags, **_INTERPRETER_CONFIG}
+        properties = device_properties(self.device)
+        if AUTOTUNE:
+            return _tuned_kernel(self.family, properties.major), self.flags
+        default = default_config(
+            self.family, properties.major, self.dtype, properties.shared_memory_per_block_optin, self.flags["TILE_MAP"]
+        )
+        constants = {**self.flags, **default.kwargs, "num_warps": default.num_warps, "num_stages": default.num_stages}
+        return _masked_linear_kernel, constants
+
+    def launch(self, x, weight, task_ids, bias, scale, shift, tile_map, task: int, tasks, reuse: bool, wrap=as_is):
+        """Allocate the output and launch: ``weight`` is the operand as planned (the int32 view when ``pairs``),
+        ``task`` the int task (0 with ``tasks``, a mixed batch's task tensor), ``reuse`` as for :func:`_launch`.
+        ``wrap=as_is`` launches through :meth:`kernel_launch` (direct launches); any other ``wrap`` (``wrap_triton``
+        in the registered op, a test's counter) launches ``wrap(kernel)[grid](...)`` each time. Returns ``y``."""
+        if self.device_index is not None and torch._C._cuda_getDevice() != self.device_index:
+            # Triton launches on the current device, where the compiled kernel was loaded for this plan's.
+            with torch.cuda.device(self.device_index):
+                return self.launch(x, weight, task_ids, bias, scale, shift, tile_map, task, tasks, reuse, wrap)
+        y = torch.empty(self.out_shape, dtype=x.dtype, device=x.device)
+        if self.empty:
+            return y
+        # A view whenever the strides allow one (the kernel takes any 2-D strides); a copy only for odd N-D layouts.
+        x2d = x.reshape(self.rows, self.in_features) if self.flatten else x
+        direct = wrap is as_is
+        stream = None
+        if direct:
+            stream = torch._C._cuda_getCurrentRawStream(self.device_index) if self.device_index is not None else 0
+        partials = counters = None
+        if self.split_k > 1:
+            partials, counters = _split_workspace(x.device, self.partial_count, self.counter_count, reuse, stream)
+        row_tasks = row_order = None
+        if tasks is not None:
+            row_tasks, row_order = _grouped_rows(tasks, reuse)
+        pointers = (x2d, weight, task_ids, bias, scale, shift, y, partials, counters, tile_map, row_tasks, row_order)
+        args = (*pointers, *self.sizes, task, *self.ints)
+        if direct:
+            self.kernel_launch()(args, (), stream)
+        else:
+            kernel, constants = self.kernel_and_constants()
+            wrap(kernel)[self.grid](*args, **constants)
+        return y
+
+
+def linear_plan(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    task_ids: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    relu: bool,
+    use_mask: bool,
+    tile_map: torch.Tensor | None,
+    free_weights_zero: bool,
+    tasks: torch.Tensor | None,
+    id_bits: int,
+) -> LinearPlan:
+    """The :class:`LinearPlan` of a call on validated arguments, from their shapes, strides, dtypes and devices only
+    (never their values: it also runs on fake tensors while ``torch.compile`` traces); ``weight`` as the caller
+    holds it (the plan says whether to read it as int32 pairs), ``task_ids`` the uint8 ids or compact words
+    (``id_bits`` 2 or 4), ``bias``/``scale``/``shift`` as they will be passed (``[out]`` vectors or, with
+    ``tasks``, tables), ``tasks`` only for its presence."""
+    plan = LinearPlan()
+    out_features, in_features = weight.shape
+    lead = x.shape[:-1]
+    rows = 1
+    for size in lead:
+        rows *= size
+    plan.out_shape = (*lead, out_features)
+    plan.rows, plan.in_features = rows, in_features
+    plan.flatten = x.dim() != 2
+    plan.empty = rows == 0 or out_features == 0
+    plan.device = x.device
+    plan.device_index = x.device.index if x.is_cuda else None
+    plan.interpreted = not x.is_cuda
+    plan.launches = {}
+    plan.dtype = x.dtype
+    plan.pairs = id_bits < 8 and use_mask and pairs_allowed(weight)
+    if plan.empty:
+        return plan  # nothing to launch: the output alone
+    x_strides = x.stride() if x.dim() == 2 else x.reshape(rows, in_features).stride()
+    regime = choose_regime(rows)
+    split_k, k_per_split = _split_plan(rows, out_features, in_features, plan.interpreted, x.device)
+    plan.split_k = split_k
+    # Whole tiles: at most (N + BLOCK_N) x (M + BLOCK_M) elements per split, whichever config runs.
+    plan.counter_count = ceil_div(out_features, _MIN_BLOCK_N) * ceil_div(rows, _MIN_BLOCK_M)
+    plan.partial_count = split_k * (out_features + _MAX_BLOCK_N) * (rows + _MAX_BLOCK_M[regime])
+    vectors = (bias, scale, shift)
+    # [out] vectors: (stride along out, 0 along tasks); [tasks, out] tables: (stride(1), stride(0)).
+    vector_strides = [0 if v is None else v.stride(-1) for v in vectors]
+    task_strides = [0 if v is None or v.dim() == 1 else v.stride(0) for v in vectors]
+    # An int32 view of a K-contiguous 16-bit weight: half the row stride, unit pairs along K.
+    weight_strides = (weight.stride(0) // 2, 1) if plan.pairs else weight.stride()
+    plan.sizes = (rows, out_features, in_features)
+    plan.ints = (
+        k_per_split,
+        _m_bucket(rows),
+        task_limit(*vectors) if tasks is not None else 0,
+        *(tile_map.stride()[:2] if tile_map is not None else (0, 0)),
+        *x_strides,
+        *weight_strides,
+        *(task_ids.stride() if id_bits == 8 else (task_ids.stride(0), 1)),
+        *vector_strides,
+        *task_strides,
+        out_features,
+        1,
+    )
+    plan.flags = {
+        "HAS_BIAS": bias is not None,
+        "HAS_SCALE": scale is not None,
+        "HAS_SHIFT": shift is not None,
+        "RELU": relu,
+        "USE_MASK": use_mask,
+        "TILE_MAP": tile_map is not None,
+        "RAW_TILES": free_weights_zero,
+        "CELL_N": TILE_CELL[0],
+        "CELL_K": TILE_CELL[1],
+        "SPLIT": split_k > 1,
+        "UPCAST_BF16": plan.interpreted and x.dtype == torch.bfloat16,
+        "INPUT_PRECISION": _input_precision(x.dtype),
+        "MIXED": tasks is not None,
+        "SEGMENTS": mixed_segments(rows) if tasks is not None else 1,
+        "ID_BITS": id_bits,
+        "USE_ASM": not plan.interpreted,
+    }
+    # Mixed batches have their own (narrow) tiles at every batch size: see _configs.
+    plan.family = "mixed" if tasks is not None else regime
+
+    def grid(meta):
+        return (ceil_div(out_features, meta["BLOCK_N"]) * ceil_div(rows, meta["BLOCK_M"]), split_k)
+
+    plan.grid = grid
+    return plan
+
+
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -1085,109 +1285,61 @@ def _launch(
     ``wrap`` turns a kernel into its launchable form: ``wrap_triton`` inside the registered op (which traces it for
     ``torch.compile``), :func:`~packnet_kernels._checks.as_is` for a direct eager launch. Outside the op,
     ``wrap_triton`` routes every eager launch through its tracing machinery: with torch 2.11 on an H200 that cost
-    about a millisecond of host time per call and broke CUDA-graph capture. ``reuse_workspace``: see
-    :func:`_split_workspace` and :func:`_grouped_rows`. ``tasks``: a mixed batch's per-row tasks (``task`` is then
-    unused); the rows are grouped by task with a stable sort on the device, which the kernel reads through (no
-    permuted copies). ``id_bits`` 2 or 4: ``task_ids`` is the int32 words of compact ids
-    (:class:`~packnet_kernels.id_layout.CompactTaskIds`), else uint8 ids."""
-    out_features, in_features = weight.shape
-    lead = x.shape[:-1]
-    rows = 1
-    for size in lead:
-        rows *= size
-    # A view whenever the strides allow one (the kernel takes any 2-D strides); a copy only for odd N-D layouts.
-    x2d = x if x.dim() == 2 else x.reshape(rows, in_features)
-    y = torch.empty((*lead, out_features), dtype=x.dtype, device=x.device)
-    if rows == 0 or out_features == 0:
-        return y
-
-    interpreted = not x.is_cuda
-    regime = choose_regime(rows)
-    split_k, k_per_split = _split_plan(rows, out_features, in_features, interpreted, x.device)
-    partials = counters = None
-    if split_k > 1:
-        counter_count = ceil_div(out_features, _MIN_BLOCK_N) * ceil_div(rows, _MIN_BLOCK_M)
-        # Whole tiles: at most (N + BLOCK_N) x (M + BLOCK_M) elements per split, whichever config runs.
-        partial_count = split_k * (out_features + _MAX_BLOCK_N) * (rows + _MAX_BLOCK_M[regime])
-        partials, counters = _split_workspace(x.device, partial_count, counter_count, reuse_workspace)
-    vectors = (bias, scale, shift)
-    # [out] vectors: (stride along out, 0 along tasks); [tasks, out] tables: (stride(1), stride(0)).
-    vector_strides = [0 if v is None else v.stride(-1) for v in vectors]
-    task_strides = [0 if v is None or v.dim() == 1 else v.stride(0) for v in vectors]
-    row_tasks = row_order = None
-    if tasks is not None:
-        row_tasks, row_order = _grouped_rows(tasks, reuse_workspace)
-    if id_bits < 8 and use_mask and pairs_allowed(weight):
-        weight = weight.view(torch.int32)
-    main_args = (
-        x2d,
-        weight,
-        task_ids,
-        bias,
-        scale,
-        shift,
-        y,
-        partials,
-        counters,
-        tile_map,
-        row_tasks,
-        row_order,
-        rows,
-        out_features,
-        in_features,
-        task if tasks is None else 0,
-        k_per_split,
-        _m_bucket(rows),
-        task_limit(*vectors) if tasks is not None else 0,
-        *(tile_map.stride()[:2] if tile_map is not None else (0, 0)),
-        *x2d.stride(),
-        *weight.stride(),
-        *(task_ids.stride() if id_bits == 8 else (task_ids.stride(0), 1)),
-        *vector_strides,
-        *task_strides,
-        out_features,
-        1,
-    )
-    main_flags = {
-        "HAS_BIAS": bias is not None,
-        "HAS_SCALE": scale is not None,
-        "HAS_SHIFT": shift is not None,
-        "RELU": relu,
-        "USE_MASK": use_mask,
-        "TILE_MAP": tile_map is not None,
-        "RAW_TILES": free_weights_zero,
-        "CELL_N": TILE_CELL[0],
-        "CELL_K": TILE_CELL[1],
-        "SPLIT": split_k > 1,
-        "UPCAST_BF16": interpreted and x.dtype == torch.bfloat16,
-        "INPUT_PRECISION": _input_precision(x.dtype),
-        "MIXED": tasks is not None,
-        "SEGMENTS": mixed_segments(rows) if tasks is not None else 1,
-        "ID_BITS": id_bits,
-        "USE_ASM": not interpreted,
-    }
-
-    def grid(meta):
-        return (ceil_div(out_features, meta["BLOCK_N"]) * ceil_div(rows, meta["BLOCK_M"]), split_k)
-
-    if interpreted:
-        # The interpreter cannot autotune (it cannot time anything): one small fixed config.
-        wrap(_masked_linear_kernel)[grid](*main_args, **main_flags, **_INTERPRETER_CONFIG)
+    about a millisecond of host time per call and broke CUDA-graph capture. A direct launch keeps its
+    :class:`LinearPlan` per call shape (:func:`_plan_key`) and launches through the plan's compiled kernel after its
+    first call. ``reuse_workspace``: see :func:`_split_workspace` and :func:`_grouped_rows`. ``tasks``: a mixed
+    batch's per-row tasks (``task`` is then unused); the rows are grouped by task with a stable sort on the device,
+    which the kernel reads through (no permuted copies). ``id_bits`` 2 or 4: ``task_ids`` is the int32 words of
+    compact ids (:class:`~packnet_kernels.id_layout.CompactTaskIds`), else uint8 ids."""
+    args = (x, weight, task_ids, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero, tasks, id_bits)
+    if wrap is as_is:
+        key = _plan_key(*args)
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = linear_plan(*args)
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
     else:
-        properties = device_properties(x.device)
-        # Mixed batches have their own (narrow) tiles at every batch size: see _configs.
-        family = "mixed" if tasks is not None else regime
-        if AUTOTUNE:
-            wrap(_tuned_kernel(family, properties.major))[grid](*main_args, **main_flags)
-        else:
-            default = default_config(
-                family, properties.major, x.dtype, properties.shared_memory_per_block_optin, tile_map is not None
-            )
-            wrap(_masked_linear_kernel)[grid](
-                *main_args, **main_flags, **default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages
-            )
+        plan = linear_plan(*args)  # traced calls (fake tensors) keep nothing
+    if plan.pairs:
+        weight = weight.view(torch.int32)
+    return plan.launch(x, weight, task_ids, bias, scale, shift, tile_map, task, tasks, reuse_workspace, wrap)
 
-    return y
+
+# Launch plans of direct launches by everything a plan is computed from (:func:`_plan_key`); cleared whenever it
+# reaches this size, so that shapes that keep changing cannot grow it.
+_PLANS: dict = {}
+_MAX_PLANS = 1024
+
+
+def _tensor_key(tensor: torch.Tensor | None):
+    return None if tensor is None else (tensor.shape, tensor.stride(), tensor.dtype)
+
+
+def _plan_key(x, weight, task_ids, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero, tasks, id_bits):
+    """Everything :func:`linear_plan` reads: shapes, strides, dtypes and devices (never values), the flags, the
+    weight's offset parity (int32 pairs) and PyTorch's fp32 matmul precision (TF32 or not)."""
+    return (
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        weight.shape,
+        weight.stride(),
+        weight.storage_offset() % 2,
+        task_ids.stride(),
+        id_bits,
+        _tensor_key(bias),
+        _tensor_key(scale),
+        _tensor_key(shift),
+        None if tile_map is None else tile_map.stride(),
+        free_weights_zero,
+        relu,
+        use_mask,
+        None if tasks is None else (tasks.shape, tasks.dtype),
+        torch.get_float32_matmul_precision(),
+    )
 
 
 _OP_ARGS = (
@@ -1203,7 +1355,8 @@ def _masked_linear_interpreted(
     """The CPU (``TRITON_INTERPRET=1``) launch, kept behind an opaque op: interpreted kernels are plain Python that
     ``wrap_triton`` cannot trace, so inside a traced graph they must run only when real tensors arrive."""
     args = (x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, raw_tiles, tasks)
-    return _launch(*args, reuse_workspace=True, id_bits=id_bits)
+    # Real tensors only (the fake implementation below serves tracing): launch plans may be kept.
+    return _launch(*args, wrap=as_is, reuse_workspace=True, id_bits=id_bits)
 
 
 @_masked_linear_interpreted.register_fake
@@ -1303,7 +1456,7 @@ def masked_linear_triton(
         task_ids, id_bits = task_ids.words, task_ids.bits
     args = (x, weight, task_ids, task, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero, tasks)
     if direct_launch_allowed(x, weight, bias, scale, shift):
-        # Eager calls skip the registered op's dispatch: most of a small layer's host time.
-        with on_device(x.device):
-            return _launch(*args, wrap=as_is, reuse_workspace=True, id_bits=id_bits)
+        # Eager calls skip the registered op's dispatch: most of a small layer's host time. (The plan makes the
+        # input's device the current one where it is not.)
+        return _launch(*args, wrap=as_is, reuse_workspace=True, id_bits=id_bits)
     return _masked_linear_op(*args, id_bits)
