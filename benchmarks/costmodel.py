@@ -823,6 +823,12 @@ SHORT_LAYER = {
 LAYER_ORDER = [layer[0] for layer in HEADLINE_LAYERS]
 
 
+CONFIG_LEGEND = (
+    "Configs: `BLOCK_N x BLOCK_M x BLOCK_K` (output features or channels, batch rows or pixels, reduction), warps "
+    "(w), stages (s)."
+)
+
+
 def _config_text(config: dict) -> str:
     tile = "x".join(str(config[key]) for key in ("BLOCK_N", "BLOCK_M", "BLOCK_K") if key in config)
     return f"{tile} w{config['num_warps']} s{config['num_stages']}"
@@ -850,6 +856,8 @@ def calibration_markdown(report: dict) -> str:
         f"percentile {report['p90_error'] * 100:.1f} %"
         + (f"; each layer predicted by a fit to the other layers: median {held_out * 100:.1f} %." if held_out else "."),
         "",
+        CONFIG_LEGEND,
+        "",
         "| layer | batch | method | task | measured us | predicted us | error | limit | model's config |",
         "|---|---:|---|---:|---:|---:|---:|---|---|",
     ]
@@ -871,7 +879,7 @@ def predictions_markdown(report: dict) -> str:
         "",
         f"{report['dtype']}. Calibrated on kernels {calibration['version']} (triton {calibration['triton']}, "
         f"{calibration['dtype']}), median error {calibration['median_error'] * 100:.1f} % there. `speed vs "
-        "pre-masked`: the measured run's pre-masked (cuBLAS/cuDNN) time over the predicted time.",
+        "pre-masked`: the measured run's pre-masked (cuBLAS/cuDNN) time over the predicted time. " + CONFIG_LEGEND,
         "",
     ]
     checked = "median_error" in report
