@@ -314,6 +314,7 @@ def _masked_conv2d_gemm_kernel(
     pid_n = pid % num_pid_n
 
     pixels_per_image = out_h * out_w
+    task_valid = True
     if MIXED:
         # A tile of one task's pixels in the images sorted by task; the rows map back to the caller's images.
         tile = pixel_tiles_ptr + pid_m * 3
@@ -347,9 +348,6 @@ def _masked_conv2d_gemm_kernel(
         # pipeline spans the whole reduction. A step's BLOCK_K channels are neighbouring addresses in a channels_last
         # input and in a K-contiguous ([out, KH, KW, Cg] in memory) weight and id tensor: 16-byte loads.
         channel_blocks = tl.cdiv(cin_per_group, BLOCK_K)
-        if MIXED:
-            # No step for a tile of an invalid task (tiles past the last task have task 0).
-            channel_blocks = tl.where(task_valid, channel_blocks, 0)
         if TILE_MAP:
             # The cells covering this program's output channels (one cell when BLOCK_N < CELL_N: it holds the tile).
             CELLS_N: tl.constexpr = BLOCK_N // CELL_N if BLOCK_N >= CELL_N else 1
@@ -382,7 +380,7 @@ def _masked_conv2d_gemm_kernel(
                                      stride_wh, stride_ww, stride_ic, stride_ih, stride_iw, dilation_h,
                                      dilation_w, KH, KW, USE_MASK, True, RAW_TILES, CELL_K, UPCAST_DOT,
                                      INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
-        else:
+        elif task_valid:  # a mixed tile of an invalid task (tiles past the last task have task 0) runs no loop
             acc = _task_taps(acc, x_rows, w_cols, ids_cols, None, None, None, active_task, in_row0, in_col0,
                              m_valid, n_valid, in_h, in_w, cin_per_group, channel_blocks, 0, stride_xc, stride_xh,
                              stride_xw, stride_wc, stride_wh, stride_ww, stride_ic, stride_ih, stride_iw,
@@ -428,9 +426,12 @@ def _masked_conv2d_gemm_kernel(
     if MIXED:
         # The tile's task's row of each per-task table (row 0 for an invalid task, written NaN below).
         table_row = tl.maximum(active_task - 1, 0).to(tl.int64)
-        bias_ptr += table_row * stride_bias_task
-        scale_ptr += table_row * stride_scale_task
-        shift_ptr += table_row * stride_shift_task
+        if HAS_BIAS:
+            bias_ptr += table_row * stride_bias_task
+        if HAS_SCALE:
+            scale_ptr += table_row * stride_scale_task
+        if HAS_SHIFT:
+            shift_ptr += table_row * stride_shift_task
     if HAS_BIAS:
         acc += tl.load(bias_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:

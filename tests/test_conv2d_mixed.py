@@ -217,3 +217,36 @@ def test_each_tile_runs_one_masked_dot_per_step_on_its_task_pixels(tasks, pixels
     assert dots_per_task == {task: 2 * -(-count * per_image // block_m) for task, count in counts.items()}
     expected = masked_conv2d(x.double(), weight.double(), task_ids, image_tasks, backend="reference")
     torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
+
+
+@pytest.mark.interpreter
+def test_a_forward_sorts_once_and_lays_out_pixel_tiles_once_per_resolution(monkeypatch):
+    """The packed convs of one forward share the linear layers' sort of the task tensor and, per output resolution,
+    one pixel-tile table; a forward gives, image for image, the per-task forwards."""
+    import torch.nn as nn
+
+    import packnet
+    from packnet_kernels import linear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(16 * 9, 4),
+    )  # fmt: skip
+    ids = {name: torch.randint(1, 4, module.weight.shape, dtype=torch.uint8) for name, module in model.named_children()
+           if isinstance(module, (nn.Conv2d, nn.Linear))}  # fmt: skip
+    packnet.swap_packed_(model, ids, num_tasks=3, backend="triton")
+    model = model.to(DEVICE)
+    sorts, tables = [], []
+    sort, pixel_tiles = torch.sort, conv2d._pixel_tiles
+    monkeypatch.setattr(linear.torch, "sort", lambda *args, **kwargs: sorts.append(1) or sort(*args, **kwargs))
+    monkeypatch.setattr(conv2d, "_pixel_tiles", lambda *args: tables.append(args[1]) or pixel_tiles(*args))
+    linear.release_workspaces()
+    x = torch.randn(7, 16, 5, 5, device=DEVICE)
+    tasks = torch.tensor([3, 1, 2, 3, 3, 1, 2], device=DEVICE)
+    with torch.no_grad():
+        got = model(x, task=tasks)
+        assert len(sorts) == 1 and tables == [25, 9]  # 5x5 outputs twice, then 3x3
+        for task in (1, 2, 3):
+            rows = tasks == task
+            torch.testing.assert_close(got[rows], model(x[rows], task=task), **_tolerance(torch.float32))
