@@ -448,6 +448,54 @@ def _masked_conv2d_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
 
+@triton.jit
+def _pixel_tiles_kernel(
+    tasks_ptr,
+    tiles_ptr,
+    images,
+    pixels,
+    max_task,
+    num_tiles,
+    BLOCK_M: tl.constexpr,
+    TASK_BINS: tl.constexpr,
+    IMAGES_BLOCK: tl.constexpr,
+    TILES_BLOCK: tl.constexpr,
+):
+    """``tiles[t] = (first sorted pixel, rows, task)`` of a mixed launch's pixel tiles (:func:`_pixel_tiles`).
+
+    Pointers: ``tasks_ptr [images]`` the images' tasks sorted increasingly (any integer dtype), ``tiles_ptr
+    [num_tiles, 3]`` int64. Grid: ``(cdiv(num_tiles, TILES_BLOCK),)``. Each program counts the images of each task
+    (tasks clamped to 0..max_task + 1, ``TASK_BINS`` > max_task + 1 bins): a task's images are a run of the sorted
+    order and fill ``cdiv(count * pixels, BLOCK_M)`` tiles after the runs of the smaller tasks; then it writes its
+    ``TILES_BLOCK`` tiles, each taking its run's entries by a select over the bins."""
+    counts = tl.zeros((TASK_BINS,), dtype=tl.int32)
+    for start in range(0, images, IMAGES_BLOCK):
+        offs = start + tl.arange(0, IMAGES_BLOCK)
+        task = tl.load(tasks_ptr + offs, mask=offs < images, other=0).to(tl.int64)
+        key = tl.minimum(tl.maximum(task, 0), max_task + 1).to(tl.int32)
+        counts += tl.histogram(key, TASK_BINS, mask=offs < images)
+    bins = tl.arange(0, TASK_BINS)
+    run_tiles = ((counts.to(tl.int64) * pixels + BLOCK_M - 1) // BLOCK_M).to(tl.int32)
+    tile_end = tl.cumsum(run_tiles, axis=0)
+    first_image = tl.cumsum(counts, axis=0) - counts
+    tile = tl.program_id(0) * TILES_BLOCK + tl.arange(0, TILES_BLOCK)
+    # The run holding each tile (none past the last run): its first tile, first image, images and task.
+    inside = ((tile_end - run_tiles)[None, :] <= tile[:, None]) & (tile[:, None] < tile_end[None, :])
+    run_first_tile = tl.sum(tl.where(inside, (tile_end - run_tiles)[None, :], 0), axis=1)
+    run_first_image = tl.sum(tl.where(inside, first_image[None, :], 0), axis=1).to(tl.int64)
+    run_images = tl.sum(tl.where(inside, counts[None, :], 0), axis=1).to(tl.int64)
+    valid_task = (bins >= 1) & (bins <= max_task)
+    task = tl.sum(tl.where(inside & valid_task[None, :], bins[None, :], 0), axis=1)
+    first = run_first_image * pixels + (tile - run_first_tile).to(tl.int64) * BLOCK_M
+    rows = tl.minimum((run_first_image + run_images) * pixels - first, BLOCK_M)
+    rows = tl.where(run_images > 0, rows, 0)
+    entry = tiles_ptr + tile.to(tl.int64) * 3
+    in_bound = tile < num_tiles
+    tl.store(entry, tl.where(run_images > 0, first, 0), mask=in_bound)
+    tl.store(entry + 1, rows, mask=in_bound)
+    tl.store(entry + 2, task.to(tl.int64), mask=in_bound)
+
+
 @triton.jit(do_not_specialize=["active_task", "m_bucket"])
 def _masked_conv2d_direct_kernel(
     x_ptr,
@@ -720,28 +768,43 @@ def _task_runs(images: int, max_task: int) -> int:
 
 
 def _pixel_tiles(
-    sorted_tasks: torch.Tensor, pixels: int, block_m: int, max_task: int, runs: int, tiles: int
+    sorted_tasks: torch.Tensor, pixels: int, block_m: int, max_task: int, tiles: int, wrap=as_is
 ) -> torch.Tensor:
-    """The pixel tiles of a mixed launch, int64 ``[tiles, 3]``: first sorted pixel, rows, task; built on the device
-    (no host sync). Sorted pixel ``q`` is pixel ``q % pixels`` of the image at sorted position ``q // pixels``.
-    Each run of images of one task (``runs`` at most, :func:`_task_runs`) fills ``cdiv(images * pixels, block_m)``
-    tiles, its last one padded (MoE kernels align each expert's tokens to the block the same way); tiles past the
-    last run (``tiles`` is the launch's bound) have no rows and task 0, as have invalid tasks (outside 1..max_task)."""
-    key = sorted_tasks.to(torch.int64).clamp(0, max_task + 1)
-    new_run = torch.ones_like(key, dtype=torch.bool)
-    new_run[1:] = key[1:] != key[:-1]
-    run = new_run.cumsum(0) - 1
-    run_images = torch.zeros(runs, dtype=torch.int64, device=key.device).index_add_(0, run, torch.ones_like(run))
-    run_tasks = torch.zeros_like(run_images).scatter_(0, run, key)
-    run_tiles = (run_images * pixels + block_m - 1) // block_m
-    tile_ends = run_tiles.cumsum(0)
-    tile = torch.arange(tiles, device=key.device)
-    tile_run = torch.searchsorted(tile_ends, tile, right=True).clamp_(max=runs - 1)
-    first_image = (run_images.cumsum(0) - run_images)[tile_run]
-    first = first_image * pixels + (tile - (tile_ends - run_tiles)[tile_run]) * block_m
-    rows = ((first_image + run_images[tile_run]) * pixels - first).clamp_(0, block_m)
-    task = torch.where((rows > 0) & (run_tasks[tile_run] <= max_task), run_tasks[tile_run], 0)
-    return torch.stack((first, rows, task), dim=1)
+    """The pixel tiles of a mixed launch, int64 ``[tiles, 3]``: first sorted pixel, rows, task; built on the device in
+    one launch of :func:`_pixel_tiles_kernel` (no host sync). Sorted pixel ``q`` is pixel ``q % pixels`` of the image
+    at sorted position ``q // pixels``. The images of one task (a run) fill ``cdiv(images * pixels, block_m)`` tiles,
+    its last one padded (MoE kernels align each expert's tokens to the block the same way); tiles past the last run
+    (``tiles`` is the launch's bound) have no rows and task 0, as have invalid tasks (outside 1..max_task).
+    ``wrap``: as for :func:`_launch`."""
+    table = torch.empty((tiles, 3), dtype=torch.int64, device=sorted_tasks.device)
+    constants = dict(
+        images=sorted_tasks.shape[0],
+        pixels=pixels,
+        max_task=max_task,
+        num_tiles=tiles,
+        BLOCK_M=block_m,
+        TASK_BINS=_row_bucket(max_task + 2),
+        IMAGES_BLOCK=256,
+        TILES_BLOCK=_TILES_BLOCK,
+    )
+    grid = (ceil_div(tiles, _TILES_BLOCK),)
+    if wrap is as_is:
+        key = (tuple(sorted(constants.items())), sorted_tasks.dtype, sorted_tasks.device)
+        launch = _TILE_LAUNCHES.get(key)
+        if launch is None:
+            if len(_TILE_LAUNCHES) >= _MAX_PLANS:
+                _TILE_LAUNCHES.clear()
+            launch = _TILE_LAUNCHES[key] = KernelLaunch(_pixel_tiles_kernel, lambda meta: grid, constants)
+        stream = torch._C._cuda_getCurrentRawStream(table.device.index) if table.is_cuda else 0
+        launch((sorted_tasks, table), (), stream)
+    else:
+        wrap(_pixel_tiles_kernel)[grid](sorted_tasks, table, **constants)
+    return table
+
+
+# Tiles per program of :func:`_pixel_tiles_kernel`, and its direct launches by constants and task dtype.
+_TILES_BLOCK = 16
+_TILE_LAUNCHES: dict = {}
 
 
 # The pixel tiles built for the last grouping of images (the grouping, {(pixels, block_m, max_task, tiles): tiles}):
@@ -749,7 +812,7 @@ def _pixel_tiles(
 _TILE_TABLES: list = []
 
 
-def _mixed_tiles(tasks: torch.Tensor, constants: dict, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _mixed_tiles(tasks: torch.Tensor, constants: dict, reuse: bool, wrap=as_is) -> tuple[torch.Tensor, torch.Tensor]:
     """``(image_order, pixel_tiles)`` of a mixed launch: the images sorted by task, with the linear kernel's grouping
     (:func:`packnet_kernels.linear._grouped_rows`: one sort per forward with ``reuse``), and their pixel tiles
     (:func:`_pixel_tiles`), kept with the grouping they came from."""
@@ -762,12 +825,11 @@ def _mixed_tiles(tasks: torch.Tensor, constants: dict, reuse: bool) -> tuple[tor
             _TILE_TABLES[:] = [grouping, kept]
     pixels, max_task = constants["out_h"] * constants["out_w"], constants["max_task"]
     block_m = _INTERPRETER_CONFIGS["gemm"]["BLOCK_M"] if _INTERPRETED else MIXED_BLOCK_M
-    runs = _task_runs(tasks.shape[0], max_task)
-    tiles = ceil_div(constants["total_pixels"], block_m) + runs - 1
+    tiles = ceil_div(constants["total_pixels"], block_m) + _task_runs(tasks.shape[0], max_task) - 1
     key = (pixels, block_m, max_task, tiles)
     pixel_tiles = kept.get(key)
     if pixel_tiles is None:
-        pixel_tiles = _pixel_tiles(grouping[0], pixels, block_m, max_task, runs, tiles)
+        pixel_tiles = _pixel_tiles(grouping[0], pixels, block_m, max_task, tiles, wrap)
         if reuse:
             kept[key] = pixel_tiles
     return grouping[1], pixel_tiles
@@ -1142,7 +1204,7 @@ def _launch(
     direct = cache_plan and wrap is as_is
     image_order = pixel_tiles = None
     if tasks is not None:
-        image_order, pixel_tiles = _mixed_tiles(tasks, constants, reuse=direct)
+        image_order, pixel_tiles = _mixed_tiles(tasks, constants, reuse=direct, wrap=wrap)
     if direct:
         stream = torch._C._cuda_getCurrentRawStream(x.device.index) if x.is_cuda else 0
         if kernel_name == "gemm":

@@ -51,6 +51,7 @@ MIXES = {
 }
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mix", list(MIXES))
 @pytest.mark.parametrize(("images", "pixels", "block_m"), [(1, 1, 32), (7, 15, 32), (13, 49, 64), (31, 5, 64)])
 def test_pixel_tiles_hold_one_task_each(mix, images, pixels, block_m):
@@ -59,9 +60,8 @@ def test_pixel_tiles_hold_one_task_each(mix, images, pixels, block_m):
     tasks = MIXES[mix](images, torch.Generator().manual_seed(images * pixels)).to(DEVICE)
     max_task = 5 if mix == "invalid" else 255
     sorted_tasks = torch.sort(tasks, stable=True).values
-    runs = conv2d._task_runs(images, max_task)
-    bound = -(-images * pixels // block_m) + runs - 1
-    table = conv2d._pixel_tiles(sorted_tasks, pixels, block_m, max_task, runs, bound).cpu()
+    bound = -(-images * pixels // block_m) + conv2d._task_runs(images, max_task) - 1
+    table = conv2d._pixel_tiles(sorted_tasks, pixels, block_m, max_task, bound).cpu()
     assert table.dtype == torch.int64 and table.shape == (bound, 3)
     expected = _expected_tiles(sorted_tasks.tolist(), pixels, block_m, max_task)
     assert len(expected) <= bound
