@@ -10,6 +10,9 @@ Two kernels share one launcher:
   16-wide MMA tile with a handful of channels. A tile spans output channels of many groups and accumulates
   ``x * w`` products on the CUDA cores, one (input channel, tap) at a time.
 
+A mixed-task batch (one task per image) runs the GEMM kernel on the images sorted by task, over pixel tiles of one
+task each that ``_pixel_tiles_kernel`` lays out on the device first.
+
 Offsets that grow with the batch are int64; offsets inside one image or one weight are int32, and the launcher
 refuses a single image or weight of 2**31 elements or more.
 """
@@ -774,8 +777,8 @@ def _pixel_tiles(
     one launch of :func:`_pixel_tiles_kernel` (no host sync). Sorted pixel ``q`` is pixel ``q % pixels`` of the image
     at sorted position ``q // pixels``. The images of one task (a run) fill ``cdiv(images * pixels, block_m)`` tiles,
     its last one padded (MoE kernels align each expert's tokens to the block the same way); tiles past the last run
-    (``tiles`` is the launch's bound) have no rows and task 0, as have invalid tasks (outside 1..max_task).
-    ``wrap``: as for :func:`_launch`."""
+    (``tiles`` is the launch's bound) have no rows and task 0, and tiles of an invalid task (outside 1..max_task) task
+    0 (the kernel writes them NaN). ``wrap``: as for :func:`_launch`."""
     table = torch.empty((tiles, 3), dtype=torch.int64, device=sorted_tasks.device)
     constants = dict(
         images=sorted_tasks.shape[0],
