@@ -47,13 +47,16 @@ MIXES = {
     "one_task": lambda n, g: torch.full((n,), 4),
     "absent_2_and_4": lambda n, g: torch.tensor([1, 3, 5])[torch.randint(0, 3, (n,), generator=g)],
     "255_tasks": lambda n, g: torch.randint(1, 256, (n,), generator=g),
+    "every_task_once": lambda n, g: torch.randperm(n, generator=g) % 255 + 1,
     "invalid": lambda n, g: torch.randint(-2, 9, (n,), generator=g),
 }
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("mix", list(MIXES))
-@pytest.mark.parametrize(("images", "pixels", "block_m"), [(1, 1, 32), (7, 15, 32), (13, 49, 64), (31, 5, 64)])
+@pytest.mark.parametrize(
+    ("images", "pixels", "block_m"), [(1, 1, 32), (7, 15, 32), (13, 49, 64), (31, 5, 64), (255, 3, 32), (300, 1, 64)]
+)
 def test_pixel_tiles_hold_one_task_each(mix, images, pixels, block_m):
     """Every sorted pixel in exactly one tile, every tile of one task, a task's tiles as few as its pixels need (the
     last padded), and the launch's bound of tiles never exceeded."""
@@ -101,6 +104,7 @@ CASES = [
     (3, 16, 24, 3, (7, 7), "one_task", torch.bfloat16, "uint8"),
     (11, 16, 16, 1, (3, 3), "absent_2_and_4", torch.float32, "ids4"),
     (13, 16, 16, 1, (1, 3), "255_tasks", torch.float16, "uint8"),
+    (255, 16, 16, 1, (1, 2), "every_task_once", torch.float32, "uint8"),
     (2, 32, 32, 3, (4, 5), "random", torch.float32, "ids4-tilemap"),
 ]
 
@@ -111,11 +115,11 @@ def test_mixed_conv_equals_per_task_runs(case):
     """Image for image the per-task runs (bitwise under the interpreter, where a mixed tile is a single-task tile of
     the sorted images) and, within the dtype's tolerance, the float64 reference; per-task epilogue tables."""
     batch, cin, cout, kernel, size, mix, dtype, ids = case
-    max_id = 255 if mix == "255_tasks" else 5
+    max_id = 255 if mix in ("255_tasks", "every_task_once") else 5
     x, weight, task_ids = _layer(batch, cin, cout, kernel, size, dtype, max_id, seed=batch * cin)
     tasks = MIXES[mix](batch, torch.Generator().manual_seed(batch)).to(DEVICE)
     tables = [None, None, None]
-    if mix != "255_tasks":
+    if max_id == 5:
         generator = torch.Generator().manual_seed(3)
         tables = [(0.5 + torch.rand(5, cout, generator=generator)).to(dtype).to(DEVICE) for _ in range(3)]
     kwargs = {"relu": True}
