@@ -12,8 +12,9 @@ depthwise 3x3, channels_last, with the packed layer's K-contiguous weights. Asse
 - wgmma (Hopper's tensor-core instruction) on sm_90 for fp16 and bf16 GEMM variants;
 - every GEMM main loop with wide loads pipelined (``cp.async`` groups committed ahead: ``num_stages - 1`` or more
   per loop), and
-  mixed-task tiles with both their loops pipelined (few tasks per pass, many; a run-time ``if`` around each dot
-  inside one loop would lose the pipelining);
+  mixed-task linear tiles with both their loops pipelined (few tasks per pass, many; a run-time ``if`` around each
+  dot inside one loop would lose the pipelining); a mixed conv tile runs the single-task loop, instruction for
+  instruction within a few per K step;
 - the tile-map path keeps all of that, its few map bytes per K step loaded apart (``evict_last``);
 - split-K linear reduces in its one launch: one acquire-release atomic on the tile counter, after a barrier that
   follows the partial stores, and the partials read back through L2 (``ld.global.cg``); no atomic anywhere else.
@@ -242,7 +243,8 @@ def _conv_variants() -> list[dict]:
                         tile_map_ptr=None,
                         stride_map_plane=0,
                         stride_map_row=0,
-                        image_tasks_ptr=None,
+                        image_order_ptr=None,
+                        pixel_tiles_ptr=None,
                         max_task=0,
                         stride_bias_task=0,
                         stride_scale_task=0,
@@ -265,7 +267,6 @@ def _conv_variants() -> list[dict]:
                         CELL_N=32,
                         CELL_K=32,
                         MIXED=False,
-                        SEGMENTS=1,
                         CHANNELS_INNER=True,
                         UPCAST_DOT=False,
                         INPUT_PRECISION="tf32",
@@ -360,13 +361,14 @@ VARIANTS += (
         {},
         dict(USE_MASK=False),
     )
-    # Mixed-task conv batches: images of several tasks in one launch, 2 task segments per pass, int64 image tasks.
+    # Mixed-task conv batches: images of several tasks in one launch, pixel tiles of one task each (int64 image order
+    # and tile table); only the configs of the mixed tile height are launched.
     + _derived_variants(
         VARIANTS,
         ("conv3x3-", "conv1x1-"),
         "-mixed",
-        dict(image_tasks_ptr="*i64", max_task=255),
-        dict(MIXED=True, SEGMENTS=2),
+        dict(image_order_ptr="*i64", pixel_tiles_ptr="*i64", max_task=255),
+        dict(MIXED=True),
     )
 )
 
@@ -394,6 +396,8 @@ def compiled(request, tmp_path_factory) -> dict:
     predicate_tests = ("test_compact_ids_cut_the_predicate_loop", "test_the_predicate_loop_reaches")
     if any(item.name.startswith(predicate_tests) for item in request.session.items):
         wanted |= {variant["name"] for variant in VARIANTS if variant["name"].startswith(PREDICATE_PREFIXES)}
+    if any(item.name.startswith("test_a_mixed_conv_tile_runs_the_single_task_loop") for item in request.session.items):
+        wanted |= {name for pair in _mixed_conv_pairs() for name in pair}
     saved = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
@@ -467,11 +471,11 @@ def test_compiled_code(variant, compiled):
         narrow = {width: count for width, count in summary["load_bytes"].items() if width < 8}
         assert not narrow, f"narrow main-loop loads (bytes: instructions): {summary['load_bytes']}"
     if variant["gemm"] and variant["wide_loads"]:
-        # A mixed tile compiles one K loop for passes of few tasks and one for passes of many; one task's tile with a
-        # map and raw tiles one for spans without ids and one for checked spans.
+        # A mixed linear tile compiles one K loop for passes of few tasks and one for passes of many; a tile with a map
+        # and raw tiles one for spans without ids and one for checked spans.
         constexprs = variant["constexprs"]
         raw_span = constexprs.get("TILE_MAP", False) and constexprs.get("RAW_TILES", False)
-        loops = 2 if constexprs.get("MIXED", False) or raw_span else 1
+        loops = 2 if (constexprs.get("MIXED", False) and variant["module"] == "linear") or raw_span else 1
         assert summary["async_commits"] >= loops * (variant["num_stages"] - 1), (
             f"{summary['async_commits']} cp.async groups for {loops} loop(s) of {variant['num_stages']} stages: a main"
             " loop is not pipelined"
@@ -598,3 +602,43 @@ def test_the_predicate_loop_reaches_the_kernel_issues_targets(predicate_costs):
         assert _median([cost["integer_per_element"] for cost in costs]) <= 3.0
         assert all(cost["shared_stores"] == 0 for cost in costs)
         assert all(cost["serialized"] == 0 for cost in costs)
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# Mixed-task conv batches: a pixel tile of one task runs the single-task loop, its task read from the tile table.
+
+
+def _mixed_conv_pairs() -> list[tuple[str, str]]:
+    """``(single-task variant, its mixed twin)`` for every launchable mixed conv config (sm_90 fp16, 3x3 and 1x1)."""
+    names = {variant["name"] for variant in VARIANTS}
+    return [
+        (variant["name"][: -len("-mixed")], variant["name"])
+        for variant in VARIANTS
+        if variant["name"].endswith("-mixed") and variant["module"] == "conv2d" and not _pruned(variant)
+        and variant["name"][: -len("-mixed")] in names
+    ]  # fmt: skip
+
+
+# Instructions per K step a mixed conv loop may add to the single-task loop's (measured: -17..+3 with triton 3.9,
+# -9..+5 with 3.6; where the tile's task, loaded, keeps ptxas from the uniform datapath, about 30 uniform
+# instructions become vector integer ones, one for one).
+MIXED_CONV_EXTRA_INSTRUCTIONS = 8
+
+
+def test_a_mixed_conv_tile_runs_the_single_task_loop(compiled):
+    """The mixed conv kernel's main loop per K step, by kind, is the single-task loop's: the same tensor-core, load,
+    shared-memory and barrier instructions, and integer plus other instructions within a few of its own."""
+    pairs = _mixed_conv_pairs()
+    assert len(pairs) == 10, pairs  # 5 configs of the mixed tile height, 3x3 and 1x1
+    for single_name, mixed_name in pairs:
+        single, mixed = compiled[single_name], compiled[mixed_name]
+        for summary in (single, mixed):
+            if isinstance(summary, Exception):
+                raise summary
+        assert len(mixed["loops"]) == 1, f"{mixed_name}: {len(mixed['loops'])} main loops"
+        ours, theirs = mixed["loops"][0], single["loops"][0]
+        for kind in ("tensor", "global_load", "shared_load", "shared_store", "sync"):
+            assert ours["kinds"][kind] == theirs["kinds"][kind], f"{mixed_name}: {kind} {ours} against {theirs}"
+        extra = ours["instructions"] - theirs["instructions"]
+        scalar = sum(ours["kinds"][kind] - theirs["kinds"][kind] for kind in ("integer", "other"))
+        assert max(extra, scalar) <= MIXED_CONV_EXTRA_INSTRUCTIONS, f"{mixed_name}: {extra} more instructions per step"

@@ -230,8 +230,8 @@ def test_mixed_kernel_compiles_to_one_graph():
 
 
 # (batch, in channels, out channels, kernel, groups, image size): the tap-by-tap GEMM loop in one launch (a 3x3 over
-# 32 channels whose 20-pixel images put 2-3 of them in a pixel tile, a 1x1, a grouped 3x3), and a conv with 8
-# channels, which runs one launch per task present.
+# 32 channels whose 20-pixel images pack into pixel tiles, a 1x1, a grouped 3x3), and a conv with 8 channels, which
+# runs one launch per task present. The mixed conv kernel's own tests: tests/test_conv2d_mixed.py.
 CONV_CASES = [(5, 32, 24, 3, 1, (4, 5)), (3, 16, 20, 1, 1, (3, 3)), (4, 64, 64, 3, 2, (3, 4)), (4, 8, 12, 3, 1, (4, 4))]
 
 
@@ -271,27 +271,6 @@ def test_conv_mixed_batch_in_one_launch(case, monkeypatch):
             scale=tables[1][task - 1], shift=tables[2][task - 1], relu=True, backend="triton",
         )  # fmt: skip
         torch.testing.assert_close(got[rows], alone, **_tolerance(torch.float16))
-
-
-@pytest.mark.interpreter
-def test_conv_mixed_tile_passes_over_more_tasks_than_a_pass_holds():
-    """Five 2x2 images of five tasks in one 32-pixel tile: more tasks than the 4 segments of a pass, and an
-    invalid task (7 > the 5 rows of the tables) written NaN."""
-    generator = torch.Generator().manual_seed(5)
-    task_ids = torch.randint(0, NUM_TASKS + 1, (8, 16, 3, 3), generator=generator, dtype=torch.uint8)
-    weight = torch.where(task_ids == 0, 0.0, torch.randn(8, 16, 3, 3, generator=generator))
-    x = torch.randn(6, 16, 2, 2, generator=generator)
-    bias = torch.randn(NUM_TASKS, 8, generator=generator)
-    tasks = torch.tensor([5, 3, 1, 4, 2, 3])
-    device_args = [t.to(DEVICE) for t in (x, weight, task_ids, tasks, bias)]
-    got = masked_conv2d(*device_args[:4], device_args[4], 1, 1, backend="triton").cpu()
-    expected = masked_conv2d(x.double(), weight.double(), task_ids, tasks, bias.double(), 1, 1)
-    torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
-    from packnet_kernels.conv2d import _launch
-
-    bad = _launch(*device_args[:3], 0, device_args[4], None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, True,
-                  tasks=torch.tensor([1, 7, 2, 3, 4, 5], device=DEVICE))  # fmt: skip
-    assert bad[1].isnan().all() and not bad[[0, 2, 3, 4, 5]].isnan().any()
 
 
 def _count_dots(monkeypatch) -> list:
@@ -334,30 +313,6 @@ def test_mixed_linear_tile_runs_the_dots_its_tasks_need(tasks, dots_per_step, mo
     got = masked_linear(x, weight, task_ids, row_tasks, backend="triton")
     assert len(calls) == 3 * dots_per_step
     expected = masked_linear_ref(x.double(), weight.double(), task_ids, row_tasks)
-    torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize(
-    ("tasks", "dots"),
-    [([2] * 8, 1), ([2, 2, 2, 1, 2, 2, 1, 2], 4), ([1, 2, 3, 4, 5, 1, 2, 3], 4 + 1)],
-    ids=["1-task", "2-tasks", "5-tasks"],
-)
-def test_mixed_conv_tile_runs_the_dots_its_tasks_need(tasks, dots, monkeypatch):
-    """Eight 2x2 images in one 32-pixel tile of a 1x1 conv over 16 channels (one reduction step): one masked dot for
-    a pass of one task, the 4 segments of a pass for more."""
-    if DEVICE != "cpu":
-        pytest.skip("counts the interpreter's dots")
-    generator = torch.Generator().manual_seed(len(set(tasks)))
-    task_ids = torch.randint(0, NUM_TASKS + 1, (16, 16, 1, 1), generator=generator, dtype=torch.uint8)
-    weight = torch.where(task_ids == 0, 0.0, torch.randn(16, 16, 1, 1, generator=generator))
-    x = torch.randn(8, 16, 2, 2, generator=generator).contiguous(memory_format=torch.channels_last)
-    weight, task_ids = (t.contiguous(memory_format=torch.channels_last) for t in (weight, task_ids))
-    image_tasks = torch.tensor(tasks)
-    calls = _count_dots(monkeypatch)
-    got = masked_conv2d(x, weight, task_ids, image_tasks, backend="triton")
-    assert len(calls) == dots
-    expected = masked_conv2d(x.double(), weight.double(), task_ids, image_tasks, backend="reference")
     torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
 
 
