@@ -1117,8 +1117,12 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
     class (small: 66 KB; large: 131 KB on 9.x/10.x, 74 KB else): it is the untuned default (``AUTOTUNE = False``).
     """
     if regime == "mixed2":
-        # Grouped mixed batches (v2; see mixed2_config_fits): (BLOCK_N, BLOCK_K, num_warps, num_stages).
-        shapes = [(64, 32, 8, 4), (64, 32, 4, 4), (128, 32, 8, 3), (64, 64, 8, 3)]
+        # Grouped mixed batches (v2; see mixed2_config_fits): (BLOCK_N, BLOCK_K, num_warps, num_stages). Measured for
+        # sm_90 fp16 (triton 3.6 and 3.9): 64 x 32 on 8 warps holds 16 groups (about 205-254 registers, no spill); on
+        # 4 warps 8 groups, for a third fewer instructions per weight per pass; 128 x 32 on 8 warps reads the
+        # activations half as often. Wider K steps spill (64 x 64 on 4 warps with 8 groups, 32 x 64 with 16) or
+        # serialise their wgmma (64 x 64 on 8 warps, C7515); 32-row tiles (mma.sync) cost more per weight.
+        shapes = [(64, 32, 8, 4), (64, 32, 4, 4), (128, 32, 8, 3)]
         return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in shapes]
     if regime == "mixed":
         return [
@@ -1315,13 +1319,15 @@ def mixed_v2_applies(rows: int) -> bool:
     return 0 < rows <= MIXED_V2_MAX_ROWS
 
 
-def mixed_groups(rows: int) -> tuple[int, int]:
-    """``(few, groups)``: the row groups a v2 program unrolls per pass over K for a batch of ``rows`` rows: ``few``
-    (``ceil(rows / 16)``, every group full: rows of one task, or tasks of 16k rows) and ``groups`` (room for
-    :data:`MIXED_SEGMENTS` distinct tasks besides, at most :data:`MIXED_GROUPS`). The batch's groups are counted on
-    the device; the kernel takes the ``few`` loop when they fit it, else passes of ``groups``."""
-    few = ceil_div(rows, 16)
-    return few, min(few + MIXED_SEGMENTS - 1, MIXED_GROUPS, rows)
+def mixed_groups(rows: int, element_size: int = 2) -> tuple[int, int]:
+    """``(few, groups)``: the row groups a v2 program unrolls per pass over K for a batch of ``rows`` rows of
+    ``element_size``-byte elements: ``few`` (``ceil(rows / 16)``, every group full: rows of one task, or tasks of 16k
+    rows) and ``groups`` (room for :data:`MIXED_SEGMENTS` distinct tasks besides, at most :data:`MIXED_GROUPS`, 8
+    for fp32, whose dots hold twice the registers). The batch's groups are counted on the device; the kernel takes
+    the ``few`` loop when they fit it, else passes of ``groups``."""
+    cap = MIXED_GROUPS if element_size < 4 else MIXED_GROUPS // 2
+    groups = min(ceil_div(rows, 16) + MIXED_SEGMENTS - 1, cap, rows)
+    return min(ceil_div(rows, 16), groups), groups
 
 
 def _mixed_split_plan(rows: int, n: int, k: int, element: int, interpreted: bool, device) -> tuple[int, int]:
@@ -1685,7 +1691,7 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
     split_k, k_per_split = _mixed_split_plan(
         rows, out_features, in_features, x.element_size(), plan.interpreted, x.device
     )
-    few, groups = mixed_groups(rows)
+    few, groups = mixed_groups(rows, x.element_size())
     # Passes over K: at most one per GROUPS groups (there are at most ``rows`` groups).
     max_passes = ceil_div(rows, groups)
     plan.split_k = split_k
