@@ -1,6 +1,7 @@
 """Mixed-task batches: one launch for rows of several tasks against splitting the batch by task.
 
     python benchmarks/mixed.py (--out DIR | --json FILE) [--quick] [--budget-s SECONDS] [--warm]
+    python benchmarks/mixed.py model --out DIR      (the byte-and-step model's predictions: mixed_model.py)
 
 A transformer MLP up projection (4096 -> 11008, fp16) packed for 8 tasks (each owning an eighth of the weights, by
 magnitude). A batch of B rows (B = 8, 64, 256) spread over k tasks (k = 1, 2, 4, 8; rows dealt round-robin, then
@@ -220,4 +221,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["model"]:  # the byte-and-step model's predictions (benchmarks/mixed_model.py)
+        import mixed_model
+
+        sys.exit(mixed_model.main(["predict", *sys.argv[2:]]))
     sys.exit(main())

@@ -1052,12 +1052,15 @@ def _mixed_linear_kernel(
     Grid: axis 0 the weight tiles (``BLOCK_N`` rows each), axis 1 the K split (``k_per_split`` each). A program
     serves every row of the batch for its weight tile: per pass over its K range it holds ``GROUPS`` groups'
     accumulators; a K step loads the weight and id tiles once, masks them once per distinct task among the pass's
-    groups and runs one dot per group on that group's 16 rows (:func:`_group_sums`). A batch whose groups all fit
-    one pass (``FEW_GROUPS`` for ``M`` rows of one task, ``GROUPS`` else) reads its weight and ids once; more groups
-    (more distinct tasks than ``GROUPS - ceil(M / 16) + 1``) take further passes, each reading them again. A group
-    whose task is outside 1..``max_task`` selects no weight and its rows are written NaN; a NaN/Inf in a weight a
-    task does not own never reaches its rows (the select drops it before the dot). No tile map: the program serves
-    every task of the batch, so a tile is skippable only when no task of the batch uses it."""
+    groups and runs one dot per group on that group's 16 rows (:func:`_group_sums`). A batch whose groups fit one
+    pass (the ``FEW_GROUPS`` loop when they fit it: ``M`` rows of one task; else ``GROUPS``, see
+    :func:`mixed_groups`) reads its weight and ids once; more groups (``sum over tasks of ceil(rows / 16)`` above
+    ``GROUPS``) take further passes of ``GROUPS``, each reading them again. A group whose task is outside
+    1..``max_task`` selects no weight and its rows are written NaN; a NaN/Inf in a weight a task does not own never
+    reaches its rows (the select drops it before the dot). No tile map: the program serves every task of the batch,
+    so a tile is skippable only when no task of the batch uses it, and run 4 found per-step skips no faster in a
+    loop bound by its steps (NOTES.md). Batches above ``MIXED_V2_MAX_ROWS`` rows take ``MIXED`` in
+    :func:`_masked_linear_kernel` (v1), whose 16-row tiles pass over K for every 8 tasks they hold."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1322,11 +1325,12 @@ def mixed_v2_applies(rows: int) -> bool:
 def mixed_groups(rows: int, element_size: int = 2) -> tuple[int, int]:
     """``(few, groups)``: the row groups a v2 program unrolls per pass over K for a batch of ``rows`` rows of
     ``element_size``-byte elements: ``few`` (``ceil(rows / 16)``, every group full: rows of one task, or tasks of 16k
-    rows) and ``groups`` (room for :data:`MIXED_SEGMENTS` distinct tasks besides, at most :data:`MIXED_GROUPS`, 8
-    for fp32, whose dots hold twice the registers). The batch's groups are counted on the device; the kernel takes
-    the ``few`` loop when they fit it, else passes of ``groups``."""
+    rows) and ``groups``: at least :data:`MIXED_SEGMENTS` (as many distinct tasks of up to 16 rows each), at most
+    :data:`MIXED_GROUPS` (8 for fp32, whose dots hold twice the registers) and ``rows``. Not more than needed: 8
+    groups fit the cheaper 4-warp and 128-row configs (:func:`mixed2_config_fits`). The batch's groups are counted on
+    the device; the kernel takes the ``few`` loop when they fit it, else passes of ``groups``."""
     cap = MIXED_GROUPS if element_size < 4 else MIXED_GROUPS // 2
-    groups = min(ceil_div(rows, 16) + MIXED_SEGMENTS - 1, cap, rows)
+    groups = min(max(ceil_div(rows, 16), MIXED_SEGMENTS), cap, rows)
     return min(ceil_div(rows, 16), groups), groups
 
 
