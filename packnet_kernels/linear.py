@@ -13,6 +13,9 @@ Two regimes share the kernel (:func:`choose_regime`):
 - large batch (tensor-core bound): autotuned tiles, grouped tile ordering so that ``GROUP_N`` weight tiles stay in L2
   while the batch tiles stream past them; split-K only while the output tiles alone leave SMs idle.
 
+Mixed-task batches (a task per row) take :func:`_mixed_linear_kernel` up to ``MIXED_V2_MAX_ROWS`` rows (a program
+per weight tile serves every row, in groups of 16 rows of one task) and the 16-row mixed tiles of ``MIXED`` above.
+
 Split-K runs in one launch: every split writes its fp32 partial tile to a small ``[SPLIT_K, M, N]`` workspace and
 counts itself done on the tile's counter; the split that finds itself last sums the partials in increasing split
 order, applies the epilogue, writes ``y`` and resets the counter to zero for the next call. Nothing is added to the
@@ -1100,8 +1103,8 @@ def _mixed_linear_kernel(
 
 
 def _configs(regime: str, capability_major: int) -> list[triton.Config]:
-    """Autotune candidates for ``regime`` ("small", "large" or "mixed") on a GPU of compute capability
-    ``capability_major``.
+    """Autotune candidates for ``regime`` ("small", "large", "mixed" or "mixed2", the grouped mixed kernel) on a GPU
+    of compute capability ``capability_major``.
 
     Mixed-task batches (any batch size): 64 x 16 x 32 tiles on 4 warps, 5 stages. Their unrolled per-task selects
     keep the weight and id tiles live across ``SEGMENTS`` dots, and a mixed tile compiles two K loops (8 and 2
@@ -1890,7 +1893,8 @@ def masked_linear_triton(
             run-time layout (:class:`~packnet_kernels.id_layout.CompactTaskIds`, 2 or 4 bits per weight), which the
             kernel decodes a word at a time.
         task: int in 1..255, or a mixed batch's integer tensor ``[rows]`` of per-row tasks (one launch for any mix:
-            see ``MIXED`` in :func:`_masked_linear_kernel`). Its values are checked for CPU tensors in eager mode
+            :func:`_mixed_linear_kernel` up to ``MIXED_V2_MAX_ROWS`` rows, ``MIXED`` in
+            :func:`_masked_linear_kernel` above). Its values are checked for CPU tensors in eager mode
             only; on CUDA and inside ``torch.compile`` a row whose task is outside 1..255 (or beyond an epilogue
             table) comes out NaN, with no device sync.
         bias, scale, shift: optional ``[out]`` vectors in ``x``'s dtype (a per-task Linear -> BatchNorm1d fold); with
