@@ -126,12 +126,16 @@ def model_specs(kernel: str) -> list[dict]:
                                               groups, few):  # fmt: skip
                 continue
             config = dict(triton_config.kwargs, num_warps=triton_config.num_warps, num_stages=triton_config.num_stages)
-            for use_mask in (True, False):
+            # uint8 ids (what benchmarks/mixed.py passes) and 4-bit ids (what a packed layer of up to 15 tasks reads
+            # on a GPU: int32 words, the fp16 weight as int32 pairs); each also without the predicate.
+            for id_bits, use_mask in ((8, True), (8, False), (4, True)):
                 flags = dict(HAS_BIAS=False, HAS_SCALE=False, HAS_SHIFT=False, RELU=False, USE_MASK=use_mask,
-                             SPLIT=split_k > 1, UPCAST_BF16=False, INPUT_PRECISION="tf32", ID_BITS=8, USE_ASM=True,
-                             GROUPS=groups, FEW_GROUPS=few)  # fmt: skip
-                specs.append(_model_spec(linear._mixed_linear_kernel, "_mixed_linear_kernel", args, flags, config,
-                                         batch, split_k, k_per_split))  # fmt: skip
+                             SPLIT=split_k > 1, UPCAST_BF16=False, INPUT_PRECISION="tf32", ID_BITS=id_bits,
+                             USE_ASM=True, GROUPS=groups, FEW_GROUPS=few)  # fmt: skip
+                compact = {} if id_bits == 8 else dict(w_ptr="*i32", ids_ptr="*i32", stride_wn=in_features // 2,
+                                                        stride_idn=in_features * id_bits // 32)  # fmt: skip
+                specs.append(_model_spec(linear._mixed_linear_kernel, "_mixed_linear_kernel", args | compact, flags,
+                                         config, batch, split_k, k_per_split))  # fmt: skip
     return specs
 
 
@@ -155,6 +159,7 @@ def _model_spec(jit, name: str, args: dict, flags: dict, config: dict, batch: in
         "split_k": split_k,
         "k_per_split": k_per_split,
         "use_mask": flags["USE_MASK"],
+        "id_bits": flags.get("ID_BITS", 8),
         "groups": (flags.get("FEW_GROUPS"), flags.get("GROUPS")),
     }
 
@@ -236,12 +241,13 @@ def v1_launch(features: dict, batch: int, count: int) -> list[dict]:
     ]
 
 
-def _dram_bytes(batch: int, passes: int, split_k: int) -> float:
-    """The weight (fp16) and uint8 ids ``passes`` times, the input and output once, split-K's fp32 partials."""
+def _dram_bytes(batch: int, passes: int, split_k: int, id_bits: int = 8) -> float:
+    """The weight (fp16) and its ids (``id_bits`` each) ``passes`` times, the input and output once, split-K's fp32
+    partials."""
     out_features, in_features = MODEL_LAYER
     weights = out_features * in_features
     partials = 2 * 4 * split_k * batch * out_features if split_k > 1 else 0
-    return passes * weights * 3 + (batch * in_features + batch * out_features) * 2 + partials
+    return passes * weights * (2 + id_bits / 8) + (batch * in_features + batch * out_features) * 2 + partials
 
 
 def v2_groups(tasks: list[int]) -> list[int]:
@@ -252,8 +258,9 @@ def v2_groups(tasks: list[int]) -> list[int]:
     return groups
 
 
-def v2_launch(features: dict, batch: int, count: int) -> list[dict]:
-    """The v2 launch of one case, one :func:`costmodel.resource_times` row per config that fits."""
+def v2_launch(features: dict, batch: int, count: int, id_bits: int = 8) -> list[dict]:
+    """The v2 launch of one case, one :func:`costmodel.resource_times` row per config that fits. With compact ids
+    (``id_bits`` 4) a mask costs what the compact loop adds to the uint8 loop without predicate."""
     import costmodel
 
     tasks = case_tasks(batch, count)
@@ -261,10 +268,11 @@ def v2_launch(features: dict, batch: int, count: int) -> list[dict]:
     rows = []
     by_config = {}
     for variant in features["variants"]:
-        if variant["batch"] == batch:
-            by_config.setdefault(json.dumps(variant["config"], sort_keys=True), {})[variant["use_mask"]] = variant
+        if variant["batch"] == batch and variant.get("id_bits", 8) in (id_bits, 8):
+            key = (variant["use_mask"], variant.get("id_bits", 8))
+            by_config.setdefault(json.dumps(variant["config"], sort_keys=True), {})[key] = variant
     for pair in by_config.values():
-        masked, plain = pair[True], pair[False]
+        masked, plain = pair[(True, id_bits)], pair[(False, 8)]
         few, full = masked["groups"]
         config = masked["config"]
         one_loop = len(masked["loops"]) == 1
@@ -288,7 +296,7 @@ def v2_launch(features: dict, batch: int, count: int) -> list[dict]:
                 "instructions": instructions,
                 "flops_per_step": flops,
                 "serialized": bool(masked["serialized_wgmma"]),
-                "dram_bytes": _dram_bytes(batch, len(passes), masked["split_k"]),
+                "dram_bytes": _dram_bytes(batch, len(passes), masked["split_k"], id_bits),
                 "passes": len(passes),
                 "groups": len(groups),
             }
@@ -318,6 +326,7 @@ def model_report(features: dict, calibration: dict, measured: dict) -> dict:
     for batch, count in MODEL_CASES:
         v1_s, _, v1_times = model_time(v1_launch(features["v1"], batch, count), calibration)
         v2_s, v2_row, v2_times = model_time(v2_launch(features["v2"], batch, count), calibration)
+        compact_s, _, _ = model_time(v2_launch(features["v2"], batch, count, id_bits=4), calibration)
         mixed_ms, one_ms, split_ms = (graph.get((batch, count, m)) for m in ("mixed", "one_task", "split_by_task"))
         cases.append(
             {
@@ -328,6 +337,7 @@ def model_report(features: dict, calibration: dict, measured: dict) -> dict:
                 "v1_error": None if mixed_ms is None else v1_s / (mixed_ms * 1e-3) - 1,
                 "v1_limit": max(v1_times, key=v1_times.get),
                 "v2_predicted_us": v2_s * 1e6,
+                "v2_ids4_predicted_us": compact_s * 1e6,
                 "v2_limit": max(v2_times, key=v2_times.get),
                 "v2_config": v2_row["config"],
                 "v2_groups": v2_row["groups"],
@@ -385,8 +395,8 @@ def model_markdown(report: dict) -> str:
         f"{100 * report['v1_max_abs_error']:.0f} %.",
         "",
         "| batch | tasks | v1 measured | v1 model | error | v2 model | v2 limit | v2 groups / passes | v2 config "
-        "| one task (run 4) | split (run 4) |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|",
+        "| v2 model, 4-bit ids | one task (run 4) | split (run 4) |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---:|",
     ]
     for case in report["cases"]:
         config = case["v2_config"]
@@ -394,7 +404,8 @@ def model_markdown(report: dict) -> str:
         lines.append(
             f"| {case['batch']} | {case['tasks']} | {case['v1_measured_us']:.1f} | {case['v1_predicted_us']:.1f} "
             f"| {100 * case['v1_error']:+.0f} % | {case['v2_predicted_us']:.1f} | {case['v2_limit']} "
-            f"| {case['v2_groups']} / {case['v2_passes']} | {text} | {case['one_task_measured_us']:.1f} "
+            f"| {case['v2_groups']} / {case['v2_passes']} | {text} | {case['v2_ids4_predicted_us']:.1f} "
+            f"| {case['one_task_measured_us']:.1f} "
             f"| {case['split_measured_us']:.1f} |"
         )
     lines += ["", "| target (v2 predicted, run 4 baselines) | ratio | met |", "|---|---:|---|"]

@@ -440,8 +440,7 @@ def _mixed_v2_variants() -> list[dict]:
         variants.append(
             dict(
                 single,
-                name="linear-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K32-w8-s4-mixed2-reference"
-                + ("-ids4" if bits < 8 else ""),
+                name="linear-single-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K32-w8-s4" + ("-ids4" if bits < 8 else ""),
                 args=args,
                 constexprs=dict(single["constexprs"], SPLIT=True, ID_BITS=bits, **tile),
                 num_warps=8,
@@ -712,7 +711,7 @@ def mixed_v2_loops(compiled: dict) -> dict[str, list[dict]]:
         if not name.startswith(MIXED_V2_PREFIX):
             continue
         ids4 = name.endswith("-ids4")
-        reference = compiled["linear-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K32-w8-s4-mixed2-reference"
+        reference = compiled["linear-single-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K32-w8-s4"
                              + ("-ids4" if ids4 else "")]  # fmt: skip
         summary, constexprs = compiled[name], variant["constexprs"]
         # Innermost loops by address: the few-group loop (when there is one) comes first in the code.
