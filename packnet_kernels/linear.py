@@ -808,6 +808,40 @@ def _masked_linear_kernel(
 
 
 @triton.jit
+def _larger(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _row_groups_kernel(row_tasks_ptr, row_order_ptr, group_rows_ptr, group_tasks_ptr, group_count_ptr, M,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """The row groups of a mixed batch (:func:`_row_groups`) in one program: ``row_tasks_ptr`` ``[M]`` the tasks
+    sorted increasingly (any integer dtype), ``row_order_ptr`` ``[M]`` each sorted position's input row; writes
+    ``group_rows_ptr`` int32 ``[M, 16]`` (only the groups that exist: each run's rows, then -1 up to the group's
+    end), ``group_tasks_ptr`` int32 ``[M]`` (only the groups that exist) and ``group_count_ptr`` int32 ``[1]``."""
+    positions = tl.arange(0, BLOCK)
+    live = positions < M
+    tasks = tl.load(row_tasks_ptr + positions, mask=live, other=0)
+    tasks = tl.minimum(tl.maximum(tasks, -1), 256).to(tl.int32)
+    before = tl.load(row_tasks_ptr + positions - 1, mask=live & (positions > 0), other=0)
+    before = tl.minimum(tl.maximum(before, -1), 256).to(tl.int32)
+    starts = (positions == 0) | (tasks != before)
+    after = tl.load(row_tasks_ptr + positions + 1, mask=positions + 1 < M, other=0)
+    ends = (positions + 1 >= M) | (tl.minimum(tl.maximum(after, -1), 256).to(tl.int32) != tasks)
+    rank = positions - tl.associative_scan(tl.where(starts, positions, 0), 0, _larger)
+    first = live & (rank % 16 == 0)
+    group = tl.cumsum(first.to(tl.int32), 0) - 1
+    order = tl.load(row_order_ptr + positions, mask=live, other=0).to(tl.int32)
+    tl.store(group_rows_ptr + group * 16 + rank % 16, order, mask=live)
+    # A run's last row pads its group: slots after it hold -1.
+    slots = tl.arange(0, 16)
+    padding = (live & ends)[:, None] & (slots[None, :] > (rank % 16)[:, None])
+    tl.store(group_rows_ptr + (group * 16)[:, None] + slots[None, :], -1, mask=padding)
+    tl.store(group_tasks_ptr + group, tasks, mask=first)
+    tl.store(group_count_ptr, tl.max(tl.where(live, group, -1), axis=0) + 1)
+
+
+@triton.jit
 def _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task, GROUPS: tl.constexpr):
     """``(tasks, valid, rows)``: tuples of ``GROUPS`` entries for the row groups ``first_group ..`` of a pass: each
     group's task (0 for a group past ``group_count`` or whose task is outside 1..``max_task``: it selects no
@@ -1450,35 +1484,44 @@ def _grouped_rows(tasks: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, torch
 _LAST_ROW_GROUPS: list = []
 
 
-def _row_groups(tasks: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _row_groups(tasks: torch.Tensor, reuse: bool, wrap=None, launch=None):
     """``(group_rows, group_tasks, group_count)``: the rows of a mixed batch laid out in groups of 16 rows of one
     task, on the device, with no host sync (the launch does not need the count; the kernel reads it).
 
     The rows sorted by task (:func:`_grouped_rows`, kept across a forward as it is) split into runs of one task;
     each run fills ``ceil(rows / 16)`` groups, in order: ``group_rows`` int32 ``[rows, 16]`` holds each group's
     input rows (-1 past a run's end), ``group_tasks`` int32 ``[rows]`` their tasks (increasing; values clamped to
-    -1..256, which keeps invalid tasks invalid), ``group_count`` int32 ``[1]``. At most ``rows`` groups. When the
-    grouping is the one kept for the forward, so are its groups (one layout per forward, not per layer)."""
+    -1..256, which keeps invalid tasks invalid), ``group_count`` int32 ``[1]``; entries past the count are not
+    written. At most ``rows`` groups. One launch of :func:`_row_groups_kernel`: ``launch`` (a direct launch of it,
+    see :class:`LinearPlan`), else ``wrap(kernel)[grid]`` (``wrap_triton`` in the registered op), else a plain
+    launch. When the grouping is the one kept for the forward, so are its groups (one layout per forward)."""
     grouping = _grouped_rows(tasks, reuse)
     if _LAST_ROW_GROUPS and _LAST_ROW_GROUPS[0] is grouping:
         return _LAST_ROW_GROUPS[1]
     row_tasks, row_order = grouping
     rows = row_tasks.numel()
-    device = row_tasks.device
-    positions = torch.arange(rows, device=device)
-    row_tasks = row_tasks.clamp(-1, 256).to(torch.int32)
-    starts = torch.ones(rows, dtype=torch.bool, device=device)
-    starts[1:] = row_tasks[1:] != row_tasks[:-1]
-    run_start = torch.cummax(torch.where(starts, positions, 0), 0).values
-    rank = positions - run_start
-    group = torch.cumsum(rank % 16 == 0, 0) - 1
-    group_rows = torch.full((rows * 16,), -1, dtype=torch.int32, device=device)
-    group_rows.scatter_(0, group * 16 + rank % 16, row_order.to(torch.int32))
-    group_tasks = torch.zeros(rows, dtype=torch.int32, device=device).scatter_(0, group, row_tasks)
-    layout = (group_rows, group_tasks, (group[-1:] + 1).to(torch.int32))
+    group_rows = torch.empty(rows * 16, dtype=torch.int32, device=row_tasks.device)
+    group_tasks = torch.empty(rows, dtype=torch.int32, device=row_tasks.device)
+    group_count = torch.empty(1, dtype=torch.int32, device=row_tasks.device)
+    args = (row_tasks, row_order, group_rows, group_tasks, group_count, rows)
+    if launch is not None:
+        stream = torch._C._cuda_getCurrentRawStream(row_tasks.device.index) if row_tasks.is_cuda else 0
+        launch(args, (), stream)
+    else:
+        kernel = _row_groups_kernel if wrap is None else wrap(_row_groups_kernel)
+        kernel[(1,)](*args, BLOCK=_row_block(rows))
+    layout = (group_rows, group_tasks, group_count)
     if _LAST_GROUPING and _LAST_GROUPING[-1] is grouping:
         _LAST_ROW_GROUPS[:] = [grouping, layout]
     return layout
+
+
+def _row_block(rows: int) -> int:
+    """The power of two :func:`_row_groups_kernel` covers ``rows`` with."""
+    block = 16
+    while block < rows:
+        block *= 2
+    return block
 
 
 def pairs_allowed(weight: torch.Tensor) -> bool:
@@ -1529,6 +1572,7 @@ class LinearPlan:
         "dtype",
         "launches",
         "grouped",
+        "group_launch",
     )
 
     def kernel_launch(self) -> KernelLaunch:
@@ -1582,7 +1626,13 @@ class LinearPlan:
         if self.split_k > 1:
             partials, counters = _split_workspace(x.device, self.partial_count, self.counter_count, reuse, stream)
         if self.grouped:
-            groups = _row_groups(tasks, reuse)
+            if direct and not self.interpreted:
+                if self.group_launch is None:
+                    block = {"BLOCK": _row_block(self.rows)}
+                    self.group_launch = KernelLaunch(_row_groups_kernel, lambda meta: (1,), block)
+                groups = _row_groups(tasks, reuse, launch=self.group_launch)
+            else:
+                groups = _row_groups(tasks, reuse, None if direct else wrap)
             args = (x2d, weight, task_ids, bias, scale, shift, y, partials, counters, *groups, *self.sizes, *self.ints)
         else:
             grouping = _grouped_rows(tasks, reuse) if tasks is not None else (None, None)
@@ -1632,6 +1682,7 @@ def linear_plan(
     plan.dtype = x.dtype
     plan.pairs = id_bits < 8 and use_mask and pairs_allowed(weight)
     plan.grouped = tasks is not None and mixed_v2_applies(rows)
+    plan.group_launch = None
     if plan.empty:
         return plan  # nothing to launch: the output alone
     if plan.grouped:

@@ -753,3 +753,20 @@ def test_mixed_v2_loop_against_the_single_task_loop(compiled):
             extra_loads = loop["kinds"]["global_load"] - single["global_load"]
             assert extra_loads <= 3 * loop["groups"], f"{name}: {loop}"
             assert loop["per_group"] <= 0.9 * loop["single_task"], f"{name}: {loop}"
+
+
+def test_row_groups_kernel_compiles_without_spills():
+    """The one-program layout kernel of a mixed batch (``_row_groups_kernel``) at its largest block (256 rows)."""
+    spec = {
+        "module": "linear",
+        "kernel": "_row_groups_kernel",
+        "args": {"row_tasks_ptr": "*i64", "row_order_ptr": "*i64", "group_rows_ptr": "*i32",
+                 "group_tasks_ptr": "*i32", "group_count_ptr": "*i32", "M": 200},
+        "constexprs": {"BLOCK": 256},
+        "num_warps": 4,
+        "num_stages": 1,
+        "arch": 90,
+    }  # fmt: skip
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        summary = pool.submit(compile_variant, spec).result()
+    assert summary["local"] == 0 and summary["stack"] == 0 and summary["atomics"] == 0

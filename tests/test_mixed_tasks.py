@@ -692,8 +692,14 @@ def test_v2_row_groups_are_built_once_per_forward(monkeypatch):
     from packnet_kernels import linear
 
     layouts = []
-    cummax = torch.cummax
-    monkeypatch.setattr(linear.torch, "cummax", lambda *a, **k: layouts.append(1) or cummax(*a, **k))
+    kernel = linear._row_groups_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            layouts.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(linear, "_row_groups_kernel", Counting())
     linear.release_workspaces()
     model = _packed_mlp("triton").to(DEVICE)
     x = torch.randn(9, 12, device=DEVICE)
@@ -703,3 +709,27 @@ def test_v2_row_groups_are_built_once_per_forward(monkeypatch):
         assert len(layouts) == 1  # two packed layers, one layout
         expected = _per_row(model, x, tasks)
     torch.testing.assert_close(got, expected, **_tolerance(torch.float32))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("m", [1, 17, 256])
+def test_v2_row_groups_layout(m):
+    """The device layout of a batch's rows: each run of one task in groups of 16 rows (its input rows in sorted
+    order, -1 after the run's last row), the groups' tasks in increasing order (clamped to -1..256), and their count."""
+    from packnet_kernels import linear
+
+    generator = torch.Generator().manual_seed(m)
+    tasks = torch.tensor([-5, 0, 1, 2, 2, 3, 7, 300])[torch.randint(0, 8, (m,), generator=generator)]
+    group_rows, group_tasks, count = (t.cpu() for t in linear._row_groups(tasks.to(DEVICE), reuse=False))
+    order = torch.sort(tasks, stable=True).indices
+    expected_rows, expected_tasks, position = [], [], 0
+    for task in sorted(set(tasks.tolist())):
+        run = order[position : position + int((tasks == task).sum())].tolist()
+        position += len(run)
+        for first in range(0, len(run), 16):
+            chunk = run[first : first + 16]
+            expected_rows.append(chunk + [-1] * (16 - len(chunk)))
+            expected_tasks.append(max(-1, min(256, task)))
+    assert int(count) == len(expected_rows)
+    assert group_rows.view(-1, 16)[: len(expected_rows)].tolist() == expected_rows
+    assert group_tasks[: len(expected_tasks)].tolist() == expected_tasks
