@@ -813,6 +813,12 @@ def _larger(a, b):
 
 
 @triton.jit
+def _clamped_tasks(tasks):
+    """Tasks of any integer dtype as int32 in -1..256 (widened first: an unsigned dtype has no negative values)."""
+    return tl.minimum(tl.maximum(tasks.to(tl.int64), -1), 256).to(tl.int32)
+
+
+@triton.jit
 def _row_groups_kernel(row_tasks_ptr, row_order_ptr, group_rows_ptr, group_tasks_ptr, group_count_ptr, M,
                        BLOCK: tl.constexpr):  # fmt: skip
     """The row groups of a mixed batch (:func:`_row_groups`) in one program: ``row_tasks_ptr`` ``[M]`` the tasks
@@ -821,13 +827,11 @@ def _row_groups_kernel(row_tasks_ptr, row_order_ptr, group_rows_ptr, group_tasks
     end), ``group_tasks_ptr`` int32 ``[M]`` (only the groups that exist) and ``group_count_ptr`` int32 ``[1]``."""
     positions = tl.arange(0, BLOCK)
     live = positions < M
-    tasks = tl.load(row_tasks_ptr + positions, mask=live, other=0)
-    tasks = tl.minimum(tl.maximum(tasks, -1), 256).to(tl.int32)
-    before = tl.load(row_tasks_ptr + positions - 1, mask=live & (positions > 0), other=0)
-    before = tl.minimum(tl.maximum(before, -1), 256).to(tl.int32)
+    tasks = _clamped_tasks(tl.load(row_tasks_ptr + positions, mask=live, other=0))
+    before = _clamped_tasks(tl.load(row_tasks_ptr + positions - 1, mask=live & (positions > 0), other=0))
     starts = (positions == 0) | (tasks != before)
-    after = tl.load(row_tasks_ptr + positions + 1, mask=positions + 1 < M, other=0)
-    ends = (positions + 1 >= M) | (tl.minimum(tl.maximum(after, -1), 256).to(tl.int32) != tasks)
+    after = _clamped_tasks(tl.load(row_tasks_ptr + positions + 1, mask=positions + 1 < M, other=0))
+    ends = (positions + 1 >= M) | (after != tasks)
     rank = positions - tl.associative_scan(tl.where(starts, positions, 0), 0, _larger)
     first = live & (rank % 16 == 0)
     group = tl.cumsum(first.to(tl.int32), 0) - 1

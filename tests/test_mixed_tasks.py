@@ -712,14 +712,16 @@ def test_v2_row_groups_are_built_once_per_forward(monkeypatch):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("m", [1, 17, 256])
-def test_v2_row_groups_layout(m):
+@pytest.mark.parametrize(("m", "dtype"), [(1, torch.int64), (17, torch.uint8), (256, torch.int16)])
+def test_v2_row_groups_layout(m, dtype):
     """The device layout of a batch's rows: each run of one task in groups of 16 rows (its input rows in sorted
-    order, -1 after the run's last row), the groups' tasks in increasing order (clamped to -1..256), and their count."""
+    order, -1 after the run's last row), the groups' tasks in increasing order (clamped to -1..256), and their
+    count; task tensors of any integer dtype (uint8: no negative values)."""
     from packnet_kernels import linear
 
     generator = torch.Generator().manual_seed(m)
-    tasks = torch.tensor([-5, 0, 1, 2, 2, 3, 7, 300])[torch.randint(0, 8, (m,), generator=generator)]
+    values = [0, 1, 2, 2, 3, 7, 255] if dtype == torch.uint8 else [-5, 0, 1, 2, 2, 3, 7, 300]
+    tasks = torch.tensor(values)[torch.randint(0, len(values), (m,), generator=generator)].to(dtype)
     group_rows, group_tasks, count = (t.cpu() for t in linear._row_groups(tasks.to(DEVICE), reuse=False))
     order = torch.sort(tasks, stable=True).indices
     expected_rows, expected_tasks, position = [], [], 0
