@@ -20,6 +20,7 @@ turns it into Markdown with the issue's targets.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -163,7 +164,27 @@ def markdown(data: dict) -> str:
         lines += ["", "| target | measured | met |", "|---|---:|---|"]
         for target, value, met in targets(data["results"]):
             lines.append(f"| {target} | {'-' if value is None else f'{value:.2f}x'} | {'-' if met is None else met} |")
+        lines += model_check(data)
     return "\n".join(lines) + "\n"
+
+
+def model_check(data: dict) -> list[str]:
+    """The mixed launches' times against the byte-and-step model's predictions for the grouped kernel (v2, uint8
+    ids: `results/mixed-model-predictions.json`), when the run is of the model's layer."""
+    path = Path(__file__).resolve().parent / "results" / "mixed-model-predictions.json"
+    if not path.exists() or tuple(data["layer"]) != LAYER:
+        return []
+    predicted = {
+        (case["batch"], case["tasks"]): case["v2_predicted_us"] for case in json.loads(path.read_text())["cases"]
+    }
+    lines = ["", "| batch | tasks | mixed measured | v2 predicted | error |", "|---:|---:|---:|---:|---:|"]
+    for row in data["results"]:
+        value, model = row.get("graph_ms"), predicted.get((row["batch"], row["tasks"]))
+        if row["method"] != "mixed" or not value or model is None:
+            continue
+        measured, error = value * 1e3, 100 * (model / (value * 1e3) - 1)
+        lines.append(f"| {row['batch']} | {row['tasks']} | {measured:.1f} | {model:.1f} | {error:+.0f} % |")
+    return lines if len(lines) > 3 else []
 
 
 def write_report(json_path: str | Path) -> list[Path]:

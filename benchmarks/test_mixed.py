@@ -96,3 +96,20 @@ def test_model_reproduces_its_committed_predictions_and_fits_run_4():
     assert all(abs(case["v1_error"]) <= 0.15 for case in report["cases"])
     assert len(report["cases"]) == len(mixed.BATCHES) * len(mixed.TASK_COUNTS)
     assert (mixed_model.RESULTS / "mixed-model-predictions.md").read_text() == mixed_model.model_markdown(report)
+
+
+def test_gpu_report_sets_measured_mixed_times_beside_the_model():
+    """A GPU run of the model's layer reports each mixed launch against the model's v2 prediction."""
+    import mixed_model
+
+    predicted = json.loads((mixed_model.RESULTS / "mixed-model-predictions.json").read_text())["cases"][7]
+    data = {
+        "device": {"device": "cuda", "gpu_name": "NVIDIA H200"},
+        "layer": list(mixed.LAYER),
+        "dtype": "float16",
+        "results": [{"batch": 64, "tasks": 8, "method": "mixed", "ok": True, "graph_ms": 0.2}],
+    }
+    assert (predicted["batch"], predicted["tasks"]) == (64, 8)
+    error = 100 * (predicted["v2_predicted_us"] / 200 - 1)
+    assert f"| 64 | 8 | 200.0 | {predicted['v2_predicted_us']:.1f} | {error:+.0f} % |" in mixed.markdown(data)
+    assert "v2 predicted" not in mixed.markdown(dict(data, layer=[96, 80]))
