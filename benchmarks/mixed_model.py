@@ -118,12 +118,13 @@ def model_specs(kernel: str) -> list[dict]:
             continue
         split_k, k_per_split = linear._mixed_split_plan(batch, out_features, in_features, 2, False, None)
         few, groups = linear.mixed_groups(batch, 2)
+        wide = linear.mixed_wide_groups(batch, 2)
         args = dict(_mixed_args(_base_args(), batch, split_k, k_per_split), group_rows_ptr="*i32",
                     group_tasks_ptr="*i32", group_count_ptr="*i32",
                     max_passes=linear.ceil_div(batch, groups))  # fmt: skip
         for triton_config in linear._configs("mixed2", 9):
             if not linear.mixed2_config_fits(triton_config, torch.float16, costmodel.DEVICE["shared_per_block_optin"],
-                                              groups, few):  # fmt: skip
+                                              groups, few, wide):  # fmt: skip
                 continue
             config = dict(triton_config.kwargs, num_warps=triton_config.num_warps, num_stages=triton_config.num_stages)
             # uint8 ids (what benchmarks/mixed.py passes) and 4-bit ids (what a packed layer of up to 15 tasks reads
@@ -131,7 +132,7 @@ def model_specs(kernel: str) -> list[dict]:
             for id_bits, use_mask in ((8, True), (8, False), (4, True)):
                 flags = dict(HAS_BIAS=False, HAS_SCALE=False, HAS_SHIFT=False, RELU=False, USE_MASK=use_mask,
                              SPLIT=split_k > 1, UPCAST_BF16=False, INPUT_PRECISION="tf32", ID_BITS=id_bits,
-                             USE_ASM=True, GROUPS=groups, FEW_GROUPS=few)  # fmt: skip
+                             USE_ASM=True, GROUPS=groups, FEW_GROUPS=few, WIDE_GROUPS=wide)  # fmt: skip
                 compact = {} if id_bits == 8 else dict(w_ptr="*i32", ids_ptr="*i32", stride_wn=in_features // 2,
                                                         stride_idn=in_features * id_bits // 32)  # fmt: skip
                 specs.append(_model_spec(linear._mixed_linear_kernel, "_mixed_linear_kernel", args | compact, flags,
@@ -160,7 +161,7 @@ def _model_spec(jit, name: str, args: dict, flags: dict, config: dict, batch: in
         "k_per_split": k_per_split,
         "use_mask": flags["USE_MASK"],
         "id_bits": flags.get("ID_BITS", 8),
-        "groups": (flags.get("FEW_GROUPS"), flags.get("GROUPS")),
+        "groups": (flags.get("FEW_GROUPS"), flags.get("GROUPS"), flags.get("WIDE_GROUPS")),
     }
 
 
@@ -273,18 +274,24 @@ def v2_launch(features: dict, batch: int, count: int, id_bits: int = 8) -> list[
             by_config.setdefault(json.dumps(variant["config"], sort_keys=True), {})[key] = variant
     for pair in by_config.values():
         masked, plain = pair[(True, id_bits)], pair[(False, 8)]
-        few, full = masked["groups"]
+        few, full, wide = masked["groups"]
         config = masked["config"]
-        one_loop = len(masked["loops"]) == 1
-        if len(groups) <= few and not one_loop:
-            index, unrolled, passes = 0, few, [groups]
+        # The loops by their unrolled groups (fewest dots first): 64-row groups of one task, few, all.
+        counts = sorted({full} | ({few} if few < full else set()) | ({wide} if wide else set()))
+        loops = dict(zip(counts, sorted(masked["loops"], key=lambda loop: loop["kinds"]["tensor"]), strict=True))
+        bare_loops = dict(zip(counts, sorted(plain["loops"], key=lambda loop: loop["kinds"]["tensor"]), strict=True))
+        width = 16
+        if wide and len(set(groups)) == 1:
+            unrolled, passes, width = wide, [groups[:1]], 64
+        elif len(groups) <= few:
+            unrolled, passes = few, [groups]
         else:
-            index, unrolled = len(masked["loops"]) - 1, full
+            unrolled = full
             passes = [groups[first : first + full] for first in range(0, len(groups), full)]
-        loop, bare = masked["loops"][index], plain["loops"][index]
+        loop, bare = loops[unrolled], bare_loops[unrolled]
         mask_cost = (loop["instructions"] - bare["instructions"]) / unrolled
         instructions = sum(bare["instructions"] + _distinct(part) * mask_cost for part in passes)
-        flops = len(passes) * unrolled * 2 * config["BLOCK_N"] * 16 * config["BLOCK_K"]
+        flops = len(passes) * unrolled * 2 * config["BLOCK_N"] * width * config["BLOCK_K"]
         out_features, _ = MODEL_LAYER
         rows.append(
             {

@@ -846,24 +846,25 @@ def _row_groups_kernel(row_tasks_ptr, row_order_ptr, group_rows_ptr, group_tasks
 
 
 @triton.jit
-def _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task, GROUPS: tl.constexpr):
-    """``(tasks, valid, rows)``: tuples of ``GROUPS`` entries for the row groups ``first_group ..`` of a pass: each
-    group's task (0 for a group past ``group_count`` or whose task is outside 1..``max_task``: it selects no
-    weight), whether that task is valid, and its 16 input rows (-1 for padding slots)."""
-    slots = tl.arange(0, 16)
+def _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task, GROUPS: tl.constexpr,
+                    GROUP_ROWS: tl.constexpr):  # fmt: skip
+    """``(tasks, valid, rows)``: tuples of ``GROUPS`` entries for the row groups of a pass from 16-row group
+    ``first_group`` on, each ``GROUP_ROWS`` rows wide (16; or 64: four consecutive 16-row groups, of a batch of one
+    task): each group's task (that of its first 16 rows; 0 for a group past ``group_count`` or whose task is outside
+    1..``max_task``: it selects no weight), whether that task is valid, and its input rows (-1 for padding)."""
+    slots = tl.arange(0, GROUP_ROWS)
     tasks = ()
     valid = ()
     rows = ()
     for j in tl.static_range(GROUPS):
-        group = first_group + j
+        group = first_group + j * (GROUP_ROWS // 16)
         live = group < group_count
         raw = tl.load(group_tasks_ptr + group, mask=live, other=0)
         ok = (raw >= 1) & (raw <= max_task)
         tasks = tasks + (tl.where(ok, raw, 0),)
         valid = valid + (ok,)
-        rows = rows + (
-            tl.load(group_rows_ptr + group * 16 + slots, mask=slots * 0 + group < group_count, other=-1).to(tl.int64),
-        )
+        live_slots = group + slots // 16 < group_count
+        rows = rows + (tl.load(group_rows_ptr + group * 16 + slots, mask=live_slots, other=-1).to(tl.int64),)
     return tasks, valid, rows
 
 
@@ -892,7 +893,8 @@ def _group_sums(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``GROUPS`` fp32 ``[BLOCK_N, 16]`` sums over ``[k_start, k_end)``, group ``j``'s ``W_{tasks[j]} x[rows[j]]^T``.
+    """``GROUPS`` fp32 ``[BLOCK_N, rows]`` sums over ``[k_start, k_end)``, group ``j``'s ``W_{tasks[j]} x[rows[j]]^T``
+    (``rows``: a group's width, 16 or 64).
 
     Each K step loads the weight and id tiles once; the masked tile (:func:`_keep_task`) is built for group 0 and
     again only where a group's task differs from the previous group's (the groups are sorted by task, so once per
@@ -903,7 +905,7 @@ def _group_sums(
     row_masks = ()
     x_ptrs = ()
     for j in tl.static_range(GROUPS):
-        accs = accs + (tl.zeros((BLOCK_N, 16), dtype=tl.float32),)
+        accs = accs + (tl.zeros((BLOCK_N, rows[j].shape[0]), dtype=tl.float32),)
         row_masks = row_masks + ((rows[j] >= 0)[None, :],)
         x_ptrs = x_ptrs + (x_ptr + (k_start + offs_k)[:, None].to(tl.int64) * stride_xk + rows[j][None, :] * stride_xm,)
     for k in range(k_start, k_end, BLOCK_K):
@@ -986,12 +988,14 @@ def _groups_pass(
     ID_BITS: tl.constexpr,
     USE_ASM: tl.constexpr,
     GROUPS: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One pass of a v2 program over its K range for the groups ``first_group .. first_group + GROUPS``: their sums
     (:func:`_group_sums`), the split-K reduction (counter ``counter_index``) and each group's epilogue and rows."""
-    tasks, valid, rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task, GROUPS)
+    tasks, valid, rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task, GROUPS,
+                                         GROUP_ROWS)  # fmt: skip
     accs = _group_sums(w_ptrs, ids_ptrs, x_ptr, tasks, rows, offs_k, n_mask, k_start, k_end, K, stride_wk, stride_idk,
                        stride_xm, stride_xk, USE_MASK, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, GROUPS, BLOCK_N,
                        BLOCK_K)  # fmt: skip
@@ -1010,7 +1014,7 @@ def _groups_pass(
             summed = ()
             for j in tl.static_range(GROUPS):
                 ptrs = partials_ptr + rows[j][None, :] * N + offs_n[:, None]
-                acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+                acc = tl.zeros((BLOCK_N, GROUP_ROWS), dtype=tl.float32)
                 for _ in range(0, num_splits):
                     # .cg reads L2, where the other SMs' partials are.
                     acc += tl.load(ptrs, mask=n_mask[:, None] & (rows[j] >= 0)[None, :], other=0.0,
@@ -1020,7 +1024,7 @@ def _groups_pass(
             accs = summed
     if finish:
         for j in tl.static_range(GROUPS):
-            table_rows = tl.full((16,), 0, tl.int32) + tl.maximum(tasks[j] - 1, 0)
+            table_rows = tl.full((GROUP_ROWS,), 0, tl.int32) + tl.maximum(tasks[j] - 1, 0)
             out = _epilogue(accs[j], offs_n, n_mask, bias_ptr, scale_ptr, shift_ptr, stride_bias, stride_scale,
                             stride_shift, table_rows, stride_bias_task, stride_scale_task, stride_shift_task, HAS_BIAS,
                             HAS_SCALE, HAS_SHIFT, RELU, True)  # fmt: skip
@@ -1077,6 +1081,7 @@ def _mixed_linear_kernel(
     USE_ASM: tl.constexpr,
     GROUPS: tl.constexpr,
     FEW_GROUPS: tl.constexpr,
+    WIDE_GROUPS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -1093,10 +1098,11 @@ def _mixed_linear_kernel(
     Grid: axis 0 the weight tiles (``BLOCK_N`` rows each), axis 1 the K split (``k_per_split`` each). A program
     serves every row of the batch for its weight tile: per pass over its K range it holds ``GROUPS`` groups'
     accumulators; a K step loads the weight and id tiles once, masks them once per distinct task among the pass's
-    groups and runs one dot per group on that group's 16 rows (:func:`_group_sums`). A batch whose groups fit one
-    pass (the ``FEW_GROUPS`` loop when they fit it: ``M`` rows of one task; else ``GROUPS``, see
-    :func:`mixed_groups`) reads its weight and ids once; more groups (``sum over tasks of ceil(rows / 16)`` above
-    ``GROUPS``) take further passes of ``GROUPS``, each reading them again. A group whose task is outside
+    groups and runs one dot per group on that group's 16 rows (:func:`_group_sums`). A batch of one task takes
+    ``WIDE_GROUPS`` groups of 64 rows instead when there are (``M`` over 112: :func:`mixed_wide_groups`). A batch
+    whose groups fit one pass (the ``FEW_GROUPS`` loop when they fit it; else ``GROUPS``, see :func:`mixed_groups`)
+    reads its weight and ids once; more groups (``sum over tasks of ceil(rows / 16)`` above ``GROUPS``) take
+    further passes of ``GROUPS``, each reading them again. A group whose task is outside
     1..``max_task`` selects no weight and its rows are written NaN; a NaN/Inf in a weight a task does not own never
     reaches its rows (the select drops it before the dot). No tile map: the program serves every task of the batch,
     so a tile is skippable only when no task of the batch uses it, and run 4 found per-step skips no faster in a
@@ -1122,13 +1128,22 @@ def _mixed_linear_kernel(
         ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + (k_start.to(tl.int64) + offs_k)[None, :] * stride_idk
     group_count = tl.load(group_count_ptr)
     first_counter = pid_n * max_passes
-    if FEW_GROUPS < GROUPS and group_count <= FEW_GROUPS:
+    # A batch of one task (its first and last group's): 64-row groups, a quarter of the dots.
+    one_task = tl.load(group_tasks_ptr) == tl.load(group_tasks_ptr + group_count - 1)
+    if WIDE_GROUPS > 0 and one_task:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_k, offs_n, n_mask, k_start,
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, USE_ASM, FEW_GROUPS, BLOCK_N, BLOCK_K)  # fmt: skip
+                     ID_BITS, USE_ASM, WIDE_GROUPS, 64, BLOCK_N, BLOCK_K)  # fmt: skip
+    elif FEW_GROUPS < GROUPS and group_count <= FEW_GROUPS:
+        _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
+                     group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_k, offs_n, n_mask, k_start,
+                     k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
+                     stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
+                     stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
+                     ID_BITS, USE_ASM, FEW_GROUPS, 16, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         for first_group in range(0, group_count, GROUPS):
             _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
@@ -1137,7 +1152,7 @@ def _mixed_linear_kernel(
                          max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias, stride_scale,
                          stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym, stride_yn,
                          HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                         ID_BITS, USE_ASM, GROUPS, BLOCK_N, BLOCK_K)  # fmt: skip
+                         ID_BITS, USE_ASM, GROUPS, 16, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 def _configs(regime: str, capability_major: int) -> list[triton.Config]:
@@ -1275,18 +1290,21 @@ def useful_batch_tile(config: triton.Config, m: int) -> bool:
 
 
 def mixed2_config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, groups: int,
-                       few: int) -> bool:  # fmt: skip
-    """Whether a grouped (v2) config suits ``groups`` unrolled row groups (and a ``few``-group loop beside) for
-    ``dtype``: the groups' fp32 accumulators at most 64 registers per thread (measured for sm_90 with triton 3.6 and
-    3.9: 16 groups of 64 x 16 on 8 warps take about 205 registers without spilling, 24 spill; 16 on 4 warps spill),
-    fp32 dots at most 8 groups, and every loop's pipelined weight, id and activation tiles in shared memory."""
+                       few: int, wide: int = 0) -> bool:  # fmt: skip
+    """Whether a grouped (v2) config suits ``groups`` unrolled row groups (and loops of ``few`` groups and of
+    ``wide`` 64-row groups beside) for ``dtype``: each loop's fp32 accumulators at most 64 registers per thread
+    (measured for sm_90 with triton 3.6 and 3.9: 16 groups of 64 x 16 on 8 warps take about 205 registers without
+    spilling, 24 spill; 16 on 4 warps spill), fp32 dots at most 8 groups, and every loop's pipelined weight, id and
+    activation tiles in shared memory (Triton gives each loop its own buffers)."""
     element = torch.empty((), dtype=dtype).element_size()
     tile, threads = config.kwargs, 32 * config.num_warps
-    if groups * tile["BLOCK_N"] * 16 > 64 * threads or (element == 4 and groups > 8):
+    loops = [(groups, 16)] + ([(few, 16)] if few < groups else []) + ([(wide, 64)] if wide else [])
+    if any(count * tile["BLOCK_N"] * width > 64 * threads for count, width in loops):
+        return False
+    if element == 4 and groups > 8:
         return False
     weight_tile = tile["BLOCK_N"] * tile["BLOCK_K"] * (element + 1)
-    loops = (groups,) if few >= groups else (groups, few)
-    per_stage = sum(weight_tile + g * tile["BLOCK_K"] * 16 * element for g in loops)
+    per_stage = sum(weight_tile + count * tile["BLOCK_K"] * width * element for count, width in loops)
     return config.num_stages * per_stage <= shared_memory_bytes
 
 
@@ -1294,8 +1312,9 @@ def _prune_mixed2_configs(configs, named_args, **kwargs):
     """The grouped configs that fit (:func:`mixed2_config_fits`), or the first one."""
     x = named_args["x_ptr"]
     limit = device_properties(x.device).shared_memory_per_block_optin
-    groups, few = kwargs["GROUPS"], kwargs["FEW_GROUPS"]
-    return [config for config in configs if mixed2_config_fits(config, x.dtype, limit, groups, few)] or configs[:1]
+    groups, few, wide = kwargs["GROUPS"], kwargs["FEW_GROUPS"], kwargs["WIDE_GROUPS"]
+    fitting = [config for config in configs if mixed2_config_fits(config, x.dtype, limit, groups, few, wide)]
+    return fitting or configs[:1]
 
 
 @functools.cache
@@ -1304,7 +1323,7 @@ def _tuned_kernel(regime: str, capability_major: int):
     if regime == "mixed2":
         return triton.autotune(
             configs=_configs(regime, capability_major),
-            key=["N", "K", "USE_MASK", "INPUT_PRECISION", "ID_BITS", "GROUPS", "FEW_GROUPS", "SPLIT"],
+            key=["N", "K", "USE_MASK", "INPUT_PRECISION", "ID_BITS", "GROUPS", "FEW_GROUPS", "WIDE_GROUPS", "SPLIT"],
             prune_configs_by={"early_config_prune": _prune_mixed2_configs},
             do_bench=autotune_bench,
         )(_mixed_linear_kernel)
@@ -1373,6 +1392,15 @@ def mixed_groups(rows: int, element_size: int = 2) -> tuple[int, int]:
     cap = MIXED_GROUPS if element_size < 4 else MIXED_GROUPS // 2
     groups = min(max(ceil_div(rows, 16), MIXED_SEGMENTS), cap, rows)
     return min(ceil_div(rows, 16), groups), groups
+
+
+def mixed_wide_groups(rows: int, element_size: int = 2) -> int:
+    """64-row groups a v2 program unrolls for a batch of ``rows`` rows of one task: ``ceil(few / 4)`` of
+    :func:`mixed_groups`'s ``few`` groups, or none under 8. By the model of ``benchmarks/mixed_model.py`` (sm_90,
+    triton 3.6), 4 groups of 64 rows take a 256-row batch of one task from 196 to 100 us (4096 -> 11008, fp16),
+    while at 64 rows one wide dot costs about what 4 narrow ones with one mask do."""
+    few = mixed_groups(rows, element_size)[0]
+    return ceil_div(few, 4) if few >= 8 else 0
 
 
 def _mixed_split_plan(rows: int, n: int, k: int, element: int, interpreted: bool, device) -> tuple[int, int]:
@@ -1601,8 +1629,8 @@ class LinearPlan:
         limit = properties.shared_memory_per_block_optin
         if self.grouped:
             configs = _configs("mixed2", properties.major)
-            groups, few = self.flags["GROUPS"], self.flags["FEW_GROUPS"]
-            default = next((c for c in configs if mixed2_config_fits(c, self.dtype, limit, groups, few)), configs[0])
+            sizes = (self.flags["GROUPS"], self.flags["FEW_GROUPS"], self.flags["WIDE_GROUPS"])
+            default = next((c for c in configs if mixed2_config_fits(c, self.dtype, limit, *sizes)), configs[0])
         else:
             default = default_config(self.family, properties.major, self.dtype, limit, self.flags["TILE_MAP"])
         constants = {**self.flags, **default.kwargs, "num_warps": default.num_warps, "num_stages": default.num_stages}
@@ -1787,6 +1815,7 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
         "USE_ASM": not plan.interpreted,
         "GROUPS": groups,
         "FEW_GROUPS": few,
+        "WIDE_GROUPS": mixed_wide_groups(rows, x.element_size()),
     }
     plan.family = "mixed2"
 

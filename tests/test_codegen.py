@@ -375,7 +375,8 @@ VARIANTS += (
 
 def _mixed_v2_variants() -> list[dict]:
     """The grouped mixed kernel (v2) on sm_90 fp16, N = K = 4096, split-K, per-task epilogue tables: 64 rows (a
-    4-group loop for one task, an 11-group loop for up to 8 tasks; uint8 and 4-bit ids) and 256 rows (16 groups),
+    4-group loop for one task, an 8-group loop for up to 8 tasks; uint8 and 4-bit ids) and 256 rows (16 groups, and
+    4 groups of 64 rows for a batch of one task),
     in its first config; and the single-task small kernel of the same tiles (64 x 16 x 32, 8 warps, 4 stages) that
     its loops are compared with (:func:`test_mixed_v2_loop_against_the_single_task_loop`)."""
     n = k = 4096
@@ -383,6 +384,7 @@ def _mixed_v2_variants() -> list[dict]:
     variants = []
     for m, bits in ((64, 8), (64, 4), (256, 8)):
         few, groups = linear.mixed_groups(m)
+        wide = linear.mixed_wide_groups(m)
         args = {
             "x_ptr": "*fp16",
             "w_ptr": "*fp16" if bits == 8 else "*i32",
@@ -412,7 +414,7 @@ def _mixed_v2_variants() -> list[dict]:
             args.update({f"{name}_ptr": "*fp16", f"stride_{name}": 1, f"stride_{name}_task": n})
         constexprs = dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SHIFT=True, RELU=True, USE_MASK=True, SPLIT=True,
                           UPCAST_BF16=False, INPUT_PRECISION="tf32", ID_BITS=bits, USE_ASM=True, GROUPS=groups,
-                          FEW_GROUPS=few, **config.kwargs)  # fmt: skip
+                          FEW_GROUPS=few, WIDE_GROUPS=wide, **config.kwargs)  # fmt: skip
         variants.append(
             dict(
                 name=f"linear-mixed2-m{m}-fp16-sm90-groups{few}-{groups}" + ("-ids4" if bits < 8 else ""),
@@ -428,7 +430,7 @@ def _mixed_v2_variants() -> list[dict]:
                 # 16 activation rows by 32 K per group on 256 threads: 2 fp16 (4 bytes) per thread and load, from L2.
                 wide_loads=False,
                 gemm=True,
-                loops=1 if few >= groups else 2,
+                loops=1 + (few < groups) + (wide > 0),
             )
         )
     single = next(v for v in VARIANTS if v["name"].startswith("linear-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K64"))
@@ -514,8 +516,8 @@ def _pruned(variant: dict) -> bool:
     """Whether the launcher drops this config for this dtype on this target before trying it."""
     dtype, major = DTYPES[variant["dtype"]], variant["arch"] // 10
     if variant["kernel"] == "_mixed_linear_kernel":
-        groups, few = variant["constexprs"]["GROUPS"], variant["constexprs"]["FEW_GROUPS"]
-        return not linear.mixed2_config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], groups, few)
+        sizes = [variant["constexprs"][name] for name in ("GROUPS", "FEW_GROUPS", "WIDE_GROUPS")]
+        return not linear.mixed2_config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], *sizes)
     if variant["module"] == "linear":
         tile_map = variant["constexprs"]["TILE_MAP"]
         mixed = variant["constexprs"]["MIXED"]
@@ -714,12 +716,14 @@ def mixed_v2_loops(compiled: dict) -> dict[str, list[dict]]:
         reference = compiled["linear-single-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K32-w8-s4"
                              + ("-ids4" if ids4 else "")]  # fmt: skip
         summary, constexprs = compiled[name], variant["constexprs"]
-        # Innermost loops by address: the few-group loop (when there is one) comes first in the code.
-        groups = [constexprs["FEW_GROUPS"], constexprs["GROUPS"]][2 - len(summary["loops"]) :]
+        # The loops by their groups (one dot each): 64-row groups of one task, few 16-row groups, all of them.
+        few, full, wide = constexprs["FEW_GROUPS"], constexprs["GROUPS"], constexprs["WIDE_GROUPS"]
+        groups = sorted({full} | ({few} if few < full else set()) | ({wide} if wide else set()))
         single = reference["loops"][0]
         report[name] = [
             {
                 "groups": count,
+                "rows": 64 if wide and count == wide else 16,
                 "instructions": loop["instructions"],
                 "kinds": dict(loop["kinds"]),
                 "per_group": loop["instructions"] / count,
@@ -729,7 +733,9 @@ def mixed_v2_loops(compiled: dict) -> dict[str, list[dict]]:
                 "local": summary["local"],
                 "serialized": summary.get("serialized_wgmma", 0),
             }
-            for count, loop in zip(groups, sorted(summary["loops"], key=lambda loop: loop["start"]), strict=True)
+            for count, loop in zip(
+                groups, sorted(summary["loops"], key=lambda loop: loop["kinds"]["tensor"]), strict=True
+            )
         ]
     return report
 

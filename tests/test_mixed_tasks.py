@@ -643,20 +643,22 @@ def _v2_counts(monkeypatch, tensors: dict) -> tuple[dict, list]:
 @pytest.mark.parametrize(
     ("counts", "passes"),
     [
-        ({3: 64}, 1),  # one task: 4 full groups, the few-group loop
+        ({3: 64}, 1),  # one task: one 64-row group
+        ({2: 200}, 1),  # one task: 64-row groups, the last of 8 rows
         ({1: 8, 2: 8, 3: 8, 4: 8, 5: 8, 6: 8, 7: 8, 8: 8}, 1),  # 64 rows over 8 tasks: 8 groups of 8 rows
         ({1: 17, 4: 3, 9: 44}, 1),  # 64 rows over 3 tasks, tasks absent between: 2 + 1 + 3 groups
         ({1: 96, 2: 64, 5: 48, 6: 16, 7: 32}, 1),  # 256 rows, 5 tasks in 16 full groups: one pass
         ({t: 32 for t in range(1, 9)}, 1),  # 256 rows over 8 tasks of 32: 16 groups
         ({t: 20 for t in range(1, 9)} | {9: 96}, 2),  # 256 rows over 9 tasks: 22 groups, 2 passes of 16
     ],
-    ids=["64x1", "64x8", "64x3-absent", "256x5", "256x8", "256x9"],
+    ids=["64x1", "200x1", "64x8", "64x3-absent", "256x5", "256x8", "256x9"],
 )
 def test_v2_reads_each_weight_once_per_pass_and_dots_cover_their_group(counts, passes, monkeypatch):
     """Under the interpreter, per launch: every weight and id element is loaded exactly once per pass over K (once
     for up to 16 groups of 16 rows of one task: any mix of 64 rows over up to 8 tasks, 256 rows in 16 full groups),
     and each K step runs one dot per group on that group's rows only: a dot's activation columns are those of one
-    task's run of at most 16 rows, padded with zero columns, every row in one dot per step."""
+    task's run of at most 16 rows (64 for a batch of one task over 48 rows), padded with zero columns, every row in
+    one dot per step."""
     if DEVICE != "cpu":
         pytest.skip("counts the interpreter's loads and dots")
     from packnet_kernels import linear
@@ -670,17 +672,19 @@ def test_v2_reads_each_weight_once_per_pass_and_dots_cover_their_group(counts, p
     loads, dots = _v2_counts(monkeypatch, {"weight": weight, "ids": task_ids})
     got = masked_linear(x, weight, task_ids, tasks, backend="triton")
     few, groups = linear.mixed_groups(m, 2)  # fp16: up to 16 groups per pass
-    group_count = sum(-(-rows // 16) for rows in counts.values())
+    wide = linear.mixed_wide_groups(m, 2) if len(counts) == 1 else 0
+    width = 64 if wide else 16
+    group_count = sum(-(-rows // width) for rows in counts.values())
     assert -(-group_count // groups) == passes and (passes > 1) == (group_count > groups)
-    unrolled = few if group_count <= few else groups
+    unrolled = wide or (few if group_count <= few else groups)
     assert {int(v) for v in loads["weight"]} == {passes} and {int(v) for v in loads["ids"]} == {passes}
     steps = 64 // linear._INTERPRETER_V2_CONFIG["BLOCK_K"]  # one program, one split: K = 64 in 2 steps
     assert len(dots) == steps * passes * unrolled
     covered = [(dot != 0).any(axis=0) for dot in dots]
-    assert all(dot.shape[1] == 16 for dot in dots)
+    assert all(dot.shape[1] == width for dot in dots)
     busy = [int(columns.sum()) for columns in covered if columns.any()]
     assert len(busy) == steps * group_count and sum(busy) == steps * m
-    expected_rows = sorted([16] * (rows // 16) + ([rows % 16] if rows % 16 else []) for rows in counts.values())
+    expected_rows = [[width] * (rows // width) + ([rows % width] if rows % width else []) for rows in counts.values()]
     assert sorted(busy) == sorted(r for rows in expected_rows for r in rows for _ in range(steps))
     expected = masked_linear_ref(x.double(), weight.double(), task_ids, tasks)
     torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float16))
