@@ -251,11 +251,11 @@ def _dram_bytes(batch: int, passes: int, split_k: int, id_bits: int = 8) -> floa
     return passes * weights * (2 + id_bits / 8) + (batch * in_features + batch * out_features) * 2 + partials
 
 
-def v2_groups(tasks: list[int]) -> list[int]:
-    """The tasks of a batch's row groups, in order (:func:`~packnet_kernels.linear._row_groups`)."""
+def v2_groups(tasks: list[int], width: int = 16) -> list[int]:
+    """The tasks of a batch's groups of ``width`` rows, in order (:func:`~packnet_kernels.linear._row_groups`)."""
     groups = []
     for task in sorted(set(tasks)):
-        groups += [task] * -(-tasks.count(task) // 16)
+        groups += [task] * -(-tasks.count(task) // width)
     return groups
 
 
@@ -281,8 +281,8 @@ def v2_launch(features: dict, batch: int, count: int, id_bits: int = 8) -> list[
         loops = dict(zip(counts, sorted(masked["loops"], key=lambda loop: loop["kinds"]["tensor"]), strict=True))
         bare_loops = dict(zip(counts, sorted(plain["loops"], key=lambda loop: loop["kinds"]["tensor"]), strict=True))
         width = 16
-        if wide and len(set(groups)) == 1:
-            unrolled, passes, width = wide, [groups[:1]], 64
+        if wide and len(v2_groups(tasks, 64)) <= wide:
+            unrolled, passes, width = wide, [v2_groups(tasks, 64)], 64
         elif len(groups) <= few:
             unrolled, passes = few, [groups]
         else:

@@ -822,9 +822,10 @@ def _clamped_tasks(tasks):
 def _row_groups_kernel(row_tasks_ptr, row_order_ptr, group_rows_ptr, group_tasks_ptr, group_count_ptr, M,
                        BLOCK: tl.constexpr):  # fmt: skip
     """The row groups of a mixed batch (:func:`_row_groups`) in one program: ``row_tasks_ptr`` ``[M]`` the tasks
-    sorted increasingly (any integer dtype), ``row_order_ptr`` ``[M]`` each sorted position's input row; writes
-    ``group_rows_ptr`` int32 ``[M, 16]`` (only the groups that exist: each run's rows, then -1 up to the group's
-    end), ``group_tasks_ptr`` int32 ``[M]`` (only the groups that exist) and ``group_count_ptr`` int32 ``[1]``."""
+    sorted increasingly (any integer dtype), ``row_order_ptr`` ``[M]`` each sorted position's input row. Writes
+    two layouts, of 16-row and of 64-row groups: ``group_rows_ptr`` int32 ``[M, 16]`` then ``[M, 64]`` (only the
+    groups that exist: each run's rows, then -1 up to the group's end), ``group_tasks_ptr`` int32 ``[M]`` then
+    ``[M]`` (only the groups that exist) and ``group_count_ptr`` int32 ``[2]``, how many groups of each."""
     positions = tl.arange(0, BLOCK)
     live = positions < M
     tasks = _clamped_tasks(tl.load(row_tasks_ptr + positions, mask=live, other=0))
@@ -833,14 +834,24 @@ def _row_groups_kernel(row_tasks_ptr, row_order_ptr, group_rows_ptr, group_tasks
     after = _clamped_tasks(tl.load(row_tasks_ptr + positions + 1, mask=positions + 1 < M, other=0))
     ends = (positions + 1 >= M) | (after != tasks)
     rank = positions - tl.associative_scan(tl.where(starts, positions, 0), 0, _larger)
-    first = live & (rank % 16 == 0)
-    group = tl.cumsum(first.to(tl.int32), 0) - 1
     order = tl.load(row_order_ptr + positions, mask=live, other=0).to(tl.int32)
-    tl.store(group_rows_ptr + group * 16 + rank % 16, order, mask=live)
+    _store_groups(group_rows_ptr, group_tasks_ptr, group_count_ptr, tasks, order, rank, live, ends, 16)
+    _store_groups(group_rows_ptr + M * 16, group_tasks_ptr + M, group_count_ptr + 1, tasks, order, rank, live, ends,
+                  64)  # fmt: skip
+
+
+@triton.jit
+def _store_groups(group_rows_ptr, group_tasks_ptr, group_count_ptr, tasks, order, rank, live, ends,
+                  WIDTH: tl.constexpr):  # fmt: skip
+    """One layout of :func:`_row_groups_kernel`: groups of ``WIDTH`` rows, from each sorted row's task, input row,
+    rank in its run of one task and whether it ends the run."""
+    first = live & (rank % WIDTH == 0)
+    group = tl.cumsum(first.to(tl.int32), 0) - 1
+    tl.store(group_rows_ptr + group * WIDTH + rank % WIDTH, order, mask=live)
     # A run's last row pads its group: slots after it hold -1.
-    slots = tl.arange(0, 16)
-    padding = (live & ends)[:, None] & (slots[None, :] > (rank % 16)[:, None])
-    tl.store(group_rows_ptr + (group * 16)[:, None] + slots[None, :], -1, mask=padding)
+    slots = tl.arange(0, WIDTH)
+    padding = (live & ends)[:, None] & (slots[None, :] > (rank % WIDTH)[:, None])
+    tl.store(group_rows_ptr + (group * WIDTH)[:, None] + slots[None, :], -1, mask=padding)
     tl.store(group_tasks_ptr + group, tasks, mask=first)
     tl.store(group_count_ptr, tl.max(tl.where(live, group, -1), axis=0) + 1)
 
@@ -848,23 +859,23 @@ def _row_groups_kernel(row_tasks_ptr, row_order_ptr, group_rows_ptr, group_tasks
 @triton.jit
 def _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task, GROUPS: tl.constexpr,
                     GROUP_ROWS: tl.constexpr):  # fmt: skip
-    """``(tasks, valid, rows)``: tuples of ``GROUPS`` entries for the row groups of a pass from 16-row group
-    ``first_group`` on, each ``GROUP_ROWS`` rows wide (16; or 64: four consecutive 16-row groups, of a batch of one
-    task): each group's task (that of its first 16 rows; 0 for a group past ``group_count`` or whose task is outside
-    1..``max_task``: it selects no weight), whether that task is valid, and its input rows (-1 for padding)."""
+    """``(tasks, valid, rows)``: tuples of ``GROUPS`` entries for the row groups ``first_group ..`` of a pass in a
+    layout of ``GROUP_ROWS``-row groups (16 or 64): each group's task (0 for a group past ``group_count`` or whose
+    task is outside 1..``max_task``: it selects no weight), whether that task is valid, and its input rows (-1 for
+    padding)."""
     slots = tl.arange(0, GROUP_ROWS)
     tasks = ()
     valid = ()
     rows = ()
     for j in tl.static_range(GROUPS):
-        group = first_group + j * (GROUP_ROWS // 16)
+        group = first_group + j
         live = group < group_count
         raw = tl.load(group_tasks_ptr + group, mask=live, other=0)
         ok = (raw >= 1) & (raw <= max_task)
         tasks = tasks + (tl.where(ok, raw, 0),)
         valid = valid + (ok,)
-        live_slots = group + slots // 16 < group_count
-        rows = rows + (tl.load(group_rows_ptr + group * 16 + slots, mask=live_slots, other=-1).to(tl.int64),)
+        live_slots = slots * 0 + group < group_count
+        rows = rows + (tl.load(group_rows_ptr + group * GROUP_ROWS + slots, mask=live_slots, other=-1).to(tl.int64),)
     return tasks, valid, rows
 
 
@@ -1090,16 +1101,17 @@ def _mixed_linear_kernel(
 
     Pointers as in :func:`_masked_linear_kernel` (``x_ptr`` ``[M, K]``, ``w_ptr`` ``[N, K]`` or its int32 pairs,
     ``ids_ptr`` uint8 ``[N, K]`` or compact words, epilogue ``[tasks, N]`` tables, ``y_ptr`` ``[M, N]``), and the
-    batch's row groups (:func:`_row_groups`): ``group_rows_ptr`` int32 ``[groups, 16]`` the input rows of each group
-    (one task per group, -1 for padding), ``group_tasks_ptr`` int32 ``[groups]`` their tasks in increasing order,
-    ``group_count_ptr`` int32 ``[1]`` how many groups there are. With ``SPLIT``: ``partials_ptr`` fp32 ``[SPLIT_K,
-    M, N]`` and ``counters_ptr`` int32 ``[N / BLOCK_N, max_passes]``, zero on entry and left zero.
+    batch's row groups (:func:`_row_groups`): ``group_rows_ptr`` int32 ``[M, 16]`` the input rows of each group
+    (one task per group, -1 for padding) then the same for groups of 64 rows, ``group_tasks_ptr`` int32
+    ``[groups]`` their tasks in increasing order (16-row groups, then 64-row ones, ``M`` entries each),
+    ``group_count_ptr`` int32 ``[2]`` how many groups there are of each. With ``SPLIT``: ``partials_ptr`` fp32
+    ``[SPLIT_K, M, N]`` and ``counters_ptr`` int32 ``[N / BLOCK_N, max_passes]``, zero on entry and left zero.
 
     Grid: axis 0 the weight tiles (``BLOCK_N`` rows each), axis 1 the K split (``k_per_split`` each). A program
     serves every row of the batch for its weight tile: per pass over its K range it holds ``GROUPS`` groups'
     accumulators; a K step loads the weight and id tiles once, masks them once per distinct task among the pass's
-    groups and runs one dot per group on that group's 16 rows (:func:`_group_sums`). A batch of one task takes
-    ``WIDE_GROUPS`` groups of 64 rows instead when there are (``M`` over 112: :func:`mixed_wide_groups`). A batch
+    groups and runs one dot per group on that group's 16 rows (:func:`_group_sums`). A batch whose runs of one task
+    fit ``WIDE_GROUPS`` groups of 64 rows (``M`` over 112: :func:`mixed_wide_groups`) takes those instead. A batch
     whose groups fit one pass (the ``FEW_GROUPS`` loop when they fit it; else ``GROUPS``, see :func:`mixed_groups`)
     reads its weight and ids once; more groups (``sum over tasks of ceil(rows / 16)`` above ``GROUPS``) take
     further passes of ``GROUPS``, each reading them again. A group whose task is outside
@@ -1128,11 +1140,12 @@ def _mixed_linear_kernel(
         ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + (k_start.to(tl.int64) + offs_k)[None, :] * stride_idk
     group_count = tl.load(group_count_ptr)
     first_counter = pid_n * max_passes
-    # A batch of one task (its first and last group's): 64-row groups, a quarter of the dots.
-    one_task = tl.load(group_tasks_ptr) == tl.load(group_tasks_ptr + group_count - 1)
-    if WIDE_GROUPS > 0 and one_task:
+    # Batches whose runs fit WIDE_GROUPS groups of 64 rows take them: a quarter of the dots.
+    wide_count = tl.load(group_count_ptr + 1)
+    if WIDE_GROUPS > 0 and wide_count <= WIDE_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
-                     group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_k, offs_n, n_mask, k_start,
+                     group_rows_ptr + M * 16, group_tasks_ptr + M, wide_count, 0, first_counter, offs_k, offs_n,
+                     n_mask, k_start,
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
@@ -1518,13 +1531,15 @@ _LAST_ROW_GROUPS: list = []
 
 def _row_groups(tasks: torch.Tensor, reuse: bool, wrap=None, launch=None):
     """``(group_rows, group_tasks, group_count)``: the rows of a mixed batch laid out in groups of 16 rows of one
-    task, on the device, with no host sync (the launch does not need the count; the kernel reads it).
+    task, and again in groups of 64, on the device, with no host sync (the launch does not need the counts; the
+    kernel reads them).
 
     The rows sorted by task (:func:`_grouped_rows`, kept across a forward as it is) split into runs of one task;
-    each run fills ``ceil(rows / 16)`` groups, in order: ``group_rows`` int32 ``[rows, 16]`` holds each group's
+    each run fills ``ceil(rows / 16)`` groups, in order: ``group_rows`` int32 ``[rows * 16]`` holds each group's
     input rows (-1 past a run's end), ``group_tasks`` int32 ``[rows]`` their tasks (increasing; values clamped to
-    -1..256, which keeps invalid tasks invalid), ``group_count`` int32 ``[1]``; entries past the count are not
-    written. At most ``rows`` groups. One launch of :func:`_row_groups_kernel`: ``launch`` (a direct launch of it,
+    -1..256, which keeps invalid tasks invalid); then ``[rows * 64]`` and ``[rows]`` the same for groups of 64
+    rows; ``group_count`` int32 ``[2]`` the two counts. Entries past a count are not written. At most ``rows``
+    groups of each. One launch of :func:`_row_groups_kernel`: ``launch`` (a direct launch of it,
     see :class:`LinearPlan`), else ``wrap(kernel)[grid]`` (``wrap_triton`` in the registered op), else a plain
     launch. When the grouping is the one kept for the forward, so are its groups (one layout per forward)."""
     grouping = _grouped_rows(tasks, reuse)
@@ -1532,9 +1547,9 @@ def _row_groups(tasks: torch.Tensor, reuse: bool, wrap=None, launch=None):
         return _LAST_ROW_GROUPS[1]
     row_tasks, row_order = grouping
     rows = row_tasks.numel()
-    group_rows = torch.empty(rows * 16, dtype=torch.int32, device=row_tasks.device)
-    group_tasks = torch.empty(rows, dtype=torch.int32, device=row_tasks.device)
-    group_count = torch.empty(1, dtype=torch.int32, device=row_tasks.device)
+    group_rows = torch.empty(rows * (16 + 64), dtype=torch.int32, device=row_tasks.device)
+    group_tasks = torch.empty(2 * rows, dtype=torch.int32, device=row_tasks.device)
+    group_count = torch.empty(2, dtype=torch.int32, device=row_tasks.device)
     args = (row_tasks, row_order, group_rows, group_tasks, group_count, rows)
     if launch is not None:
         stream = torch._C._cuda_getCurrentRawStream(row_tasks.device.index) if row_tasks.is_cuda else 0

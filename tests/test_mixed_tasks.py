@@ -645,20 +645,22 @@ def _v2_counts(monkeypatch, tensors: dict) -> tuple[dict, list]:
     [
         ({3: 64}, 1),  # one task: one 64-row group
         ({2: 200}, 1),  # one task: 64-row groups, the last of 8 rows
+        ({1: 128, 5: 128}, 1),  # two runs in four 64-row groups
+        ({2: 100, 7: 156}, 2),  # 5 groups of 64 rows would be needed: 17 of 16, 2 passes
         ({1: 8, 2: 8, 3: 8, 4: 8, 5: 8, 6: 8, 7: 8, 8: 8}, 1),  # 64 rows over 8 tasks: 8 groups of 8 rows
         ({1: 17, 4: 3, 9: 44}, 1),  # 64 rows over 3 tasks, tasks absent between: 2 + 1 + 3 groups
         ({1: 96, 2: 64, 5: 48, 6: 16, 7: 32}, 1),  # 256 rows, 5 tasks in 16 full groups: one pass
         ({t: 32 for t in range(1, 9)}, 1),  # 256 rows over 8 tasks of 32: 16 groups
         ({t: 20 for t in range(1, 9)} | {9: 96}, 2),  # 256 rows over 9 tasks: 22 groups, 2 passes of 16
     ],
-    ids=["64x1", "200x1", "64x8", "64x3-absent", "256x5", "256x8", "256x9"],
+    ids=["64x1", "200x1", "256x2-wide", "256x2", "64x8", "64x3-absent", "256x5", "256x8", "256x9"],
 )
 def test_v2_reads_each_weight_once_per_pass_and_dots_cover_their_group(counts, passes, monkeypatch):
     """Under the interpreter, per launch: every weight and id element is loaded exactly once per pass over K (once
     for up to 16 groups of 16 rows of one task: any mix of 64 rows over up to 8 tasks, 256 rows in 16 full groups),
     and each K step runs one dot per group on that group's rows only: a dot's activation columns are those of one
-    task's run of at most 16 rows (64 for a batch of one task over 48 rows), padded with zero columns, every row in
-    one dot per step."""
+    task's run of at most 16 rows (64 when a batch over 112 rows has runs that fit 64-row groups), padded with zero
+    columns, every row in one dot per step."""
     if DEVICE != "cpu":
         pytest.skip("counts the interpreter's loads and dots")
     from packnet_kernels import linear
@@ -672,7 +674,8 @@ def test_v2_reads_each_weight_once_per_pass_and_dots_cover_their_group(counts, p
     loads, dots = _v2_counts(monkeypatch, {"weight": weight, "ids": task_ids})
     got = masked_linear(x, weight, task_ids, tasks, backend="triton")
     few, groups = linear.mixed_groups(m, 2)  # fp16: up to 16 groups per pass
-    wide = linear.mixed_wide_groups(m, 2) if len(counts) == 1 else 0
+    wide = linear.mixed_wide_groups(m, 2)
+    wide = wide if sum(-(-rows // 64) for rows in counts.values()) <= wide else 0
     width = 64 if wide else 16
     group_count = sum(-(-rows // width) for rows in counts.values())
     assert -(-group_count // groups) == passes and (passes > 1) == (group_count > groups)
@@ -718,24 +721,26 @@ def test_v2_row_groups_are_built_once_per_forward(monkeypatch):
 @pytest.mark.interpreter
 @pytest.mark.parametrize(("m", "dtype"), [(1, torch.int64), (17, torch.uint8), (256, torch.int16)])
 def test_v2_row_groups_layout(m, dtype):
-    """The device layout of a batch's rows: each run of one task in groups of 16 rows (its input rows in sorted
-    order, -1 after the run's last row), the groups' tasks in increasing order (clamped to -1..256), and their
-    count; task tensors of any integer dtype (uint8: no negative values)."""
+    """The device layouts of a batch's rows: each run of one task in groups of 16 rows, and of 64 (its input rows in
+    sorted order, -1 after the run's last row), the groups' tasks in increasing order (clamped to -1..256), and
+    their counts; task tensors of any integer dtype (uint8: no negative values)."""
     from packnet_kernels import linear
 
     generator = torch.Generator().manual_seed(m)
     values = [0, 1, 2, 2, 3, 7, 255] if dtype == torch.uint8 else [-5, 0, 1, 2, 2, 3, 7, 300]
     tasks = torch.tensor(values)[torch.randint(0, len(values), (m,), generator=generator)].to(dtype)
-    group_rows, group_tasks, count = (t.cpu() for t in linear._row_groups(tasks.to(DEVICE), reuse=False))
+    group_rows, group_tasks, counts = (t.cpu() for t in linear._row_groups(tasks.to(DEVICE), reuse=False))
     order = torch.sort(tasks, stable=True).indices
-    expected_rows, expected_tasks, position = [], [], 0
-    for task in sorted(set(tasks.tolist())):
-        run = order[position : position + int((tasks == task).sum())].tolist()
-        position += len(run)
-        for first in range(0, len(run), 16):
-            chunk = run[first : first + 16]
-            expected_rows.append(chunk + [-1] * (16 - len(chunk)))
-            expected_tasks.append(max(-1, min(256, task)))
-    assert int(count) == len(expected_rows)
-    assert group_rows.view(-1, 16)[: len(expected_rows)].tolist() == expected_rows
-    assert group_tasks[: len(expected_tasks)].tolist() == expected_tasks
+    layouts = zip((16, 64), group_rows.split([m * 16, m * 64]), group_tasks.split([m, m]), counts, strict=True)
+    for width, rows_of, tasks_of, count in layouts:
+        expected_rows, expected_tasks, position = [], [], 0
+        for task in sorted(set(tasks.tolist())):
+            run = order[position : position + int((tasks == task).sum())].tolist()
+            position += len(run)
+            for first in range(0, len(run), width):
+                chunk = run[first : first + width]
+                expected_rows.append(chunk + [-1] * (width - len(chunk)))
+                expected_tasks.append(max(-1, min(256, task)))
+        assert int(count) == len(expected_rows)
+        assert rows_of.view(-1, width)[: len(expected_rows)].tolist() == expected_rows
+        assert tasks_of[: len(expected_tasks)].tolist() == expected_tasks
