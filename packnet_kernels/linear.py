@@ -909,7 +909,7 @@ def _group_sums(
 
     Each K step loads the weight and id tiles once; the masked tile (:func:`_keep_task`) is built for group 0 and
     again only where a group's task differs from the previous group's (the groups are sorted by task, so once per
-    distinct task); every group then runs one dot on its own 16 rows. The ``if`` holds no load and no dot: a dot
+    distinct task); every group then runs one dot on its own rows. The ``if`` holds no load and no dot: a dot
     inside a run-time ``if`` would lose the loop's pipelining (no ``cp.async`` stages), a select inside one does not
     (triton 3.6 and 3.9, sm_90)."""
     accs = ()
