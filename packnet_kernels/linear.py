@@ -1355,14 +1355,16 @@ def useful_batch_tile(config: triton.Config, m: int) -> bool:
 
 
 def mixed2_config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, groups: int,
-                       few: int, wide: int = 0, one_rows: int = 0, one_block_k: int = 0) -> bool:  # fmt: skip
+                       few: int, wide: int = 0, one_rows: int = 0, one_block_k: int = 0,
+                       ieee: bool = False) -> bool:  # fmt: skip
     """Whether a grouped (v2) config suits ``groups`` unrolled row groups (and loops of ``few`` groups, of ``wide``
     64-row groups and the one-task loop of ``one_rows`` rows and ``one_block_k`` columns beside) for ``dtype``: each
     loop's fp32 accumulators at most 64 registers per thread, 32 for fp32 inputs (measured for sm_90 with triton 3.6
     and 3.9: 16 groups of 64 x 16 on 8 warps take about 205 registers without spilling, 24 spill; 16 on 4 warps
     spill), fp32 dots at most 8 groups, the one-task loop's fp32 operands within :func:`_registers_fit`, and the
     pipelined weight, id and activation tiles of its largest loop in shared memory (``tests/test_codegen.py``
-    checks the bound against the real allocation)."""
+    checks the bound against the real allocation). IEEE fp32 dots (``ieee``, on FMAs) take at most 8 weight elements
+    per thread per step (triton 3.6, sm_90: 64 x 32 on 4 warps or 128 x 32 on 8 spill 208-232 bytes with 2 groups)."""
     element = torch.empty((), dtype=dtype).element_size()
     tile, threads = config.kwargs, 32 * config.num_warps
     loops = [(groups, 16, tile["BLOCK_K"])] + ([(few, 16, tile["BLOCK_K"])] if few < groups else [])
@@ -1373,6 +1375,8 @@ def mixed2_config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_
     if any(count * tile["BLOCK_N"] * width > budget * threads for count, width, _ in loops):
         return False
     if element == 4 and groups > 8:
+        return False
+    if ieee and tile["BLOCK_N"] * tile["BLOCK_K"] > 8 * threads:
         return False
     if one_rows and not _registers_fit(tile["BLOCK_N"], one_rows, one_block_k, config.num_warps, dtype, False):
         return False
@@ -1387,7 +1391,8 @@ def _prune_mixed2_configs(configs, named_args, **kwargs):
     x = named_args["x_ptr"]
     limit = device_properties(x.device).shared_memory_per_block_optin
     sizes = [kwargs[name] for name in _MIXED2_SIZES]
-    fitting = [config for config in configs if mixed2_config_fits(config, x.dtype, limit, *sizes)]
+    ieee = kwargs["INPUT_PRECISION"] == "ieee"
+    fitting = [config for config in configs if mixed2_config_fits(config, x.dtype, limit, *sizes, ieee)]
     return fitting or configs[:1]
 
 
@@ -1731,7 +1736,7 @@ class LinearPlan:
         limit = properties.shared_memory_per_block_optin
         if self.grouped:
             configs = _configs("mixed2", properties.major)
-            sizes = [self.flags[name] for name in _MIXED2_SIZES]
+            sizes = [self.flags[name] for name in _MIXED2_SIZES] + [self.flags["INPUT_PRECISION"] == "ieee"]
             default = next((c for c in configs if mixed2_config_fits(c, self.dtype, limit, *sizes)), configs[0])
         else:
             default = default_config(self.family, properties.major, self.dtype, limit, self.flags["TILE_MAP"])

@@ -403,7 +403,7 @@ def _mixed_v2_variants() -> list[dict]:
         sizes = (groups, few, wide, one_rows, one_block_k)
         limit = SHARED_MEMORY_LIMIT[arch // 10]
         configs = linear._configs("mixed2", arch // 10)
-        config = next(c for c in configs if linear.mixed2_config_fits(c, DTYPES[dtype], limit, *sizes))
+        config = next(c for c in configs if linear.mixed2_config_fits(c, DTYPES[dtype], limit, *sizes, ieee))
         pairs = element == 2 and bits < 8
         args = {
             "x_ptr": POINTER[dtype],
@@ -541,7 +541,7 @@ def _pruned(variant: dict) -> bool:
     dtype, major = DTYPES[variant["dtype"]], variant["arch"] // 10
     if variant["kernel"] == "_mixed_linear_kernel":
         names = ("GROUPS", "FEW_GROUPS", "WIDE_GROUPS", "ONE_ROWS", "ONE_BLOCK_K")
-        sizes = [variant["constexprs"][name] for name in names]
+        sizes = [variant["constexprs"][name] for name in names] + [variant["constexprs"]["INPUT_PRECISION"] == "ieee"]
         return not linear.mixed2_config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], *sizes)
     if variant["module"] == "linear":
         tile_map = variant["constexprs"]["TILE_MAP"]
@@ -648,7 +648,7 @@ def test_every_path_has_a_config_that_fits(arch, dtype):
         wide = linear.mixed_wide_groups(rows, element, ieee, major)
         sizes = (groups, few, wide, *linear.mixed_one_task(rows, element, ieee, major, bits))
         configs = linear._configs("mixed2", major)
-        assert any(linear.mixed2_config_fits(c, DTYPES[dtype], limit, *sizes) for c in configs), (rows, sizes)
+        assert any(linear.mixed2_config_fits(c, DTYPES[dtype], limit, *sizes, ieee) for c in configs), (rows, sizes)
 
 
 # --------------------------------------------------------------------------------------------------------------- #
