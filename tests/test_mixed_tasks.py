@@ -558,6 +558,25 @@ def test_v2_one_task_and_every_task(m, num_tasks):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_v2_one_task_split_k_is_bitwise_the_single_task_kernel(dtype):
+    """A batch of one task whose K is split (4 splits of 64 under the interpreter): the one-task loop's partials and
+    reduction give every row bit for bit the single-task kernel's (the same tiles and split plan)."""
+    if DEVICE != "cpu":
+        pytest.skip("bitwise equality holds for the interpreter's fixed tiles")
+    from packnet_kernels import linear
+
+    x, weight, task_ids, tables, _ = _v2_layer(16, 24, 256, 3, dtype, seed=7)
+    tasks = torch.full((16,), 2)
+    assert linear._mixed_split_plan(16, 24, 256, 2, True, None)[0] == 4
+    got = masked_linear(x, weight, task_ids, tasks, tables[0], backend="triton")
+    expected = masked_linear(x, weight, task_ids, 2, tables[0][1], backend="triton")
+    assert torch.equal(got, expected)
+    reference = masked_linear_ref(x.double(), weight.double(), task_ids, tasks, tables[0].double())
+    torch.testing.assert_close(got.double(), reference, **_tolerance(dtype))
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("task", [0, 6, 300])
 def test_v2_one_invalid_task_comes_out_nan(task):
     """A batch of one task outside 1..(table rows) takes the one-task loop and every row comes out NaN (the kernel
