@@ -257,8 +257,13 @@ def _task_sums(
 ):
     """One task's sums over ``[k_start, k_end)``: ``acc + w_masked @ xt`` step by step. With ``TILE_MAP`` each step
     first reads its tile's cells: a tile with no weight of tasks 1..active_task reads nothing, and (``RAW_TILES``) a
-    tile whose owners are all visible reads no ids."""
-    for k in range(k_start, k_end, BLOCK_K):
+    tile whose owners are all visible reads no ids.
+
+    The loop runs at least one step, even for an empty span (whose one step loads nothing: its masks are empty): a
+    loop the compiler cannot prove runs gives the accumulator a second definition on the path around it, the zeros
+    ``acc`` held before, and ptxas then serialises every wgmma of the kernel (C7515; triton 3.6 and 3.9)."""
+    for step in range(0, tl.maximum(tl.cdiv(k_end - k_start, BLOCK_K), 1)):
+        k = k_start + step * BLOCK_K
         # Masks compare offsets with scalar bounds only (what keeps the loads 16-byte cp.async): the tile map narrows
         # the bounds, to 0 for what this tile need not read.
         k_remaining = K - k
