@@ -564,14 +564,16 @@ def predicate_costs(compiled):
 
 
 # Per regime: compact over uint8 ratio, ratio to the plain loop, integer instructions per weight element per thread.
-PREDICATE_LIMITS = {"small": (0.75, 3.2, 5.0), "large": (0.75, 3.2, 5.0), "conv": (0.85, 2.6, 10.0)}
+PREDICATE_LIMITS = {"small": (0.75, 3.6, 5.0), "large": (0.75, 3.2, 5.0), "conv": (0.85, 2.6, 10.0)}
 
 
 @pytest.mark.parametrize("regime", list(PREDICATE_REGIMES))
 def test_compact_ids_cut_the_predicate_loop(regime, predicate_costs):
-    """Measured when kernels v8 came (triton 3.9 and 3.6): compact ids take the small-batch loop from a median 3.7-5x
-    of the no-predicate loop to 2.2-2.9x, and integer work from 8.4-9.8 to 3-4.5 instructions per weight element per
-    thread; the 3x3 conv's from 1.9-3.0x to 1.6-2.2x. Pinned with a margin: a change that loses most of it fails."""
+    """Measured (triton 3.9 and 3.6, medians over each regime's configs): compact ids take the small-batch loop from
+    5.3-6.1x the no-predicate loop to 2.7-3.3x, the large tiles' from 3.6-3.7x to 2.1x, and integer work from 9-10 to
+    4-4.8 instructions per weight element per thread; the 3x3 conv's from 2.1x to 1.4-1.6x. (The small-batch ratios
+    grew when the loops stopped serialising wgmma: the no-predicate loop they divide by got shorter.) Pinned with a
+    margin: a change that loses most of it fails."""
     costs = predicate_costs[regime]
     gain, ceiling, integer_limit = PREDICATE_LIMITS[regime]
     ids4 = _median([cost["ratio"] for cost in costs["ids4"]])
