@@ -632,8 +632,10 @@ def _masked_linear_kernel(
     # ``k_per_split`` is specialised (not in ``do_not_specialize``): Triton then knows it is a multiple of 16, so the
     # split's start is 16-aligned and the K mask below is constant over 16-element runs, which lets every weight, id
     # and activation load become a 16-byte ``cp.async``. The launcher makes ``k_per_split`` a multiple of every
-    # BLOCK_K, so a split's tiles never cross into the next split and masking against ``K`` alone is exact.
-    k_start = pid_k * k_per_split
+    # BLOCK_K, so a split's tiles never cross into the next split and masking against ``K`` alone is exact (one
+    # split: k_start is 0). Said with multiple_of, it also makes a step's compact-id words (BLOCK_K / 8 or / 16 of
+    # them, from k_start / 8 or / 16 on) 16-byte loads instead of 8-byte ones.
+    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)
     k_end = min(K, k_start + k_per_split)
     offs_k = tl.arange(0, BLOCK_K)
     offs_k64 = k_start.to(tl.int64) + offs_k
