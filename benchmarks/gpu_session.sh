@@ -16,6 +16,9 @@
 #
 #   bash benchmarks/gpu_session.sh [tests] [profile] [demo] [headline] [tiles] [mixed] [graphs]   (no argument: all)
 #
+# Named only (not in "all", which already returns 8 files): mixed_conv, benchmarks/mixed_conv.py (mixed-task conv
+# batches in one launch against one task and splitting by task) into mixed_conv.json; MIXED_CONV_BUDGET_S (60).
+#
 # Reports: python -c 'import sys; sys.path[:0] = ["benchmarks"]; import tiles; tiles.write_report("OUT/tiles.json")'
 # (mixed likewise; headline: python benchmarks/headline_report.py OUT/headline.json).
 #
@@ -81,7 +84,7 @@ if want headline; then
 fi
 # The tile-map, mixed-batch and whole-model stages compile their own kernel variants (mixed tiles take tens of
 # seconds each; the models' untuned layers one each): compiled here too, once per case, untimed.
-for stage in tiles mixed graphs; do
+for stage in tiles mixed mixed_conv graphs; do
     if want "$stage"; then
         timeout "${TESTS_TIMEOUT_S:-200}" "$PYTHON" "benchmarks/$stage.py" --json "/tmp/warm/$stage.json" --warm \
             >>"$LOGS/warm.log" 2>&1 &
@@ -125,6 +128,9 @@ if want tiles; then
 fi
 if want mixed; then
     timed_stage mixed "${MIXED_BUDGET_S:-60}"
+fi
+if want mixed_conv; then
+    timed_stage mixed_conv "${MIXED_CONV_BUDGET_S:-60}"
 fi
 # Whole models at batch 1, eager and as CUDA graphs (issue 26): host-bound eager latency against the dense twins,
 # graph replays against the kernels' sum.

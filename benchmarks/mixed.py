@@ -1,6 +1,7 @@
 """Mixed-task batches: one launch for rows of several tasks against splitting the batch by task.
 
     python benchmarks/mixed.py (--out DIR | --json FILE) [--quick] [--budget-s SECONDS] [--warm]
+    python benchmarks/mixed.py model --out DIR      (the byte-and-step model's predictions: mixed_model.py)
 
 A transformer MLP up projection (4096 -> 11008, fp16) packed for 8 tasks (each owning an eighth of the weights, by
 magnitude). A batch of B rows (B = 8, 64, 256) spread over k tasks (k = 1, 2, 4, 8; rows dealt round-robin, then
@@ -19,6 +20,7 @@ turns it into Markdown with the issue's targets.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -162,7 +164,27 @@ def markdown(data: dict) -> str:
         lines += ["", "| target | measured | met |", "|---|---:|---|"]
         for target, value, met in targets(data["results"]):
             lines.append(f"| {target} | {'-' if value is None else f'{value:.2f}x'} | {'-' if met is None else met} |")
+        lines += model_check(data)
     return "\n".join(lines) + "\n"
+
+
+def model_check(data: dict) -> list[str]:
+    """The mixed launches' times against the byte-and-step model's predictions for the grouped kernel (v2, uint8
+    ids: `results/mixed-model-predictions.json`), when the run is of the model's layer."""
+    path = Path(__file__).resolve().parent / "results" / "mixed-model-predictions.json"
+    if not path.exists() or tuple(data["layer"]) != LAYER:
+        return []
+    predicted = {
+        (case["batch"], case["tasks"]): case["v2_predicted_us"] for case in json.loads(path.read_text())["cases"]
+    }
+    lines = ["", "| batch | tasks | mixed measured | v2 predicted | error |", "|---:|---:|---:|---:|---:|"]
+    for row in data["results"]:
+        value, model = row.get("graph_ms"), predicted.get((row["batch"], row["tasks"]))
+        if row["method"] != "mixed" or not value or model is None:
+            continue
+        measured, error = value * 1e3, 100 * (model / (value * 1e3) - 1)
+        lines.append(f"| {row['batch']} | {row['tasks']} | {measured:.1f} | {model:.1f} | {error:+.0f} % |")
+    return lines if len(lines) > 3 else []
 
 
 def write_report(json_path: str | Path) -> list[Path]:
@@ -220,4 +242,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["model"]:  # the byte-and-step model's predictions (benchmarks/mixed_model.py)
+        import mixed_model
+
+        sys.exit(mixed_model.main(["predict", *sys.argv[2:]]))
     sys.exit(main())

@@ -54,3 +54,63 @@ def test_targets_from_graph_times():
     assert [met for _, _, met in mixed.targets(rows(1.2, 1.0, 5.0))] == [True, True]
     assert [met for _, _, met in mixed.targets(rows(1.4, 1.0, 5.0))] == [False, False]
     assert [met for _, _, met in mixed.targets([])] == [None, None]
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# The byte-and-step model (benchmarks/mixed_model.py), from the committed features of the compiled kernels.
+
+
+def test_model_cases_are_the_benchmarks():
+    import mixed_model
+
+    assert mixed_model.MODEL_LAYER == mixed.LAYER and mixed_model.BATCHES == mixed.BATCHES
+    assert mixed_model.TASK_COUNTS == mixed.TASK_COUNTS
+    for batch, count in mixed_model.MODEL_CASES:
+        assert mixed_model.case_tasks(batch, count) == sorted(mixed.row_tasks_for(batch, count, seed=0).tolist())
+
+
+def test_model_groups_are_the_kernels():
+    """The model's row groups of a mix are those the launcher lays out for the kernel."""
+    import mixed_model
+
+    from packnet_kernels import linear
+
+    for tasks in ([3] * 40, [1, 5, 5, 2, 8, 8, 8] * 9, mixed.row_tasks_for(64, 8, seed=2).tolist()):
+        group_rows, group_tasks, counts = linear._row_groups(torch.tensor(tasks), reuse=False)
+        groups, wide = mixed_model.v2_groups(tasks), mixed_model.v2_groups(tasks, 64)
+        assert counts.tolist() == [len(groups), len(wide)] and group_tasks[: len(groups)].tolist() == groups
+        assert group_tasks[len(tasks) : len(tasks) + len(wide)].tolist() == wide
+        filled = (group_rows.view(-1, 16)[: len(groups)] >= 0).sum(1).tolist()
+        for task in set(tasks):
+            runs = [rows for rows, group_task in zip(filled, groups, strict=True) if group_task == task]
+            assert sum(runs) == tasks.count(task) and all(rows == 16 for rows in runs[:-1])
+
+
+def test_model_reproduces_its_committed_predictions_and_fits_run_4():
+    """The committed predictions follow from the committed features and calibration; on run 4's v6 mixed cases
+    (nothing fitted to them) the v1 model is within 15 % of every measured time."""
+    import mixed_model
+
+    report = mixed_model.model_report(*mixed_model.load_model_inputs())
+    committed = json.loads((mixed_model.RESULTS / "mixed-model-predictions.json").read_text())
+    assert report == committed
+    assert all(abs(case["v1_error"]) <= 0.15 for case in report["cases"])
+    assert len(report["cases"]) == len(mixed.BATCHES) * len(mixed.TASK_COUNTS)
+    assert (mixed_model.RESULTS / "mixed-model-predictions.md").read_text() == mixed_model.model_markdown(report)
+
+
+def test_gpu_report_sets_measured_mixed_times_beside_the_model():
+    """A GPU run of the model's layer reports each mixed launch against the model's v2 prediction."""
+    import mixed_model
+
+    predicted = json.loads((mixed_model.RESULTS / "mixed-model-predictions.json").read_text())["cases"][7]
+    data = {
+        "device": {"device": "cuda", "gpu_name": "NVIDIA H200"},
+        "layer": list(mixed.LAYER),
+        "dtype": "float16",
+        "results": [{"batch": 64, "tasks": 8, "method": "mixed", "ok": True, "graph_ms": 0.2}],
+    }
+    assert (predicted["batch"], predicted["tasks"]) == (64, 8)
+    error = 100 * (predicted["v2_predicted_us"] / 200 - 1)
+    assert f"| 64 | 8 | 200.0 | {predicted['v2_predicted_us']:.1f} | {error:+.0f} % |" in mixed.markdown(data)
+    assert "v2 predicted" not in mixed.markdown(dict(data, layer=[96, 80]))

@@ -10,6 +10,9 @@ Two kernels share one launcher:
   16-wide MMA tile with a handful of channels. A tile spans output channels of many groups and accumulates
   ``x * w`` products on the CUDA cores, one (input channel, tap) at a time.
 
+A mixed-task batch (one task per image) runs the GEMM kernel on the images sorted by task, over pixel tiles of one
+task each that ``_pixel_tiles_kernel`` lays out on the device first.
+
 Offsets that grow with the batch are int64; offsets inside one image or one weight are int32, and the launcher
 refuses a single image or weight of 2**31 elements or more.
 """
@@ -42,14 +45,13 @@ from ._launcher import KernelLaunch
 from ._predicate import (
     element_masks,
     keep_owned,
-    next_pass,
-    next_task,
     owned_pair_masks,
     span_owners,
     task_owns,
     tile_bounds,
 )
 from .id_layout import CompactTaskIds, unpack_task_ids
+from .linear import _grouped_rows
 from .reference import per_task_rows
 
 __all__ = ["masked_conv2d_triton"]
@@ -105,109 +107,6 @@ def _keep_tap(w_tile, ids, offs_c, ids_limit, task, TILE_MAP: tl.constexpr, ID_B
             owned = owned | (offs_c >= ids_limit)[:, None]
         w_tile = tl.where(owned, w_tile, 0.0)
     return w_tile
-
-
-@triton.jit
-def _mixed_taps_pass(
-    acc,
-    x_rows,
-    w_cols,
-    ids_cols,
-    map_rows,
-    cell_row_mask,
-    offs_cell_k,
-    pixel_tasks,
-    done_task,
-    tile_min_task,
-    tile_max_task,
-    in_row0,
-    in_col0,
-    m_valid,
-    n_valid,
-    in_h,
-    in_w,
-    cin_per_group,
-    channel_blocks,
-    stride_map_plane,
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    stride_wc,
-    stride_wh,
-    stride_ww,
-    stride_ic,
-    stride_ih,
-    stride_iw,
-    dilation_h,
-    dilation_w,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    USE_MASK: tl.constexpr,
-    TILE_MAP: tl.constexpr,
-    RAW_TILES: tl.constexpr,
-    CELL_K: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    ID_BITS: tl.constexpr,
-    USE_ASM: tl.constexpr,
-    SEGMENTS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """One pass over the reduction of a mixed-task tile for the next ``SEGMENTS`` tasks above ``done_task`` among its
-    pixels: each step loads the input, weight and id tiles once, then per task selects its weights and keeps the dot
-    only in its rows. A segment past the tile's last task selects nothing and keeps no row."""
-    for step in range(0, KH * KW * channel_blocks):
-        tap = step // channel_blocks
-        first_c = (step % channel_blocks) * BLOCK_K
-        offs_c = first_c + tl.arange(0, BLOCK_K)
-        c_limit = cin_per_group
-        ids_limit = cin_per_group
-        if TILE_MAP:
-            cell_cols = (tap * cin_per_group + first_c) // CELL_K + offs_cell_k
-            cell_mask = cell_row_mask[:, None] & (cell_cols < tl.cdiv(KH * KW * cin_per_group, CELL_K))[None, :]
-            c_limit, ids_limit = tile_bounds(
-                map_rows + cell_cols[None, :],
-                cell_mask,
-                stride_map_plane,
-                c_limit,
-                tile_max_task,
-                tile_min_task,
-                RAW_TILES,
-            )
-        c_valid = offs_c < c_limit
-        tap_row = tap // KW
-        tap_col = tap % KW
-        in_row = in_row0 + tap_row * dilation_h
-        in_col = in_col0 + tap_col * dilation_w
-        pixel_valid = m_valid & (in_row >= 0) & (in_row < in_h) & (in_col >= 0) & (in_col < in_w)
-        x_pixels = x_rows + in_row * stride_xh + in_col * stride_xw
-        x_tile = tl.load(
-            x_pixels[:, None] + (offs_c * stride_xc)[None, :],
-            mask=pixel_valid[:, None] & c_valid[None, :],
-            other=0.0,
-        )
-        w_tile = tl.load(
-            (w_cols + tap_row * stride_wh + tap_col * stride_ww)[None, :] + (offs_c * stride_wc)[:, None],
-            mask=c_valid[:, None] & n_valid[None, :],
-            other=0.0,
-        )
-        if USE_MASK:
-            ids = _tap_ids(ids_cols, tap_row, tap_col, first_c, offs_c, ids_limit, n_valid, stride_ic, stride_ih,
-                           stride_iw, ID_BITS)  # fmt: skip
-        if UPCAST_DOT:
-            x_tile = x_tile.to(tl.float32)
-        segment_task = done_task
-        for _ in tl.static_range(SEGMENTS):
-            segment_task = next_task(pixel_tasks, segment_task)
-            w_task = w_tile
-            if USE_MASK:
-                w_task = _keep_tap(w_tile, ids, offs_c, ids_limit, segment_task, TILE_MAP, ID_BITS, USE_ASM)
-            if UPCAST_DOT:
-                w_task = w_task.to(tl.float32)
-            # Other tasks' rows keep their sums: 0 * Inf from a weight they do not own never lands.
-            summed = tl.dot(x_tile, w_task, acc, input_precision=INPUT_PRECISION)
-            acc = tl.where((pixel_tasks == segment_task)[:, None], summed, acc)
-    return acc
 
 
 @triton.jit
@@ -305,160 +204,6 @@ def _task_taps(
     return acc
 
 
-@triton.jit
-def _mixed_taps(
-    acc,
-    x_rows,
-    w_cols,
-    ids_cols,
-    map_rows,
-    cell_row_mask,
-    offs_cell_k,
-    pixel_tasks,
-    tile_min_task,
-    tile_max_task,
-    in_row0,
-    in_col0,
-    m_valid,
-    n_valid,
-    in_h,
-    in_w,
-    cin_per_group,
-    channel_blocks,
-    stride_map_plane,
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    stride_wc,
-    stride_wh,
-    stride_ww,
-    stride_ic,
-    stride_ih,
-    stride_iw,
-    dilation_h,
-    dilation_w,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    USE_MASK: tl.constexpr,
-    TILE_MAP: tl.constexpr,
-    RAW_TILES: tl.constexpr,
-    CELL_K: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    ID_BITS: tl.constexpr,
-    USE_ASM: tl.constexpr,
-    SEGMENTS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """The tap-by-tap reduction of a mixed-task tile (``MIXED`` in :func:`_masked_conv2d_gemm_kernel`): ``acc[m, :]
-    += sum_{c,r,s} x[m, c, r, s] * W_{pixel_tasks[m]}[c, r, s, :]`` for every pixel row whose task is in 1..255.
-
-    Passes over the reduction, each for the next (up to) ``SEGMENTS`` tasks present among the tile's pixels. A pass
-    of one task (a tile inside one image, or in images of one task) runs one masked dot per step, a fuller pass
-    ``SEGMENTS``: two loops chosen once per pass, as in the linear kernel's ``_mixed_task_sums`` (a run-time ``if``
-    around each dot would stop the pipelining; each loop has its own shared-memory buffers)."""
-    # Images of 64 pixels or more put most pixel tiles inside one image: one task.
-    FEW_SEGMENTS: tl.constexpr = 1
-    tl.static_assert(SEGMENTS > FEW_SEGMENTS, "the launcher runs 2 or 4 segments per mixed pass")
-    done_task = 0 * tile_max_task  # every task <= done_task is summed
-    while done_task < tile_max_task:
-        pass_tasks, last_task = next_pass(pixel_tasks, done_task, SEGMENTS)
-        if pass_tasks <= FEW_SEGMENTS:
-            acc = _mixed_taps_pass(
-                acc,
-                x_rows,
-                w_cols,
-                ids_cols,
-                map_rows,
-                cell_row_mask,
-                offs_cell_k,
-                pixel_tasks,
-                done_task,
-                tile_min_task,
-                tile_max_task,
-                in_row0,
-                in_col0,
-                m_valid,
-                n_valid,
-                in_h,
-                in_w,
-                cin_per_group,
-                channel_blocks,
-                stride_map_plane,
-                stride_xc,
-                stride_xh,
-                stride_xw,
-                stride_wc,
-                stride_wh,
-                stride_ww,
-                stride_ic,
-                stride_ih,
-                stride_iw,
-                dilation_h,
-                dilation_w,
-                KH,
-                KW,
-                USE_MASK,
-                TILE_MAP,
-                RAW_TILES,
-                CELL_K,
-                UPCAST_DOT,
-                INPUT_PRECISION,
-                ID_BITS,
-                USE_ASM,
-                FEW_SEGMENTS,
-                BLOCK_K,
-            )
-        else:
-            acc = _mixed_taps_pass(
-                acc,
-                x_rows,
-                w_cols,
-                ids_cols,
-                map_rows,
-                cell_row_mask,
-                offs_cell_k,
-                pixel_tasks,
-                done_task,
-                tile_min_task,
-                tile_max_task,
-                in_row0,
-                in_col0,
-                m_valid,
-                n_valid,
-                in_h,
-                in_w,
-                cin_per_group,
-                channel_blocks,
-                stride_map_plane,
-                stride_xc,
-                stride_xh,
-                stride_xw,
-                stride_wc,
-                stride_wh,
-                stride_ww,
-                stride_ic,
-                stride_ih,
-                stride_iw,
-                dilation_h,
-                dilation_w,
-                KH,
-                KW,
-                USE_MASK,
-                TILE_MAP,
-                RAW_TILES,
-                CELL_K,
-                UPCAST_DOT,
-                INPUT_PRECISION,
-                ID_BITS,
-                USE_ASM,
-                SEGMENTS,
-                BLOCK_K,
-            )
-        done_task = last_task
-    return acc
-
-
 @triton.jit(do_not_specialize=["active_task", "m_bucket", "max_task"])
 def _masked_conv2d_gemm_kernel(
     x_ptr,
@@ -469,7 +214,8 @@ def _masked_conv2d_gemm_kernel(
     shift_ptr,
     out_ptr,
     tile_map_ptr,
-    image_tasks_ptr,
+    image_order_ptr,
+    pixel_tiles_ptr,
     active_task,
     max_task,
     total_pixels,
@@ -517,7 +263,6 @@ def _masked_conv2d_gemm_kernel(
     CELL_N: tl.constexpr,
     CELL_K: tl.constexpr,
     MIXED: tl.constexpr,
-    SEGMENTS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
@@ -538,7 +283,8 @@ def _masked_conv2d_gemm_kernel(
 
     Pointers: ``x_ptr [N, C, H, W]``, ``w_ptr``/``ids_ptr [out, Cg, KH, KW]`` (uint8 ids),
     ``bias_ptr``/``scale_ptr``/``shift_ptr [out]``, ``out_ptr [N, out, H_out, W_out]``; any strides.
-    Grid: ``(cdiv(M, BLOCK_M) * cdiv(out/groups, BLOCK_N), groups)``. ``m_bucket`` only keys the autotuner.
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(out/groups, BLOCK_N), groups)`` (``MIXED``: the pixel tiles' count times the
+    channel blocks). ``m_bucket`` only keys the autotuner.
     With ``TAPS_OUTER`` the reduction runs tap by tap over blocks of ``BLOCK_K`` channels (fast with a channels_last
     input and a K-contiguous weight, whose channels are neighbouring addresses); else over all of ``(c, r, s)`` at
     once, with ``c`` fastest when ``CHANNELS_INNER`` (channels_last input), for convs with few channels per group.
@@ -553,13 +299,15 @@ def _masked_conv2d_gemm_kernel(
     id or input bytes, and with ``RAW_TILES`` a tile whose owners are all visible reads no ids. Sums are those of the
     predicate path.
 
-    ``MIXED`` (a batch of images of several tasks; ``TAPS_OUTER`` only; ``active_task`` unused): ``image_tasks_ptr``
-    ``[N]`` (any integer dtype) holds each image's task; an image whose task is outside 1..``max_task`` is written
-    NaN. Each step loads its input, weight and id tiles once and, per task present among the tile's pixels
-    (``SEGMENTS`` per pass over the reduction, more tasks take more passes), selects that task's weights and keeps
-    the dot only in that task's pixel rows. ``bias_ptr``/``scale_ptr``/``shift_ptr`` may then be per-task tables
-    ``[num_tasks, out]`` (row stride ``stride_*_task``; 0 for a vector shared by every task). A tile-map step is
-    skipped only when no task of the tile's pixels uses it, and read raw only when every one of them sees its owners.
+    ``MIXED`` (a batch of images of several tasks; ``TAPS_OUTER`` only; ``active_task`` unused): the images are
+    sorted by task, ``image_order_ptr`` ``[N]`` int64 the caller's image at each sorted position, and the sorted
+    images' pixels laid out in tiles of one task each (:func:`_pixel_tiles`): ``pixel_tiles_ptr`` int64
+    ``[programs along axis 0 / channel blocks, 3]`` holds each tile's first sorted pixel, its rows (at most
+    ``BLOCK_M``: a task's last tile is padded; tiles past the last task have none, and task 0) and its task. Each
+    program runs the single-task loop for its tile's task (one masked dot per step, on its rows) and writes its rows
+    to the caller's images. A tile whose task is outside 1..``max_task`` runs no loop and is written NaN.
+    ``bias_ptr``/``scale_ptr``/``shift_ptr`` may be per-task tables ``[num_tasks, out]`` (row stride
+    ``stride_*_task``; 0 for a vector shared by every task): the tile reads its task's row.
     """
     pid = tl.program_id(0)
     group = tl.program_id(1)
@@ -568,23 +316,28 @@ def _masked_conv2d_gemm_kernel(
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
 
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < total_pixels
     pixels_per_image = out_h * out_w
-    image = offs_m // pixels_per_image
-    pixel = (offs_m % pixels_per_image).to(tl.int32)
+    task_valid = True
+    if MIXED:
+        # A tile of one task's pixels in the images sorted by task; the rows map back to the caller's images.
+        tile = pixel_tiles_ptr + pid_m * 3
+        sorted_pixel = tl.load(tile) + tl.arange(0, BLOCK_M)
+        m_valid = tl.arange(0, BLOCK_M) < tl.load(tile + 1)
+        active_task = tl.load(tile + 2).to(tl.int32)
+        task_valid = (active_task >= 1) & (active_task <= max_task)
+        active_task = tl.where(task_valid, active_task, 0)
+        image = tl.load(image_order_ptr + sorted_pixel // pixels_per_image, mask=m_valid, other=0)
+        pixel = (sorted_pixel % pixels_per_image).to(tl.int32)
+    else:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < total_pixels
+        image = offs_m // pixels_per_image
+        pixel = (offs_m % pixels_per_image).to(tl.int32)
     out_row = pixel // out_w
     out_col = pixel % out_w
     in_row0 = out_row * conv_stride_h - pad_top
     in_col0 = out_col * conv_stride_w - pad_left
     x_rows = x_ptr + image * stride_xn + (group * cin_per_group) * stride_xc
-    if MIXED:
-        raw_tasks = tl.load(image_tasks_ptr + image, mask=m_valid, other=0)
-        pixel_valid_task = (raw_tasks >= 1) & (raw_tasks <= max_task)
-        pixel_tasks = tl.where(pixel_valid_task, raw_tasks, 0).to(tl.int32)
-        tile_max_task = tl.max(pixel_tasks, axis=0)
-        # Smallest task of the tile (256 when none): a raw step needs every owner visible to it.
-        tile_min_task = tl.min(tl.where(pixel_tasks > 0, pixel_tasks, 256), axis=0)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < cout_per_group
@@ -607,82 +360,35 @@ def _masked_conv2d_gemm_kernel(
             cell_row_mask = cell_rows < tl.cdiv(cout_per_group * tl.num_programs(1), CELL_N)
             offs_cell_k = tl.arange(0, CELLS_K)
             map_rows = tile_map_ptr + cell_rows[:, None] * stride_map_row
-        if MIXED:
-            acc = _mixed_taps(
-                acc,
-                x_rows,
-                w_cols,
-                ids_cols,
-                map_rows if TILE_MAP else None,
-                cell_row_mask if TILE_MAP else None,
-                offs_cell_k if TILE_MAP else None,
-                pixel_tasks,
-                tile_min_task,
-                tile_max_task,
-                in_row0,
-                in_col0,
-                m_valid,
-                n_valid,
-                in_h,
-                in_w,
-                cin_per_group,
-                channel_blocks,
-                stride_map_plane,
-                stride_xc,
-                stride_xh,
-                stride_xw,
-                stride_wc,
-                stride_wh,
-                stride_ww,
-                stride_ic,
-                stride_ih,
-                stride_iw,
-                dilation_h,
-                dilation_w,
-                KH,
-                KW,
-                USE_MASK,
-                TILE_MAP,
-                RAW_TILES,
-                CELL_K,
-                UPCAST_DOT,
-                INPUT_PRECISION,
-                ID_BITS,
-                USE_ASM,
-                SEGMENTS,
-                BLOCK_K,
+            # Decided once for the program's whole reduction, before any loop (see the linear kernel): a span with
+            # no weight of tasks 1..active_task runs no loop, and with RAW_TILES one whose owners are all visible
+            # runs the loop without ids or map.
+            owner_min, owner_max = span_owners(
+                map_rows, cell_row_mask, 0, KH * KW * cin_per_group, stride_map_plane, CELL_K, 128
             )
-        else:
-            if TILE_MAP:
-                # Decided once for the program's whole reduction, before any loop (see the linear kernel): a span with
-                # no weight of tasks 1..active_task runs no loop, and with RAW_TILES one whose owners are all visible
-                # runs the loop without ids or map.
-                owner_min, owner_max = span_owners(
-                    map_rows, cell_row_mask, 0, KH * KW * cin_per_group, stride_map_plane, CELL_K, 128
-                )
-                if owner_min <= active_task:
-                    raw_span = False
-                    if RAW_TILES:
-                        raw_span = owner_max <= active_task
-                    if raw_span:
-                        acc = _task_taps(acc, x_rows, w_cols, ids_cols, None, None, None, active_task, in_row0, in_col0,
-                                         m_valid, n_valid, in_h, in_w, cin_per_group, channel_blocks, 0, stride_xc,
-                                         stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, stride_ic, stride_ih,
-                                         stride_iw, dilation_h, dilation_w, KH, KW, False, False, False, CELL_K,
-                                         UPCAST_DOT, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
-                    else:
-                        acc = _task_taps(acc, x_rows, w_cols, ids_cols, map_rows, cell_row_mask, offs_cell_k,
-                                         active_task, in_row0, in_col0, m_valid, n_valid, in_h, in_w, cin_per_group,
-                                         channel_blocks, stride_map_plane, stride_xc, stride_xh, stride_xw, stride_wc,
-                                         stride_wh, stride_ww, stride_ic, stride_ih, stride_iw, dilation_h,
-                                         dilation_w, KH, KW, USE_MASK, True, RAW_TILES, CELL_K, UPCAST_DOT,
-                                         INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
-            else:
-                acc = _task_taps(acc, x_rows, w_cols, ids_cols, None, None, None, active_task, in_row0, in_col0,
-                                 m_valid, n_valid, in_h, in_w, cin_per_group, channel_blocks, 0, stride_xc, stride_xh,
-                                 stride_xw, stride_wc, stride_wh, stride_ww, stride_ic, stride_ih, stride_iw,
-                                 dilation_h, dilation_w, KH, KW, USE_MASK, False, False, CELL_K, UPCAST_DOT,
-                                 INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
+            if owner_min <= active_task:
+                raw_span = False
+                if RAW_TILES:
+                    raw_span = owner_max <= active_task
+                if raw_span:
+                    acc = _task_taps(acc, x_rows, w_cols, ids_cols, None, None, None, active_task, in_row0, in_col0,
+                                     m_valid, n_valid, in_h, in_w, cin_per_group, channel_blocks, 0, stride_xc,
+                                     stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, stride_ic, stride_ih,
+                                     stride_iw, dilation_h, dilation_w, KH, KW, False, False, False, CELL_K,
+                                     UPCAST_DOT, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
+                else:
+                    acc = _task_taps(acc, x_rows, w_cols, ids_cols, map_rows, cell_row_mask, offs_cell_k,
+                                     active_task, in_row0, in_col0, m_valid, n_valid, in_h, in_w, cin_per_group,
+                                     channel_blocks, stride_map_plane, stride_xc, stride_xh, stride_xw, stride_wc,
+                                     stride_wh, stride_ww, stride_ic, stride_ih, stride_iw, dilation_h,
+                                     dilation_w, KH, KW, USE_MASK, True, RAW_TILES, CELL_K, UPCAST_DOT,
+                                     INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
+        elif task_valid:  # a mixed tile of an invalid task (tiles past the last task have task 0) runs no loop
+            acc = _task_taps(acc, x_rows, w_cols, ids_cols, None, None, None, active_task, in_row0, in_col0,
+                             m_valid, n_valid, in_h, in_w, cin_per_group, channel_blocks, 0, stride_xc, stride_xh,
+                             stride_xw, stride_wc, stride_wh, stride_ww, stride_ic, stride_ih, stride_iw,
+                             dilation_h, dilation_w, KH, KW, USE_MASK, False, False, CELL_K, UPCAST_DOT,
+                             INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
     else:
         # Few channels per group (an RGB stem): k runs over all (c, r, s) at once so that a tile is not mostly
         # padding; loads are gathers, like an im2col's.
@@ -721,36 +427,76 @@ def _masked_conv2d_gemm_kernel(
             acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
 
     if MIXED:
-        # Each pixel row takes its image's task's row of every per-task table (row 0 for invalid rows, then NaN).
-        table_rows = tl.maximum(pixel_tasks - 1, 0).to(tl.int64)[:, None]
-        vector_mask = m_valid[:, None] & n_valid[None, :]
+        # The tile's task's row of each per-task table (row 0 for an invalid task, written NaN below).
+        table_row = tl.maximum(active_task - 1, 0).to(tl.int64)
         if HAS_BIAS:
-            acc += tl.load(
-                bias_ptr + table_rows * stride_bias_task + out_channel[None, :], mask=vector_mask, other=0.0
-            ).to(tl.float32)
+            bias_ptr += table_row * stride_bias_task
         if HAS_SCALE:
-            acc *= tl.load(
-                scale_ptr + table_rows * stride_scale_task + out_channel[None, :], mask=vector_mask, other=0.0
-            ).to(tl.float32)
+            scale_ptr += table_row * stride_scale_task
         if HAS_SHIFT:
-            acc += tl.load(
-                shift_ptr + table_rows * stride_shift_task + out_channel[None, :], mask=vector_mask, other=0.0
-            ).to(tl.float32)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-        if HAS_SCALE:
-            acc *= tl.load(scale_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-        if HAS_SHIFT:
-            acc += tl.load(shift_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+            shift_ptr += table_row * stride_shift_task
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
     if APPLY_RELU:
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if MIXED:
-        acc = tl.where(pixel_valid_task[:, None], acc, float("nan"))
+        acc = tl.where(task_valid, acc, float("nan"))
 
     out_rows = out_ptr + image * stride_on + out_row * stride_oh + out_col * stride_ow
     out_ptrs = out_rows[:, None] + (out_channel * stride_oc)[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+@triton.jit
+def _pixel_tiles_kernel(
+    tasks_ptr,
+    tiles_ptr,
+    images,
+    pixels,
+    max_task,
+    num_tiles,
+    BLOCK_M: tl.constexpr,
+    TASK_BINS: tl.constexpr,
+    IMAGES_BLOCK: tl.constexpr,
+    TILES_BLOCK: tl.constexpr,
+):
+    """``tiles[t] = (first sorted pixel, rows, task)`` of a mixed launch's pixel tiles (:func:`_pixel_tiles`).
+
+    Pointers: ``tasks_ptr [images]`` the images' tasks sorted increasingly (any integer dtype), ``tiles_ptr
+    [num_tiles, 3]`` int64. Grid: ``(cdiv(num_tiles, TILES_BLOCK),)``. Each program counts the images of each task
+    (tasks clamped to 0..max_task + 1, ``TASK_BINS`` > max_task + 1 bins): a task's images are a run of the sorted
+    order and fill ``cdiv(count * pixels, BLOCK_M)`` tiles after the runs of the smaller tasks; then it writes its
+    ``TILES_BLOCK`` tiles, each taking its run's entries by a select over the bins."""
+    counts = tl.zeros((TASK_BINS,), dtype=tl.int32)
+    for start in range(0, images, IMAGES_BLOCK):
+        offs = start + tl.arange(0, IMAGES_BLOCK)
+        task = tl.load(tasks_ptr + offs, mask=offs < images, other=0).to(tl.int64)
+        key = tl.minimum(tl.maximum(task, 0), max_task + 1).to(tl.int32)
+        counts += tl.histogram(key, TASK_BINS, mask=offs < images)
+    bins = tl.arange(0, TASK_BINS)
+    run_tiles = ((counts.to(tl.int64) * pixels + BLOCK_M - 1) // BLOCK_M).to(tl.int32)
+    tile_end = tl.cumsum(run_tiles, axis=0)
+    first_image = tl.cumsum(counts, axis=0) - counts
+    tile = tl.program_id(0) * TILES_BLOCK + tl.arange(0, TILES_BLOCK)
+    # The run holding each tile (none past the last run): its first tile, first image, images and task.
+    inside = ((tile_end - run_tiles)[None, :] <= tile[:, None]) & (tile[:, None] < tile_end[None, :])
+    run_first_tile = tl.sum(tl.where(inside, (tile_end - run_tiles)[None, :], 0), axis=1)
+    run_first_image = tl.sum(tl.where(inside, first_image[None, :], 0), axis=1).to(tl.int64)
+    run_images = tl.sum(tl.where(inside, counts[None, :], 0), axis=1).to(tl.int64)
+    valid_task = (bins >= 1) & (bins <= max_task)
+    task = tl.sum(tl.where(inside & valid_task[None, :], bins[None, :], 0), axis=1)
+    first = run_first_image * pixels + (tile - run_first_tile).to(tl.int64) * BLOCK_M
+    rows = tl.minimum((run_first_image + run_images) * pixels - first, BLOCK_M)
+    rows = tl.where(run_images > 0, rows, 0)
+    entry = tiles_ptr + tile.to(tl.int64) * 3
+    in_bound = tile < num_tiles
+    tl.store(entry, tl.where(run_images > 0, first, 0), mask=in_bound)
+    tl.store(entry + 1, rows, mask=in_bound)
+    tl.store(entry + 2, task.to(tl.int64), mask=in_bound)
 
 
 @triton.jit(do_not_specialize=["active_task", "m_bucket"])
@@ -911,6 +657,11 @@ def _configs(kernel: str) -> list[triton.Config]:
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
+# The pixel tile height of mixed-task launches on a GPU (the interpreter's is its config's): the host lays the tiles out
+# before the launch (:func:`_pixel_tiles`), so the autotuner only tries configs of this height. 64 rows: wgmma's
+# smallest left operand, and at most 63 padded rows per task present.
+MIXED_BLOCK_M = 64
+
 # Under TRITON_INTERPRET=1 autotuning cannot run: one small fixed tile per kernel (tests still cross tile borders).
 _INTERPRETER_CONFIGS = {"gemm": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, "direct": {"BLOCK_M": 32, "BLOCK_N": 16}}
 
@@ -944,14 +695,12 @@ def config_fits(
     operand tiles must not spill registers. Measured with triton 3.6 and 3.9 (``tests/test_codegen.py``), in operand
     elements per thread per K step: in 16-bit dtypes at most 40 on the gather loop (``taps_outer`` False); in fp32
     under 48 with taps outer and 4 warps or more, and at most 32 with at most 16 accumulators per thread on the gather
-    loop; a mixed-task batch (``mixed``) spills with weight tiles over 4096 elements (128 x 64 and 64 x 128 spilled
-    16-176 bytes on sm_90 in fp16), on 2 warps (32 x 32 x 32 spilled 16 bytes with triton 3.9) and with 16-pixel
-    tiles (16 x 64 x 64 spilled 8 bytes with triton 3.6), and its two reduction loops (one and ``SEGMENTS`` tasks
-    per pass) each have their own pipeline buffers. The direct kernel stages nothing: any config fits."""
+    loop; a mixed-task batch (``mixed``) runs the single-task loop on pixel tiles of :data:`MIXED_BLOCK_M` rows laid
+    out before the launch, so only configs of that tile height. The direct kernel stages nothing: any config fits."""
     tile = config.kwargs
     if "BLOCK_K" not in tile:
         return True
-    if mixed and (tile["BLOCK_N"] * tile["BLOCK_K"] > 4096 or config.num_warps < 4 or tile["BLOCK_M"] < 32):
+    if mixed and tile["BLOCK_M"] != MIXED_BLOCK_M:
         return False
     # Operand elements per thread per K step, past which registers spill (tests/test_codegen.py): fp32 operands
     # are split for the tensor cores, and the gather loop also holds every element's address.
@@ -966,8 +715,7 @@ def config_fits(
         return False
     element = torch.empty((), dtype=dtype).element_size()
     per_stage = tile["BLOCK_M"] * tile["BLOCK_K"] * element + tile["BLOCK_K"] * tile["BLOCK_N"] * (element + 1)
-    loops = 2 if mixed else 1
-    return loops * config.num_stages * per_stage <= shared_memory_bytes
+    return config.num_stages * per_stage <= shared_memory_bytes
 
 
 def default_config(
@@ -976,7 +724,8 @@ def default_config(
     """The untuned config (``AUTOTUNE = False``): the first of :func:`_configs` that fits."""
     configs = _configs(kernel)
     fitting = (config for config in configs if config_fits(config, dtype, shared_memory_bytes, taps_outer, mixed))
-    return next(fitting, configs[0])
+    allowed = (config for config in configs if not mixed or config.kwargs["BLOCK_M"] == MIXED_BLOCK_M)
+    return next(fitting, next(allowed))
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -984,7 +733,8 @@ def _prune_configs(configs, named_args, **kwargs):
     x = named_args["x_ptr"]
     limit = device_properties(x.device).shared_memory_per_block_optin
     taps_outer, mixed = kwargs.get("TAPS_OUTER", True), kwargs.get("MIXED", False)
-    return [config for config in configs if config_fits(config, x.dtype, limit, taps_outer, mixed)] or configs[:1]
+    fitting = [config for config in configs if config_fits(config, x.dtype, limit, taps_outer, mixed)]
+    return fitting or [config for config in configs if not mixed or config.kwargs["BLOCK_M"] == MIXED_BLOCK_M][:1]
 
 
 def _gpu_kernel(kernel: str):
@@ -1012,6 +762,80 @@ def mixed_kernel_applies(cin_per_group: int, cout_per_group: int, groups: int) -
     """Whether a mixed-task batch runs in one launch: the GEMM kernel's tap-by-tap loop (16 or more channels per
     group). Other convs run one launch per task present."""
     return cin_per_group >= _TAPS_OUTER_MIN_CHANNELS and not _uses_direct_kernel(groups, cin_per_group, cout_per_group)
+
+
+def _task_runs(images: int, max_task: int) -> int:
+    """The most runs of one task a mixed batch of ``images`` sorted by task holds: its tasks clamped to
+    0..``max_task + 1`` (the invalid ones at either end) are that many values at most."""
+    return max(min(images, max_task + 2), 1)
+
+
+def _pixel_tiles(
+    sorted_tasks: torch.Tensor, pixels: int, block_m: int, max_task: int, tiles: int, wrap=as_is
+) -> torch.Tensor:
+    """The pixel tiles of a mixed launch, int64 ``[tiles, 3]``: first sorted pixel, rows, task; built on the device in
+    one launch of :func:`_pixel_tiles_kernel` (no host sync). Sorted pixel ``q`` is pixel ``q % pixels`` of the image
+    at sorted position ``q // pixels``. The images of one task (a run) fill ``cdiv(images * pixels, block_m)`` tiles,
+    its last one padded (MoE kernels align each expert's tokens to the block the same way); tiles past the last run
+    (``tiles`` is the launch's bound) have no rows and task 0, and tiles of an invalid task (outside 1..max_task) task
+    0 (the kernel writes them NaN). ``wrap``: as for :func:`_launch`."""
+    table = torch.empty((tiles, 3), dtype=torch.int64, device=sorted_tasks.device)
+    constants = dict(
+        images=sorted_tasks.shape[0],
+        pixels=pixels,
+        max_task=max_task,
+        num_tiles=tiles,
+        BLOCK_M=block_m,
+        TASK_BINS=_row_bucket(max_task + 2),
+        IMAGES_BLOCK=256,
+        TILES_BLOCK=_TILES_BLOCK,
+    )
+    grid = (ceil_div(tiles, _TILES_BLOCK),)
+    if wrap is as_is:
+        key = (tuple(sorted(constants.items())), sorted_tasks.dtype, sorted_tasks.device)
+        launch = _TILE_LAUNCHES.get(key)
+        if launch is None:
+            if len(_TILE_LAUNCHES) >= _MAX_PLANS:
+                _TILE_LAUNCHES.clear()
+            launch = _TILE_LAUNCHES[key] = KernelLaunch(_pixel_tiles_kernel, lambda meta: grid, constants)
+        stream = torch._C._cuda_getCurrentRawStream(table.device.index) if table.is_cuda else 0
+        launch((sorted_tasks, table), (), stream)
+    else:
+        wrap(_pixel_tiles_kernel)[grid](sorted_tasks, table, **constants)
+    return table
+
+
+# Tiles per program of :func:`_pixel_tiles_kernel`, and its direct launches by constants and task dtype.
+_TILES_BLOCK = 16
+_TILE_LAUNCHES: dict = {}
+
+
+# The pixel tiles built for the last grouping of images (the grouping, {(pixels, block_m, max_task, tiles): tiles}):
+# the convs of one forward at one resolution share them, as they share the sort.
+_TILE_TABLES: list = []
+
+
+def _mixed_tiles(tasks: torch.Tensor, constants: dict, reuse: bool, wrap=as_is) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image_order, pixel_tiles)`` of a mixed launch: the images sorted by task, with the linear kernel's grouping
+    (:func:`packnet_kernels.linear._grouped_rows`: one sort per forward with ``reuse``), and their pixel tiles
+    (:func:`_pixel_tiles`), kept with the grouping they came from."""
+    grouping = _grouped_rows(tasks, reuse)
+    if reuse and _TILE_TABLES and _TILE_TABLES[0] is grouping:
+        kept = _TILE_TABLES[1]
+    else:
+        kept = {}
+        if reuse:
+            _TILE_TABLES[:] = [grouping, kept]
+    pixels, max_task = constants["out_h"] * constants["out_w"], constants["max_task"]
+    block_m = _INTERPRETER_CONFIGS["gemm"]["BLOCK_M"] if _INTERPRETED else MIXED_BLOCK_M
+    tiles = ceil_div(constants["total_pixels"], block_m) + _task_runs(tasks.shape[0], max_task) - 1
+    key = (pixels, block_m, max_task, tiles)
+    pixel_tiles = kept.get(key)
+    if pixel_tiles is None:
+        pixel_tiles = _pixel_tiles(grouping[0], pixels, block_m, max_task, tiles, wrap)
+        if reuse:
+            kept[key] = pixel_tiles
+    return grouping[1], pixel_tiles
 
 
 def _task_stride(vector: torch.Tensor | None) -> int:
@@ -1141,7 +965,7 @@ def _plan_key(
         _vector_key(shift),
         None if tile_map is None else tile_map.stride(),
         raw,
-        None if tasks is None else tasks.dtype,  # a direct launch's compiled kernel is specialised on it
+        tasks is not None,  # a mixed batch: its kernel reads the sorted images and pixel tiles (int64), any dtype
         torch.backends.cudnn.allow_tf32,
         id_bits,
     )
@@ -1167,8 +991,8 @@ def _plan(
 ) -> tuple:
     """``(out_shape, memory_format, kernel_name, constants, grid)``: all a launch of such arguments needs besides the
     tensors themselves and the task, computed from what :func:`_plan_key` holds only. ``constants`` are the kernel's
-    keyword arguments but ``active_task``, ``image_tasks_ptr`` and ``tile_map_ptr``; ``grid`` maps a config to the
-    launch grid.
+    keyword arguments but ``active_task``, ``image_order_ptr``, ``pixel_tiles_ptr`` and ``tile_map_ptr``; ``grid``
+    maps a config to the launch grid.
 
     Raises:
         ValueError: an input image, an output image, the weight or the ids span 2**31 elements or more.
@@ -1263,8 +1087,6 @@ def _plan(
             stride_scale_task=_task_stride(scale),
             stride_shift_task=_task_stride(shift),
             MIXED=tasks is not None,
-            # A pixel tile spans a few images when they are small: that many tasks per pass over the reduction.
-            SEGMENTS=(2 if out_h * out_w >= 128 else 4) if tasks is not None else 1,
             stride_map_plane=tile_map.stride(0) if mapped else 0,
             stride_map_row=tile_map.stride(1) if mapped else 0,
             TILE_MAP=mapped,
@@ -1280,8 +1102,11 @@ def _plan(
             USE_ASM=not _INTERPRETED,
         )
 
+        # A mixed batch's pixel tiles: each task present pads its last tile (:func:`_pixel_tiles`).
+        padded_tiles = _task_runs(batch, constants["max_task"]) - 1 if tasks is not None else 0
+
         def grid(meta):
-            row_blocks = ceil_div(total_pixels, meta["BLOCK_M"])
+            row_blocks = ceil_div(total_pixels, meta["BLOCK_M"]) + padded_tiles
             return (row_blocks * ceil_div(cout_per_group, meta["BLOCK_N"]), groups)
 
     return out_shape, memory_format, kernel_name, constants, grid
@@ -1291,7 +1116,7 @@ def _plan(
 # with the plans.
 _KERNEL_LAUNCHES: dict = {}
 # The keyword arguments given anew on every call, per kernel (the rest are the plan's constants).
-_VARYING = {"gemm": ("active_task", "image_tasks_ptr", "tile_map_ptr"), "direct": ("active_task",)}
+_VARYING = {"gemm": ("active_task", "image_order_ptr", "pixel_tiles_ptr", "tile_map_ptr"), "direct": ("active_task",)}
 
 
 def _kernel_launch(key, kernel_name: str, constants: dict, grid, x: torch.Tensor) -> KernelLaunch:
@@ -1379,17 +1204,22 @@ def _launch(
     # Absent epilogue vectors are never read (constexpr-guarded); any tensor can stand in for their pointers.
     pointers = (x, weight, task_ids, x if bias is None else bias, x if scale is None else scale)
     pointers += (x if shift is None else shift, out)
-    if cache_plan and wrap is as_is:
+    direct = cache_plan and wrap is as_is
+    image_order = pixel_tiles = None
+    if tasks is not None:
+        image_order, pixel_tiles = _mixed_tiles(tasks, constants, reuse=direct, wrap=wrap)
+    if direct:
         stream = torch._C._cuda_getCurrentRawStream(x.device.index) if x.is_cuda else 0
         if kernel_name == "gemm":
-            varying = (task, tasks, tile_map if constants["TILE_MAP"] else None)
+            varying = (task, image_order, pixel_tiles, tile_map if constants["TILE_MAP"] else None)
         else:
             varying = (task,)
         _kernel_launch(key, kernel_name, constants, grid, x)(pointers, varying, stream)
         return out
     common = dict(constants, active_task=task)
     if kernel_name == "gemm":
-        common.update(image_tasks_ptr=tasks, tile_map_ptr=tile_map if constants["TILE_MAP"] else None)
+        common.update(image_order_ptr=image_order, pixel_tiles_ptr=pixel_tiles)
+        common.update(tile_map_ptr=tile_map if constants["TILE_MAP"] else None)
 
     if _INTERPRETED:
         wrap(_KERNELS[kernel_name])[grid](*pointers, **common, **_INTERPRETER_CONFIGS[kernel_name])

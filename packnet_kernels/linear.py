@@ -13,6 +13,9 @@ Two regimes share the kernel (:func:`choose_regime`):
 - large batch (tensor-core bound): autotuned tiles, grouped tile ordering so that ``GROUP_N`` weight tiles stay in L2
   while the batch tiles stream past them; split-K only while the output tiles alone leave SMs idle.
 
+Mixed-task batches (a task per row) take :func:`_mixed_linear_kernel` up to ``MIXED_V2_MAX_ROWS`` rows (a program
+per weight tile serves every row, in groups of 16 rows of one task) and the 16-row mixed tiles of ``MIXED`` above.
+
 Split-K runs in one launch: every split writes its fp32 partial tile to a small ``[SPLIT_K, M, N]`` workspace and
 counts itself done on the tile's counter; the split that finds itself last sums the partials in increasing split
 order, applies the epilogue, writes ``y`` and resets the counter to zero for the next call. Nothing is added to the
@@ -100,6 +103,14 @@ _MAX_BLOCK_M = {"small": 16, "large": 256}
 # A mixed-task tile handles up to this many distinct tasks per pass over K (the weight and ids are read once per
 # pass): one unrolled select-and-dot per task, so more costs code size and compile time.
 MIXED_SEGMENTS = 8
+# Mixed batches up to this many rows take the grouped kernel (:func:`_mixed_linear_kernel`, v2: one program per
+# weight tile serves every row); larger ones the 16-row mixed tiles of :func:`_masked_linear_kernel` (v1).
+MIXED_V2_MAX_ROWS = 256
+# Row groups (16 rows of one task each) a v2 program holds per pass over K: one accumulator and one dot per group,
+# unrolled. 16 fit the registers of a 64-row weight tile on 8 warps for sm_90 (no spill); 24 spill.
+MIXED_GROUPS = 16
+# The interpreter's v2 tiles: those of the small single-task regime, so that both sum in the same order.
+_INTERPRETER_V2_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32}
 
 
 @triton.jit
@@ -799,9 +810,374 @@ def _masked_linear_kernel(
             tl.store(counters_ptr + pid, 0)
 
 
+# --------------------------------------------------------------------------------------------------------------- #
+# Mixed-task batches v2 (up to MIXED_V2_MAX_ROWS rows): one program per weight tile and K range serves every row.
+
+
+@triton.jit
+def _larger(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _clamped_tasks(tasks):
+    """Tasks of any integer dtype as int32 in -1..256 (widened first: an unsigned dtype has no negative values)."""
+    return tl.minimum(tl.maximum(tasks.to(tl.int64), -1), 256).to(tl.int32)
+
+
+@triton.jit
+def _row_groups_kernel(row_tasks_ptr, row_order_ptr, group_rows_ptr, group_tasks_ptr, group_count_ptr, M,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """The row groups of a mixed batch (:func:`_row_groups`) in one program: ``row_tasks_ptr`` ``[M]`` the tasks
+    sorted increasingly (any integer dtype), ``row_order_ptr`` ``[M]`` each sorted position's input row. Writes
+    two layouts, of 16-row and of 64-row groups: ``group_rows_ptr`` int32 ``[M, 16]`` then ``[M, 64]`` (only the
+    groups that exist: each run's rows, then -1 up to the group's end), ``group_tasks_ptr`` int32 ``[M]`` then
+    ``[M]`` (only the groups that exist) and ``group_count_ptr`` int32 ``[2]``, how many groups of each."""
+    positions = tl.arange(0, BLOCK)
+    live = positions < M
+    tasks = _clamped_tasks(tl.load(row_tasks_ptr + positions, mask=live, other=0))
+    before = _clamped_tasks(tl.load(row_tasks_ptr + positions - 1, mask=live & (positions > 0), other=0))
+    starts = (positions == 0) | (tasks != before)
+    after = _clamped_tasks(tl.load(row_tasks_ptr + positions + 1, mask=positions + 1 < M, other=0))
+    ends = (positions + 1 >= M) | (after != tasks)
+    rank = positions - tl.associative_scan(tl.where(starts, positions, 0), 0, _larger)
+    order = tl.load(row_order_ptr + positions, mask=live, other=0).to(tl.int32)
+    _store_groups(group_rows_ptr, group_tasks_ptr, group_count_ptr, tasks, order, rank, live, ends, 16)
+    _store_groups(group_rows_ptr + M * 16, group_tasks_ptr + M, group_count_ptr + 1, tasks, order, rank, live, ends,
+                  64)  # fmt: skip
+
+
+@triton.jit
+def _store_groups(group_rows_ptr, group_tasks_ptr, group_count_ptr, tasks, order, rank, live, ends,
+                  WIDTH: tl.constexpr):  # fmt: skip
+    """One layout of :func:`_row_groups_kernel`: groups of ``WIDTH`` rows, from each sorted row's task, input row,
+    rank in its run of one task and whether it ends the run."""
+    first = live & (rank % WIDTH == 0)
+    group = tl.cumsum(first.to(tl.int32), 0) - 1
+    tl.store(group_rows_ptr + group * WIDTH + rank % WIDTH, order, mask=live)
+    # A run's last row pads its group: slots after it hold -1.
+    slots = tl.arange(0, WIDTH)
+    padding = (live & ends)[:, None] & (slots[None, :] > (rank % WIDTH)[:, None])
+    tl.store(group_rows_ptr + (group * WIDTH)[:, None] + slots[None, :], -1, mask=padding)
+    tl.store(group_tasks_ptr + group, tasks, mask=first)
+    tl.store(group_count_ptr, tl.max(tl.where(live, group, -1), axis=0) + 1)
+
+
+@triton.jit
+def _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task, GROUPS: tl.constexpr,
+                    GROUP_ROWS: tl.constexpr):  # fmt: skip
+    """``(tasks, valid, rows)``: tuples of ``GROUPS`` entries for the row groups ``first_group ..`` of a pass in a
+    layout of ``GROUP_ROWS``-row groups (16 or 64): each group's task (0 for a group past ``group_count`` or whose
+    task is outside 1..``max_task``: it selects no weight), whether that task is valid, and its input rows (-1 for
+    padding)."""
+    slots = tl.arange(0, GROUP_ROWS)
+    tasks = ()
+    valid = ()
+    rows = ()
+    for j in tl.static_range(GROUPS):
+        group = first_group + j
+        live = group < group_count
+        raw = tl.load(group_tasks_ptr + group, mask=live, other=0)
+        ok = (raw >= 1) & (raw <= max_task)
+        tasks = tasks + (tl.where(ok, raw, 0),)
+        valid = valid + (ok,)
+        live_slots = slots * 0 + group < group_count
+        rows = rows + (tl.load(group_rows_ptr + group * GROUP_ROWS + slots, mask=live_slots, other=-1).to(tl.int64),)
+    return tasks, valid, rows
+
+
+@triton.jit
+def _group_sums(
+    w_ptrs,
+    ids_ptrs,
+    x_ptr,
+    tasks,
+    rows,
+    offs_k,
+    n_mask,
+    k_start,
+    k_end,
+    K,
+    stride_wk,
+    stride_idk,
+    stride_xm,
+    stride_xk,
+    USE_MASK: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    GROUPS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``GROUPS`` fp32 ``[BLOCK_N, rows]`` sums over ``[k_start, k_end)``, group ``j``'s ``W_{tasks[j]} x[rows[j]]^T``
+    (``rows``: a group's width, 16 or 64).
+
+    Each K step loads the weight and id tiles once; the masked tile (:func:`_keep_task`) is built for group 0 and
+    again only where a group's task differs from the previous group's (the groups are sorted by task, so once per
+    distinct task); every group then runs one dot on its own rows. The ``if`` holds no load and no dot: a dot
+    inside a run-time ``if`` would lose the loop's pipelining (no ``cp.async`` stages), a select inside one does not
+    (triton 3.6 and 3.9, sm_90)."""
+    accs = ()
+    row_masks = ()
+    x_ptrs = ()
+    for j in tl.static_range(GROUPS):
+        accs = accs + (tl.zeros((BLOCK_N, rows[j].shape[0]), dtype=tl.float32),)
+        row_masks = row_masks + ((rows[j] >= 0)[None, :],)
+        x_ptrs = x_ptrs + (x_ptr + (k_start + offs_k)[:, None].to(tl.int64) * stride_xk + rows[j][None, :] * stride_xm,)
+    for k in range(k_start, k_end, BLOCK_K):
+        k_remaining = K - k
+        k_mask = (offs_k < k_remaining)[:, None]
+        w = _load_weight(w_ptrs, n_mask, offs_k, k_remaining)
+        if USE_MASK:
+            ids = _load_ids(ids_ptrs, n_mask, offs_k, k_remaining, ID_BITS)
+            ids_ptrs += (BLOCK_K * ID_BITS // 32) if ID_BITS < 8 else BLOCK_K * stride_idk
+        step = (k - k_start) * stride_xk
+        new_accs = ()
+        for j in tl.static_range(GROUPS):
+            xt = tl.load(x_ptrs[j] + step, mask=k_mask & row_masks[j], other=0.0)
+            if j == 0:
+                w_task = w
+                if USE_MASK:
+                    w_task = _keep_task(w, ids, offs_k, k_remaining, tasks[0], False, ID_BITS, USE_ASM)
+                w_task = _weight_tile(w_task, xt.dtype)
+                if UPCAST_BF16:
+                    w_task = w_task.to(tl.float32)
+            elif USE_MASK:
+                if tasks[j] != tasks[j - 1]:
+                    w_task = _weight_tile(_keep_task(w, ids, offs_k, k_remaining, tasks[j], False, ID_BITS, USE_ASM),
+                                          xt.dtype)  # fmt: skip
+                    if UPCAST_BF16:
+                        w_task = w_task.to(tl.float32)
+            if UPCAST_BF16:
+                xt = xt.to(tl.float32)
+            new_accs = new_accs + (tl.dot(w_task, xt, accs[j], input_precision=INPUT_PRECISION),)
+        accs = new_accs
+        w_ptrs += (BLOCK_K // 2 if w_ptrs.dtype.element_ty == tl.int32 else BLOCK_K) * stride_wk
+    return accs
+
+
+@triton.jit
+def _groups_pass(
+    x_ptr,
+    w_ptrs,
+    ids_ptrs,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    y_ptr,
+    partials_ptr,
+    counters_ptr,
+    group_rows_ptr,
+    group_tasks_ptr,
+    group_count,
+    first_group,
+    counter_index,
+    offs_k,
+    offs_n,
+    n_mask,
+    k_start,
+    k_end,
+    M,
+    N,
+    K,
+    max_task,
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_idk,
+    stride_bias,
+    stride_scale,
+    stride_shift,
+    stride_bias_task,
+    stride_scale_task,
+    stride_shift_task,
+    stride_ym,
+    stride_yn,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    RELU: tl.constexpr,
+    USE_MASK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    GROUPS: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One pass of a v2 program over its K range for the groups ``first_group .. first_group + GROUPS``: their sums
+    (:func:`_group_sums`), the split-K reduction (counter ``counter_index``) and each group's epilogue and rows."""
+    tasks, valid, rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task, GROUPS,
+                                         GROUP_ROWS)  # fmt: skip
+    accs = _group_sums(w_ptrs, ids_ptrs, x_ptr, tasks, rows, offs_k, n_mask, k_start, k_end, K, stride_wk, stride_idk,
+                       stride_xm, stride_xk, USE_MASK, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, GROUPS, BLOCK_N,
+                       BLOCK_K)  # fmt: skip
+    finish = True
+    if SPLIT:
+        # Partials by input row ([SPLIT_K, M, N] fp32): each row lies in one group, padding slots store nothing.
+        split_stride = M.to(tl.int64) * N
+        for j in tl.static_range(GROUPS):
+            ptrs = partials_ptr + tl.program_id(1) * split_stride + rows[j][None, :] * N + offs_n[:, None]
+            tl.store(ptrs, accs[j], mask=n_mask[:, None] & (rows[j] >= 0)[None, :])
+        # As in _masked_linear_kernel: every store issued before the acquire-release count.
+        tl.debug_barrier()
+        num_splits = tl.num_programs(1)
+        finish = tl.atomic_add(counters_ptr + counter_index, 1, sem="acq_rel", scope="gpu") == num_splits - 1
+        if finish:
+            summed = ()
+            for j in tl.static_range(GROUPS):
+                ptrs = partials_ptr + rows[j][None, :] * N + offs_n[:, None]
+                acc = tl.zeros((BLOCK_N, GROUP_ROWS), dtype=tl.float32)
+                for _ in range(0, num_splits):
+                    # .cg reads L2, where the other SMs' partials are.
+                    acc += tl.load(ptrs, mask=n_mask[:, None] & (rows[j] >= 0)[None, :], other=0.0,
+                                   cache_modifier=".cg")  # fmt: skip
+                    ptrs += split_stride
+                summed = summed + (acc,)
+            accs = summed
+    if finish:
+        for j in tl.static_range(GROUPS):
+            table_rows = tl.full((GROUP_ROWS,), 0, tl.int32) + tl.maximum(tasks[j] - 1, 0)
+            out = _epilogue(accs[j], offs_n, n_mask, bias_ptr, scale_ptr, shift_ptr, stride_bias, stride_scale,
+                            stride_shift, table_rows, stride_bias_task, stride_scale_task, stride_shift_task, HAS_BIAS,
+                            HAS_SCALE, HAS_SHIFT, RELU, True)  # fmt: skip
+            out = tl.where(valid[j], out, float("nan"))
+            y_ptrs = y_ptr + rows[j][None, :] * stride_ym + offs_n[:, None] * stride_yn
+            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (rows[j] >= 0)[None, :])
+        if SPLIT:
+            tl.store(counters_ptr + counter_index, 0)
+
+
+@triton.jit(do_not_specialize=["max_task"])
+def _mixed_linear_kernel(
+    x_ptr,
+    w_ptr,
+    ids_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    y_ptr,
+    partials_ptr,
+    counters_ptr,
+    group_rows_ptr,
+    group_tasks_ptr,
+    group_count_ptr,
+    M,
+    N,
+    K,
+    k_per_split,
+    max_task,
+    max_passes,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_idn,
+    stride_idk,
+    stride_bias,
+    stride_scale,
+    stride_shift,
+    stride_bias_task,
+    stride_scale_task,
+    stride_shift_task,
+    stride_ym,
+    stride_yn,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    RELU: tl.constexpr,
+    USE_MASK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    GROUPS: tl.constexpr,
+    FEW_GROUPS: tl.constexpr,
+    WIDE_GROUPS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """A mixed-task batch of up to ``MIXED_V2_MAX_ROWS`` rows: ``y[m] = epilogue_{t_m}(W_{t_m} x[m])`` with ``W_t =
+    where((ids != 0) & (ids <= t), w, 0)`` and ``t_m`` row ``m``'s task.
+
+    Pointers as in :func:`_masked_linear_kernel` (``x_ptr`` ``[M, K]``, ``w_ptr`` ``[N, K]`` or its int32 pairs,
+    ``ids_ptr`` uint8 ``[N, K]`` or compact words, epilogue ``[tasks, N]`` tables, ``y_ptr`` ``[M, N]``), and the
+    batch's row groups (:func:`_row_groups`): ``group_rows_ptr`` int32 ``[M, 16]`` the input rows of each group
+    (one task per group, -1 for padding) then the same for groups of 64 rows, ``group_tasks_ptr`` int32
+    ``[groups]`` their tasks in increasing order (16-row groups, then 64-row ones, ``M`` entries each),
+    ``group_count_ptr`` int32 ``[2]`` how many groups there are of each. With ``SPLIT``: ``partials_ptr`` fp32
+    ``[SPLIT_K, M, N]`` and ``counters_ptr`` int32 ``[N / BLOCK_N, max_passes]``, zero on entry and left zero.
+
+    Grid: axis 0 the weight tiles (``BLOCK_N`` rows each), axis 1 the K split (``k_per_split`` each). A program
+    serves every row of the batch for its weight tile: per pass over its K range it holds ``GROUPS`` groups'
+    accumulators; a K step loads the weight and id tiles once, masks them once per distinct task among the pass's
+    groups and runs one dot per group on that group's 16 rows (:func:`_group_sums`). A batch whose runs of one task
+    fit ``WIDE_GROUPS`` groups of 64 rows (``M`` over 112: :func:`mixed_wide_groups`) takes those instead. A batch
+    whose groups fit one pass (the ``FEW_GROUPS`` loop when they fit it; else ``GROUPS``, see :func:`mixed_groups`)
+    reads its weight and ids once; more groups (``sum over tasks of ceil(rows / 16)`` above ``GROUPS``) take
+    further passes of ``GROUPS``, each reading them again. A group whose task is outside
+    1..``max_task`` selects no weight and its rows are written NaN; a NaN/Inf in a weight a task does not own never
+    reaches its rows (the select drops it before the dot). No tile map: the program serves every task of the batch,
+    so a tile is skippable only when no task of the batch uses it, and run 4 found per-step skips no faster in a
+    loop bound by its steps (NOTES.md). Batches above ``MIXED_V2_MAX_ROWS`` rows take ``MIXED`` in
+    :func:`_masked_linear_kernel` (v1), whose 16-row tiles pass over K for every 8 tasks they hold."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = min(K, k_start + k_per_split)
+    offs_k = tl.arange(0, BLOCK_K)
+    if w_ptr.dtype.element_ty == tl.int32:
+        offs_pair = k_start.to(tl.int64) // 2 + tl.arange(0, BLOCK_K // 2)
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_pair[None, :] * stride_wk
+    else:
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k_start.to(tl.int64) + offs_k)[None, :] * stride_wk
+    if ID_BITS < 8:
+        PER_WORD: tl.constexpr = 32 // ID_BITS
+        offs_word = k_start.to(tl.int64) // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+        ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_word[None, :]
+    else:
+        ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + (k_start.to(tl.int64) + offs_k)[None, :] * stride_idk
+    group_count = tl.load(group_count_ptr)
+    first_counter = pid_n * max_passes
+    # Batches whose runs fit WIDE_GROUPS groups of 64 rows take them: a quarter of the dots.
+    wide_count = tl.load(group_count_ptr + 1)
+    if WIDE_GROUPS > 0 and wide_count <= WIDE_GROUPS:
+        _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
+                     group_rows_ptr + M * 16, group_tasks_ptr + M, wide_count, 0, first_counter, offs_k, offs_n,
+                     n_mask, k_start,
+                     k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
+                     stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
+                     stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
+                     ID_BITS, USE_ASM, WIDE_GROUPS, 64, BLOCK_N, BLOCK_K)  # fmt: skip
+    elif FEW_GROUPS < GROUPS and group_count <= FEW_GROUPS:
+        _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
+                     group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_k, offs_n, n_mask, k_start,
+                     k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
+                     stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
+                     stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
+                     ID_BITS, USE_ASM, FEW_GROUPS, 16, BLOCK_N, BLOCK_K)  # fmt: skip
+    else:
+        for first_group in range(0, group_count, GROUPS):
+            _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
+                         group_rows_ptr, group_tasks_ptr, group_count, first_group,
+                         first_counter + first_group // GROUPS, offs_k, offs_n, n_mask, k_start, k_end, M, N, K,
+                         max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias, stride_scale,
+                         stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym, stride_yn,
+                         HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
+                         ID_BITS, USE_ASM, GROUPS, 16, BLOCK_N, BLOCK_K)  # fmt: skip
+
+
 def _configs(regime: str, capability_major: int) -> list[triton.Config]:
-    """Autotune candidates for ``regime`` ("small", "large" or "mixed") on a GPU of compute capability
-    ``capability_major``.
+    """Autotune candidates for ``regime`` ("small", "large", "mixed" or "mixed2", the grouped mixed kernel) on a GPU
+    of compute capability ``capability_major``.
 
     Mixed-task batches (any batch size): 64 x 16 x 32 tiles on 4 warps, 5 stages. Their unrolled per-task selects
     keep the weight and id tiles live across ``SEGMENTS`` dots, and a mixed tile compiles two K loops (8 and 2
@@ -819,6 +1195,14 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
     and the autotuner skips them. The first config of each list fits fp32 in the shared memory of every GPU of its
     class (small: 66 KB; large: 131 KB on 9.x/10.x, 74 KB else): it is the untuned default (``AUTOTUNE = False``).
     """
+    if regime == "mixed2":
+        # Grouped mixed batches (v2; see mixed2_config_fits): (BLOCK_N, BLOCK_K, num_warps, num_stages). Measured for
+        # sm_90 fp16 (triton 3.6 and 3.9): 64 x 32 on 8 warps holds 16 groups (about 205-254 registers, no spill); on
+        # 4 warps 8 groups, for a third fewer instructions per weight per pass; 128 x 32 on 8 warps reads the
+        # activations half as often. Wider K steps spill (64 x 64 on 4 warps with 8 groups, 32 x 64 with 16) or
+        # serialise their wgmma (64 x 64 on 8 warps, C7515); 32-row tiles (mma.sync) cost more per weight.
+        shapes = [(64, 32, 8, 4), (64, 32, 4, 4), (128, 32, 8, 3)]
+        return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in shapes]
     if regime == "mixed":
         return [
             triton.Config({"BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": 32, "GROUP_N": 8}, num_warps=4, num_stages=5),
@@ -925,9 +1309,44 @@ def useful_batch_tile(config: triton.Config, m: int) -> bool:
     return m <= SMALL_M_MAX or config.kwargs["BLOCK_M"] <= max(32, 2 * _m_bucket(m))
 
 
+def mixed2_config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, groups: int,
+                       few: int, wide: int = 0) -> bool:  # fmt: skip
+    """Whether a grouped (v2) config suits ``groups`` unrolled row groups (and loops of ``few`` groups and of
+    ``wide`` 64-row groups beside) for ``dtype``: each loop's fp32 accumulators at most 64 registers per thread
+    (measured for sm_90 with triton 3.6 and 3.9: 16 groups of 64 x 16 on 8 warps take about 205 registers without
+    spilling, 24 spill; 16 on 4 warps spill), fp32 dots at most 8 groups, and every loop's pipelined weight, id and
+    activation tiles in shared memory (Triton gives each loop its own buffers)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    tile, threads = config.kwargs, 32 * config.num_warps
+    loops = [(groups, 16)] + ([(few, 16)] if few < groups else []) + ([(wide, 64)] if wide else [])
+    if any(count * tile["BLOCK_N"] * width > 64 * threads for count, width in loops):
+        return False
+    if element == 4 and groups > 8:
+        return False
+    weight_tile = tile["BLOCK_N"] * tile["BLOCK_K"] * (element + 1)
+    per_stage = sum(weight_tile + count * tile["BLOCK_K"] * width * element for count, width in loops)
+    return config.num_stages * per_stage <= shared_memory_bytes
+
+
+def _prune_mixed2_configs(configs, named_args, **kwargs):
+    """The grouped configs that fit (:func:`mixed2_config_fits`), or the first one."""
+    x = named_args["x_ptr"]
+    limit = device_properties(x.device).shared_memory_per_block_optin
+    groups, few, wide = kwargs["GROUPS"], kwargs["FEW_GROUPS"], kwargs["WIDE_GROUPS"]
+    fitting = [config for config in configs if mixed2_config_fits(config, x.dtype, limit, groups, few, wide)]
+    return fitting or configs[:1]
+
+
 @functools.cache
 def _tuned_kernel(regime: str, capability_major: int):
     """The autotuned kernel for a regime and GPU generation, built on first use (never at import time)."""
+    if regime == "mixed2":
+        return triton.autotune(
+            configs=_configs(regime, capability_major),
+            key=["N", "K", "USE_MASK", "INPUT_PRECISION", "ID_BITS", "GROUPS", "FEW_GROUPS", "WIDE_GROUPS", "SPLIT"],
+            prune_configs_by={"early_config_prune": _prune_mixed2_configs},
+            do_bench=autotune_bench,
+        )(_mixed_linear_kernel)
     prune = {"early_config_prune": _prune_configs}
     return triton.autotune(
         configs=_configs(regime, capability_major),
@@ -977,6 +1396,47 @@ def _split_plan(m: int, n: int, k: int, interpreted: bool, device: torch.device)
     return max(1, ceil_div(k, k_per_split)), k_per_split
 
 
+def mixed_v2_applies(rows: int) -> bool:
+    """Whether a mixed batch of ``rows`` rows takes the grouped kernel (v2); above :data:`MIXED_V2_MAX_ROWS` rows
+    it takes the 16-row mixed tiles (v1)."""
+    return 0 < rows <= MIXED_V2_MAX_ROWS
+
+
+def mixed_groups(rows: int, element_size: int = 2) -> tuple[int, int]:
+    """``(few, groups)``: the row groups a v2 program unrolls per pass over K for a batch of ``rows`` rows of
+    ``element_size``-byte elements: ``few`` (``ceil(rows / 16)``, every group full: rows of one task, or tasks of 16k
+    rows) and ``groups``: at least :data:`MIXED_SEGMENTS` (as many distinct tasks of up to 16 rows each), at most
+    :data:`MIXED_GROUPS` (8 for fp32, whose dots hold twice the registers) and ``rows``. Not more than needed: 8
+    groups fit the cheaper 4-warp and 128-row configs (:func:`mixed2_config_fits`). The batch's groups are counted on
+    the device; the kernel takes the ``few`` loop when they fit it, else passes of ``groups``."""
+    cap = MIXED_GROUPS if element_size < 4 else MIXED_GROUPS // 2
+    groups = min(max(ceil_div(rows, 16), MIXED_SEGMENTS), cap, rows)
+    return min(ceil_div(rows, 16), groups), groups
+
+
+def mixed_wide_groups(rows: int, element_size: int = 2) -> int:
+    """64-row groups a v2 program unrolls for a batch of ``rows`` rows of one task: ``ceil(few / 4)`` of
+    :func:`mixed_groups`'s ``few`` groups, or none under 8. By the model of ``benchmarks/mixed_model.py`` (sm_90,
+    triton 3.6), 4 groups of 64 rows take a 256-row batch of one task from 196 to 100 us (4096 -> 11008, fp16),
+    while at 64 rows one wide dot costs about what 4 narrow ones with one mask do."""
+    few = mixed_groups(rows, element_size)[0]
+    return ceil_div(few, 4) if few >= 8 else 0
+
+
+def _mixed_split_plan(rows: int, n: int, k: int, element: int, interpreted: bool, device) -> tuple[int, int]:
+    """The v2 split of K: the small single-task regime's (:func:`_split_plan` for one row: a program per weight
+    tile and split), with fewer splits on a GPU where the fp32 partials (8 bytes per row and split, written and
+    read) would move more than half the weight and id bytes of an output column."""
+    split_k, k_per_split = _split_plan(1, n, k, interpreted, device)
+    if interpreted:
+        return split_k, k_per_split
+    while split_k > 1 and split_k * rows * 8 > k * (element + 1) // 2:
+        split_k -= 1
+        k_per_split = ceil_div(ceil_div(k, split_k), _SPLIT_K_ALIGN) * _SPLIT_K_ALIGN
+        split_k = ceil_div(k, k_per_split)
+    return split_k, k_per_split
+
+
 def mixed_segments(rows: int) -> int:
     """Distinct tasks a mixed tile handles per pass over K: a power of two up to :data:`MIXED_SEGMENTS`, no more
     than the batch can hold (a batch of 2 rows never needs 8 unrolled segments)."""
@@ -1004,6 +1464,7 @@ def release_workspaces() -> None:
     sorts anew)."""
     _WORKSPACES.clear()
     _LAST_GROUPING.clear()
+    _LAST_ROW_GROUPS.clear()
 
 
 def _split_workspace(
@@ -1071,6 +1532,52 @@ def _grouped_rows(tasks: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, torch
     return grouping
 
 
+# The row groups of the last grouping :func:`_grouped_rows` kept: (that grouping, its row groups).
+_LAST_ROW_GROUPS: list = []
+
+
+def _row_groups(tasks: torch.Tensor, reuse: bool, wrap=None, launch=None):
+    """``(group_rows, group_tasks, group_count)``: the rows of a mixed batch laid out in groups of 16 rows of one
+    task, and again in groups of 64, on the device, with no host sync (the launch does not need the counts; the
+    kernel reads them).
+
+    The rows sorted by task (:func:`_grouped_rows`, kept across a forward as it is) split into runs of one task;
+    each run fills ``ceil(rows / 16)`` groups, in order: ``group_rows`` int32 ``[rows * 16]`` holds each group's
+    input rows (-1 past a run's end), ``group_tasks`` int32 ``[rows]`` their tasks (increasing; values clamped to
+    -1..256, which keeps invalid tasks invalid); then ``[rows * 64]`` and ``[rows]`` the same for groups of 64
+    rows; ``group_count`` int32 ``[2]`` the two counts. Entries past a count are not written. At most ``rows``
+    groups of each. One launch of :func:`_row_groups_kernel`: ``launch`` (a direct launch of it,
+    see :class:`LinearPlan`), else ``wrap(kernel)[grid]`` (``wrap_triton`` in the registered op), else a plain
+    launch. When the grouping is the one kept for the forward, so are its groups (one layout per forward)."""
+    grouping = _grouped_rows(tasks, reuse)
+    if _LAST_ROW_GROUPS and _LAST_ROW_GROUPS[0] is grouping:
+        return _LAST_ROW_GROUPS[1]
+    row_tasks, row_order = grouping
+    rows = row_tasks.numel()
+    group_rows = torch.empty(rows * (16 + 64), dtype=torch.int32, device=row_tasks.device)
+    group_tasks = torch.empty(2 * rows, dtype=torch.int32, device=row_tasks.device)
+    group_count = torch.empty(2, dtype=torch.int32, device=row_tasks.device)
+    args = (row_tasks, row_order, group_rows, group_tasks, group_count, rows)
+    if launch is not None:
+        stream = torch._C._cuda_getCurrentRawStream(row_tasks.device.index) if row_tasks.is_cuda else 0
+        launch(args, (), stream)
+    else:
+        kernel = _row_groups_kernel if wrap is None else wrap(_row_groups_kernel)
+        kernel[(1,)](*args, BLOCK=_row_block(rows))
+    layout = (group_rows, group_tasks, group_count)
+    if _LAST_GROUPING and _LAST_GROUPING[-1] is grouping:
+        _LAST_ROW_GROUPS[:] = [grouping, layout]
+    return layout
+
+
+def _row_block(rows: int) -> int:
+    """The power of two :func:`_row_groups_kernel` covers ``rows`` with."""
+    block = 16
+    while block < rows:
+        block *= 2
+    return block
+
+
 def pairs_allowed(weight: torch.Tensor) -> bool:
     """Whether the kernel may read ``weight`` as int32 pairs (compact ids apply one pair mask per AND): 16-bit,
     K-contiguous, with an even row stride, offset and ``in`` (a pair never straddles two rows)."""
@@ -1118,6 +1625,8 @@ class LinearPlan:
         "interpreted",
         "dtype",
         "launches",
+        "grouped",
+        "group_launch",
     )
 
     def kernel_launch(self) -> KernelLaunch:
@@ -1132,17 +1641,22 @@ class LinearPlan:
     def kernel_and_constants(self) -> tuple:
         """``(kernel, keyword arguments)`` of a launch: the autotuned kernel (GPU, ``AUTOTUNE``), the kernel with the
         untuned default config (GPU), or the kernel with the interpreter's fixed config."""
+        kernel = _mixed_linear_kernel if self.grouped else _masked_linear_kernel
         if self.interpreted:
             # The interpreter cannot autotune (it cannot time anything): one small fixed config.
-            return _masked_linear_kernel, {**self.flags, **_INTERPRETER_CONFIG}
+            return kernel, {**self.flags, **(_INTERPRETER_V2_CONFIG if self.grouped else _INTERPRETER_CONFIG)}
         properties = device_properties(self.device)
         if AUTOTUNE:
             return _tuned_kernel(self.family, properties.major), self.flags
-        default = default_config(
-            self.family, properties.major, self.dtype, properties.shared_memory_per_block_optin, self.flags["TILE_MAP"]
-        )
+        limit = properties.shared_memory_per_block_optin
+        if self.grouped:
+            configs = _configs("mixed2", properties.major)
+            sizes = (self.flags["GROUPS"], self.flags["FEW_GROUPS"], self.flags["WIDE_GROUPS"])
+            default = next((c for c in configs if mixed2_config_fits(c, self.dtype, limit, *sizes)), configs[0])
+        else:
+            default = default_config(self.family, properties.major, self.dtype, limit, self.flags["TILE_MAP"])
         constants = {**self.flags, **default.kwargs, "num_warps": default.num_warps, "num_stages": default.num_stages}
-        return _masked_linear_kernel, constants
+        return kernel, constants
 
     def launch(self, x, weight, task_ids, bias, scale, shift, tile_map, task: int, tasks, reuse: bool, wrap=as_is):
         """Allocate the output and launch: ``weight`` is the operand as planned (the int32 view when ``pairs``),
@@ -1165,11 +1679,19 @@ class LinearPlan:
         partials = counters = None
         if self.split_k > 1:
             partials, counters = _split_workspace(x.device, self.partial_count, self.counter_count, reuse, stream)
-        row_tasks = row_order = None
-        if tasks is not None:
-            row_tasks, row_order = _grouped_rows(tasks, reuse)
-        pointers = (x2d, weight, task_ids, bias, scale, shift, y, partials, counters, tile_map, row_tasks, row_order)
-        args = (*pointers, *self.sizes, task, *self.ints)
+        if self.grouped:
+            if direct and not self.interpreted:
+                if self.group_launch is None:
+                    block = {"BLOCK": _row_block(self.rows)}
+                    self.group_launch = KernelLaunch(_row_groups_kernel, lambda meta: (1,), block)
+                groups = _row_groups(tasks, reuse, launch=self.group_launch)
+            else:
+                groups = _row_groups(tasks, reuse, None if direct else wrap)
+            args = (x2d, weight, task_ids, bias, scale, shift, y, partials, counters, *groups, *self.sizes, *self.ints)
+        else:
+            grouping = _grouped_rows(tasks, reuse) if tasks is not None else (None, None)
+            pointers = (x2d, weight, task_ids, bias, scale, shift, y, partials, counters, tile_map, *grouping)
+            args = (*pointers, *self.sizes, task, *self.ints)
         if direct:
             self.kernel_launch()(args, (), stream)
         else:
@@ -1213,8 +1735,12 @@ def linear_plan(
     plan.launches = {}
     plan.dtype = x.dtype
     plan.pairs = id_bits < 8 and use_mask and pairs_allowed(weight)
+    plan.grouped = tasks is not None and mixed_v2_applies(rows)
+    plan.group_launch = None
     if plan.empty:
         return plan  # nothing to launch: the output alone
+    if plan.grouped:
+        return _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask, id_bits)
     x_strides = x.stride() if x.dim() == 2 else x.reshape(rows, in_features).stride()
     regime = choose_regime(rows)
     split_k, k_per_split = _split_plan(rows, out_features, in_features, plan.interpreted, x.device)
@@ -1265,6 +1791,58 @@ def linear_plan(
 
     def grid(meta):
         return (ceil_div(out_features, meta["BLOCK_N"]) * ceil_div(rows, meta["BLOCK_M"]), split_k)
+
+    plan.grid = grid
+    return plan
+
+
+def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask, id_bits) -> LinearPlan:
+    """The rest of :func:`linear_plan` for a mixed batch that takes the grouped kernel (:func:`mixed_v2_applies`)."""
+    rows, (out_features, in_features) = plan.rows, weight.shape
+    x_strides = x.stride() if x.dim() == 2 else x.reshape(rows, in_features).stride()
+    split_k, k_per_split = _mixed_split_plan(
+        rows, out_features, in_features, x.element_size(), plan.interpreted, x.device
+    )
+    few, groups = mixed_groups(rows, x.element_size())
+    # Passes over K: at most one per GROUPS groups (there are at most ``rows`` groups).
+    max_passes = ceil_div(rows, groups)
+    plan.split_k = split_k
+    plan.counter_count = ceil_div(out_features, _MIN_BLOCK_N) * max_passes
+    plan.partial_count = split_k * rows * out_features
+    vectors = (bias, scale, shift)
+    weight_strides = (weight.stride(0) // 2, 1) if plan.pairs else weight.stride()
+    plan.sizes = (rows, out_features, in_features)
+    plan.ints = (
+        k_per_split,
+        task_limit(*vectors),
+        max_passes,
+        *x_strides,
+        *weight_strides,
+        *(task_ids.stride() if id_bits == 8 else (task_ids.stride(0), 1)),
+        *[0 if v is None else v.stride(-1) for v in vectors],
+        *[0 if v is None or v.dim() == 1 else v.stride(0) for v in vectors],
+        out_features,
+        1,
+    )
+    plan.flags = {
+        "HAS_BIAS": bias is not None,
+        "HAS_SCALE": scale is not None,
+        "HAS_SHIFT": shift is not None,
+        "RELU": relu,
+        "USE_MASK": use_mask,
+        "SPLIT": split_k > 1,
+        "UPCAST_BF16": plan.interpreted and x.dtype == torch.bfloat16,
+        "INPUT_PRECISION": _input_precision(x.dtype),
+        "ID_BITS": id_bits,
+        "USE_ASM": not plan.interpreted,
+        "GROUPS": groups,
+        "FEW_GROUPS": few,
+        "WIDE_GROUPS": mixed_wide_groups(rows, x.element_size()),
+    }
+    plan.family = "mixed2"
+
+    def grid(meta):
+        return (ceil_div(out_features, meta["BLOCK_N"]), split_k)
 
     plan.grid = grid
     return plan
@@ -1421,7 +1999,8 @@ def masked_linear_triton(
             run-time layout (:class:`~packnet_kernels.id_layout.CompactTaskIds`, 2 or 4 bits per weight), which the
             kernel decodes a word at a time.
         task: int in 1..255, or a mixed batch's integer tensor ``[rows]`` of per-row tasks (one launch for any mix:
-            see ``MIXED`` in :func:`_masked_linear_kernel`). Its values are checked for CPU tensors in eager mode
+            :func:`_mixed_linear_kernel` up to ``MIXED_V2_MAX_ROWS`` rows, ``MIXED`` in
+            :func:`_masked_linear_kernel` above). Its values are checked for CPU tensors in eager mode
             only; on CUDA and inside ``torch.compile`` a row whose task is outside 1..255 (or beyond an epilogue
             table) comes out NaN, with no device sync.
         bias, scale, shift: optional ``[out]`` vectors in ``x``'s dtype (a per-task Linear -> BatchNorm1d fold); with

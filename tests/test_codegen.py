@@ -12,9 +12,12 @@ depthwise 3x3, channels_last, with the packed layer's K-contiguous weights. Asse
 - wgmma (Hopper's tensor-core instruction) on sm_90 for fp16 and bf16 GEMM variants;
 - every GEMM main loop with wide loads pipelined (``cp.async`` groups committed ahead: ``num_stages - 1`` or more
   per loop), and
-  mixed-task tiles with both their loops pipelined (few tasks per pass, many; a run-time ``if`` around each dot
-  inside one loop would lose the pipelining);
+  mixed-task linear tiles with both their loops pipelined (few tasks per pass, many; a run-time ``if`` around each
+  dot inside one loop would lose the pipelining); a mixed conv tile runs the single-task loop, instruction for
+  instruction within a few per K step;
 - the tile-map path keeps all of that, its few map bytes per K step loaded apart (``evict_last``);
+- the grouped mixed kernel (v2): its loops per K step against the single-task loop of the same tiles (one dot per
+  group, the weight and ids loaded once per step), no spills;
 - split-K linear reduces in its one launch: one acquire-release atomic on the tile counter, after a barrier that
   follows the partial stores, and the partials read back through L2 (``ld.global.cg``); no atomic anywhere else.
 
@@ -242,7 +245,8 @@ def _conv_variants() -> list[dict]:
                         tile_map_ptr=None,
                         stride_map_plane=0,
                         stride_map_row=0,
-                        image_tasks_ptr=None,
+                        image_order_ptr=None,
+                        pixel_tiles_ptr=None,
                         max_task=0,
                         stride_bias_task=0,
                         stride_scale_task=0,
@@ -265,7 +269,6 @@ def _conv_variants() -> list[dict]:
                         CELL_N=32,
                         CELL_K=32,
                         MIXED=False,
-                        SEGMENTS=1,
                         CHANNELS_INNER=True,
                         UPCAST_DOT=False,
                         INPUT_PRECISION="tf32",
@@ -360,16 +363,107 @@ VARIANTS += (
         {},
         dict(USE_MASK=False),
     )
-    # Mixed-task conv batches: images of several tasks in one launch, 2 task segments per pass, int64 image tasks.
+    # Mixed-task conv batches: images of several tasks in one launch, pixel tiles of one task each (int64 image order
+    # and tile table); only the configs of the mixed tile height are launched.
     + _derived_variants(
         VARIANTS,
         ("conv3x3-", "conv1x1-"),
         "-mixed",
-        dict(image_tasks_ptr="*i64", max_task=255),
-        dict(MIXED=True, SEGMENTS=2),
+        dict(image_order_ptr="*i64", pixel_tiles_ptr="*i64", max_task=255),
+        dict(MIXED=True),
     )
 )
 
+
+def _mixed_v2_variants() -> list[dict]:
+    """The grouped mixed kernel (v2) on sm_90 fp16, N = K = 4096, split-K, per-task epilogue tables: 64 rows (a
+    4-group loop for one task, an 8-group loop for up to 8 tasks; uint8 and 4-bit ids) and 256 rows (16 groups, and
+    4 groups of 64 rows for a batch of one task),
+    in its first config; and the single-task small kernel of the same tiles (64 x 16 x 32, 8 warps, 4 stages) that
+    its loops are compared with (:func:`test_mixed_v2_loop_against_the_single_task_loop`)."""
+    n = k = 4096
+    config = linear._configs("mixed2", 9)[0]
+    variants = []
+    for m, bits in ((64, 8), (64, 4), (256, 8)):
+        few, groups = linear.mixed_groups(m)
+        wide = linear.mixed_wide_groups(m)
+        args = {
+            "x_ptr": "*fp16",
+            "w_ptr": "*fp16" if bits == 8 else "*i32",
+            "ids_ptr": "*u8" if bits == 8 else "*i32",
+            "y_ptr": "*fp16",
+            "partials_ptr": "*fp32",
+            "counters_ptr": "*i32",
+            "group_rows_ptr": "*i32",
+            "group_tasks_ptr": "*i32",
+            "group_count_ptr": "*i32",
+            "M": m,
+            "N": n,
+            "K": k,
+            "k_per_split": 1024,
+            "max_task": 255,
+            "max_passes": linear.ceil_div(m, groups),
+            "stride_xm": k,
+            "stride_xk": 1,
+            "stride_wn": k if bits == 8 else k // 2,
+            "stride_wk": 1,
+            "stride_idn": k if bits == 8 else k // 8,
+            "stride_idk": 1,
+            "stride_ym": n,
+            "stride_yn": 1,
+        }
+        for name in ("bias", "scale", "shift"):
+            args.update({f"{name}_ptr": "*fp16", f"stride_{name}": 1, f"stride_{name}_task": n})
+        constexprs = dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SHIFT=True, RELU=True, USE_MASK=True, SPLIT=True,
+                          UPCAST_BF16=False, INPUT_PRECISION="tf32", ID_BITS=bits, USE_ASM=True, GROUPS=groups,
+                          FEW_GROUPS=few, WIDE_GROUPS=wide, **config.kwargs)  # fmt: skip
+        variants.append(
+            dict(
+                name=f"linear-mixed2-m{m}-fp16-sm90-groups{few}-{groups}" + ("-ids4" if bits < 8 else ""),
+                module="linear",
+                kernel="_mixed_linear_kernel",
+                args=args,
+                constexprs=constexprs,
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+                arch=90,
+                dtype="fp16",
+                config=config,
+                # 16 activation rows by 32 K per group on 256 threads: 2 fp16 (4 bytes) per thread and load, from L2.
+                wide_loads=False,
+                gemm=True,
+                loops=1 + (few < groups) + (wide > 0),
+            )
+        )
+    single = next(v for v in VARIANTS if v["name"].startswith("linear-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K64"))
+    tile = {"BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": 32, "GROUP_N": 1}
+    for bits in (8, 4):
+        args = dict(single["args"], k_per_split=1024, partials_ptr="*fp32", counters_ptr="*i32")
+        if bits < 8:
+            args.update(w_ptr="*i32", ids_ptr="*i32", stride_wn=k // 2, stride_idn=k // 8)
+        variants.append(
+            dict(
+                single,
+                name="linear-single-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K32-w8-s4" + ("-ids4" if bits < 8 else ""),
+                args=args,
+                constexprs=dict(single["constexprs"], SPLIT=True, ID_BITS=bits, **tile),
+                num_warps=8,
+                num_stages=4,
+                config=triton_config(tile, 8, 4),
+                # Not a launchable config (a comparison only): 16 x 32 activations on 256 threads load 4 bytes each.
+                wide_loads=False,
+            )
+        )
+    return variants
+
+
+def triton_config(kwargs: dict, num_warps: int, num_stages: int):
+    import triton
+
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+
+
+VARIANTS += _mixed_v2_variants()
 
 # The variants the predicate-cost test compares (see the end of this file).
 PREDICATE_PREFIXES = ("linear-m1-fp16-sm90-", "linear-m4096-fp16-sm90-", "conv3x3-fp16-sm90-")
@@ -394,6 +488,8 @@ def compiled(request, tmp_path_factory) -> dict:
     predicate_tests = ("test_compact_ids_cut_the_predicate_loop", "test_the_predicate_loop_reaches", "test_no_wgmma")
     if any(item.name.startswith(predicate_tests) for item in request.session.items):
         wanted |= {variant["name"] for variant in VARIANTS if variant["name"].startswith(PREDICATE_PREFIXES)}
+    if any(item.name.startswith("test_a_mixed_conv_tile_runs_the_single_task_loop") for item in request.session.items):
+        wanted |= {name for pair in _mixed_conv_pairs() for name in pair}
     saved = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
@@ -423,6 +519,9 @@ def compiled(request, tmp_path_factory) -> dict:
 def _pruned(variant: dict) -> bool:
     """Whether the launcher drops this config for this dtype on this target before trying it."""
     dtype, major = DTYPES[variant["dtype"]], variant["arch"] // 10
+    if variant["kernel"] == "_mixed_linear_kernel":
+        sizes = [variant["constexprs"][name] for name in ("GROUPS", "FEW_GROUPS", "WIDE_GROUPS")]
+        return not linear.mixed2_config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], *sizes)
     if variant["module"] == "linear":
         tile_map = variant["constexprs"]["TILE_MAP"]
         mixed = variant["constexprs"]["MIXED"]
@@ -456,9 +555,12 @@ def test_compiled_code(variant, compiled):
     known_stack = KNOWN_STACK_BYTES.get((_triton_minor(), variant["name"]), 0)
     assert summary["local"] == 0 and summary["stack"] == known_stack, f"register spills: {summary}"
     tile_map = variant["constexprs"].get("TILE_MAP", False)
+    # (The grouped mixed kernel's partials are read back through L2 per group: no evict_last loads either way.)
     assert bool(summary["evict_last_loads"]) == tile_map, f"{summary['evict_last_loads']} tile-map loads"
     split = variant["constexprs"].get("SPLIT", False)
-    assert summary["atomics"] == int(split), f"{summary['atomics']} atomics (split-K: {split})"
+    # The grouped mixed kernel counts its splits in each of its loops' passes.
+    passes = variant.get("loops", 1) if variant["kernel"] == "_mixed_linear_kernel" else 1
+    assert summary["atomics"] == int(split) * passes, f"{summary['atomics']} atomics (split-K: {split})"
     assert bool(summary["cg_loads"]) == split, f"{summary['cg_loads']} L2-only loads (split-K: {split})"
     if split:
         assert summary["barrier_before_atomic"], "the split counter may be bumped before every partial is stored"
@@ -467,11 +569,12 @@ def test_compiled_code(variant, compiled):
         narrow = {width: count for width, count in summary["load_bytes"].items() if width < 8}
         assert not narrow, f"narrow main-loop loads (bytes: instructions): {summary['load_bytes']}"
     if variant["gemm"] and variant["wide_loads"]:
-        # A mixed tile compiles one K loop for passes of few tasks and one for passes of many; one task's tile with a
-        # map and raw tiles one for spans without ids and one for checked spans.
+        # A mixed linear tile compiles one K loop for passes of few tasks and one for passes of many; a tile with a map
+        # and raw tiles one for spans without ids and one for checked spans.
         constexprs = variant["constexprs"]
         raw_span = constexprs.get("TILE_MAP", False) and constexprs.get("RAW_TILES", False)
-        loops = 2 if constexprs.get("MIXED", False) or raw_span else 1
+        mixed_linear = constexprs.get("MIXED", False) and variant["module"] == "linear"
+        loops = variant.get("loops", 2 if mixed_linear or raw_span else 1)
         assert summary["async_commits"] >= loops * (variant["num_stages"] - 1), (
             f"{summary['async_commits']} cp.async groups for {loops} loop(s) of {variant['num_stages']} stages: a main"
             " loop is not pipelined"
@@ -617,3 +720,123 @@ def test_the_predicate_loop_reaches_the_kernel_issues_targets(predicate_costs):
         assert _median([cost["ratio"] for cost in costs]) <= 2.0
         assert _median([cost["integer_per_element"] for cost in costs]) <= 3.0
         assert all(cost["shared_stores"] == 0 for cost in costs)
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# Mixed-task conv batches: a pixel tile of one task runs the single-task loop, its task read from the tile table.
+
+
+def _mixed_conv_pairs() -> list[tuple[str, str]]:
+    """``(single-task variant, its mixed twin)`` for every launchable mixed conv config (sm_90 fp16, 3x3 and 1x1)."""
+    names = {variant["name"] for variant in VARIANTS}
+    return [
+        (variant["name"][: -len("-mixed")], variant["name"])
+        for variant in VARIANTS
+        if variant["name"].endswith("-mixed") and variant["module"] == "conv2d" and not _pruned(variant)
+        and variant["name"][: -len("-mixed")] in names
+    ]  # fmt: skip
+
+
+# Instructions per K step a mixed conv loop may add to the single-task loop's (measured: -17..+3 with triton 3.9,
+# -9..+5 with 3.6; where the tile's task, loaded, keeps ptxas from the uniform datapath, about 30 uniform
+# instructions become vector integer ones, one for one).
+MIXED_CONV_EXTRA_INSTRUCTIONS = 8
+
+
+def test_a_mixed_conv_tile_runs_the_single_task_loop(compiled):
+    """The mixed conv kernel's main loop per K step, by kind, is the single-task loop's: the same tensor-core, load,
+    shared-memory and barrier instructions, and integer plus other instructions within a few of its own."""
+    pairs = _mixed_conv_pairs()
+    assert len(pairs) == 10, pairs  # 5 configs of the mixed tile height, 3x3 and 1x1
+    for single_name, mixed_name in pairs:
+        single, mixed = compiled[single_name], compiled[mixed_name]
+        for summary in (single, mixed):
+            if isinstance(summary, Exception):
+                raise summary
+        assert len(mixed["loops"]) == 1, f"{mixed_name}: {len(mixed['loops'])} main loops"
+        ours, theirs = mixed["loops"][0], single["loops"][0]
+        for kind in ("tensor", "global_load", "shared_load", "shared_store", "sync"):
+            assert ours["kinds"][kind] == theirs["kinds"][kind], f"{mixed_name}: {kind} {ours} against {theirs}"
+        extra = ours["instructions"] - theirs["instructions"]
+        scalar = sum(ours["kinds"][kind] - theirs["kinds"][kind] for kind in ("integer", "other"))
+        assert max(extra, scalar) <= MIXED_CONV_EXTRA_INSTRUCTIONS, f"{mixed_name}: {extra} more instructions per step"
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# The grouped mixed kernel (v2) per K step against the single-task small kernel of the same tiles.
+
+MIXED_V2_PREFIX = "linear-mixed2-"
+
+
+def mixed_v2_loops(compiled: dict) -> dict[str, list[dict]]:
+    """Per v2 variant: each main loop's groups, SASS instructions per K step by kind, and the same per group; the
+    single-task loop (same tiles and ids) beside it; registers, spills and C7515 notes."""
+    report = {}
+    for variant in VARIANTS:
+        name = variant["name"]
+        if not name.startswith(MIXED_V2_PREFIX):
+            continue
+        ids4 = name.endswith("-ids4")
+        reference = compiled["linear-single-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K32-w8-s4"
+                             + ("-ids4" if ids4 else "")]  # fmt: skip
+        summary, constexprs = compiled[name], variant["constexprs"]
+        # The loops by their groups (one dot each): 64-row groups of one task, few 16-row groups, all of them.
+        few, full, wide = constexprs["FEW_GROUPS"], constexprs["GROUPS"], constexprs["WIDE_GROUPS"]
+        groups = sorted({full} | ({few} if few < full else set()) | ({wide} if wide else set()))
+        single = reference["loops"][0]
+        report[name] = [
+            {
+                "groups": count,
+                "rows": 64 if wide and count == wide else 16,
+                "instructions": loop["instructions"],
+                "kinds": dict(loop["kinds"]),
+                "per_group": loop["instructions"] / count,
+                "single_task": single["instructions"],
+                "single_task_kinds": dict(single["kinds"]),
+                "registers": summary["registers"],
+                "local": summary["local"],
+                "serialized": summary.get("serialized_wgmma", 0),
+            }
+            for count, loop in zip(
+                groups, sorted(summary["loops"], key=lambda loop: loop["kinds"]["tensor"]), strict=True
+            )
+        ]
+    return report
+
+
+def test_mixed_v2_loop_against_the_single_task_loop(compiled):
+    """Measured when v2 came (sm_90 fp16, triton 3.9 and 3.6; benchmarks/NOTES.md, v8 mixed): per K step a v2 loop
+    of g groups runs g times the single-task loop's tensor instructions (one 64 x 16 x 32 dot per group) and loads
+    the weight and id tile once (its global loads grow by the groups' activation tiles only); a group costs well
+    under the single-task loop's whole step. Pinned with a margin; no spills in any loop."""
+    for name in compiled:
+        if name.startswith(MIXED_V2_PREFIX) and isinstance(compiled[name], Exception):
+            raise compiled[name]
+    report = mixed_v2_loops(compiled)
+    assert report, "no v2 variant compiled"
+    for name, loops in report.items():
+        for loop in loops:
+            single = loop["single_task_kinds"]
+            assert loop["local"] == 0, f"{name}: spills"
+            assert loop["kinds"]["tensor"] == loop["groups"] * single["tensor"], f"{name}: {loop}"
+            # Per group: one activation tile load (or two at 8 warps); the weight and id loads once per step.
+            extra_loads = loop["kinds"]["global_load"] - single["global_load"]
+            assert extra_loads <= 3 * loop["groups"], f"{name}: {loop}"
+            assert loop["per_group"] <= 0.9 * loop["single_task"], f"{name}: {loop}"
+
+
+def test_row_groups_kernel_compiles_without_spills():
+    """The one-program layout kernel of a mixed batch (``_row_groups_kernel``) at its largest block (256 rows)."""
+    spec = {
+        "module": "linear",
+        "kernel": "_row_groups_kernel",
+        "args": {"row_tasks_ptr": "*i64", "row_order_ptr": "*i64", "group_rows_ptr": "*i32",
+                 "group_tasks_ptr": "*i32", "group_count_ptr": "*i32", "M": 200},
+        "constexprs": {"BLOCK": 256},
+        "num_warps": 4,
+        "num_stages": 1,
+        "arch": 90,
+    }  # fmt: skip
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        summary = pool.submit(compile_variant, spec).result()
+    assert summary["local"] == 0 and summary["stack"] == 0 and summary["atomics"] == 0

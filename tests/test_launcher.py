@@ -269,8 +269,9 @@ def test_stubbed_launches_bind_like_triton_and_run_nothing():
 
 
 def test_a_conv_launch_passes_each_calls_task_and_task_tensor_where_triton_binds_them(fake_gpu):
-    """The conv launcher gives the task, a mixed batch's task tensor and the tile map as keyword arguments anew on
-    every call: a direct launch puts them in the slots Triton binds them to, as Triton's launch of the same call."""
+    """The conv launcher gives the task, a mixed batch's image order and pixel tiles and the tile map as keyword
+    arguments anew on every call: a direct launch puts them in the slots Triton binds them to, as Triton's launch of
+    the same call."""
     from packnet_kernels import conv2d
 
     make, compiled = fake_gpu
@@ -288,13 +289,13 @@ def test_a_conv_launch_passes_each_calls_task_and_task_tensor_where_triton_binds
     pointers = (x, weight, task_ids, bias, x, x, out)
     keywords = {**constants, **conv2d._INTERPRETER_CONFIGS["gemm"]}
     launch = KernelLaunch(jit, grid, keywords, conv2d._VARYING["gemm"])
-    launch(pointers, (0, tasks, tile_map), stream=STREAM)
-    other_tasks = torch.tensor([1, 3])
-    launch(pointers, (0, other_tasks, tile_map), stream=STREAM)
+    launch(pointers, (0, *conv2d._mixed_tiles(tasks, constants, reuse=False), tile_map), stream=STREAM)
+    order, tiles = conv2d._mixed_tiles(torch.tensor([1, 3]), constants, reuse=False)
+    launch(pointers, (0, order, tiles, tile_map), stream=STREAM)
     assert len(compiled) == 1 and launch.direct
-    jit[grid](*pointers, **keywords, active_task=0, image_tasks_ptr=other_tasks, tile_map_ptr=tile_map)
+    jit[grid](*pointers, **keywords, active_task=0, image_order_ptr=order, pixel_tiles_ptr=tiles, tile_map_ptr=tile_map)
     recorder = compiled[0]._run
     direct, through_triton = recorder.calls[1:]
     assert _same(direct[:6], through_triton[:6]) and _same(direct[9:], through_triton[9:])
     named = dict(zip(jit.arg_names, direct[9:], strict=True))
-    assert named["image_tasks_ptr"] is other_tasks and named["tile_map_ptr"] is tile_map
+    assert named["image_order_ptr"] is order and named["pixel_tiles_ptr"] is tiles and named["tile_map_ptr"] is tile_map

@@ -46,6 +46,18 @@ def _per_task(x2d, weight, task_ids, tasks, tables, relu, **kwargs):
     return out
 
 
+@pytest.fixture(params=["v2", "v1"])
+def mixed_kernel(request, monkeypatch):
+    """Run a test on the grouped mixed kernel (v2, batches up to 256 rows) and again on the 16-row mixed tiles
+    (v1, which larger batches take): v1 forced by lowering the row limit, launch plans dropped."""
+    from packnet_kernels import linear
+
+    monkeypatch.setattr(linear, "_PLANS", {})
+    if request.param == "v1":
+        monkeypatch.setattr(linear, "MIXED_V2_MAX_ROWS", 0)
+    return request.param
+
+
 MIXES = {
     "random": lambda m, g: torch.randint(1, NUM_TASKS + 1, (m,), generator=g),
     "sorted": lambda m, g: torch.randint(1, NUM_TASKS + 1, (m,), generator=g).sort().values,
@@ -95,7 +107,7 @@ def test_shared_vectors_and_conv_reference():
         (40, "absent_2_and_4", torch.float16),
     ],
 )
-def test_kernel_matches_reference_and_per_task_runs(m, mix, dtype):
+def test_kernel_matches_reference_and_per_task_runs(m, mix, dtype, mixed_kernel):
     x, weight, task_ids, tables = _on_device(*_layer(m, 37, 130, dtype, seed=m))
     tasks = MIXES[mix](m, torch.Generator().manual_seed(m)).to(DEVICE)
     kwargs = dict(scale=tables[1], shift=tables[2], relu=True)
@@ -134,8 +146,8 @@ def test_kernel_keeps_later_tasks_nan_out_of_earlier_rows():
 
 
 @pytest.mark.interpreter
-def test_kernel_passes_over_more_tasks_than_one_pass_holds():
-    """12 distinct tasks in one 16-row tile: two passes of 8 segments."""
+def test_kernel_passes_over_more_tasks_than_one_pass_holds(mixed_kernel):
+    """12 distinct tasks in one 16-row tile: two passes of 8 segments (v1); 12 groups in one pass (v2)."""
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(16, 40, generator=generator)
     task_ids = torch.randint(0, 13, (24, 40), generator=generator, dtype=torch.uint8)
@@ -230,8 +242,8 @@ def test_mixed_kernel_compiles_to_one_graph():
 
 
 # (batch, in channels, out channels, kernel, groups, image size): the tap-by-tap GEMM loop in one launch (a 3x3 over
-# 32 channels whose 20-pixel images put 2-3 of them in a pixel tile, a 1x1, a grouped 3x3), and a conv with 8
-# channels, which runs one launch per task present.
+# 32 channels whose 20-pixel images pack into pixel tiles, a 1x1, a grouped 3x3), and a conv with 8 channels, which
+# runs one launch per task present. The mixed conv kernel's own tests: tests/test_conv2d_mixed.py.
 CONV_CASES = [(5, 32, 24, 3, 1, (4, 5)), (3, 16, 20, 1, 1, (3, 3)), (4, 64, 64, 3, 2, (3, 4)), (4, 8, 12, 3, 1, (4, 4))]
 
 
@@ -273,27 +285,6 @@ def test_conv_mixed_batch_in_one_launch(case, monkeypatch):
         torch.testing.assert_close(got[rows], alone, **_tolerance(torch.float16))
 
 
-@pytest.mark.interpreter
-def test_conv_mixed_tile_passes_over_more_tasks_than_a_pass_holds():
-    """Five 2x2 images of five tasks in one 32-pixel tile: more tasks than the 4 segments of a pass, and an
-    invalid task (7 > the 5 rows of the tables) written NaN."""
-    generator = torch.Generator().manual_seed(5)
-    task_ids = torch.randint(0, NUM_TASKS + 1, (8, 16, 3, 3), generator=generator, dtype=torch.uint8)
-    weight = torch.where(task_ids == 0, 0.0, torch.randn(8, 16, 3, 3, generator=generator))
-    x = torch.randn(6, 16, 2, 2, generator=generator)
-    bias = torch.randn(NUM_TASKS, 8, generator=generator)
-    tasks = torch.tensor([5, 3, 1, 4, 2, 3])
-    device_args = [t.to(DEVICE) for t in (x, weight, task_ids, tasks, bias)]
-    got = masked_conv2d(*device_args[:4], device_args[4], 1, 1, backend="triton").cpu()
-    expected = masked_conv2d(x.double(), weight.double(), task_ids, tasks, bias.double(), 1, 1)
-    torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
-    from packnet_kernels.conv2d import _launch
-
-    bad = _launch(*device_args[:3], 0, device_args[4], None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, True,
-                  tasks=torch.tensor([1, 7, 2, 3, 4, 5], device=DEVICE))  # fmt: skip
-    assert bad[1].isnan().all() and not bad[[0, 2, 3, 4, 5]].isnan().any()
-
-
 def _count_dots(monkeypatch) -> list:
     """Count the interpreter's dots (``tl.dot`` calls of every kernel launched after this)."""
     from triton.runtime.interpreter import InterpreterBuilder
@@ -318,12 +309,14 @@ def _count_dots(monkeypatch) -> list:
     ids=["1-task", "2-tasks", "3-tasks", "9-tasks"],
 )
 def test_mixed_linear_tile_runs_the_dots_its_tasks_need(tasks, dots_per_step, monkeypatch):
-    """One 16-row tile (the interpreter's 32 x 16 x 32 tile, K = 96: 3 steps): per K step, 2 masked dots for a pass
-    of one or two tasks and 8 for a fuller one, with the results of the reference."""
+    """One 16-row tile of the v1 kernel (the interpreter's 32 x 16 x 32 tile, K = 96: 3 steps): per K step, 2
+    masked dots for a pass of one or two tasks and 8 for a fuller one, with the results of the reference."""
     if DEVICE != "cpu":
         pytest.skip("counts the interpreter's dots")
     from packnet_kernels import linear
 
+    monkeypatch.setattr(linear, "_PLANS", {})
+    monkeypatch.setattr(linear, "MIXED_V2_MAX_ROWS", 0)
     assert linear._INTERPRETER_CONFIG["BLOCK_K"] == 32 and linear.mixed_segments(16) == 8
     generator = torch.Generator().manual_seed(len(set(tasks)))
     task_ids = torch.randint(0, 10, (32, 96), generator=generator, dtype=torch.uint8)
@@ -334,30 +327,6 @@ def test_mixed_linear_tile_runs_the_dots_its_tasks_need(tasks, dots_per_step, mo
     got = masked_linear(x, weight, task_ids, row_tasks, backend="triton")
     assert len(calls) == 3 * dots_per_step
     expected = masked_linear_ref(x.double(), weight.double(), task_ids, row_tasks)
-    torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize(
-    ("tasks", "dots"),
-    [([2] * 8, 1), ([2, 2, 2, 1, 2, 2, 1, 2], 4), ([1, 2, 3, 4, 5, 1, 2, 3], 4 + 1)],
-    ids=["1-task", "2-tasks", "5-tasks"],
-)
-def test_mixed_conv_tile_runs_the_dots_its_tasks_need(tasks, dots, monkeypatch):
-    """Eight 2x2 images in one 32-pixel tile of a 1x1 conv over 16 channels (one reduction step): one masked dot for
-    a pass of one task, the 4 segments of a pass for more."""
-    if DEVICE != "cpu":
-        pytest.skip("counts the interpreter's dots")
-    generator = torch.Generator().manual_seed(len(set(tasks)))
-    task_ids = torch.randint(0, NUM_TASKS + 1, (16, 16, 1, 1), generator=generator, dtype=torch.uint8)
-    weight = torch.where(task_ids == 0, 0.0, torch.randn(16, 16, 1, 1, generator=generator))
-    x = torch.randn(8, 16, 2, 2, generator=generator).contiguous(memory_format=torch.channels_last)
-    weight, task_ids = (t.contiguous(memory_format=torch.channels_last) for t in (weight, task_ids))
-    image_tasks = torch.tensor(tasks)
-    calls = _count_dots(monkeypatch)
-    got = masked_conv2d(x, weight, task_ids, image_tasks, backend="triton")
-    assert len(calls) == dots
-    expected = masked_conv2d(x.double(), weight.double(), task_ids, image_tasks, backend="reference")
     torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
 
 
@@ -508,3 +477,225 @@ def test_a_packed_model_with_its_call_hooks_compiles_to_one_graph():
     with torch.no_grad(), packnet.set_task(model, 2):
         assert torch.equal(compiled(x), model(x))
     assert counter.frame_count == 1 and _checks.packed_forward() is None
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# The grouped mixed kernel (v2): one program per weight tile serves every row of a batch of up to 256 rows.
+
+
+def _v2_layer(m, n, k, num_tasks, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    task_ids = torch.randint(0, num_tasks + 1, (n, k), generator=generator, dtype=torch.uint8)
+    weight = torch.where(task_ids == 0, 0.0, torch.randn(n, k, generator=generator)).to(dtype)
+    tables = [(0.5 + torch.rand(num_tasks, n, generator=generator)).to(dtype) for _ in range(3)]
+    return x, weight, task_ids, tables, generator
+
+
+def _id_operand(task_ids, id_bits):
+    from packnet_kernels.id_layout import compact_task_ids
+
+    return task_ids if id_bits == 8 else compact_task_ids(task_ids, int(task_ids.max()), id_bits)
+
+
+# (rows, tasks drawn from, distinct tasks at most 16 rows each so that per-task runs take the small regime, dtype)
+V2_CASES = [
+    (1, 5, torch.float32, 8),
+    (13, 5, torch.float16, 8),
+    (31, 3, torch.bfloat16, 8),
+    (37, 5, torch.float16, 4),
+    (29, 3, torch.float16, 2),
+    (40, 15, torch.float32, 4),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(("m", "num_tasks", "dtype", "id_bits"), V2_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_v2_rows_are_bitwise_the_per_task_kernel_runs(m, num_tasks, dtype, id_bits):
+    """Unsorted random mixes (some tasks absent), prime batch sizes, uint8 and compact ids (int32 weight pairs),
+    per-task bias/scale/shift tables: every row within the dtype's tolerance of the reference, and bit for bit the
+    per-task kernel run of its task (the same tiles, split and summation order: each task's rows are at most 16,
+    which the single-task small regime runs in one 16-row tile)."""
+    if DEVICE != "cpu":
+        pytest.skip("bitwise equality holds for the interpreter's fixed tiles")
+    from packnet_kernels import linear
+
+    x, weight, task_ids, tables, generator = _v2_layer(m, 37, 96, num_tasks, dtype, seed=m)
+    tasks = torch.randint(1, num_tasks + 1, (m,), generator=generator)
+    while any((tasks == t).sum() > 16 for t in range(1, num_tasks + 1)):
+        tasks = torch.randint(1, num_tasks + 1, (m,), generator=generator)
+    assert linear.mixed_v2_applies(m)
+    ids = _id_operand(task_ids, id_bits)
+    kwargs = dict(scale=tables[1], shift=tables[2], relu=True)
+    got = masked_linear(x, weight, ids, tasks, tables[0], backend="triton", **kwargs)
+    double = [table.double() for table in tables]
+    expected = masked_linear_ref(
+        x.double(), weight.double(), task_ids, tasks, double[0], scale=double[1], shift=double[2], relu=True
+    )
+    torch.testing.assert_close(got.double(), expected, **_tolerance(dtype))
+    assert torch.equal(got, _per_task(x, weight, ids, tasks, tables, relu=True, backend="triton"))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(("m", "num_tasks"), [(64, 1), (255, 255), (251, 8)], ids=["64-rows-1-task", "255-tasks",
+                                                                                   "251-rows-8-tasks"])  # fmt: skip
+def test_v2_one_task_and_every_task(m, num_tasks):
+    """One task for a whole batch (4 full groups), 255 rows of 255 tasks (255 groups: 16 passes of 16) and a prime
+    batch over 8 tasks: within tolerance of the reference, per-task tables included."""
+    x, weight, task_ids, tables, generator = _v2_layer(m, 20, 40, num_tasks, torch.float32, seed=num_tasks)
+    tasks = torch.randperm(m, generator=generator) % num_tasks + 1
+    x, weight, task_ids, tables = _on_device(x, weight, task_ids, tables)
+    got = masked_linear(x, weight, task_ids, tasks.to(DEVICE), tables[0], scale=tables[1], backend="triton")
+    expected = masked_linear_ref(
+        x.double(), weight.double(), task_ids, tasks.to(DEVICE), tables[0].double(), scale=tables[1].double()
+    )
+    torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
+
+
+@pytest.mark.interpreter
+def test_v2_invalid_tasks_come_out_nan_and_later_tasks_nan_stays_out():
+    """Rows whose task is outside 1..(table rows) are NaN, every other row is not, though a column owned by task 4 is
+    all NaN (rows of tasks 1..3 never see it)."""
+    from packnet_kernels import linear
+
+    x, weight, task_ids, tables, _ = _v2_layer(21, 33, 70, 5, torch.float32, seed=4)
+    task_ids[:, 5], weight[:, 5] = 4, float("inf")
+    tasks = torch.tensor([1, 7, 2, 3, 0, 1, 2, 3, 3, 1, 2, -4, 1, 3, 2, 2, 1, 300, 3, 1, 2])
+    device_args = [t.to(DEVICE) for t in (x, weight, task_ids, tables[0])]
+    got = linear._launch(*device_args[:3], 0, device_args[3], None, None, False, True, tasks=tasks.to(DEVICE)).cpu()
+    bad = (tasks < 1) | (tasks > 5)
+    assert got[bad].isnan().all() and not got[~bad].isnan().any() and not got[~bad].isinf().any()
+
+
+def _v2_counts(monkeypatch, tensors: dict) -> tuple[dict, list]:
+    """Per launch under the interpreter: for each named tensor, how many times each of its bytes is loaded (a
+    Counter of load counts over its elements), and each dot's right operand (the activations' columns)."""
+    import numpy as np
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    spans = {name: (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), t) for name, t in tensors.items()}
+    loads = {name: np.zeros(t.numel(), dtype=np.int64) for name, t in tensors.items()}
+    dots = []
+    masked_load, create_dot = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_dot
+
+    def counting_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        addresses = ptrs.data[mask.data.astype(bool)].astype(np.int64)
+        for name, (start, end, tensor) in spans.items():
+            inside = addresses[(addresses >= start) & (addresses < end)]
+            np.add.at(loads[name], (inside - start) // tensor.element_size(), 1)
+        return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    def counting_dot(self, a, b, d, *args):
+        dots.append(b.data.copy())
+        return create_dot(self, a, b, d, *args)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_load", counting_load)
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", counting_dot)
+    return loads, dots
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    ("counts", "passes"),
+    [
+        ({3: 64}, 1),  # one task: one 64-row group
+        ({2: 200}, 1),  # one task: 64-row groups, the last of 8 rows
+        ({1: 128, 5: 128}, 1),  # two runs in four 64-row groups
+        ({2: 100, 7: 156}, 2),  # 5 groups of 64 rows would be needed: 17 of 16, 2 passes
+        ({1: 8, 2: 8, 3: 8, 4: 8, 5: 8, 6: 8, 7: 8, 8: 8}, 1),  # 64 rows over 8 tasks: 8 groups of 8 rows
+        ({1: 17, 4: 3, 9: 44}, 1),  # 64 rows over 3 tasks, tasks absent between: 2 + 1 + 3 groups
+        ({1: 96, 2: 64, 5: 48, 6: 16, 7: 32}, 1),  # 256 rows, 5 tasks in 16 full groups: one pass
+        ({t: 32 for t in range(1, 9)}, 1),  # 256 rows over 8 tasks of 32: 16 groups
+        ({t: 20 for t in range(1, 9)} | {9: 96}, 2),  # 256 rows over 9 tasks: 22 groups, 2 passes of 16
+    ],
+    ids=["64x1", "200x1", "256x2-wide", "256x2", "64x8", "64x3-absent", "256x5", "256x8", "256x9"],
+)
+def test_v2_reads_each_weight_once_per_pass_and_dots_cover_their_group(counts, passes, monkeypatch):
+    """Under the interpreter, per launch: every weight and id element is loaded exactly once per pass over K (once
+    for up to 16 groups of 16 rows of one task: any mix of 64 rows over up to 8 tasks, 256 rows in 16 full groups),
+    and each K step runs one dot per group on that group's rows only: a dot's activation columns are those of one
+    task's run of at most 16 rows (64 when a batch over 112 rows has runs that fit 64-row groups), padded with zero
+    columns, every row in one dot per step."""
+    if DEVICE != "cpu":
+        pytest.skip("counts the interpreter's loads and dots")
+    from packnet_kernels import linear
+
+    monkeypatch.setattr(linear, "_PLANS", {})
+    tasks = torch.cat([torch.full((rows,), task) for task, rows in counts.items()])
+    m, num_tasks = tasks.numel(), max(counts)
+    x, weight, task_ids, _, generator = _v2_layer(m, 24, 64, num_tasks, torch.float16, seed=m + num_tasks)
+    x = x + 4.0 * x.sign()  # no zero activation: a dot's nonzero columns are exactly its rows
+    tasks = tasks[torch.randperm(m, generator=generator)]
+    loads, dots = _v2_counts(monkeypatch, {"weight": weight, "ids": task_ids})
+    got = masked_linear(x, weight, task_ids, tasks, backend="triton")
+    few, groups = linear.mixed_groups(m, 2)  # fp16: up to 16 groups per pass
+    wide = linear.mixed_wide_groups(m, 2)
+    wide = wide if sum(-(-rows // 64) for rows in counts.values()) <= wide else 0
+    width = 64 if wide else 16
+    group_count = sum(-(-rows // width) for rows in counts.values())
+    assert -(-group_count // groups) == passes and (passes > 1) == (group_count > groups)
+    unrolled = wide or (few if group_count <= few else groups)
+    assert {int(v) for v in loads["weight"]} == {passes} and {int(v) for v in loads["ids"]} == {passes}
+    steps = 64 // linear._INTERPRETER_V2_CONFIG["BLOCK_K"]  # one program, one split: K = 64 in 2 steps
+    assert len(dots) == steps * passes * unrolled
+    covered = [(dot != 0).any(axis=0) for dot in dots]
+    assert all(dot.shape[1] == width for dot in dots)
+    busy = [int(columns.sum()) for columns in covered if columns.any()]
+    assert len(busy) == steps * group_count and sum(busy) == steps * m
+    expected_rows = [[width] * (rows // width) + ([rows % width] if rows % width else []) for rows in counts.values()]
+    assert sorted(busy) == sorted(r for rows in expected_rows for r in rows for _ in range(steps))
+    expected = masked_linear_ref(x.double(), weight.double(), task_ids, tasks)
+    torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float16))
+
+
+@pytest.mark.interpreter
+def test_v2_row_groups_are_built_once_per_forward(monkeypatch):
+    """A packed model's layers share the row groups of the forward's task tensor, as they share its sort."""
+    from packnet_kernels import linear
+
+    layouts = []
+    kernel = linear._row_groups_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            layouts.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(linear, "_row_groups_kernel", Counting())
+    linear.release_workspaces()
+    model = _packed_mlp("triton").to(DEVICE)
+    x = torch.randn(9, 12, device=DEVICE)
+    tasks = torch.tensor([3, 1, 2, 2, 1, 3, 3, 1, 2], device=DEVICE)
+    with torch.no_grad():
+        got = model(x, task=tasks)
+        assert len(layouts) == 1  # two packed layers, one layout
+        expected = _per_row(model, x, tasks)
+    torch.testing.assert_close(got, expected, **_tolerance(torch.float32))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(("m", "dtype"), [(1, torch.int64), (17, torch.uint8), (256, torch.int16)])
+def test_v2_row_groups_layout(m, dtype):
+    """The device layouts of a batch's rows: each run of one task in groups of 16 rows, and of 64 (its input rows in
+    sorted order, -1 after the run's last row), the groups' tasks in increasing order (clamped to -1..256), and
+    their counts; task tensors of any integer dtype (uint8: no negative values)."""
+    from packnet_kernels import linear
+
+    generator = torch.Generator().manual_seed(m)
+    values = [0, 1, 2, 2, 3, 7, 255] if dtype == torch.uint8 else [-5, 0, 1, 2, 2, 3, 7, 300]
+    tasks = torch.tensor(values)[torch.randint(0, len(values), (m,), generator=generator)].to(dtype)
+    group_rows, group_tasks, counts = (t.cpu() for t in linear._row_groups(tasks.to(DEVICE), reuse=False))
+    order = torch.sort(tasks, stable=True).indices
+    layouts = zip((16, 64), group_rows.split([m * 16, m * 64]), group_tasks.split([m, m]), counts, strict=True)
+    for width, rows_of, tasks_of, count in layouts:
+        expected_rows, expected_tasks, position = [], [], 0
+        for task in sorted(set(tasks.tolist())):
+            run = order[position : position + int((tasks == task).sum())].tolist()
+            position += len(run)
+            for first in range(0, len(run), width):
+                chunk = run[first : first + width]
+                expected_rows.append(chunk + [-1] * (width - len(chunk)))
+                expected_tasks.append(max(-1, min(256, task)))
+        assert int(count) == len(expected_rows)
+        assert rows_of.view(-1, width)[: len(expected_rows)].tolist() == expected_rows
+        assert tasks_of[: len(expected_tasks)].tolist() == expected_tasks
