@@ -272,8 +272,13 @@ def _task_sums(
 ):
     """One task's sums over ``[k_start, k_end)``: ``acc + w_masked @ xt`` step by step. With ``TILE_MAP`` each step
     first reads its tile's cells: a tile with no weight of tasks 1..active_task reads nothing, and (``RAW_TILES``) a
-    tile whose owners are all visible reads no ids."""
-    for k in range(k_start, k_end, BLOCK_K):
+    tile whose owners are all visible reads no ids.
+
+    The loop runs at least one step, even for an empty span (whose one step loads nothing: its masks are empty): a
+    loop the compiler cannot prove runs gives the accumulator a second definition on the path around it, the zeros
+    ``acc`` held before, and ptxas then serialises every wgmma of the kernel (C7515; triton 3.6 and 3.9)."""
+    for step in range(0, tl.maximum(tl.cdiv(k_end - k_start, BLOCK_K), 1)):
+        k = k_start + step * BLOCK_K
         # Masks compare offsets with scalar bounds only (what keeps the loads 16-byte cp.async): the tile map narrows
         # the bounds, to 0 for what this tile need not read.
         k_remaining = K - k
@@ -642,8 +647,10 @@ def _masked_linear_kernel(
     # ``k_per_split`` is specialised (not in ``do_not_specialize``): Triton then knows it is a multiple of 16, so the
     # split's start is 16-aligned and the K mask below is constant over 16-element runs, which lets every weight, id
     # and activation load become a 16-byte ``cp.async``. The launcher makes ``k_per_split`` a multiple of every
-    # BLOCK_K, so a split's tiles never cross into the next split and masking against ``K`` alone is exact.
-    k_start = pid_k * k_per_split
+    # BLOCK_K, so a split's tiles never cross into the next split and masking against ``K`` alone is exact (one
+    # split: k_start is 0). Said with multiple_of, it also makes a step's compact-id words (BLOCK_K / 8 or / 16 of
+    # them, from k_start / 8 or / 16 on) 16-byte loads instead of 8-byte ones.
+    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)
     k_end = min(K, k_start + k_per_split)
     offs_k = tl.arange(0, BLOCK_K)
     offs_k64 = k_start.to(tl.int64) + offs_k

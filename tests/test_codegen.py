@@ -505,7 +505,7 @@ def compiled(request, tmp_path_factory) -> dict:
         for item in request.session.items
         if hasattr(item, "callspec") and "variant" in item.callspec.params
     }
-    predicate_tests = ("test_compact_ids_cut_the_predicate_loop", "test_the_predicate_loop_reaches")
+    predicate_tests = ("test_compact_ids_cut_the_predicate_loop", "test_the_predicate_loop_reaches", "test_no_wgmma")
     if any(item.name.startswith(predicate_tests) for item in request.session.items):
         wanted |= {variant["name"] for variant in VARIANTS if variant["name"].startswith(PREDICATE_PREFIXES)}
     if any(item.name.startswith("test_a_mixed_conv_tile_runs_the_single_task_loop") for item in request.session.items):
@@ -700,14 +700,16 @@ def predicate_costs(compiled):
 
 
 # Per regime: compact over uint8 ratio, ratio to the plain loop, integer instructions per weight element per thread.
-PREDICATE_LIMITS = {"small": (0.75, 3.2, 5.0), "large": (0.75, 3.2, 5.0), "conv": (0.85, 2.6, 10.0)}
+PREDICATE_LIMITS = {"small": (0.75, 3.6, 5.0), "large": (0.75, 3.2, 5.0), "conv": (0.85, 2.6, 10.0)}
 
 
 @pytest.mark.parametrize("regime", list(PREDICATE_REGIMES))
 def test_compact_ids_cut_the_predicate_loop(regime, predicate_costs):
-    """Measured when kernels v8 came (triton 3.9 and 3.6): compact ids take the small-batch loop from a median 3.7-5x
-    of the no-predicate loop to 2.2-2.9x, and integer work from 8.4-9.8 to 3-4.5 instructions per weight element per
-    thread; the 3x3 conv's from 1.9-3.0x to 1.6-2.2x. Pinned with a margin: a change that loses most of it fails."""
+    """Measured (triton 3.9 and 3.6, medians over each regime's configs): compact ids take the small-batch loop from
+    5.3-6.1x the no-predicate loop to 2.6-3.2x, the large tiles' from 3.6-3.7x to 2.0-2.1x, and integer work from 9-10
+    to 3.6-4.7 instructions per weight element per thread; the 3x3 conv's from 2.1x to 1.4-1.6x. (The small-batch ratios
+    grew when the loops stopped serialising wgmma: the no-predicate loop they divide by got shorter.) Pinned with a
+    margin: a change that loses most of it fails."""
     costs = predicate_costs[regime]
     gain, ceiling, integer_limit = PREDICATE_LIMITS[regime]
     ids4 = _median([cost["ratio"] for cost in costs["ids4"]])
@@ -719,21 +721,38 @@ def test_compact_ids_cut_the_predicate_loop(regime, predicate_costs):
     assert integer <= integer_limit, f"{regime}: {integer:.1f} integer instructions per weight element per thread"
 
 
+def test_no_wgmma_is_serialised(compiled):
+    """ptxas serialises no wgmma (note C7515, "non wgmma instructions defining accumulator registers") in any variant
+    it reads here: every config of both linear regimes and of the 3x3 conv, sm_90 fp16, on uint8 and compact ids, with
+    the tile map (its raw and checked loops), mixed-task convs and the loops without the predicate. Before the linear
+    K loop ran at least one step, 29 of them were on triton 3.6 and 22 on 3.9 (every tile-map kernel, most large
+    tiles): the accumulator's zeros reached the kernel's end on a path around the loop as well."""
+    notes = {}
+    for name, summary in compiled.items():
+        if isinstance(summary, Exception):
+            raise summary
+        if "serialized_wgmma" in summary:
+            notes[name] = summary["serialized_wgmma"]
+    assert len(notes) >= 60, f"ptxas read {len(notes)} variants only"
+    serialized = sorted(name for name, count in notes.items() if count)
+    assert not serialized, f"C7515 in {len(serialized)} of {len(notes)} variants: {serialized}"
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="kernels v8 does not reach these yet (benchmarks/NOTES.md, v8): the masked tile still converts its layout"
-    " through shared memory, and ptxas serialises wgmma in most large-tile configs; when this passes, drop the mark",
+    " through shared memory before the dot, and the decode and its AND cost about 1.75 instructions per weight; when"
+    " this passes, drop the mark",
 )
 def test_the_predicate_loop_reaches_the_kernel_issues_targets(predicate_costs):
     """The kernel issue's targets for the linear loop on compact ids, both regimes: at most 2x the no-predicate loop's
-    instructions per K step (median), at most 3 integer instructions per weight element per thread, no stores to
-    shared memory in the loop, and no C7515 (serialised wgmma) from ptxas in any config."""
+    instructions per K step (median), at most 3 integer instructions per weight element per thread, and no stores to
+    shared memory in the loop (its last target, no C7515, is :func:`test_no_wgmma_is_serialised`)."""
     for regime in ("small", "large"):
         costs = predicate_costs[regime]["ids4"]
         assert _median([cost["ratio"] for cost in costs]) <= 2.0
         assert _median([cost["integer_per_element"] for cost in costs]) <= 3.0
         assert all(cost["shared_stores"] == 0 for cost in costs)
-        assert all(cost["serialized"] == 0 for cost in costs)
 
 
 # --------------------------------------------------------------------------------------------------------------- #
