@@ -119,20 +119,23 @@ def model_specs(kernel: str) -> list[dict]:
         split_k, k_per_split = linear._mixed_split_plan(batch, out_features, in_features, 2, False, None)
         few, groups = linear.mixed_groups(batch, 2)
         wide = linear.mixed_wide_groups(batch, 2)
+        one_rows, one_block_k = linear.mixed_one_task(batch, 2)
         args = dict(_mixed_args(_base_args(), batch, split_k, k_per_split), group_rows_ptr="*i32",
                     group_tasks_ptr="*i32", group_count_ptr="*i32",
                     max_passes=linear.ceil_div(batch, groups))  # fmt: skip
         for triton_config in linear._configs("mixed2", 9):
             if not linear.mixed2_config_fits(triton_config, torch.float16, costmodel.DEVICE["shared_per_block_optin"],
-                                              groups, few, wide):  # fmt: skip
+                                              groups, few, wide, one_rows, one_block_k):  # fmt: skip
                 continue
             config = dict(triton_config.kwargs, num_warps=triton_config.num_warps, num_stages=triton_config.num_stages)
             # uint8 ids (what benchmarks/mixed.py passes) and 4-bit ids (what a packed layer of up to 15 tasks reads
             # on a GPU: int32 words, the fp16 weight as int32 pairs); each also without the predicate.
             for id_bits, use_mask in ((8, True), (8, False), (4, True)):
+                one_rows, one_block_k = linear.mixed_one_task(batch, 2, id_bits=id_bits)
                 flags = dict(HAS_BIAS=False, HAS_SCALE=False, HAS_SHIFT=False, RELU=False, USE_MASK=use_mask,
                              SPLIT=split_k > 1, UPCAST_BF16=False, INPUT_PRECISION="tf32", ID_BITS=id_bits,
-                             USE_ASM=True, GROUPS=groups, FEW_GROUPS=few, WIDE_GROUPS=wide)  # fmt: skip
+                             USE_ASM=True, GROUPS=groups, FEW_GROUPS=few, WIDE_GROUPS=wide, ONE_ROWS=one_rows,
+                             ONE_BLOCK_K=one_block_k)  # fmt: skip
                 compact = {} if id_bits == 8 else dict(w_ptr="*i32", ids_ptr="*i32", stride_wn=in_features // 2,
                                                         stride_idn=in_features * id_bits // 32)  # fmt: skip
                 specs.append(_model_spec(linear._mixed_linear_kernel, "_mixed_linear_kernel", args | compact, flags,
@@ -162,6 +165,7 @@ def _model_spec(jit, name: str, args: dict, flags: dict, config: dict, batch: in
         "use_mask": flags["USE_MASK"],
         "id_bits": flags.get("ID_BITS", 8),
         "groups": (flags.get("FEW_GROUPS"), flags.get("GROUPS"), flags.get("WIDE_GROUPS")),
+        "one_task": (flags.get("ONE_ROWS", 0), flags.get("ONE_BLOCK_K", 0)),
     }
 
 
@@ -275,24 +279,47 @@ def v2_launch(features: dict, batch: int, count: int, id_bits: int = 8) -> list[
     for pair in by_config.values():
         masked, plain = pair[(True, id_bits)], pair[(False, 8)]
         few, full, wide = masked["groups"]
+        one_rows, one_block_k = masked.get("one_task", (0, 0))
         config = masked["config"]
-        # The loops by their unrolled groups (fewest dots first): 64-row groups of one task, few, all.
-        counts = sorted({full} | ({few} if few < full else set()) | ({wide} if wide else set()))
-        loops = dict(zip(counts, sorted(masked["loops"], key=lambda loop: loop["kinds"]["tensor"]), strict=True))
-        bare_loops = dict(zip(counts, sorted(plain["loops"], key=lambda loop: loop["kinds"]["tensor"]), strict=True))
+        # The loops in the kernel's order (their addresses): the one-task loop, 64-row groups, few, all.
+        names = ["wide"] * bool(wide) + ["few"] * (few < full) + ["full"]
+        loops = dict(zip(["one"] * bool(one_rows) + names, masked["loops"], strict=True))
+        bare_loops = dict(zip(["one"] * bool(plain["one_task"][0]) + names, plain["loops"], strict=True))
+        counts = {"wide": wide, "few": few, "full": full}
         width = 16
+        out_features, _ = MODEL_LAYER
+        if one_rows and count == 1:
+            # One task: the single-task loop (one mask, one dot of every row per step of one_block_k columns).
+            loop = loops["one"]
+            rows.append(
+                {
+                    "config": config,
+                    "programs": costmodel.ceil_div(out_features, config["BLOCK_N"]) * masked["split_k"],
+                    "steps": costmodel.ceil_div(masked["k_per_split"], one_block_k),
+                    "warps": config["num_warps"],
+                    "occupancy": costmodel.occupancy(masked["registers"], masked["shared"], config["num_warps"]),
+                    "instructions": loop["instructions"],
+                    "flops_per_step": 2 * config["BLOCK_N"] * one_rows * one_block_k,
+                    "serialized": bool(masked["serialized_wgmma"]),
+                    "dram_bytes": _dram_bytes(batch, 1, masked["split_k"], id_bits),
+                    "passes": 1,
+                    "groups": 1,
+                }
+            )
+            continue
         if wide and len(v2_groups(tasks, 64)) <= wide:
             unrolled, passes, width = wide, [v2_groups(tasks, 64)], 64
+            name = "wide"
         elif len(groups) <= few:
-            unrolled, passes = few, [groups]
+            unrolled, passes, name = few, [groups], "few" if few < full else "full"
         else:
-            unrolled = full
+            unrolled, name = full, "full"
             passes = [groups[first : first + full] for first in range(0, len(groups), full)]
-        loop, bare = loops[unrolled], bare_loops[unrolled]
+        assert unrolled == counts[name]
+        loop, bare = loops[name], bare_loops[name]
         mask_cost = (loop["instructions"] - bare["instructions"]) / unrolled
         instructions = sum(bare["instructions"] + _distinct(part) * mask_cost for part in passes)
         flops = len(passes) * unrolled * 2 * config["BLOCK_N"] * width * config["BLOCK_K"]
-        out_features, _ = MODEL_LAYER
         rows.append(
             {
                 "config": config,

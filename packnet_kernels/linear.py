@@ -111,6 +111,10 @@ MIXED_V2_MAX_ROWS = 256
 MIXED_GROUPS = 16
 # The interpreter's v2 tiles: those of the small single-task regime, so that both sum in the same order.
 _INTERPRETER_V2_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32}
+# The constexprs that size a v2 program's loops (mixed2_config_fits's arguments after the shared memory).
+_MIXED2_SIZES = ("GROUPS", "FEW_GROUPS", "WIDE_GROUPS", "ONE_ROWS", "ONE_BLOCK_K")
+# Shared memory of a v2 program beyond its largest loop's pipelined tiles (mixed2_config_fits), in bytes.
+_MIXED2_SHARED_EXTRA = 8192
 
 
 @triton.jit
@@ -1007,16 +1011,33 @@ def _groups_pass(
     USE_ASM: tl.constexpr,
     GROUPS: tl.constexpr,
     GROUP_ROWS: tl.constexpr,
+    ONE_TASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One pass of a v2 program over its K range for the groups ``first_group .. first_group + GROUPS``: their sums
-    (:func:`_group_sums`), the split-K reduction (counter ``counter_index``) and each group's epilogue and rows."""
-    tasks, valid, rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task, GROUPS,
-                                         GROUP_ROWS)  # fmt: skip
-    accs = _group_sums(w_ptrs, ids_ptrs, x_ptr, tasks, rows, offs_k, n_mask, k_start, k_end, K, stride_wk, stride_idk,
-                       stride_xm, stride_xk, USE_MASK, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, GROUPS, BLOCK_N,
-                       BLOCK_K)  # fmt: skip
+    (:func:`_group_sums`), the split-K reduction (counter ``counter_index``) and each group's epilogue and rows.
+
+    ``ONE_TASK`` (a batch of one task, ``M <= GROUP_ROWS``): one group of every row, summed by the single-task loop
+    (:func:`_task_sums`, contiguous activation rows: the stable sort of one task keeps the input order)."""
+    if ONE_TASK:
+        raw = tl.load(group_tasks_ptr)
+        ok = (raw >= 1) & (raw <= max_task)
+        task = tl.where(ok, raw, 0)
+        slots = tl.arange(0, GROUP_ROWS)
+        m_mask = slots < M
+        tasks, valid, rows = (task,), (ok,), (tl.where(m_mask, slots, -1).to(tl.int64),)
+        xt_ptrs = x_ptr + (k_start + offs_k)[:, None].to(tl.int64) * stride_xk + slots[None, :].to(tl.int64) * stride_xm
+        acc = tl.zeros((BLOCK_N, GROUP_ROWS), dtype=tl.float32)
+        accs = (_task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, n_mask, offs_k, offs_k, n_mask, m_mask, k_start,
+                           k_end, K, task, 0, stride_wk, stride_idk, stride_xk, USE_MASK, False, False, BLOCK_K,
+                           UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K),)  # fmt: skip
+    else:
+        tasks, valid, rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task,
+                                             GROUPS, GROUP_ROWS)  # fmt: skip
+        accs = _group_sums(w_ptrs, ids_ptrs, x_ptr, tasks, rows, offs_k, n_mask, k_start, k_end, K, stride_wk,
+                           stride_idk, stride_xm, stride_xk, USE_MASK, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM,
+                           GROUPS, BLOCK_N, BLOCK_K)  # fmt: skip
     finish = True
     if SPLIT:
         # Partials by input row ([SPLIT_K, M, N] fp32): each row lies in one group, padding slots store nothing.
@@ -1051,6 +1072,26 @@ def _groups_pass(
             tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (rows[j] >= 0)[None, :])
         if SPLIT:
             tl.store(counters_ptr + counter_index, 0)
+
+
+@triton.jit
+def _operand_ptrs(w_ptr, ids_ptr, offs_n, k_start, stride_wn, stride_wk, stride_idn, stride_idk, ID_BITS: tl.constexpr,
+                  BLOCK_K: tl.constexpr):  # fmt: skip
+    """``(w_ptrs, ids_ptrs)``: a program's first weight and id tiles of ``BLOCK_K`` columns from ``k_start`` (the
+    weight's int32 pairs when ``w_ptr`` is int32; compact ids as int32 words)."""
+    offs_k = k_start.to(tl.int64) + tl.arange(0, BLOCK_K)
+    if w_ptr.dtype.element_ty == tl.int32:
+        offs_pair = k_start.to(tl.int64) // 2 + tl.arange(0, BLOCK_K // 2)
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_pair[None, :] * stride_wk
+    else:
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    if ID_BITS < 8:
+        PER_WORD: tl.constexpr = 32 // ID_BITS
+        offs_word = k_start.to(tl.int64) // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+        ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_word[None, :]
+    else:
+        ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_k[None, :] * stride_idk
+    return w_ptrs, ids_ptrs
 
 
 @triton.jit(do_not_specialize=["max_task"])
@@ -1100,6 +1141,8 @@ def _mixed_linear_kernel(
     GROUPS: tl.constexpr,
     FEW_GROUPS: tl.constexpr,
     WIDE_GROUPS: tl.constexpr,
+    ONE_ROWS: tl.constexpr,
+    ONE_BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -1117,7 +1160,10 @@ def _mixed_linear_kernel(
     Grid: axis 0 the weight tiles (``BLOCK_N`` rows each), axis 1 the K split (``k_per_split`` each). A program
     serves every row of the batch for its weight tile: per pass over its K range it holds ``GROUPS`` groups'
     accumulators; a K step loads the weight and id tiles once, masks them once per distinct task among the pass's
-    groups and runs one dot per group on that group's 16 rows (:func:`_group_sums`). A batch whose runs of one task
+    groups and runs one dot per group on that group's 16 rows (:func:`_group_sums`). A batch of one task (the first
+    and last group's task the same; ``ONE_ROWS`` > 0, :func:`mixed_one_task`) takes the single-task loop
+    (:func:`_task_sums`): one mask and one dot of all its rows (``ONE_ROWS``, contiguous) per step of ``ONE_BLOCK_K``
+    columns, the single-task small kernel's steps. A batch whose runs of one task
     fit ``WIDE_GROUPS`` groups of 64 rows (``M`` over 112: :func:`mixed_wide_groups`) takes those instead. A batch
     whose groups fit one pass (the ``FEW_GROUPS`` loop when they fit it; else ``GROUPS``, see :func:`mixed_groups`)
     reads its weight and ids once; more groups (``sum over tasks of ceil(rows / 16)`` above ``GROUPS``) take
@@ -1134,36 +1180,39 @@ def _mixed_linear_kernel(
     k_start = pid_k * k_per_split
     k_end = min(K, k_start + k_per_split)
     offs_k = tl.arange(0, BLOCK_K)
-    if w_ptr.dtype.element_ty == tl.int32:
-        offs_pair = k_start.to(tl.int64) // 2 + tl.arange(0, BLOCK_K // 2)
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_pair[None, :] * stride_wk
-    else:
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k_start.to(tl.int64) + offs_k)[None, :] * stride_wk
-    if ID_BITS < 8:
-        PER_WORD: tl.constexpr = 32 // ID_BITS
-        offs_word = k_start.to(tl.int64) // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-        ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_word[None, :]
-    else:
-        ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + (k_start.to(tl.int64) + offs_k)[None, :] * stride_idk
+    w_ptrs, ids_ptrs = _operand_ptrs(w_ptr, ids_ptr, offs_n, k_start, stride_wn, stride_wk, stride_idn, stride_idk,
+                                     ID_BITS, BLOCK_K)  # fmt: skip
     group_count = tl.load(group_count_ptr)
     first_counter = pid_n * max_passes
     # Batches whose runs fit WIDE_GROUPS groups of 64 rows take them: a quarter of the dots.
     wide_count = tl.load(group_count_ptr + 1)
-    if WIDE_GROUPS > 0 and wide_count <= WIDE_GROUPS:
+    # The groups are sorted by task: one task when the first and last group's are the same.
+    one_task = tl.load(group_tasks_ptr) == tl.load(group_tasks_ptr + group_count - 1)
+    if ONE_ROWS > 0 and one_task:
+        offs_one = tl.arange(0, ONE_BLOCK_K)
+        one_w_ptrs, one_ids_ptrs = _operand_ptrs(w_ptr, ids_ptr, offs_n, k_start, stride_wn, stride_wk, stride_idn,
+                                                 stride_idk, ID_BITS, ONE_BLOCK_K)  # fmt: skip
+        _groups_pass(x_ptr, one_w_ptrs, one_ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr,
+                     counters_ptr, group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_one, offs_n,
+                     n_mask, k_start, k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk,
+                     stride_bias, stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task,
+                     stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16,
+                     INPUT_PRECISION, ID_BITS, USE_ASM, 1, ONE_ROWS, True, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
+    elif WIDE_GROUPS > 0 and wide_count <= WIDE_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr + M * 16, group_tasks_ptr + M, wide_count, 0, first_counter, offs_k, offs_n,
                      n_mask, k_start,
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, USE_ASM, WIDE_GROUPS, 64, BLOCK_N, BLOCK_K)  # fmt: skip
+                     ID_BITS, USE_ASM, WIDE_GROUPS, 64, False, BLOCK_N, BLOCK_K)  # fmt: skip
     elif FEW_GROUPS < GROUPS and group_count <= FEW_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_k, offs_n, n_mask, k_start,
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, USE_ASM, FEW_GROUPS, 16, BLOCK_N, BLOCK_K)  # fmt: skip
+                     ID_BITS, USE_ASM, FEW_GROUPS, 16, False, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         for first_group in range(0, group_count, GROUPS):
             _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
@@ -1172,7 +1221,7 @@ def _mixed_linear_kernel(
                          max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias, stride_scale,
                          stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym, stride_yn,
                          HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                         ID_BITS, USE_ASM, GROUPS, 16, BLOCK_N, BLOCK_K)  # fmt: skip
+                         ID_BITS, USE_ASM, GROUPS, 16, False, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 def _configs(regime: str, capability_major: int) -> list[triton.Config]:
@@ -1202,6 +1251,9 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
         # activations half as often. Wider K steps spill (64 x 64 on 4 warps with 8 groups, 32 x 64 with 16) or
         # serialise their wgmma (64 x 64 on 8 warps, C7515); 32-row tiles (mma.sync) cost more per weight.
         shapes = [(64, 32, 8, 4), (64, 32, 4, 4), (128, 32, 8, 3)]
+        if capability_major < 9:
+            # mma.sync dots (sm_80, triton 3.6): the 4-warp and 128-row tiles spill 8-24 bytes with 8 groups.
+            shapes = shapes[:1]
         return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in shapes]
     if regime == "mixed":
         return [
@@ -1310,30 +1362,44 @@ def useful_batch_tile(config: triton.Config, m: int) -> bool:
 
 
 def mixed2_config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, groups: int,
-                       few: int, wide: int = 0) -> bool:  # fmt: skip
-    """Whether a grouped (v2) config suits ``groups`` unrolled row groups (and loops of ``few`` groups and of
-    ``wide`` 64-row groups beside) for ``dtype``: each loop's fp32 accumulators at most 64 registers per thread
-    (measured for sm_90 with triton 3.6 and 3.9: 16 groups of 64 x 16 on 8 warps take about 205 registers without
-    spilling, 24 spill; 16 on 4 warps spill), fp32 dots at most 8 groups, and every loop's pipelined weight, id and
-    activation tiles in shared memory (Triton gives each loop its own buffers)."""
+                       few: int, wide: int = 0, one_rows: int = 0, one_block_k: int = 0,
+                       ieee: bool = False) -> bool:  # fmt: skip
+    """Whether a grouped (v2) config suits ``groups`` unrolled row groups (and loops of ``few`` groups, of ``wide``
+    64-row groups and the one-task loop of ``one_rows`` rows and ``one_block_k`` columns beside) for ``dtype``: each
+    loop's fp32 accumulators at most 64 registers per thread, 32 for fp32 inputs (measured for sm_90 with triton 3.6
+    and 3.9: 16 groups of 64 x 16 on 8 warps take about 205 registers without spilling, 24 spill; 16 on 4 warps
+    spill), fp32 dots at most 8 groups, the one-task loop's fp32 operands within :func:`_registers_fit`, and the
+    pipelined weight, id and activation tiles of its largest loop in shared memory (``tests/test_codegen.py``
+    checks the bound against the real allocation). IEEE fp32 dots (``ieee``, on FMAs) take at most 8 weight elements
+    per thread per step (triton 3.6, sm_90: 64 x 32 on 4 warps or 128 x 32 on 8 spill 208-232 bytes with 2 groups)."""
     element = torch.empty((), dtype=dtype).element_size()
     tile, threads = config.kwargs, 32 * config.num_warps
-    loops = [(groups, 16)] + ([(few, 16)] if few < groups else []) + ([(wide, 64)] if wide else [])
-    if any(count * tile["BLOCK_N"] * width > 64 * threads for count, width in loops):
+    loops = [(groups, 16, tile["BLOCK_K"])] + ([(few, 16, tile["BLOCK_K"])] if few < groups else [])
+    loops += ([(wide, 64, tile["BLOCK_K"])] if wide else []) + ([(1, one_rows, one_block_k)] if one_rows else [])
+    # fp32 dots: half the budget (triton 3.6, sm_90: 8 groups of 64 x 16 on 4 warps, or of 128 x 16 on 8, use 24-32
+    # bytes of stack at 255 registers; 64 x 16 on 8 warps takes 222 registers and no stack).
+    budget = 64 if element < 4 else 32
+    if any(count * tile["BLOCK_N"] * width > budget * threads for count, width, _ in loops):
         return False
     if element == 4 and groups > 8:
         return False
-    weight_tile = tile["BLOCK_N"] * tile["BLOCK_K"] * (element + 1)
-    per_stage = sum(weight_tile + count * tile["BLOCK_K"] * width * element for count, width in loops)
-    return config.num_stages * per_stage <= shared_memory_bytes
+    if ieee and tile["BLOCK_N"] * tile["BLOCK_K"] > 8 * threads:
+        return False
+    if one_rows and not _registers_fit(tile["BLOCK_N"], one_rows, one_block_k, config.num_warps, dtype, False):
+        return False
+    # The loops run in branches of one ``if``: Triton reuses one allocation for their buffers (triton 3.6, sm_90: the
+    # largest loop's stages and 2 KB), so the bound is the largest loop's stages and 8 KB.
+    per_stage = max(tile["BLOCK_N"] * k * (element + 1) + count * k * width * element for count, width, k in loops)
+    return config.num_stages * per_stage + _MIXED2_SHARED_EXTRA <= shared_memory_bytes
 
 
 def _prune_mixed2_configs(configs, named_args, **kwargs):
     """The grouped configs that fit (:func:`mixed2_config_fits`), or the first one."""
     x = named_args["x_ptr"]
     limit = device_properties(x.device).shared_memory_per_block_optin
-    groups, few, wide = kwargs["GROUPS"], kwargs["FEW_GROUPS"], kwargs["WIDE_GROUPS"]
-    fitting = [config for config in configs if mixed2_config_fits(config, x.dtype, limit, groups, few, wide)]
+    sizes = [kwargs[name] for name in _MIXED2_SIZES]
+    ieee = kwargs["INPUT_PRECISION"] == "ieee"
+    fitting = [config for config in configs if mixed2_config_fits(config, x.dtype, limit, *sizes, ieee)]
     return fitting or configs[:1]
 
 
@@ -1343,7 +1409,7 @@ def _tuned_kernel(regime: str, capability_major: int):
     if regime == "mixed2":
         return triton.autotune(
             configs=_configs(regime, capability_major),
-            key=["N", "K", "USE_MASK", "INPUT_PRECISION", "ID_BITS", "GROUPS", "FEW_GROUPS", "WIDE_GROUPS", "SPLIT"],
+            key=["N", "K", "USE_MASK", "INPUT_PRECISION", "ID_BITS", *_MIXED2_SIZES, "SPLIT"],
             prune_configs_by={"early_config_prune": _prune_mixed2_configs},
             do_bench=autotune_bench,
         )(_mixed_linear_kernel)
@@ -1402,25 +1468,51 @@ def mixed_v2_applies(rows: int) -> bool:
     return 0 < rows <= MIXED_V2_MAX_ROWS
 
 
-def mixed_groups(rows: int, element_size: int = 2) -> tuple[int, int]:
+def mixed_groups(rows: int, element_size: int = 2, ieee: bool = False, major: int = 9) -> tuple[int, int]:
     """``(few, groups)``: the row groups a v2 program unrolls per pass over K for a batch of ``rows`` rows of
     ``element_size``-byte elements: ``few`` (``ceil(rows / 16)``, every group full: rows of one task, or tasks of 16k
     rows) and ``groups``: at least :data:`MIXED_SEGMENTS` (as many distinct tasks of up to 16 rows each), at most
-    :data:`MIXED_GROUPS` (8 for fp32, whose dots hold twice the registers) and ``rows``. Not more than needed: 8
+    :data:`MIXED_GROUPS` (8 for fp32, whose dots hold twice the registers; 2 for fp32 with ``ieee`` dots, which run
+    on FMAs: with triton 3.6 for sm_90, 4 groups spill 48 bytes, 8 groups 352; 8 on GPUs of compute capability
+    ``major`` under 9, whose ``mma.sync`` dots take more registers: with triton 3.6 for sm_80, 16 groups spill
+    160-320 bytes) and ``rows``. Not more than needed: 8
     groups fit the cheaper 4-warp and 128-row configs (:func:`mixed2_config_fits`). The batch's groups are counted on
     the device; the kernel takes the ``few`` loop when they fit it, else passes of ``groups``."""
-    cap = MIXED_GROUPS if element_size < 4 else MIXED_GROUPS // 2
+    cap = 2 if ieee else MIXED_GROUPS if element_size < 4 and major >= 9 else MIXED_GROUPS // 2
     groups = min(max(ceil_div(rows, 16), MIXED_SEGMENTS), cap, rows)
     return min(ceil_div(rows, 16), groups), groups
 
 
-def mixed_wide_groups(rows: int, element_size: int = 2) -> int:
+def mixed_wide_groups(rows: int, element_size: int = 2, ieee: bool = False, major: int = 9) -> int:
     """64-row groups a v2 program unrolls for a batch of ``rows`` rows of one task: ``ceil(few / 4)`` of
     :func:`mixed_groups`'s ``few`` groups, or none under 8. By the model of ``benchmarks/mixed_model.py`` (sm_90,
     triton 3.6), 4 groups of 64 rows take a 256-row batch of one task from 196 to 100 us (4096 -> 11008, fp16),
     while at 64 rows one wide dot costs about what 4 narrow ones with one mask do."""
-    few = mixed_groups(rows, element_size)[0]
+    few = mixed_groups(rows, element_size, ieee, major)[0]
     return ceil_div(few, 4) if few >= 8 else 0
+
+
+def mixed_one_task(
+    rows: int, element_size: int = 2, ieee: bool = False, major: int = 9, id_bits: int = 8
+) -> tuple[int, int]:
+    """``(one_rows, one_block_k)``: the one-task loop of a v2 program for a batch of ``rows`` rows (taken when every
+    row has one task): one dot of ``one_rows`` rows (a power of two from 16), ``one_block_k`` columns per K step,
+    the single-task small kernel's wide K steps up to 32 rows (16-bit: 128, 64 for more rows, 32 above 64 rows
+    under compute capability ``major`` 9, whose shared memory holds 4 stages of 64 x 256 activations only; fp32: 32,
+    whose operands spill wider, :func:`_registers_fit`). The activation rows are contiguous (one task keeps the
+    input order), so their loads are 16-byte vectors where a group's gathered rows load 4 bytes per thread. None
+    (0, 0), and such one-task batches take the groups, for fp32 above 64 rows, above 16 with ``ieee`` dots, and
+    with compact ids (``id_bits`` 2 or 4) above 128 rows: beside the 16-group loop a 256-row one spills 48-72 bytes
+    (triton 3.6, sm_90, 32 or 64 columns per step)."""
+    limit = 16 if ieee else 64 if element_size == 4 else 128 if id_bits < 8 else MIXED_V2_MAX_ROWS
+    if rows > limit:
+        return 0, 0
+    one_rows = 16
+    while one_rows < rows:
+        one_rows *= 2
+    if element_size == 4:
+        return one_rows, 32
+    return one_rows, 128 if one_rows <= 32 else 64 if one_rows <= 64 or major >= 9 else 32
 
 
 def _mixed_split_plan(rows: int, n: int, k: int, element: int, interpreted: bool, device) -> tuple[int, int]:
@@ -1651,7 +1743,7 @@ class LinearPlan:
         limit = properties.shared_memory_per_block_optin
         if self.grouped:
             configs = _configs("mixed2", properties.major)
-            sizes = (self.flags["GROUPS"], self.flags["FEW_GROUPS"], self.flags["WIDE_GROUPS"])
+            sizes = [self.flags[name] for name in _MIXED2_SIZES] + [self.flags["INPUT_PRECISION"] == "ieee"]
             default = next((c for c in configs if mixed2_config_fits(c, self.dtype, limit, *sizes)), configs[0])
         else:
             default = default_config(self.family, properties.major, self.dtype, limit, self.flags["TILE_MAP"])
@@ -1803,7 +1895,13 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
     split_k, k_per_split = _mixed_split_plan(
         rows, out_features, in_features, x.element_size(), plan.interpreted, x.device
     )
-    few, groups = mixed_groups(rows, x.element_size())
+    ieee = _input_precision(x.dtype) == "ieee"
+    major = 9 if plan.interpreted else device_properties(x.device).major
+    few, groups = mixed_groups(rows, x.element_size(), ieee, major)
+    one_rows, one_block_k = mixed_one_task(rows, x.element_size(), ieee, major, id_bits)
+    if plan.interpreted and one_rows:
+        # The single-task kernel's interpreter tiles: a batch of one task sums as that kernel does, bit for bit.
+        one_block_k = _INTERPRETER_CONFIG["BLOCK_K"]
     # Passes over K: at most one per GROUPS groups (there are at most ``rows`` groups).
     max_passes = ceil_div(rows, groups)
     plan.split_k = split_k
@@ -1837,7 +1935,9 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
         "USE_ASM": not plan.interpreted,
         "GROUPS": groups,
         "FEW_GROUPS": few,
-        "WIDE_GROUPS": mixed_wide_groups(rows, x.element_size()),
+        "WIDE_GROUPS": mixed_wide_groups(rows, x.element_size(), ieee, major),
+        "ONE_ROWS": one_rows,
+        "ONE_BLOCK_K": one_block_k,
     }
     plan.family = "mixed2"
 

@@ -26,6 +26,7 @@ Compiling runs in 2 fresh processes (the interpreter off) into a Triton cache ma
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -375,23 +376,40 @@ VARIANTS += (
 )
 
 
+# v2 variants beyond sm_90 fp16 (rows, dtype, input precision, id bits, arch): each dtype's largest set of loops
+# (fp32: 8 groups beside 2 of 64 rows; bf16: 16 beside 4 of 64 rows, 2-bit ids), fp32's one-task loop with IEEE
+# dots, and sm_80 (A100-class) at 256 rows. Every config, dtype and id width was compiled once with triton 3.6 and
+# 3.9 (benchmarks/NOTES.md, v8 mixed (v2)); these pin the worst of each in the first config that fits.
+MIXED_V2_OTHER = ((128, "fp32", "tf32", 8, 90), (64, "fp32", "ieee", 4, 90), (256, "bf16", "tf32", 2, 90),
+                  (256, "fp16", "tf32", 8, 80))  # fmt: skip
+
+
 def _mixed_v2_variants() -> list[dict]:
-    """The grouped mixed kernel (v2) on sm_90 fp16, N = K = 4096, split-K, per-task epilogue tables: 64 rows (a
-    4-group loop for one task, an 8-group loop for up to 8 tasks; uint8 and 4-bit ids) and 256 rows (16 groups, and
-    4 groups of 64 rows for a batch of one task),
-    in its first config; and the single-task small kernel of the same tiles (64 x 16 x 32, 8 warps, 4 stages) that
-    its loops are compared with (:func:`test_mixed_v2_loop_against_the_single_task_loop`)."""
+    """The grouped mixed kernel (v2), N = K = 4096, split-K, per-task epilogue tables, on sm_90 fp16: 16 rows (the
+    one-task loop of 16 rows and 128 columns per step, 1 group, 8 groups), 64 rows (the one-task loop of 64 rows, a
+    4-group loop, an 8-group loop for up to 8 tasks; uint8 and 4-bit ids) and 256 rows (16 groups, and 4 groups of
+    64 rows), in its first config; :data:`MIXED_V2_OTHER` in the first config that fits; and the single-task small
+    kernel of the same tiles (64 x 16 x 32, 8 warps, 4 stages) that the fp16 loops are compared with
+    (:func:`test_mixed_v2_loop_against_the_single_task_loop`)."""
     n = k = 4096
-    config = linear._configs("mixed2", 9)[0]
     variants = []
-    for m, bits in ((64, 8), (64, 4), (256, 8)):
-        few, groups = linear.mixed_groups(m)
-        wide = linear.mixed_wide_groups(m)
+    cases = [(16, "fp16", "tf32", 8, 90), (64, "fp16", "tf32", 8, 90), (64, "fp16", "tf32", 4, 90),
+             (256, "fp16", "tf32", 8, 90), *MIXED_V2_OTHER]  # fmt: skip
+    for m, dtype, precision, bits, arch in cases:
+        element, ieee = DTYPES[dtype].itemsize, precision == "ieee"
+        few, groups = linear.mixed_groups(m, element, ieee, arch // 10)
+        wide = linear.mixed_wide_groups(m, element, ieee, arch // 10)
+        one_rows, one_block_k = linear.mixed_one_task(m, element, ieee, arch // 10, bits)
+        sizes = (groups, few, wide, one_rows, one_block_k)
+        limit = SHARED_MEMORY_LIMIT[arch // 10]
+        configs = linear._configs("mixed2", arch // 10)
+        config = next(c for c in configs if linear.mixed2_config_fits(c, DTYPES[dtype], limit, *sizes, ieee))
+        pairs = element == 2 and bits < 8
         args = {
-            "x_ptr": "*fp16",
-            "w_ptr": "*fp16" if bits == 8 else "*i32",
+            "x_ptr": POINTER[dtype],
+            "w_ptr": "*i32" if pairs else POINTER[dtype],
             "ids_ptr": "*u8" if bits == 8 else "*i32",
-            "y_ptr": "*fp16",
+            "y_ptr": POINTER[dtype],
             "partials_ptr": "*fp32",
             "counters_ptr": "*i32",
             "group_rows_ptr": "*i32",
@@ -405,34 +423,36 @@ def _mixed_v2_variants() -> list[dict]:
             "max_passes": linear.ceil_div(m, groups),
             "stride_xm": k,
             "stride_xk": 1,
-            "stride_wn": k if bits == 8 else k // 2,
+            "stride_wn": k // 2 if pairs else k,
             "stride_wk": 1,
-            "stride_idn": k if bits == 8 else k // 8,
+            "stride_idn": k * bits // 32 if bits < 8 else k,
             "stride_idk": 1,
             "stride_ym": n,
             "stride_yn": 1,
         }
         for name in ("bias", "scale", "shift"):
-            args.update({f"{name}_ptr": "*fp16", f"stride_{name}": 1, f"stride_{name}_task": n})
+            args.update({f"{name}_ptr": POINTER[dtype], f"stride_{name}": 1, f"stride_{name}_task": n})
         constexprs = dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SHIFT=True, RELU=True, USE_MASK=True, SPLIT=True,
-                          UPCAST_BF16=False, INPUT_PRECISION="tf32", ID_BITS=bits, USE_ASM=True, GROUPS=groups,
-                          FEW_GROUPS=few, WIDE_GROUPS=wide, **config.kwargs)  # fmt: skip
+                          UPCAST_BF16=False, INPUT_PRECISION=precision, ID_BITS=bits, USE_ASM=True, GROUPS=groups,
+                          FEW_GROUPS=few, WIDE_GROUPS=wide, ONE_ROWS=one_rows, ONE_BLOCK_K=one_block_k,
+                          **config.kwargs)  # fmt: skip
+        suffix = ("" if precision == "tf32" else f"-{precision}") + (f"-ids{bits}" if bits < 8 else "")
         variants.append(
             dict(
-                name=f"linear-mixed2-m{m}-fp16-sm90-groups{few}-{groups}" + ("-ids4" if bits < 8 else ""),
+                name=f"linear-mixed2-m{m}-{dtype}-sm{arch}-groups{few}-{groups}" + suffix,
                 module="linear",
                 kernel="_mixed_linear_kernel",
                 args=args,
                 constexprs=constexprs,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
-                arch=90,
-                dtype="fp16",
+                arch=arch,
+                dtype=dtype,
                 config=config,
                 # 16 activation rows by 32 K per group on 256 threads: 2 fp16 (4 bytes) per thread and load, from L2.
                 wide_loads=False,
                 gemm=True,
-                loops=1 + (few < groups) + (wide > 0),
+                loops=1 + (few < groups) + (wide > 0) + (one_rows > 0),
             )
         )
     single = next(v for v in VARIANTS if v["name"].startswith("linear-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K64"))
@@ -472,7 +492,7 @@ PREDICATE_PREFIXES = ("linear-m1-fp16-sm90-", "linear-m4096-fp16-sm90-", "conv3x
 def _spec(variant: dict) -> dict:
     keys = ("module", "kernel", "args", "constexprs", "num_warps", "num_stages", "arch")
     # ptxas's notes (serialized wgmma) for the loops the predicate tests below compare.
-    notes = variant["name"].startswith(PREDICATE_PREFIXES)
+    notes = variant["name"].startswith((*PREDICATE_PREFIXES, "linear-mixed2-"))
     return {key: variant[key] for key in keys} | {"ptxas_notes": notes}
 
 
@@ -520,7 +540,8 @@ def _pruned(variant: dict) -> bool:
     """Whether the launcher drops this config for this dtype on this target before trying it."""
     dtype, major = DTYPES[variant["dtype"]], variant["arch"] // 10
     if variant["kernel"] == "_mixed_linear_kernel":
-        sizes = [variant["constexprs"][name] for name in ("GROUPS", "FEW_GROUPS", "WIDE_GROUPS")]
+        names = ("GROUPS", "FEW_GROUPS", "WIDE_GROUPS", "ONE_ROWS", "ONE_BLOCK_K")
+        sizes = [variant["constexprs"][name] for name in names] + [variant["constexprs"]["INPUT_PRECISION"] == "ieee"]
         return not linear.mixed2_config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], *sizes)
     if variant["module"] == "linear":
         tile_map = variant["constexprs"]["TILE_MAP"]
@@ -554,6 +575,8 @@ def test_compiled_code(variant, compiled):
     )
     known_stack = KNOWN_STACK_BYTES.get((_triton_minor(), variant["name"]), 0)
     assert summary["local"] == 0 and summary["stack"] == known_stack, f"register spills: {summary}"
+    if variant["kernel"] == "_mixed_linear_kernel" and variant["arch"] == 90:
+        assert summary["serialized_wgmma"] == 0, f"{summary['serialized_wgmma']} C7515 (serialised wgmma)"
     tile_map = variant["constexprs"].get("TILE_MAP", False)
     # (The grouped mixed kernel's partials are read back through L2 per group: no evict_last loads either way.)
     assert bool(summary["evict_last_loads"]) == tile_map, f"{summary['evict_last_loads']} tile-map loads"
@@ -616,6 +639,16 @@ def test_every_path_has_a_config_that_fits(arch, dtype):
     ):
         default = conv2d.default_config(kernel, DTYPES[dtype], limit, taps_outer, mixed)
         assert conv2d.config_fits(default, DTYPES[dtype], limit, taps_outer, mixed)
+    # The grouped mixed kernel (v2) at every batch it takes: its loops for that batch (groups, few, 64-row groups,
+    # the one-task loop) fit at least one config, which the untuned launch and the pruning then take.
+    element = DTYPES[dtype].itemsize
+    rows_and_kinds = itertools.product(range(1, linear.MIXED_V2_MAX_ROWS + 1), (False, element == 4), (8, 4))
+    for rows, ieee, bits in rows_and_kinds:
+        few, groups = linear.mixed_groups(rows, element, ieee, major)
+        wide = linear.mixed_wide_groups(rows, element, ieee, major)
+        sizes = (groups, few, wide, *linear.mixed_one_task(rows, element, ieee, major, bits))
+        configs = linear._configs("mixed2", major)
+        assert any(linear.mixed2_config_fits(c, DTYPES[dtype], limit, *sizes, ieee) for c in configs), (rows, sizes)
 
 
 # --------------------------------------------------------------------------------------------------------------- #
@@ -774,20 +807,26 @@ def mixed_v2_loops(compiled: dict) -> dict[str, list[dict]]:
     report = {}
     for variant in VARIANTS:
         name = variant["name"]
-        if not name.startswith(MIXED_V2_PREFIX):
+        if not name.startswith(MIXED_V2_PREFIX + "m") or "-fp16-sm90-" not in name:
             continue
         ids4 = name.endswith("-ids4")
         reference = compiled["linear-single-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K32-w8-s4"
                              + ("-ids4" if ids4 else "")]  # fmt: skip
         summary, constexprs = compiled[name], variant["constexprs"]
-        # The loops by their groups (one dot each): 64-row groups of one task, few 16-row groups, all of them.
+        # The loops in the kernel's order (their addresses) by their groups (one dot each): the one-task loop (one
+        # group of every row, ONE_BLOCK_K columns per step), 64-row groups, few 16-row groups, all of them.
         few, full, wide = constexprs["FEW_GROUPS"], constexprs["GROUPS"], constexprs["WIDE_GROUPS"]
-        groups = sorted({full} | ({few} if few < full else set()) | ({wide} if wide else set()))
+        one_rows, one_block_k = constexprs["ONE_ROWS"], constexprs["ONE_BLOCK_K"]
+        kinds = [(1, one_rows, one_block_k, True)] * bool(one_rows) + [(wide, 64, 32, False)] * bool(wide)
+        kinds += [(few, 16, 32, False)] * (few < full) + [(full, 16, 32, False)]
         single = reference["loops"][0]
         report[name] = [
             {
                 "groups": count,
-                "rows": 64 if wide and count == wide else 16,
+                "rows": rows,
+                "one_task": one_task,
+                # K steps of the single-task loop (32 columns) one step of this loop covers.
+                "k_steps": block_k // 32,
                 "instructions": loop["instructions"],
                 "kinds": dict(loop["kinds"]),
                 "per_group": loop["instructions"] / count,
@@ -797,9 +836,7 @@ def mixed_v2_loops(compiled: dict) -> dict[str, list[dict]]:
                 "local": summary["local"],
                 "serialized": summary.get("serialized_wgmma", 0),
             }
-            for count, loop in zip(
-                groups, sorted(summary["loops"], key=lambda loop: loop["kinds"]["tensor"]), strict=True
-            )
+            for (count, rows, block_k, one_task), loop in zip(kinds, summary["loops"], strict=True)
         ]
     return report
 
@@ -808,7 +845,9 @@ def test_mixed_v2_loop_against_the_single_task_loop(compiled):
     """Measured when v2 came (sm_90 fp16, triton 3.9 and 3.6; benchmarks/NOTES.md, v8 mixed): per K step a v2 loop
     of g groups runs g times the single-task loop's tensor instructions (one 64 x 16 x 32 dot per group) and loads
     the weight and id tile once (its global loads grow by the groups' activation tiles only); a group costs well
-    under the single-task loop's whole step. Pinned with a margin; no spills in any loop."""
+    under the single-task loop's whole step (one group: about that step). The one-task loop (a batch of one task)
+    is the single-task loop of wider K steps: per 32 columns its tensor instructions, and at most the single-task
+    loop's instructions. Pinned with a margin; no spills in any loop."""
     for name in compiled:
         if name.startswith(MIXED_V2_PREFIX) and isinstance(compiled[name], Exception):
             raise compiled[name]
@@ -818,11 +857,20 @@ def test_mixed_v2_loop_against_the_single_task_loop(compiled):
         for loop in loops:
             single = loop["single_task_kinds"]
             assert loop["local"] == 0, f"{name}: spills"
-            assert loop["kinds"]["tensor"] == loop["groups"] * single["tensor"], f"{name}: {loop}"
+            steps = loop["k_steps"]
+            assert loop["kinds"]["tensor"] == loop["groups"] * steps * single["tensor"], f"{name}: {loop}"
+            if loop["one_task"]:
+                # The one-task loop: loads one weight, id and activation tile per step.
+                assert loop["instructions"] <= steps * loop["single_task"], f"{name}: {loop}"
+                continue
             # Per group: one activation tile load (or two at 8 warps); the weight and id loads once per step.
             extra_loads = loop["kinds"]["global_load"] - single["global_load"]
             assert extra_loads <= 3 * loop["groups"], f"{name}: {loop}"
-            assert loop["per_group"] <= 0.9 * loop["single_task"], f"{name}: {loop}"
+            if loop["groups"] > 1:
+                assert loop["per_group"] <= 0.9 * loop["single_task"], f"{name}: {loop}"
+            else:
+                # One group is the single-task step with its activation rows gathered.
+                assert loop["instructions"] <= 1.1 * loop["single_task"], f"{name}: {loop}"
 
 
 def test_row_groups_kernel_compiles_without_spills():

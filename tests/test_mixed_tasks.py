@@ -506,6 +506,11 @@ V2_CASES = [
     (37, 5, torch.float16, 4),
     (29, 3, torch.float16, 2),
     (40, 15, torch.float32, 4),
+    (23, 3, torch.bfloat16, 2),
+    # One task (the single-task loop of the v2 kernel): every dtype, both compact widths.
+    (11, 1, torch.bfloat16, 4),
+    (7, 1, torch.float16, 2),
+    (16, 1, torch.float32, 8),
 ]
 
 
@@ -550,6 +555,39 @@ def test_v2_one_task_and_every_task(m, num_tasks):
         x.double(), weight.double(), task_ids, tasks.to(DEVICE), tables[0].double(), scale=tables[1].double()
     )
     torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_v2_one_task_split_k_is_bitwise_the_single_task_kernel(dtype):
+    """A batch of one task whose K is split (4 splits of 64 under the interpreter): the one-task loop's partials and
+    reduction give every row bit for bit the single-task kernel's (the same tiles and split plan)."""
+    if DEVICE != "cpu":
+        pytest.skip("bitwise equality holds for the interpreter's fixed tiles")
+    from packnet_kernels import linear
+
+    x, weight, task_ids, tables, _ = _v2_layer(16, 24, 256, 3, dtype, seed=7)
+    tasks = torch.full((16,), 2)
+    assert linear._mixed_split_plan(16, 24, 256, 2, True, None)[0] == 4
+    got = masked_linear(x, weight, task_ids, tasks, tables[0], backend="triton")
+    expected = masked_linear(x, weight, task_ids, 2, tables[0][1], backend="triton")
+    assert torch.equal(got, expected)
+    reference = masked_linear_ref(x.double(), weight.double(), task_ids, tasks, tables[0].double())
+    torch.testing.assert_close(got.double(), reference, **_tolerance(dtype))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("task", [0, 6, 300])
+def test_v2_one_invalid_task_comes_out_nan(task):
+    """A batch of one task outside 1..(table rows) takes the one-task loop and every row comes out NaN (the kernel
+    launched directly: the public op refuses such tasks)."""
+    from packnet_kernels import linear
+
+    x, weight, task_ids, tables, _ = _v2_layer(5, 9, 40, 5, torch.float32, seed=task)
+    x, weight, task_ids, tables = _on_device(x, weight, task_ids, tables)
+    tasks = torch.full((5,), task, device=DEVICE)
+    got = linear._launch(x, weight, task_ids, 0, tables[0], None, None, False, True, tasks=tasks)
+    assert got.isnan().all()
 
 
 @pytest.mark.interpreter
@@ -598,8 +636,9 @@ def _v2_counts(monkeypatch, tensors: dict) -> tuple[dict, list]:
 @pytest.mark.parametrize(
     ("counts", "passes"),
     [
-        ({3: 64}, 1),  # one task: one 64-row group
-        ({2: 200}, 1),  # one task: 64-row groups, the last of 8 rows
+        ({3: 64}, 1),  # one task: the single-task loop, one dot of 64 rows
+        ({5: 23}, 1),  # one task: the single-task loop, one dot of 32 rows
+        ({2: 200}, 1),  # one task: the single-task loop, one dot of 256 rows
         ({1: 128, 5: 128}, 1),  # two runs in four 64-row groups
         ({2: 100, 7: 156}, 2),  # 5 groups of 64 rows would be needed: 17 of 16, 2 passes
         ({1: 8, 2: 8, 3: 8, 4: 8, 5: 8, 6: 8, 7: 8, 8: 8}, 1),  # 64 rows over 8 tasks: 8 groups of 8 rows
@@ -608,7 +647,7 @@ def _v2_counts(monkeypatch, tensors: dict) -> tuple[dict, list]:
         ({t: 32 for t in range(1, 9)}, 1),  # 256 rows over 8 tasks of 32: 16 groups
         ({t: 20 for t in range(1, 9)} | {9: 96}, 2),  # 256 rows over 9 tasks: 22 groups, 2 passes of 16
     ],
-    ids=["64x1", "200x1", "256x2-wide", "256x2", "64x8", "64x3-absent", "256x5", "256x8", "256x9"],
+    ids=["64x1", "23x1", "200x1", "256x2-wide", "256x2", "64x8", "64x3-absent", "256x5", "256x8", "256x9"],
 )
 def test_v2_reads_each_weight_once_per_pass_and_dots_cover_their_group(counts, passes, monkeypatch):
     """Under the interpreter, per launch: every weight and id element is loaded exactly once per pass over K (once
@@ -632,11 +671,15 @@ def test_v2_reads_each_weight_once_per_pass_and_dots_cover_their_group(counts, p
     wide = linear.mixed_wide_groups(m, 2)
     wide = wide if sum(-(-rows // 64) for rows in counts.values()) <= wide else 0
     width = 64 if wide else 16
-    group_count = sum(-(-rows // width) for rows in counts.values())
+    steps = 64 // linear._INTERPRETER_V2_CONFIG["BLOCK_K"]  # one program, one split: K = 64 in 2 steps
+    one_rows = linear.mixed_one_task(m, 2)[0] if len(counts) == 1 else 0
+    if one_rows:
+        # One task: the single-task loop, one dot of every row.
+        width, wide = one_rows, 1
+    group_count = 1 if one_rows else sum(-(-rows // width) for rows in counts.values())
     assert -(-group_count // groups) == passes and (passes > 1) == (group_count > groups)
     unrolled = wide or (few if group_count <= few else groups)
     assert {int(v) for v in loads["weight"]} == {passes} and {int(v) for v in loads["ids"]} == {passes}
-    steps = 64 // linear._INTERPRETER_V2_CONFIG["BLOCK_K"]  # one program, one split: K = 64 in 2 steps
     assert len(dots) == steps * passes * unrolled
     covered = [(dot != 0).any(axis=0) for dot in dots]
     assert all(dot.shape[1] == width for dot in dots)
