@@ -230,20 +230,39 @@ def v1_launch(features: dict, batch: int, count: int) -> list[dict]:
             flops += per_dot * loop["kinds"]["tensor"] / few["kinds"]["tensor"] * 2 / len(tiles)
     out_features, in_features = MODEL_LAYER
     programs = costmodel.ceil_div(out_features, config["BLOCK_N"]) * len(tiles) * variant["split_k"]
-    return [
-        {
-            "config": config,
-            "programs": programs,
-            "steps": costmodel.ceil_div(variant["k_per_split"], config["BLOCK_K"]),
-            "warps": config["num_warps"],
-            "occupancy": costmodel.occupancy(variant["registers"], variant["shared"], config["num_warps"]),
-            "instructions": instructions,
-            "flops_per_step": flops,
-            "serialized": bool(variant["serialized_wgmma"]),
-            "dram_bytes": _dram_bytes(batch, 1, variant["split_k"]),
-            "passes": 1,
-        }
-    ]
+    return [_launch_row(variant, config, programs, config["BLOCK_K"], instructions, flops, batch, 1)]
+
+
+def _launch_row(
+    variant: dict,
+    config: dict,
+    programs: int,
+    block_k: int,
+    instructions: float,
+    flops: float,
+    batch: int,
+    passes: int,
+    id_bits: int = 8,
+    **extra,
+) -> dict:
+    """One :func:`costmodel.resource_times` row of a compiled ``variant`` (its split, registers, shared memory and
+    C7515 note) run with ``config``: ``programs`` programs of ``k_per_split / block_k`` steps, each step issuing
+    ``instructions`` and ``flops``, reading the weight and ids ``passes`` times; ``extra`` fields are appended."""
+    import costmodel
+
+    return {
+        "config": config,
+        "programs": programs,
+        "steps": costmodel.ceil_div(variant["k_per_split"], block_k),
+        "warps": config["num_warps"],
+        "occupancy": costmodel.occupancy(variant["registers"], variant["shared"], config["num_warps"]),
+        "instructions": instructions,
+        "flops_per_step": flops,
+        "serialized": bool(variant["serialized_wgmma"]),
+        "dram_bytes": _dram_bytes(batch, passes, variant["split_k"], id_bits),
+        "passes": passes,
+        **extra,
+    }
 
 
 def _dram_bytes(batch: int, passes: int, split_k: int, id_bits: int = 8) -> float:
@@ -288,23 +307,14 @@ def v2_launch(features: dict, batch: int, count: int, id_bits: int = 8) -> list[
         counts = {"wide": wide, "few": few, "full": full}
         width = 16
         out_features, _ = MODEL_LAYER
+        programs = costmodel.ceil_div(out_features, config["BLOCK_N"]) * masked["split_k"]
         if one_rows and count == 1:
             # One task: the single-task loop (one mask, one dot of every row per step of one_block_k columns).
             loop = loops["one"]
+            flops = 2 * config["BLOCK_N"] * one_rows * one_block_k
+            instructions = loop["instructions"]
             rows.append(
-                {
-                    "config": config,
-                    "programs": costmodel.ceil_div(out_features, config["BLOCK_N"]) * masked["split_k"],
-                    "steps": costmodel.ceil_div(masked["k_per_split"], one_block_k),
-                    "warps": config["num_warps"],
-                    "occupancy": costmodel.occupancy(masked["registers"], masked["shared"], config["num_warps"]),
-                    "instructions": loop["instructions"],
-                    "flops_per_step": 2 * config["BLOCK_N"] * one_rows * one_block_k,
-                    "serialized": bool(masked["serialized_wgmma"]),
-                    "dram_bytes": _dram_bytes(batch, 1, masked["split_k"], id_bits),
-                    "passes": 1,
-                    "groups": 1,
-                }
+                _launch_row(masked, config, programs, one_block_k, instructions, flops, batch, 1, id_bits, groups=1)
             )
             continue
         if wide and len(v2_groups(tasks, 64)) <= wide:
@@ -321,19 +331,18 @@ def v2_launch(features: dict, batch: int, count: int, id_bits: int = 8) -> list[
         instructions = sum(bare["instructions"] + _distinct(part) * mask_cost for part in passes)
         flops = len(passes) * unrolled * 2 * config["BLOCK_N"] * width * config["BLOCK_K"]
         rows.append(
-            {
-                "config": config,
-                "programs": costmodel.ceil_div(out_features, config["BLOCK_N"]) * masked["split_k"],
-                "steps": costmodel.ceil_div(masked["k_per_split"], config["BLOCK_K"]),
-                "warps": config["num_warps"],
-                "occupancy": costmodel.occupancy(masked["registers"], masked["shared"], config["num_warps"]),
-                "instructions": instructions,
-                "flops_per_step": flops,
-                "serialized": bool(masked["serialized_wgmma"]),
-                "dram_bytes": _dram_bytes(batch, len(passes), masked["split_k"], id_bits),
-                "passes": len(passes),
-                "groups": len(groups),
-            }
+            _launch_row(
+                masked,
+                config,
+                programs,
+                config["BLOCK_K"],
+                instructions,
+                flops,
+                batch,
+                len(passes),
+                id_bits,
+                groups=len(groups),
+            )
         )
     return rows
 
