@@ -110,6 +110,22 @@ def _keep_tap(w_tile, ids, offs_c, ids_limit, task, TILE_MAP: tl.constexpr, ID_B
 
 
 @triton.jit
+def _epilogue(acc, bias_ptr, scale_ptr, shift_ptr, out_channel, n_valid, HAS_BIAS: tl.constexpr,
+              HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, APPLY_RELU: tl.constexpr):  # fmt: skip
+    """``relu?((acc + bias[o]) * scale[o] + shift[o])`` in fp32 on a ``[BLOCK_M, BLOCK_N]`` tile (o = columns, the
+    output channels ``out_channel``); absent vectors are not read."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if APPLY_RELU:
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return acc
+
+
+@triton.jit
 def _task_taps(
     acc,
     x_rows,
@@ -435,14 +451,8 @@ def _masked_conv2d_gemm_kernel(
             scale_ptr += table_row * stride_scale_task
         if HAS_SHIFT:
             shift_ptr += table_row * stride_shift_task
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    if HAS_SCALE:
-        acc *= tl.load(scale_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    if HAS_SHIFT:
-        acc += tl.load(shift_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    if APPLY_RELU:
-        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    acc = _epilogue(acc, bias_ptr, scale_ptr, shift_ptr, out_channel, n_valid, HAS_BIAS, HAS_SCALE, HAS_SHIFT,
+                    APPLY_RELU)  # fmt: skip
     if MIXED:
         acc = tl.where(task_valid, acc, float("nan"))
 
@@ -606,14 +616,8 @@ def _masked_conv2d_direct_kernel(
                 w_vec = tl.where(task_owns(ids, active_task), w_vec, 0.0)
             acc += x_tile.to(tl.float32) * w_vec.to(tl.float32)[None, :]
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    if HAS_SCALE:
-        acc *= tl.load(scale_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    if HAS_SHIFT:
-        acc += tl.load(shift_ptr + out_channel, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    if APPLY_RELU:
-        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    acc = _epilogue(acc, bias_ptr, scale_ptr, shift_ptr, out_channel, n_valid, HAS_BIAS, HAS_SCALE, HAS_SHIFT,
+                    APPLY_RELU)  # fmt: skip
 
     out_rows = out_ptr + image * stride_on + out_row * stride_oh + out_col * stride_ow
     out_ptrs = out_rows[:, None] + (out_channel * stride_oc)[None, :]
