@@ -51,7 +51,7 @@ from ._predicate import (
     tile_bounds,
 )
 from .id_layout import CompactTaskIds, unpack_task_ids
-from .linear import _grouped_rows
+from .linear import _grouped_rows, _kept_with_grouping
 from .reference import per_task_rows
 
 __all__ = ["masked_conv2d_triton"]
@@ -814,30 +814,21 @@ _TILES_BLOCK = 16
 _TILE_LAUNCHES: dict = {}
 
 
-# The pixel tiles built for the last grouping of images (the grouping, {(pixels, block_m, max_task, tiles): tiles}):
-# the convs of one forward at one resolution share them, as they share the sort.
-_TILE_TABLES: list = []
-
-
 def _mixed_tiles(tasks: torch.Tensor, constants: dict, reuse: bool, wrap=as_is) -> tuple[torch.Tensor, torch.Tensor]:
     """``(image_order, pixel_tiles)`` of a mixed launch: the images sorted by task, with the linear kernel's grouping
     (:func:`packnet_kernels.linear._grouped_rows`: one sort per forward with ``reuse``), and their pixel tiles
-    (:func:`_pixel_tiles`), kept with the grouping they came from."""
+    (:func:`_pixel_tiles`), kept with the grouping they came from (:func:`~packnet_kernels.linear._kept_with_grouping`):
+    the convs of one forward at one resolution share them, as they share the sort."""
     grouping = _grouped_rows(tasks, reuse)
-    if reuse and _TILE_TABLES and _TILE_TABLES[0] is grouping:
-        kept = _TILE_TABLES[1]
-    else:
-        kept = {}
-        if reuse:
-            _TILE_TABLES[:] = [grouping, kept]
+    kept = _kept_with_grouping(grouping)
     pixels, max_task = constants["out_h"] * constants["out_w"], constants["max_task"]
     block_m = _INTERPRETER_CONFIGS["gemm"]["BLOCK_M"] if _INTERPRETED else MIXED_BLOCK_M
     tiles = ceil_div(constants["total_pixels"], block_m) + _task_runs(tasks.shape[0], max_task) - 1
-    key = (pixels, block_m, max_task, tiles)
-    pixel_tiles = kept.get(key)
+    key = ("pixel_tiles", pixels, block_m, max_task, tiles)
+    pixel_tiles = kept.get(key) if kept is not None else None
     if pixel_tiles is None:
         pixel_tiles = _pixel_tiles(grouping[0], pixels, block_m, max_task, tiles, wrap)
-        if reuse:
+        if kept is not None:
             kept[key] = pixel_tiles
     return grouping[1], pixel_tiles
 

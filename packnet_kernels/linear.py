@@ -1552,11 +1552,10 @@ _WORKSPACES: dict[tuple[str, int | None, int], tuple[torch.Tensor, torch.Tensor]
 
 
 def release_workspaces() -> None:
-    """Free the split-K workspaces and the mixed-batch grouping kept for direct launches (the next call allocates or
-    sorts anew)."""
+    """Free the split-K workspaces and the mixed-batch grouping kept for direct launches, with the layouts kept
+    beside it (the next call allocates or sorts anew)."""
     _WORKSPACES.clear()
     _LAST_GROUPING.clear()
-    _LAST_ROW_GROUPS.clear()
 
 
 def _split_workspace(
@@ -1614,18 +1613,23 @@ def _grouped_rows(tasks: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, torch
     else:
         stream = 0
     if reuse and _LAST_GROUPING:
-        reference, version, last_forward, last_stream, grouping = _LAST_GROUPING
+        reference, version, last_forward, last_stream, grouping, _ = _LAST_GROUPING
         same_forward = last_forward == forward and last_stream == stream
         if same_forward and reference() is tasks and version == tasks._version:
             return grouping
     grouping = tuple(torch.sort(tasks, stable=True))
     if reuse:
-        _LAST_GROUPING[:] = [weakref.ref(tasks), tasks._version, forward, stream, grouping]
+        _LAST_GROUPING[:] = [weakref.ref(tasks), tasks._version, forward, stream, grouping, {}]
     return grouping
 
 
-# The row groups of the last grouping :func:`_grouped_rows` kept: (that grouping, its row groups).
-_LAST_ROW_GROUPS: list = []
+def _kept_with_grouping(grouping: tuple[torch.Tensor, torch.Tensor]) -> dict | None:
+    """The layouts derived from ``grouping`` kept beside it for the rest of the forward (the linear row groups, the
+    conv pixel tiles; a dict by the caller's key), or None when ``grouping`` is not the one :func:`_grouped_rows`
+    keeps: derive anew then, and keep nothing."""
+    if _LAST_GROUPING and _LAST_GROUPING[4] is grouping:
+        return _LAST_GROUPING[5]
+    return None
 
 
 def _row_groups(tasks: torch.Tensor, reuse: bool, wrap=None, launch=None):
@@ -1642,8 +1646,9 @@ def _row_groups(tasks: torch.Tensor, reuse: bool, wrap=None, launch=None):
     see :class:`LinearPlan`), else ``wrap(kernel)[grid]`` (``wrap_triton`` in the registered op), else a plain
     launch. When the grouping is the one kept for the forward, so are its groups (one layout per forward)."""
     grouping = _grouped_rows(tasks, reuse)
-    if _LAST_ROW_GROUPS and _LAST_ROW_GROUPS[0] is grouping:
-        return _LAST_ROW_GROUPS[1]
+    kept = _kept_with_grouping(grouping)
+    if kept is not None and "row_groups" in kept:
+        return kept["row_groups"]
     row_tasks, row_order = grouping
     rows = row_tasks.numel()
     group_rows = torch.empty(rows * (16 + 64), dtype=torch.int32, device=row_tasks.device)
@@ -1657,8 +1662,8 @@ def _row_groups(tasks: torch.Tensor, reuse: bool, wrap=None, launch=None):
         kernel = _row_groups_kernel if wrap is None else wrap(_row_groups_kernel)
         kernel[(1,)](*args, BLOCK=_row_block(rows))
     layout = (group_rows, group_tasks, group_count)
-    if _LAST_GROUPING and _LAST_GROUPING[-1] is grouping:
-        _LAST_ROW_GROUPS[:] = [grouping, layout]
+    if kept is not None:
+        kept["row_groups"] = layout
     return layout
 
 
