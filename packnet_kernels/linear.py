@@ -1507,9 +1507,7 @@ def mixed_one_task(
     limit = 16 if ieee else 64 if element_size == 4 else 128 if id_bits < 8 else MIXED_V2_MAX_ROWS
     if rows > limit:
         return 0, 0
-    one_rows = 16
-    while one_rows < rows:
-        one_rows *= 2
+    one_rows = _row_block(rows)
     if element_size == 4:
         return one_rows, 32
     return one_rows, 128 if one_rows <= 32 else 64 if one_rows <= 64 or major >= 9 else 32
