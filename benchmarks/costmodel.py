@@ -94,6 +94,7 @@ ELEMENT = 2  # bytes per fp16 or bf16 element
 # Triton's pointer type of each dtype the features can be compiled for.
 POINTER = {"float16": "*fp16", "bfloat16": "*bf16"}
 TILE_CELL = (32, 32)
+CHUNK_COLUMNS = 128  # packnet_kernels.id_layout.CHUNK_COLUMNS (the fields layout), kept here for older sources
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -139,13 +140,20 @@ def _linear_candidates(linear, id_layout, layer: tuple, batch: int, method: tupl
     regime = linear.choose_regime(batch)
     split_k, k_per_split = linear._split_plan(batch, n, k, False, None)
     compact = use_mask and bits < 8
+    # Since the fields layout (v8, third pass): the single-task loop on compact ids has its own configs, the weight
+    # as it is and the ids' words read as bytes; before, the words and the weight's int32 pairs.
+    fields = compact and hasattr(linear, "_field_configs")
     row_words = _row_words(k, bits, 1, k, id_layout.ROW_ALIGN_COLUMNS) if compact else 0
     cells = (ceil_div(n, TILE_CELL[0]), ceil_div(k, TILE_CELL[1]))
     named = {"x_ptr": _FakeTensor(getattr(torch, dtype)), "tile_map_ptr": object() if mapped else None, "M": batch}
-    configs = linear._prune_configs(linear._configs(regime, 9), named, MIXED=False)
+    if fields:
+        family = linear._configs(f"{regime}-fields{bits}", 9)
+        configs = linear._prune_configs(family, named, MIXED=False, TASK=1, ID_BITS=bits)
+    else:
+        configs = linear._prune_configs(linear._configs(regime, 9), named, MIXED=False)
     args = {
         "x_ptr": POINTER[dtype],
-        "w_ptr": "*i32" if compact else POINTER[dtype],
+        "w_ptr": "*i32" if compact and not fields else POINTER[dtype],
         "ids_ptr": "*i32" if compact else "*u8",
         "bias_ptr": None,
         "scale_ptr": None,
@@ -167,9 +175,9 @@ def _linear_candidates(linear, id_layout, layer: tuple, batch: int, method: tupl
         "stride_map_row": cells[1] if mapped else 0,
         "stride_xm": k,
         "stride_xk": 1,
-        "stride_wn": k // 2 if compact else k,
+        "stride_wn": k // 2 if compact and not fields else k,
         "stride_wk": 1,
-        "stride_idn": row_words if compact else k,
+        "stride_idn": row_words * (4 if fields else 1) if compact else k,
         "stride_idk": 1,
         "stride_bias": 0,
         "stride_scale": 0,
@@ -197,6 +205,8 @@ def _linear_candidates(linear, id_layout, layer: tuple, batch: int, method: tupl
         "SEGMENTS": 1,
         "ID_BITS": bits if use_mask else 8,
         "USE_ASM": True,
+        # The compiled-in task of the fields loop (any task compiles the same instructions; linear.LinearPlan).
+        "TASK": 1 if fields else 0,
     }
     candidates = []
     for config in configs:
@@ -209,6 +219,8 @@ def _linear_candidates(linear, id_layout, layer: tuple, batch: int, method: tupl
                 "spec": _spec(linear._masked_linear_kernel, "linear", "_masked_linear_kernel", args, flags, config),
                 "programs": tiles * split_k,
                 "steps": ceil_div(k_per_split, block_k),
+                # K steps one iteration of the checked loop runs (the fields loop: a 128-column chunk).
+                "chunk_steps": CHUNK_COLUMNS // block_k if fields else 1,
                 "split_k": split_k,
                 # Bytes one step's loads bring to the SM: the weight and id tiles, the batch rows that exist.
                 "step_bytes": {
@@ -586,6 +598,8 @@ def case_rows(features: dict, tasks=TASKS) -> list[dict]:
                 raw = constants.get("TILE_MAP", False) and task == NUM_TASKS
                 loops = sorted(variant["loops"], key=lambda loop: loop["instructions"])
                 loop = loops[0] if raw else loops[-1]
+                # Instructions per K step: the fields loop runs a chunk of them per iteration.
+                per_step = 1 if raw else candidate.get("chunk_steps", 1)
                 id_bits = constants.get("ID_BITS", 8) if constants["USE_MASK"] and not raw else 0
                 config = candidate["config"]
                 rows.append(
@@ -600,7 +614,7 @@ def case_rows(features: dict, tasks=TASKS) -> list[dict]:
                         "steps": candidate["steps"],
                         "warps": config["num_warps"],
                         "occupancy": occupancy(variant["registers"], variant["shared"], config["num_warps"]),
-                        "instructions": loop["instructions"],
+                        "instructions": loop["instructions"] / per_step,
                         "serialized": bool(variant["serialized_wgmma"]),
                         # The depthwise kernel's FMAs are instructions of its loop (issue), not tensor-core work.
                         "flops_per_step": 0 if variant["fma_loop"] else candidate["flops_per_step"],

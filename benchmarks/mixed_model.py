@@ -112,7 +112,7 @@ def model_specs(kernel: str) -> list[dict]:
             flags = dict(HAS_BIAS=False, HAS_SCALE=False, HAS_SHIFT=False, RELU=False, USE_MASK=True, TILE_MAP=False,
                          RAW_TILES=False, CELL_N=32, CELL_K=32, SPLIT=split_k > 1, UPCAST_BF16=False,
                          INPUT_PRECISION="tf32", MIXED=True, SEGMENTS=linear.mixed_segments(batch), ID_BITS=8,
-                         USE_ASM=True)  # fmt: skip
+                         USE_ASM=True, TASK=0)  # fmt: skip
             jit = linear._masked_linear_kernel
             specs.append(_model_spec(jit, "_masked_linear_kernel", args, flags, config, batch, split_k, k_per_split))
             continue
@@ -129,15 +129,20 @@ def model_specs(kernel: str) -> list[dict]:
                 continue
             config = dict(triton_config.kwargs, num_warps=triton_config.num_warps, num_stages=triton_config.num_stages)
             # uint8 ids (what benchmarks/mixed.py passes) and 4-bit ids (what a packed layer of up to 15 tasks reads
-            # on a GPU: int32 words, the fp16 weight as int32 pairs); each also without the predicate.
+            # on a GPU: compact ids in their run-time layout); each also without the predicate.
             for id_bits, use_mask in ((8, True), (8, False), (4, True)):
                 one_rows, one_block_k = linear.mixed_one_task(batch, 2, id_bits=id_bits)
                 flags = dict(HAS_BIAS=False, HAS_SCALE=False, HAS_SHIFT=False, RELU=False, USE_MASK=use_mask,
                              SPLIT=split_k > 1, UPCAST_BF16=False, INPUT_PRECISION="tf32", ID_BITS=id_bits,
                              USE_ASM=True, GROUPS=groups, FEW_GROUPS=few, WIDE_GROUPS=wide, ONE_ROWS=one_rows,
                              ONE_BLOCK_K=one_block_k)  # fmt: skip
-                compact = {} if id_bits == 8 else dict(w_ptr="*i32", ids_ptr="*i32", stride_wn=in_features // 2,
-                                                        stride_idn=in_features * id_bits // 32)  # fmt: skip
+                compact = {}
+                if id_bits < 8 and hasattr(linear, "FIELD_SPAN"):
+                    # The fields layout: int32 words read as bytes, the weight as it is.
+                    compact = dict(ids_ptr="*i32", stride_idn=in_features * id_bits // 8)
+                elif id_bits < 8:
+                    compact = dict(w_ptr="*i32", ids_ptr="*i32", stride_wn=in_features // 2,
+                                   stride_idn=in_features * id_bits // 32)  # fmt: skip
                 specs.append(_model_spec(linear._mixed_linear_kernel, "_mixed_linear_kernel", args | compact, flags,
                                          config, batch, split_k, k_per_split))  # fmt: skip
     return specs

@@ -211,8 +211,6 @@ class LinearLaunchPlans(_LaunchPlans):
             task if mixed else None,
             operands.id_bits,
         )
-        if plan.pairs:
-            operands.planned_weight = operands.weight.view(torch.int32)
         return _LinearLaunch(plan, operands, mixed)
 
 

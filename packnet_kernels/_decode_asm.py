@@ -54,3 +54,35 @@ def decode_constants(bits: int, task: int) -> tuple[int, int]:
     field = (1 << bits) - 1
     c = ((field - min(task, field)) * ones) & 0xFFFFFFFF
     return c & low, c
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+# The fields layout (``id_layout``, linear layers): one byte holds field ``q`` of ``8 / bits`` columns 64 apart.
+
+
+def field_drop_asm(bits: int, field: int, task: int) -> str:
+    """PTX of the fields layout's predicate for one pair of 16-bit weights, with ``task`` (1..``2**bits - 1``) built
+    in.
+
+    Operand ``$1`` holds two bytes of the layout, the ids of the pair's two weights; the output ``$0`` their drop
+    masks, two 16-bit lanes, all ones where field ``field`` of the lane's byte is ``>= task`` (a weight ``task`` does
+    not own: the stored field is ``(id - 1) mod 2**bits``). After the shift and mask each byte holds its field ``f <=
+    15``, and ``f + 128 - task`` (no carry out of the byte) has its top bit set exactly where ``f >= task``; ``prmt``
+    in sign mode copies that bit over the byte's lane: 4 or 5 instructions per pair, the weights' AND-NOT one more.
+    """
+    field_mask = ((1 << bits) - 1) * 0x0101
+    lines = ["{", ".reg .b32 x;", "cvt.u32.u16 x, $1;"]
+    if field:
+        lines.append(f"shr.b32 x, x, {bits * field};")
+    lines += [f"and.b32 x, x, 0x{field_mask:04X};", f"add.u32 x, x, 0x{(128 - task) * 0x0101:04X};"]
+    lines += ["prmt.b32 $0, x, 0, 0x9988;", "}"]
+    return "\n".join(lines)
+
+
+# FIELD_DROP_ASM[bits][field][task]: task 0 (no task) is never used.
+FIELD_DROP_ASM = {
+    bits: tuple(
+        tuple(field_drop_asm(bits, field, max(task, 1)) for task in range(1 << bits)) for field in range(8 // bits)
+    )
+    for bits in (2, 4)
+}

@@ -4,16 +4,27 @@ A pack stores one ``uint8`` id per weight (the format). A packed layer that will
 a compact copy of ``b = bits_for(num_tasks)`` bits per weight (2 bits up to 3 tasks, 4 up to 15, else the bytes as
 they are) and the kernels read that one: a fp16 weight then costs ``2 + b / 8`` bytes per call instead of 3.
 
-Layout (:class:`CompactTaskIds`): the ids as the kernels' ``[rows, K]`` GEMM operand (:func:`~packnet_kernels.
-reference.gemm_matrix`), cut into groups of ``group`` consecutive columns (a linear layer: one group, the whole row;
-a conv: one group per tap, its ``in/groups`` channels). Each group is packed on its own into little-endian int32
-words of ``32 / b`` ids: column ``j`` of a group sits in word ``j // (32 / b)`` of the group, at bits ``b * (j % (32
-/ b))`` and up, so that a kernel tile of ``BLOCK_K`` columns starting at a multiple of ``32 / b`` inside a group
-reads whole words. Columns past a group's end are 0 (free). A row's words are padded with zero words to a multiple
-of :func:`row_align_words`, so that the kernels read whole steps without a bound. Nothing here is saved: it is
-derived again whenever the ids change.
+Two layouts (:class:`CompactTaskIds`), both int32 words ``[rows, row_words]``; a row's words are padded with free
+ids to a multiple of :func:`row_align_words`, so that the kernels read whole steps without a bound. Nothing here is
+saved: it is derived again whenever the ids change.
 
-The word-parallel decode the kernels run (:func:`owned_pair_masks`, the spec of ``_predicate.owned_pair_masks``)
+*Fields* (a linear layer, ``[out, in]`` ids): the row is cut into chunks of 128 columns, each packed into ``16 * b``
+bytes: a chunk is ``8 / b`` spans of ``S = 16 * b`` columns (64 for 4-bit ids, 32 for 2-bit), and byte ``j`` of chunk
+``c`` holds, in field ``q`` (bits ``b * q`` and up), column ``128 c + S q + j``. A field stores ``(id - 1) mod
+2**b``: an owner ``k`` as ``k - 1`` and a free weight as ``2**b - 1``, so task ``t`` (clamped to ``2**b - 1``) owns a
+weight exactly when its field is below ``t``: one compare. Every field of a byte belongs to the same row and the same
+position ``j`` of a span, so the ids of ``S`` consecutive columns are a ``[rows, S]`` byte tile, the same shape as the
+weight tile they mask: the single-task linear kernel masks the weight in the registers wgmma reads it from
+(``linear._field_sums``), with no shared-memory round trip, which packed words (a different shape) cannot give.
+
+*Words* (a conv, ``[out, in/g, kh, kw]`` ids): the ids as the kernels' ``[rows, K]`` GEMM operand (:func:`~
+packnet_kernels.reference.gemm_matrix`), cut into groups of ``group`` consecutive columns (one per tap, its ``in/g``
+channels). Each group is packed on its own into little-endian int32 words of ``32 / b`` ids: column ``j`` of a group
+sits in word ``j // (32 / b)`` of the group, at bits ``b * (j % (32 / b))`` and up, so that a kernel tile of
+``BLOCK_K`` columns starting at a multiple of ``32 / b`` inside a group reads whole words. Columns past a group's end
+are 0 (free).
+
+The word-parallel decode the conv kernel runs (:func:`owned_pair_masks`, the spec of ``_predicate.owned_pair_masks``)
 turns one word into masks for pairs of 16-bit weights: for pair ``p`` (columns ``2p`` and ``2p + 1`` of the word),
 ``0xFFFF`` in the low half when the first is owned by a task in ``1..task`` and in the high half for the second.
 """
@@ -25,7 +36,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CompactTaskIds", "bits_for", "compact_task_ids", "owned_pair_masks", "unpack_task_ids"]
+__all__ = [
+    "CompactTaskIds",
+    "bits_for",
+    "compact_task_ids",
+    "field_positions",
+    "owned_fields",
+    "owned_pair_masks",
+    "unpack_task_ids",
+]
 
 # Bits per id by the largest task a layer holds: every id in 0..max_task must fit.
 _BITS = ((3, 2), (15, 4))
@@ -33,6 +52,21 @@ _BITS = ((3, 2), (15, 4))
 # row starts aligned for 16-byte vector loads, and no step (BLOCK_K <= 256) reads past its row, so steps need no
 # bound along K.
 ROW_ALIGN_COLUMNS = 256
+# Columns of one chunk of the fields layout, whatever the bits: a chunk is ``8 / bits`` spans of ``16 * bits`` columns.
+CHUNK_COLUMNS = 128
+
+
+def field_span(bits: int) -> int:
+    """Columns between the fields of one byte in the fields layout (64 for 4-bit ids, 32 for 2-bit): the widest dot
+    of the single-task linear loop on them."""
+    return 16 * bits
+
+
+def field_positions(columns: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(byte, shift)`` of each column in a row of the fields layout: the byte of the row that holds it and its
+    field's lowest bit there."""
+    span = field_span(bits)
+    return (columns // CHUNK_COLUMNS) * span + columns % span, (columns % CHUNK_COLUMNS) // span * bits
 
 
 def row_align_words(bits: int) -> int:
@@ -55,7 +89,7 @@ class CompactTaskIds:
     Attributes:
         words: int32 ``[rows, row_words]`` (contiguous; ``row_words`` a multiple of :func:`row_align_words`).
         bits: 2 or 4, bits per id.
-        shape: the weight's shape (``[out, in]`` or ``[out, in/groups, kh, kw]``).
+        shape: the weight's shape (``[out, in]``: the fields layout, or ``[out, in/groups, kh, kw]``: words).
         group: columns of the GEMM operand packed as one run (``in`` for a linear layer, ``in/groups`` for a conv).
         max_task: the largest task the ids may name (their layer's ``num_tasks``): a task above it sees every owner.
     """
@@ -67,12 +101,19 @@ class CompactTaskIds:
     max_task: int
 
     @property
+    def fields(self) -> bool:
+        """Whether the layout is the fields one (a linear layer's ids), else packed words (a conv's)."""
+        return len(self.shape) == 2
+
+    @property
     def ids_per_word(self) -> int:
         return 32 // self.bits
 
     @property
     def group_words(self) -> int:
-        """Words per group of one row."""
+        """Words per group of one row (fields: the whole chunks of a row, 16 words each)."""
+        if self.fields:
+            return -(-self.group // CHUNK_COLUMNS) * field_span(self.bits) // 4
         return -(-self.group // self.ids_per_word)
 
     @property
@@ -114,6 +155,8 @@ def compact_task_ids(task_ids: torch.Tensor, max_task: int, bits: int | None = N
     ids, group = _gemm_ids(task_ids)
     if ids.numel() and int(ids.max()) > max_task:
         raise ValueError(f"compact_task_ids: an id is {int(ids.max())}, above max_task={max_task}")
+    if task_ids.dim() == 2:
+        return _fields(ids, bits, max_task)
     rows, columns = ids.shape
     groups = columns // group if group else 0
     per_word = 32 // bits
@@ -134,8 +177,38 @@ def compact_task_ids(task_ids: torch.Tensor, max_task: int, bits: int | None = N
     return CompactTaskIds(words.contiguous(), bits, tuple(task_ids.shape), group, max_task)
 
 
+def _fields(ids: torch.Tensor, bits: int, max_task: int) -> CompactTaskIds:
+    """The fields layout (module docstring) of a linear layer's uint8 ids ``[out, in]``."""
+    rows, columns = ids.shape
+    field, per_byte = (1 << bits) - 1, 8 // bits
+    row_columns = -(-max(columns, 1) // ROW_ALIGN_COLUMNS) * ROW_ALIGN_COLUMNS
+    # (id - 1) mod 2**bits; the columns past the row's end are free (all ones).
+    stored = torch.full((rows, row_columns), field, dtype=torch.int64, device=ids.device)
+    stored[:, :columns] = (ids.to(torch.int64) + field) & field
+    by_field = stored.reshape(rows, row_columns // CHUNK_COLUMNS, per_byte, field_span(bits))
+    shifts = (torch.arange(per_byte, device=ids.device) * bits)[None, None, :, None]
+    packed = (by_field << shifts).sum(dim=2).reshape(rows, -1).to(torch.uint8)
+    return CompactTaskIds(packed.view(torch.int32).contiguous(), bits, tuple(ids.shape), columns, max_task)
+
+
+def _unpack_fields(compact: CompactTaskIds) -> torch.Tensor:
+    rows, columns = compact.shape
+    field = (1 << compact.bits) - 1
+    byte, shift = field_positions(torch.arange(columns, device=compact.device), compact.bits)
+    stored = (compact.words.view(torch.uint8)[:, byte].to(torch.int64) >> shift) & field
+    return ((stored + 1) & field).to(torch.uint8)
+
+
+def owned_fields(fields: torch.Tensor, bits: int, task: int) -> torch.Tensor:
+    """The fields layout's predicate (its spec): bool, True where a stored field ``(id - 1) mod 2**bits`` marks a
+    weight owned by a task in ``1..task`` (a task above ``2**bits - 1`` sees every owner: it is clamped)."""
+    return fields < min(task, (1 << bits) - 1)
+
+
 def unpack_task_ids(compact: CompactTaskIds) -> torch.Tensor:
     """The uint8 ids of ``compact`` in their weight's shape: the inverse of :func:`compact_task_ids`."""
+    if compact.fields:
+        return _unpack_fields(compact)
     shape, group, per_word = compact.shape, compact.group, compact.ids_per_word
     rows = shape[0]
     columns = math.prod(shape[1:])

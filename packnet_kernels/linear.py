@@ -53,17 +53,8 @@ from ._checks import (
     task_limit,
 )
 from ._launcher import KernelLaunch
-from ._predicate import (
-    element_masks,
-    keep_owned,
-    next_pass,
-    next_task,
-    owned_pair_masks,
-    span_owners,
-    task_owns,
-    tile_bounds,
-)
-from .id_layout import CompactTaskIds
+from ._predicate import keep_field_owners, next_pass, next_task, span_owners, task_owns, tile_bounds
+from .id_layout import CHUNK_COLUMNS, CompactTaskIds, field_span
 
 __all__ = [
     "AUTOTUNE",
@@ -117,6 +108,10 @@ _MIXED2_SIZES = ("GROUPS", "FEW_GROUPS", "WIDE_GROUPS", "ONE_ROWS", "ONE_BLOCK_K
 _MIXED2_SHARED_EXTRA = 8192
 
 
+# Columns of a chunk of the fields layout (id_layout.CHUNK_COLUMNS), for the kernels.
+_CHUNK = tl.constexpr(CHUNK_COLUMNS)
+
+
 @triton.jit
 def _epilogue_vector(vector_ptr, offs_n, n_mask, stride_n, table_rows, stride_task, MIXED: tl.constexpr):
     """An epilogue vector as an fp32 tile broadcast against ``[BLOCK_N, BLOCK_M]``: ``vector[n]`` as ``[BLOCK_N, 1]``;
@@ -167,77 +162,107 @@ def _epilogue(
 
 
 @triton.jit
-def _load_ids(ids_ptrs, n_mask, offs_k, ids_remaining, ID_BITS: tl.constexpr):
-    """One step's ids: the uint8 ``[BLOCK_N, BLOCK_K]`` tile, or (``ID_BITS`` 2 or 4) its int32 words ``[BLOCK_N,
-    BLOCK_K * ID_BITS / 32]`` of compact ids; columns from ``ids_remaining`` on are not read (0)."""
+def _load_ids(ids_ptrs, n_mask, k, offs_k, ids_remaining, ID_BITS: tl.constexpr):
+    """One step's ids, uint8 ``[BLOCK_N, BLOCK_K]`` for the step's columns ``k + offs_k``: the ids themselves
+    (``ids_ptrs`` at the step's tile), or (``ID_BITS`` 2 or 4, ``ids_ptrs`` at each row's first byte of the fields
+    layout, ``id_layout``) each column's stored field, ``(id - 1) mod 2**ID_BITS``. Columns from ``ids_remaining`` on
+    are not read (0)."""
+    read = n_mask[:, None] & (offs_k < ids_remaining)[None, :]
     if ID_BITS < 8:
-        # A row's words are padded to whole steps of every BLOCK_K (id_layout.ROW_ALIGN_WORDS), zero past K, so the
-        # step's words need no bound along K: they are read whole (16-byte vectors) or, for a tile whose ids need no
-        # reading, not at all.
-        words_read = tl.full((offs_k.shape[0] * ID_BITS // 32,), 0, tl.int32) < ids_remaining
-        ids = tl.load(ids_ptrs, mask=n_mask[:, None] & words_read[None, :], other=0)
+        SPAN: tl.constexpr = 16 * ID_BITS
+        columns = k + offs_k
+        # A step's spans are whole runs of bytes (vector loads): BLOCK_K and k are powers-of-two multiples, and a
+        # row's bytes cover whole 256-column steps (id_layout.ROW_ALIGN_COLUMNS).
+        ids = tl.load(ids_ptrs + ((columns // _CHUNK) * SPAN + columns % SPAN)[None, :], mask=read, other=0)
+        ids = (ids >> ((columns % _CHUNK) // SPAN * ID_BITS).to(tl.uint8)[None, :]) & ((1 << ID_BITS) - 1)
     else:
-        ids = tl.load(ids_ptrs, mask=n_mask[:, None] & (offs_k < ids_remaining)[None, :], other=0)
+        ids = tl.load(ids_ptrs, mask=read, other=0)
     return ids
 
 
 @triton.jit
-def _keep_task(
-    w, ids, offs_k, ids_remaining, task, TILE_MAP: tl.constexpr, ID_BITS: tl.constexpr, USE_ASM: tl.constexpr
-):
-    """``w`` with the weights task ``task`` does not own set to +0.0 (a select, or for compact ids an AND of the
-    bits: a NaN/Inf stored in a weight the task does not own is dropped either way); with ``TILE_MAP`` the columns
-    from ``ids_remaining`` on (whose ids were not read: raw tiles) are kept as they are. ``w`` is the weight tile, or
-    with compact ids and 16-bit weights its int32 pairs ``[BLOCK_N, BLOCK_K / 2]`` (:func:`_load_weight`)."""
+def _keep_task(w, ids, offs_k, ids_remaining, task, TILE_MAP: tl.constexpr, ID_BITS: tl.constexpr):
+    """``w`` with the weights task ``task`` does not own set to +0.0 (a select: a NaN/Inf stored in a weight the task
+    does not own is dropped), ``ids`` as :func:`_load_ids` gives them; with ``TILE_MAP`` the columns from
+    ``ids_remaining`` on (whose ids were not read: raw tiles) are kept as they are."""
     if ID_BITS < 8:
-        masks = owned_pair_masks(ids, task, ID_BITS, USE_ASM)
-        if w.dtype == tl.int32:
-            if TILE_MAP:
-                masks = masks | tl.where(tl.arange(0, masks.shape[1]) >= ids_remaining // 2, -1, 0)[None, :]
-            w = w & masks
-        else:
-            masks = element_masks(masks, w.dtype.primitive_bitwidth == 32)
-            if TILE_MAP:
-                masks = masks | tl.where(offs_k >= ids_remaining, -1, 0).to(masks.dtype)[None, :]
-            w = keep_owned(w, masks)
+        # A stored field is (id - 1) mod 2**bits: below the task (clamped to the largest field) exactly when owned.
+        owned = ids < tl.minimum(task, (1 << ID_BITS) - 1).to(tl.uint8)
     else:
         owned = task_owns(ids, task)
-        if TILE_MAP:
-            owned = owned | (offs_k >= ids_remaining)[None, :]
-        w = tl.where(owned, w, 0.0)
-    return w
+    if TILE_MAP:
+        owned = owned | (offs_k >= ids_remaining)[None, :]
+    return tl.where(owned, w, 0.0)
 
 
 @triton.jit
 def _load_weight(w_ptrs, n_mask, offs_k, k_remaining):
-    """One step's weight tile ``[BLOCK_N, BLOCK_K]``, or from an int32 view of 16-bit weights (compact ids) its
-    pairs ``[BLOCK_N, BLOCK_K / 2]``, which a pair mask covers with one AND; columns from ``k_remaining`` on are 0."""
-    if w_ptrs.dtype.element_ty == tl.int32:
-        offs_pair = tl.arange(0, offs_k.shape[0] // 2)
-        # k_remaining is even (the launcher pairs only even rows), so no pair straddles the bound.
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_pair < k_remaining // 2)[None, :], other=0)
-    else:
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k < k_remaining)[None, :], other=0.0)
-    return w
+    """One step's weight tile ``[BLOCK_N, BLOCK_K]``; columns from ``k_remaining`` on are 0."""
+    return tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k < k_remaining)[None, :], other=0.0)
 
 
 @triton.jit
-def _weight_tile(w, dtype):
-    """The dot's ``[BLOCK_N, BLOCK_K]`` tile in ``dtype``: ``w`` itself, or the halves of int32 pairs (low first)."""
-    if w.dtype == tl.int32:
-        low = w.to(tl.int16).to(dtype, bitcast=True)
-        high = (w >> 16).to(tl.int16).to(dtype, bitcast=True)
-        w = tl.reshape(tl.join(low, high), (w.shape[0], 2 * w.shape[1]))
-    return w
-
-
-@triton.jit
-def _masked_step(w, ids_ptrs, n_mask, offs_k, ids_remaining, task, TILE_MAP: tl.constexpr, ID_BITS: tl.constexpr,
-                 USE_ASM: tl.constexpr):  # fmt: skip
+def _masked_step(w, ids_ptrs, n_mask, k, offs_k, ids_remaining, task, TILE_MAP: tl.constexpr, ID_BITS: tl.constexpr):
     """One step's weight tile masked for ``task``: its ids loaded (:func:`_load_ids`), then applied
     (:func:`_keep_task`)."""
-    ids = _load_ids(ids_ptrs, n_mask, offs_k, ids_remaining, ID_BITS)
-    return _keep_task(w, ids, offs_k, ids_remaining, task, TILE_MAP, ID_BITS, USE_ASM)
+    ids = _load_ids(ids_ptrs, n_mask, k, offs_k, ids_remaining, ID_BITS)
+    return _keep_task(w, ids, offs_k, ids_remaining, task, TILE_MAP, ID_BITS)
+
+
+@triton.jit
+def _field_sums(
+    acc,
+    w_ptrs,
+    ids_ptrs,
+    xt_ptrs,
+    offs_k,
+    n_mask,
+    m_mask,
+    k_start,
+    k_end,
+    K,
+    stride_wk,
+    stride_xk,
+    UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    TASK: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Task ``TASK``'s sums over ``[k_start, k_end)`` on ids in the fields layout: ``acc + w_masked @ xt``, the same
+    ``BLOCK_K``-column dots in the same order as :func:`_task_sums` (``BLOCK_K`` at most the layout's span ``S = 16 *
+    ID_BITS``; ``k_start`` on a chunk).
+
+    Per chunk of 128 columns the ``[BLOCK_N, S]`` id bytes are loaded once (as ``S / BLOCK_K`` tiles) and field
+    ``q`` of them masks the weight tiles of columns ``S q`` on: every tile of ids has the shape of the weight tile it
+    masks, and :func:`keep_field_owners` is elementwise with ``TASK`` a constant, so Triton moves the dot operand's
+    layout up to the loads (``MMAV3HoistLayoutConversion``): the masked tile is built in the registers wgmma reads,
+    with no shared-memory round trip (``tests/test_codegen.py``). Runs at least one chunk (see :func:`_task_sums`).
+    """
+    SPAN: tl.constexpr = 16 * ID_BITS
+    tl.static_assert(BLOCK_K <= SPAN, "the fields layout's loop takes BLOCK_K <= 16 * ID_BITS")
+    FIELDS: tl.constexpr = 8 // ID_BITS
+    RUNS: tl.constexpr = SPAN // BLOCK_K
+    for chunk in range(0, tl.maximum(tl.cdiv(k_end - k_start, _CHUNK), 1)):
+        byte_ptrs = ids_ptrs + ((k_start // _CHUNK + chunk) * SPAN + offs_k)[None, :]
+        runs = ()
+        for run in tl.static_range(RUNS):
+            runs = runs + (tl.load(byte_ptrs + run * BLOCK_K, mask=n_mask[:, None], other=0),)
+        for field in tl.static_range(FIELDS):
+            for run in tl.static_range(RUNS):
+                k_remaining = K - (k_start + chunk * _CHUNK + field * SPAN + run * BLOCK_K)
+                k_mask = offs_k < k_remaining
+                w = keep_field_owners(_load_weight(w_ptrs, n_mask, offs_k, k_remaining), runs[run], field, TASK,
+                                      ID_BITS, USE_ASM)  # fmt: skip
+                xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+                if UPCAST_BF16:
+                    w = w.to(tl.float32)
+                    xt = xt.to(tl.float32)
+                acc = tl.dot(w, xt, acc, input_precision=INPUT_PRECISION)
+                w_ptrs += BLOCK_K * stride_wk
+                xt_ptrs += BLOCK_K * stride_xk
+    return acc
 
 
 @triton.jit
@@ -267,7 +292,6 @@ def _task_sums(
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
-    USE_ASM: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One task's sums over ``[k_start, k_end)``: ``acc + w_masked @ xt`` step by step. With ``TILE_MAP`` each step
@@ -294,15 +318,15 @@ def _task_sums(
         if USE_MASK:
             # Columns whose ids are not read hold either raw-tile weights (kept as stored: every owner is visible and
             # free weights are zero) or zeros (skipped tiles, the tail past K).
-            w = _masked_step(w, ids_ptrs, n_mask, offs_k, ids_remaining, active_task, TILE_MAP, ID_BITS, USE_ASM)
-            ids_ptrs += (BLOCK_K * ID_BITS // 32) if ID_BITS < 8 else BLOCK_K * stride_idk
+            w = _masked_step(w, ids_ptrs, n_mask, k, offs_k, ids_remaining, active_task, TILE_MAP, ID_BITS)
+            if ID_BITS == 8:
+                ids_ptrs += BLOCK_K * stride_idk
         xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-        w = _weight_tile(w, xt.dtype)
         if UPCAST_BF16:
             w = w.to(tl.float32)
             xt = xt.to(tl.float32)
         acc = tl.dot(w, xt, acc, input_precision=INPUT_PRECISION)
-        w_ptrs += (BLOCK_K // 2 if w_ptrs.dtype.element_ty == tl.int32 else BLOCK_K) * stride_wk
+        w_ptrs += BLOCK_K * stride_wk
         xt_ptrs += BLOCK_K * stride_xk
     return acc
 
@@ -337,7 +361,6 @@ def _mixed_pass(
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
-    USE_ASM: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -357,10 +380,10 @@ def _mixed_pass(
         k_mask = offs_k < k_remaining
         w = _load_weight(w_ptrs, n_mask, offs_k, k_remaining)
         if USE_MASK:
-            ids = _load_ids(ids_ptrs, n_mask, offs_k, ids_remaining, ID_BITS)
-            ids_ptrs += (BLOCK_K * ID_BITS // 32) if ID_BITS < 8 else BLOCK_K * stride_idk
+            ids = _load_ids(ids_ptrs, n_mask, k, offs_k, ids_remaining, ID_BITS)
+            if ID_BITS == 8:
+                ids_ptrs += BLOCK_K * stride_idk
         xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-        dtype = xt.dtype
         if UPCAST_BF16:
             xt = xt.to(tl.float32)
         segment_task = done_task
@@ -368,14 +391,13 @@ def _mixed_pass(
             segment_task = next_task(row_tasks, segment_task)
             w_task = w
             if USE_MASK:
-                w_task = _keep_task(w, ids, offs_k, ids_remaining, segment_task, TILE_MAP, ID_BITS, USE_ASM)
-            w_task = _weight_tile(w_task, dtype)
+                w_task = _keep_task(w, ids, offs_k, ids_remaining, segment_task, TILE_MAP, ID_BITS)
             if UPCAST_BF16:
                 w_task = w_task.to(tl.float32)
             # The other tasks' columns keep their sums: 0 * Inf from a weight they do not own never lands.
             summed = tl.dot(w_task, xt, acc, input_precision=INPUT_PRECISION)
             acc = tl.where((row_tasks == segment_task)[None, :], summed, acc)
-        w_ptrs += (BLOCK_K // 2 if w_ptrs.dtype.element_ty == tl.int32 else BLOCK_K) * stride_wk
+        w_ptrs += BLOCK_K * stride_wk
         xt_ptrs += BLOCK_K * stride_xk
     return acc
 
@@ -409,7 +431,6 @@ def _mixed_task_sums(
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
-    USE_ASM: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -458,7 +479,6 @@ def _mixed_task_sums(
                     UPCAST_BF16,
                     INPUT_PRECISION,
                     ID_BITS,
-                    USE_ASM,
                     FEW_SEGMENTS,
                     BLOCK_K,
                 )
@@ -492,7 +512,6 @@ def _mixed_task_sums(
                     UPCAST_BF16,
                     INPUT_PRECISION,
                     ID_BITS,
-                    USE_ASM,
                     SEGMENTS,
                     BLOCK_K,
                 )
@@ -526,7 +545,6 @@ def _mixed_task_sums(
                 UPCAST_BF16,
                 INPUT_PRECISION,
                 ID_BITS,
-                USE_ASM,
                 SEGMENTS,
                 BLOCK_K,
             )
@@ -587,6 +605,7 @@ def _masked_linear_kernel(
     SEGMENTS: tl.constexpr,
     ID_BITS: tl.constexpr,
     USE_ASM: tl.constexpr,
+    TASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -594,13 +613,14 @@ def _masked_linear_kernel(
 ):
     """``y[m, n] = epilogue(sum_k x[m, k] * where((ids[n, k] != 0) & (ids[n, k] <= active_task), w[n, k], 0))``.
 
-    Pointers: ``x_ptr`` ``[M, K]``, ``w_ptr`` ``[N, K]`` (float), ``ids_ptr`` ``[N, K]`` uint8 (not read when
-    ``USE_MASK`` is off), ``bias_ptr``/``scale_ptr``/``shift_ptr`` ``[N]`` (read only when their ``HAS_*`` is set),
-    ``y_ptr`` ``[M, N]``; with ``TILE_MAP`` only: ``tile_map_ptr`` uint8 ``[2, N / CELL_N, K / CELL_K]`` (strides
-    ``stride_map_plane``, ``stride_map_row``, 1; see :func:`packnet_kernels.reference.tile_map`); with ``SPLIT``
-    only: ``partials_ptr`` fp32 ``[SPLIT_K, tiles, BLOCK_N, BLOCK_M]`` (one whole tile per split and axis-0
-    program, in the accumulator's order) and ``counters_ptr`` int32 ``[tiles]``, zero on entry and left zero on
-    exit.
+    Pointers: ``x_ptr`` ``[M, K]``, ``w_ptr`` ``[N, K]`` (float), ``ids_ptr`` ``[N, K]`` uint8, or with ``ID_BITS``
+    2 or 4 the int32 words of compact ids read as the fields layout's bytes (``packnet_kernels.id_layout``; row
+    stride ``stride_idn`` in bytes) (not read when ``USE_MASK`` is off), ``bias_ptr``/``scale_ptr``/``shift_ptr``
+    ``[N]`` (read only when their ``HAS_*`` is set), ``y_ptr`` ``[M, N]``; with ``TILE_MAP`` only: ``tile_map_ptr``
+    uint8 ``[2, N / CELL_N, K / CELL_K]`` (strides ``stride_map_plane``, ``stride_map_row``, 1; see
+    :func:`packnet_kernels.reference.tile_map`); with ``SPLIT`` only: ``partials_ptr`` fp32 ``[SPLIT_K, tiles,
+    BLOCK_N, BLOCK_M]`` (one whole tile per split and axis-0 program, in the accumulator's order) and
+    ``counters_ptr`` int32 ``[tiles]``, zero on entry and left zero on exit.
 
     Grid: axis 0 walks the ``[N / BLOCK_N, M / BLOCK_M]`` output tiles in groups of ``GROUP_N`` weight-tile rows;
     axis 1 is the K split (``SPLIT_K`` programs): program ``s`` covers ``K`` in ``[s * k_per_split, (s + 1) *
@@ -616,6 +636,10 @@ def _masked_linear_kernel(
     1..active_task lives in reads nothing (its weight, ids and activations load as zeros, masked, so no bytes move),
     and with ``RAW_TILES`` a tile whose owners are all <= active_task reads no ids. Either way the sums are those of
     the predicate on every element.
+
+    ``TASK`` (compact ids, one task, splits on whole chunks of the layout): ``active_task`` clamped to ``2**ID_BITS -
+    1``, compiled in; the loop is then :func:`_field_sums` (its checked spans, with ``TILE_MAP``, read no cells per
+    step). 0: the task is ``active_task`` at run time.
 
     ``MIXED`` (a mixed-task batch; ``active_task`` unused): ``row_tasks_ptr`` ``[M]`` (any integer dtype) holds the
     rows' tasks sorted increasingly and ``row_order_ptr`` ``[M]`` int64 the input row of each sorted position, so
@@ -667,18 +691,11 @@ def _masked_linear_kernel(
     else:
         x_rows = offs_m
 
-    if w_ptr.dtype.element_ty == tl.int32:
-        # 16-bit weights read as int32 pairs (compact ids): one AND per pair applies a pair mask.
-        offs_pair = k_start.to(tl.int64) // 2 + tl.arange(0, BLOCK_K // 2)
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_pair[None, :] * stride_wk
-    else:
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k64[None, :] * stride_wk
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k64[None, :] * stride_wk
     if ID_BITS < 8:
-        # Compact ids: int32 words of 32 / ID_BITS ids, K-contiguous; a split starts on a word (k_per_split is a
-        # multiple of every BLOCK_K).
-        PER_WORD: tl.constexpr = 32 // ID_BITS
-        offs_word = k_start.to(tl.int64) // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-        ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_word[None, :]
+        # Compact ids (int32 words read as the fields layout's bytes): each row's first byte; the loops find a
+        # step's bytes from its k.
+        ids_ptrs = ids_ptr.to(tl.pointer_type(tl.uint8)) + offs_n[:, None] * stride_idn
     else:
         ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_k64[None, :] * stride_idk
     xt_ptrs = x_ptr + offs_k64[:, None] * stride_xk + x_rows[None, :] * stride_xm
@@ -719,7 +736,6 @@ def _masked_linear_kernel(
             UPCAST_BF16,
             INPUT_PRECISION,
             ID_BITS,
-            USE_ASM,
             SEGMENTS,
             BLOCK_K,
         )
@@ -746,16 +762,24 @@ def _masked_linear_kernel(
                     # Every owner visible and free weights zero: the weights as stored, no ids, no map.
                     acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, None, None, offs_k, n_mask, m_mask, k_start,
                                      k_end, K, active_task, 0, stride_wk, stride_idk, stride_xk, False, False, False,
-                                     CELL_K, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
+                                     CELL_K, UPCAST_BF16, INPUT_PRECISION, ID_BITS, BLOCK_K)  # fmt: skip
+                elif TASK > 0:
+                    # The fields layout's loop reads no map per step (run 4: per-step skips saved nothing).
+                    acc = _field_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, offs_k, n_mask, m_mask, k_start, k_end, K,
+                                      stride_wk, stride_xk, UPCAST_BF16, INPUT_PRECISION, TASK, ID_BITS, USE_ASM,
+                                      BLOCK_K)  # fmt: skip
                 else:
                     acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, map_ptrs, cell_row_mask, offs_cell_k, offs_k,
                                      n_mask, m_mask, k_start, k_end, K, active_task, stride_map_plane, stride_wk,
                                      stride_idk, stride_xk, USE_MASK, True, RAW_TILES, CELL_K, UPCAST_BF16,
-                                     INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
+                                     INPUT_PRECISION, ID_BITS, BLOCK_K)  # fmt: skip
+        elif TASK > 0:
+            acc = _field_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, offs_k, n_mask, m_mask, k_start, k_end, K, stride_wk,
+                              stride_xk, UPCAST_BF16, INPUT_PRECISION, TASK, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
         else:
             acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, None, None, offs_k, n_mask, m_mask, k_start, k_end,
                              K, active_task, 0, stride_wk, stride_idk, stride_xk, USE_MASK, False, False, CELL_K,
-                             UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
+                             UPCAST_BF16, INPUT_PRECISION, ID_BITS, BLOCK_K)  # fmt: skip
 
     out_mask = n_mask[:, None] & m_mask[None, :]
     y_ptrs = y_ptr + x_rows[None, :] * stride_ym + offs_n[:, None] * stride_yn
@@ -910,7 +934,6 @@ def _group_sums(
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
-    USE_ASM: tl.constexpr,
     GROUPS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -935,8 +958,9 @@ def _group_sums(
         k_mask = (offs_k < k_remaining)[:, None]
         w = _load_weight(w_ptrs, n_mask, offs_k, k_remaining)
         if USE_MASK:
-            ids = _load_ids(ids_ptrs, n_mask, offs_k, k_remaining, ID_BITS)
-            ids_ptrs += (BLOCK_K * ID_BITS // 32) if ID_BITS < 8 else BLOCK_K * stride_idk
+            ids = _load_ids(ids_ptrs, n_mask, k, offs_k, k_remaining, ID_BITS)
+            if ID_BITS == 8:
+                ids_ptrs += BLOCK_K * stride_idk
         step = (k - k_start) * stride_xk
         new_accs = ()
         for j in tl.static_range(GROUPS):
@@ -944,21 +968,19 @@ def _group_sums(
             if j == 0:
                 w_task = w
                 if USE_MASK:
-                    w_task = _keep_task(w, ids, offs_k, k_remaining, tasks[0], False, ID_BITS, USE_ASM)
-                w_task = _weight_tile(w_task, xt.dtype)
+                    w_task = _keep_task(w, ids, offs_k, k_remaining, tasks[0], False, ID_BITS)
                 if UPCAST_BF16:
                     w_task = w_task.to(tl.float32)
             elif USE_MASK:
                 if tasks[j] != tasks[j - 1]:
-                    w_task = _weight_tile(_keep_task(w, ids, offs_k, k_remaining, tasks[j], False, ID_BITS, USE_ASM),
-                                          xt.dtype)  # fmt: skip
+                    w_task = _keep_task(w, ids, offs_k, k_remaining, tasks[j], False, ID_BITS)
                     if UPCAST_BF16:
                         w_task = w_task.to(tl.float32)
             if UPCAST_BF16:
                 xt = xt.to(tl.float32)
             new_accs = new_accs + (tl.dot(w_task, xt, accs[j], input_precision=INPUT_PRECISION),)
         accs = new_accs
-        w_ptrs += (BLOCK_K // 2 if w_ptrs.dtype.element_ty == tl.int32 else BLOCK_K) * stride_wk
+        w_ptrs += BLOCK_K * stride_wk
     return accs
 
 
@@ -1008,7 +1030,6 @@ def _groups_pass(
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
-    USE_ASM: tl.constexpr,
     GROUPS: tl.constexpr,
     GROUP_ROWS: tl.constexpr,
     ONE_TASK: tl.constexpr,
@@ -1031,12 +1052,12 @@ def _groups_pass(
         acc = tl.zeros((BLOCK_N, GROUP_ROWS), dtype=tl.float32)
         accs = (_task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, n_mask, offs_k, offs_k, n_mask, m_mask, k_start,
                            k_end, K, task, 0, stride_wk, stride_idk, stride_xk, USE_MASK, False, False, BLOCK_K,
-                           UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K),)  # fmt: skip
+                           UPCAST_BF16, INPUT_PRECISION, ID_BITS, BLOCK_K),)  # fmt: skip
     else:
         tasks, valid, rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task,
                                              GROUPS, GROUP_ROWS)  # fmt: skip
         accs = _group_sums(w_ptrs, ids_ptrs, x_ptr, tasks, rows, offs_k, n_mask, k_start, k_end, K, stride_wk,
-                           stride_idk, stride_xm, stride_xk, USE_MASK, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM,
+                           stride_idk, stride_xm, stride_xk, USE_MASK, UPCAST_BF16, INPUT_PRECISION, ID_BITS,
                            GROUPS, BLOCK_N, BLOCK_K)  # fmt: skip
     finish = True
     if SPLIT:
@@ -1077,18 +1098,12 @@ def _groups_pass(
 @triton.jit
 def _operand_ptrs(w_ptr, ids_ptr, offs_n, k_start, stride_wn, stride_wk, stride_idn, stride_idk, ID_BITS: tl.constexpr,
                   BLOCK_K: tl.constexpr):  # fmt: skip
-    """``(w_ptrs, ids_ptrs)``: a program's first weight and id tiles of ``BLOCK_K`` columns from ``k_start`` (the
-    weight's int32 pairs when ``w_ptr`` is int32; compact ids as int32 words)."""
+    """``(w_ptrs, ids_ptrs)``: a program's first weight and id tiles of ``BLOCK_K`` columns from ``k_start`` (ids in
+    the fields layout: each row's first byte, :func:`_load_ids`)."""
     offs_k = k_start.to(tl.int64) + tl.arange(0, BLOCK_K)
-    if w_ptr.dtype.element_ty == tl.int32:
-        offs_pair = k_start.to(tl.int64) // 2 + tl.arange(0, BLOCK_K // 2)
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_pair[None, :] * stride_wk
-    else:
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     if ID_BITS < 8:
-        PER_WORD: tl.constexpr = 32 // ID_BITS
-        offs_word = k_start.to(tl.int64) // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-        ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_word[None, :]
+        ids_ptrs = ids_ptr.to(tl.pointer_type(tl.uint8)) + offs_n[:, None] * stride_idn
     else:
         ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_k[None, :] * stride_idk
     return w_ptrs, ids_ptrs
@@ -1137,7 +1152,6 @@ def _mixed_linear_kernel(
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
-    USE_ASM: tl.constexpr,
     GROUPS: tl.constexpr,
     FEW_GROUPS: tl.constexpr,
     WIDE_GROUPS: tl.constexpr,
@@ -1149,13 +1163,14 @@ def _mixed_linear_kernel(
     """A mixed-task batch of up to ``MIXED_V2_MAX_ROWS`` rows: ``y[m] = epilogue_{t_m}(W_{t_m} x[m])`` with ``W_t =
     where((ids != 0) & (ids <= t), w, 0)`` and ``t_m`` row ``m``'s task.
 
-    Pointers as in :func:`_masked_linear_kernel` (``x_ptr`` ``[M, K]``, ``w_ptr`` ``[N, K]`` or its int32 pairs,
-    ``ids_ptr`` uint8 ``[N, K]`` or compact words, epilogue ``[tasks, N]`` tables, ``y_ptr`` ``[M, N]``), and the
-    batch's row groups (:func:`_row_groups`): ``group_rows_ptr`` int32 ``[M, 16]`` the input rows of each group
-    (one task per group, -1 for padding) then the same for groups of 64 rows, ``group_tasks_ptr`` int32
-    ``[groups]`` their tasks in increasing order (16-row groups, then 64-row ones, ``M`` entries each),
-    ``group_count_ptr`` int32 ``[2]`` how many groups there are of each. With ``SPLIT``: ``partials_ptr`` fp32
-    ``[SPLIT_K, M, N]`` and ``counters_ptr`` int32 ``[N / BLOCK_N, max_passes]``, zero on entry and left zero.
+    Pointers as in :func:`_masked_linear_kernel` (``x_ptr`` ``[M, K]``, ``w_ptr`` ``[N, K]``, ``ids_ptr`` uint8
+    ``[N, K]`` or compact ids (int32 words read as the fields layout's bytes), epilogue ``[tasks, N]`` tables,
+    ``y_ptr`` ``[M, N]``), and the batch's row groups (:func:`_row_groups`): ``group_rows_ptr`` int32 ``[M, 16]``
+    the input rows of each group (one task per group, -1 for padding) then the same for groups of 64 rows,
+    ``group_tasks_ptr`` int32 ``[groups]`` their tasks in increasing order (16-row groups, then 64-row ones, ``M``
+    entries each), ``group_count_ptr`` int32 ``[2]`` how many groups there are of each. With ``SPLIT``:
+    ``partials_ptr`` fp32 ``[SPLIT_K, M, N]`` and ``counters_ptr`` int32 ``[N / BLOCK_N, max_passes]``, zero on
+    entry and left zero.
 
     Grid: axis 0 the weight tiles (``BLOCK_N`` rows each), axis 1 the K split (``k_per_split`` each). A program
     serves every row of the batch for its weight tile: per pass over its K range it holds ``GROUPS`` groups'
@@ -1197,7 +1212,7 @@ def _mixed_linear_kernel(
                      n_mask, k_start, k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk,
                      stride_bias, stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task,
                      stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16,
-                     INPUT_PRECISION, ID_BITS, USE_ASM, 1, ONE_ROWS, True, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
+                     INPUT_PRECISION, ID_BITS, 1, ONE_ROWS, True, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
     elif WIDE_GROUPS > 0 and wide_count <= WIDE_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr + M * 16, group_tasks_ptr + M, wide_count, 0, first_counter, offs_k, offs_n,
@@ -1205,14 +1220,14 @@ def _mixed_linear_kernel(
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, USE_ASM, WIDE_GROUPS, 64, False, BLOCK_N, BLOCK_K)  # fmt: skip
+                     ID_BITS, WIDE_GROUPS, 64, False, BLOCK_N, BLOCK_K)  # fmt: skip
     elif FEW_GROUPS < GROUPS and group_count <= FEW_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_k, offs_n, n_mask, k_start,
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, USE_ASM, FEW_GROUPS, 16, False, BLOCK_N, BLOCK_K)  # fmt: skip
+                     ID_BITS, FEW_GROUPS, 16, False, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         for first_group in range(0, group_count, GROUPS):
             _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
@@ -1221,12 +1236,13 @@ def _mixed_linear_kernel(
                          max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias, stride_scale,
                          stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym, stride_yn,
                          HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                         ID_BITS, USE_ASM, GROUPS, 16, False, BLOCK_N, BLOCK_K)  # fmt: skip
+                         ID_BITS, GROUPS, 16, False, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 def _configs(regime: str, capability_major: int) -> list[triton.Config]:
-    """Autotune candidates for ``regime`` ("small", "large", "mixed" or "mixed2", the grouped mixed kernel) on a GPU
-    of compute capability ``capability_major``.
+    """Autotune candidates for ``regime`` ("small", "large", "mixed" or "mixed2", the grouped mixed kernel; "small-
+    fields4" and the like: the regime's single-task loop on compact ids, :func:`_field_configs`) on a GPU of compute
+    capability ``capability_major``.
 
     Mixed-task batches (any batch size): 64 x 16 x 32 tiles on 4 warps, 5 stages. Their unrolled per-task selects
     keep the weight and id tiles live across ``SEGMENTS`` dots, and a mixed tile compiles two K loops (8 and 2
@@ -1244,6 +1260,9 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
     and the autotuner skips them. The first config of each list fits fp32 in the shared memory of every GPU of its
     class (small: 66 KB; large: 131 KB on 9.x/10.x, 74 KB else): it is the untuned default (``AUTOTUNE = False``).
     """
+    if "-fields" in regime:
+        base, bits = regime.split("-fields")
+        return _field_configs(_configs(base, capability_major), int(bits))
     if regime == "mixed2":
         # Grouped mixed batches (v2; see mixed2_config_fits): (BLOCK_N, BLOCK_K, num_warps, num_stages). Measured for
         # sm_90 fp16 (triton 3.6 and 3.9): 64 x 32 on 8 warps holds 16 groups (about 205-254 registers, no spill); on
@@ -1305,11 +1324,32 @@ def _configs(regime: str, capability_major: int) -> list[triton.Config]:
     ]
 
 
+def _field_configs(configs: list[triton.Config], bits: int) -> list[triton.Config]:
+    """The single-task loop on the fields layout (:func:`_field_sums`) for each of a regime's ``configs``:
+    ``BLOCK_K`` at most the layout's span (64 for 4-bit ids, 32 for 2-bit), and stages that keep about as many
+    columns in flight as the config did (a stage holds a whole 128-column chunk), at least 2."""
+    derived, seen = [], set()
+    for config in configs:
+        tile = dict(config.kwargs, BLOCK_K=min(config.kwargs["BLOCK_K"], field_span(bits)))
+        stages = max(2, ceil_div(config.num_stages * config.kwargs["BLOCK_K"], CHUNK_COLUMNS))
+        key = (tuple(sorted(tile.items())), config.num_warps, stages)
+        if key not in seen:
+            seen.add(key)
+            derived.append(triton.Config(tile, num_warps=config.num_warps, num_stages=stages))
+    return derived
+
+
 def config_fits(
-    config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, tile_map: bool = False, mixed: bool = False
+    config: triton.Config,
+    dtype: torch.dtype,
+    shared_memory_bytes: int,
+    tile_map: bool = False,
+    mixed: bool = False,
+    field_bits: int = 8,
 ) -> bool:
     """Whether ``config`` suits ``dtype`` on a GPU with ``shared_memory_bytes`` per block (the opt-in limit), with or
-    without a tile map, for one task or a mixed-task batch (``mixed``).
+    without a tile map, for one task or a mixed-task batch (``mixed``); ``field_bits`` 2 or 4: the single-task loop
+    on compact ids (:func:`_field_sums`), which takes ``BLOCK_K`` <= 64 and pipelines a whole chunk per stage.
 
     Its pipelined tiles must fit: an upper bound of what Triton allocates, ``num_stages`` buffers of the weight, id and
     activation tiles per K loop (a mixed tile has two: see :func:`_mixed_task_sums`; one task's tile with a map and
@@ -1321,6 +1361,12 @@ def config_fits(
     if not _registers_fit(tile["BLOCK_N"], tile["BLOCK_M"], tile["BLOCK_K"], config.num_warps, dtype, tile_map):
         return False
     per_stage = tile["BLOCK_N"] * tile["BLOCK_K"] * (element + 1) + tile["BLOCK_K"] * tile["BLOCK_M"] * element
+    if field_bits < 8:
+        if tile["BLOCK_K"] > field_span(field_bits):
+            return False
+        # A chunk's weight and activation tiles and its id bytes, every stage.
+        span = field_span(field_bits)
+        per_stage = tile["BLOCK_N"] * (CHUNK_COLUMNS * element + span) + CHUNK_COLUMNS * tile["BLOCK_M"] * element
     loops = 2 if mixed else 1
     return loops * config.num_stages * per_stage <= shared_memory_bytes
 
@@ -1336,13 +1382,18 @@ def _registers_fit(rows: int, cols: int, block_k: int, num_warps: int, dtype: to
 
 
 def default_config(
-    regime: str, capability_major: int, dtype: torch.dtype, shared_memory_bytes: int, tile_map: bool = False
+    regime: str,
+    capability_major: int,
+    dtype: torch.dtype,
+    shared_memory_bytes: int,
+    tile_map: bool = False,
+    field_bits: int = 8,
 ) -> triton.Config:
     """The untuned config (``AUTOTUNE = False``) of ``regime`` ("small", "large" or "mixed"): the first of
-    :func:`_configs` that fits."""
+    :func:`_configs` that fits (``field_bits``: see :func:`config_fits`)."""
     configs = _configs(regime, capability_major)
     mixed = regime == "mixed"
-    fitting = (config for config in configs if config_fits(config, dtype, shared_memory_bytes, tile_map, mixed))
+    fitting = (c for c in configs if config_fits(c, dtype, shared_memory_bytes, tile_map, mixed, field_bits))
     return next(fitting, configs[0])
 
 
@@ -1352,7 +1403,8 @@ def _prune_configs(configs, named_args, **kwargs):
     x = named_args["x_ptr"]
     limit = device_properties(x.device).shared_memory_per_block_optin
     tile_map, mixed = named_args["tile_map_ptr"] is not None, kwargs.get("MIXED", False)
-    kept = [config for config in configs if config_fits(config, x.dtype, limit, tile_map, mixed)] or configs[:1]
+    field_bits = kwargs["ID_BITS"] if kwargs.get("TASK", 0) else 8
+    kept = [c for c in configs if config_fits(c, x.dtype, limit, tile_map, mixed, field_bits)] or configs[:1]
     return [config for config in kept if useful_batch_tile(config, named_args["M"])] or kept
 
 
@@ -1673,18 +1725,6 @@ def _row_block(rows: int) -> int:
     return block
 
 
-def pairs_allowed(weight: torch.Tensor) -> bool:
-    """Whether the kernel may read ``weight`` as int32 pairs (compact ids apply one pair mask per AND): 16-bit,
-    K-contiguous, with an even row stride, offset and ``in`` (a pair never straddles two rows)."""
-    return (
-        weight.element_size() == 2
-        and weight.stride(1) == 1
-        and weight.stride(0) % 2 == 0
-        and weight.shape[1] % 2 == 0
-        and weight.storage_offset() % 2 == 0
-    )
-
-
 class LinearPlan:
     """What a launch of one call shape needs besides its tensors and its task, computed once (:func:`linear_plan`):
     the output's shape, the split-K plan and workspace size, every integer argument (sizes, strides) and the
@@ -1696,7 +1736,8 @@ class LinearPlan:
         rows: the input's rows once its leading dimensions are flattened (``M``).
         flatten: whether ``x`` is reshaped to ``[rows, in]`` first (inputs of more than 2 dimensions).
         split_k: splits of K (1: none); ``partial_count``, ``counter_count``: the workspace it needs.
-        pairs: whether the weight operand is the int32 view of a 16-bit weight (compact ids; :func:`pairs_allowed`).
+        field_task: the largest task of compact ids (``2**bits - 1``) when the single-task loop on the fields layout
+            (:func:`_field_sums`, its task a compile-time constant) applies, else 0.
         device_index: the CUDA device (None on the CPU).
     """
 
@@ -1709,7 +1750,7 @@ class LinearPlan:
         "split_k",
         "partial_count",
         "counter_count",
-        "pairs",
+        "field_task",
         "sizes",
         "ints",
         "flags",
@@ -1724,40 +1765,48 @@ class LinearPlan:
         "group_launch",
     )
 
-    def kernel_launch(self) -> KernelLaunch:
-        """The kernel launch of the current kernel choice (``AUTOTUNE`` may be switched between calls)."""
-        choice = "interpreter" if self.interpreted else AUTOTUNE
+    def kernel_launch(self, task: int = 0) -> KernelLaunch:
+        """The kernel launch of the current kernel choice (``AUTOTUNE`` may be switched between calls) for ``task``
+        (see :meth:`compiled_task`)."""
+        choice = ("interpreter" if self.interpreted else AUTOTUNE, self.compiled_task(task))
         launch = self.launches.get(choice)
         if launch is None:
-            kernel, constants = self.kernel_and_constants()
+            kernel, constants = self.kernel_and_constants(task)
             launch = self.launches[choice] = KernelLaunch(kernel, self.grid, constants)
         return launch
 
-    def kernel_and_constants(self) -> tuple:
-        """``(kernel, keyword arguments)`` of a launch: the autotuned kernel (GPU, ``AUTOTUNE``), the kernel with the
-        untuned default config (GPU), or the kernel with the interpreter's fixed config."""
+    def compiled_task(self, task: int) -> int:
+        """The kernel's ``TASK`` for a call of ``task``: with ``field_task``, ``task`` clamped to it (a task above the
+        layer's largest sees every owner), compiled in; else 0 (the task is a run-time argument)."""
+        return min(task, self.field_task) if self.field_task and task > 0 else 0
+
+    def kernel_and_constants(self, task: int = 0) -> tuple:
+        """``(kernel, keyword arguments)`` of a launch for ``task``: the autotuned kernel (GPU, ``AUTOTUNE``), the
+        kernel with the untuned default config (GPU), or the kernel with the interpreter's fixed config."""
         kernel = _mixed_linear_kernel if self.grouped else _masked_linear_kernel
+        flags = self.flags if self.grouped else {**self.flags, "TASK": self.compiled_task(task)}
         if self.interpreted:
             # The interpreter cannot autotune (it cannot time anything): one small fixed config.
-            return kernel, {**self.flags, **(_INTERPRETER_V2_CONFIG if self.grouped else _INTERPRETER_CONFIG)}
+            return kernel, {**flags, **(_INTERPRETER_V2_CONFIG if self.grouped else _INTERPRETER_CONFIG)}
         properties = device_properties(self.device)
         if AUTOTUNE:
-            return _tuned_kernel(self.family, properties.major), self.flags
+            return _tuned_kernel(self.family, properties.major), flags
         limit = properties.shared_memory_per_block_optin
         if self.grouped:
             configs = _configs("mixed2", properties.major)
             sizes = [self.flags[name] for name in _MIXED2_SIZES] + [self.flags["INPUT_PRECISION"] == "ieee"]
             default = next((c for c in configs if mixed2_config_fits(c, self.dtype, limit, *sizes)), configs[0])
         else:
-            default = default_config(self.family, properties.major, self.dtype, limit, self.flags["TILE_MAP"])
-        constants = {**self.flags, **default.kwargs, "num_warps": default.num_warps, "num_stages": default.num_stages}
+            field_bits = flags["ID_BITS"] if flags["TASK"] else 8
+            default = default_config(self.family, properties.major, self.dtype, limit, flags["TILE_MAP"], field_bits)
+        constants = {**flags, **default.kwargs, "num_warps": default.num_warps, "num_stages": default.num_stages}
         return kernel, constants
 
     def launch(self, x, weight, task_ids, bias, scale, shift, tile_map, task: int, tasks, reuse: bool, wrap=as_is):
-        """Allocate the output and launch: ``weight`` is the operand as planned (the int32 view when ``pairs``),
-        ``task`` the int task (0 with ``tasks``, a mixed batch's task tensor), ``reuse`` as for :func:`_launch`.
-        ``wrap=as_is`` launches through :meth:`kernel_launch` (direct launches); any other ``wrap`` (``wrap_triton``
-        in the registered op, a test's counter) launches ``wrap(kernel)[grid](...)`` each time. Returns ``y``."""
+        """Allocate the output and launch: ``task`` the int task (0 with ``tasks``, a mixed batch's task tensor),
+        ``reuse`` as for :func:`_launch`. ``wrap=as_is`` launches through :meth:`kernel_launch` (direct launches);
+        any other ``wrap`` (``wrap_triton`` in the registered op, a test's counter) launches ``wrap(kernel)[grid](...)``
+        each time. Returns ``y``."""
         if self.device_index is not None and torch._C._cuda_getDevice() != self.device_index:
             # Triton launches on the current device, where the compiled kernel was loaded for this plan's.
             with torch.cuda.device(self.device_index):
@@ -1788,9 +1837,9 @@ class LinearPlan:
             pointers = (x2d, weight, task_ids, bias, scale, shift, y, partials, counters, tile_map, *grouping)
             args = (*pointers, *self.sizes, task, *self.ints)
         if direct:
-            self.kernel_launch()(args, (), stream)
+            self.kernel_launch(task)(args, (), stream)
         else:
-            kernel, constants = self.kernel_and_constants()
+            kernel, constants = self.kernel_and_constants(task)
             wrap(kernel)[self.grid](*args, **constants)
         return y
 
@@ -1811,7 +1860,7 @@ def linear_plan(
 ) -> LinearPlan:
     """The :class:`LinearPlan` of a call on validated arguments, from their shapes, strides, dtypes and devices only
     (never their values: it also runs on fake tensors while ``torch.compile`` traces); ``weight`` as the caller
-    holds it (the plan says whether to read it as int32 pairs), ``task_ids`` the uint8 ids or compact words
+    holds it, ``task_ids`` the uint8 ids or compact words
     (``id_bits`` 2 or 4), ``bias``/``scale``/``shift`` as they will be passed (``[out]`` vectors or, with
     ``tasks``, tables), ``tasks`` only for its presence."""
     plan = LinearPlan()
@@ -1829,7 +1878,7 @@ def linear_plan(
     plan.interpreted = not x.is_cuda
     plan.launches = {}
     plan.dtype = x.dtype
-    plan.pairs = id_bits < 8 and use_mask and pairs_allowed(weight)
+    plan.field_task = 0
     plan.grouped = tasks is not None and mixed_v2_applies(rows)
     plan.group_launch = None
     if plan.empty:
@@ -1847,8 +1896,11 @@ def linear_plan(
     # [out] vectors: (stride along out, 0 along tasks); [tasks, out] tables: (stride(1), stride(0)).
     vector_strides = [0 if v is None else v.stride(-1) for v in vectors]
     task_strides = [0 if v is None or v.dim() == 1 else v.stride(0) for v in vectors]
-    # An int32 view of a K-contiguous 16-bit weight: half the row stride, unit pairs along K.
-    weight_strides = (weight.stride(0) // 2, 1) if plan.pairs else weight.stride()
+    aligned = split_k == 1 or k_per_split % CHUNK_COLUMNS == 0
+    if id_bits < 8 and use_mask and tasks is None and aligned and x.element_size() == 2:
+        # Splits start on whole chunks of the fields layout (on a GPU always: k_per_split is a multiple of 256);
+        # 16-bit operands only (fp32 tiles of whole chunks per stage leave no large config that fits sm_90).
+        plan.field_task = (1 << id_bits) - 1
     plan.sizes = (rows, out_features, in_features)
     plan.ints = (
         k_per_split,
@@ -1856,8 +1908,8 @@ def linear_plan(
         task_limit(*vectors) if tasks is not None else 0,
         *(tile_map.stride()[:2] if tile_map is not None else (0, 0)),
         *x_strides,
-        *weight_strides,
-        *(task_ids.stride() if id_bits == 8 else (task_ids.stride(0), 1)),
+        *weight.stride(),
+        *_id_strides(task_ids, id_bits),
         *vector_strides,
         *task_strides,
         out_features,
@@ -1880,15 +1932,23 @@ def linear_plan(
         "SEGMENTS": mixed_segments(rows) if tasks is not None else 1,
         "ID_BITS": id_bits,
         "USE_ASM": not plan.interpreted,
+        "TASK": 0,
     }
-    # Mixed batches have their own (narrow) tiles at every batch size: see _configs.
-    plan.family = "mixed" if tasks is not None else regime
+    # Mixed batches have their own (narrow) tiles at every batch size, and the loop on compact ids its own stages:
+    # see _configs.
+    plan.family = "mixed" if tasks is not None else f"{regime}-fields{id_bits}" if plan.field_task else regime
 
     def grid(meta):
         return (ceil_div(out_features, meta["BLOCK_N"]) * ceil_div(rows, meta["BLOCK_M"]), split_k)
 
     plan.grid = grid
     return plan
+
+
+def _id_strides(task_ids: torch.Tensor, id_bits: int) -> tuple[int, int]:
+    """The kernels' id strides: the uint8 ids' own, or for compact ids (int32 words, read as the bytes of the fields
+    layout) bytes per row and 1."""
+    return task_ids.stride() if id_bits == 8 else (task_ids.stride(0) * 4, 1)
 
 
 def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask, id_bits) -> LinearPlan:
@@ -1911,15 +1971,14 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
     plan.counter_count = ceil_div(out_features, _MIN_BLOCK_N) * max_passes
     plan.partial_count = split_k * rows * out_features
     vectors = (bias, scale, shift)
-    weight_strides = (weight.stride(0) // 2, 1) if plan.pairs else weight.stride()
     plan.sizes = (rows, out_features, in_features)
     plan.ints = (
         k_per_split,
         task_limit(*vectors),
         max_passes,
         *x_strides,
-        *weight_strides,
-        *(task_ids.stride() if id_bits == 8 else (task_ids.stride(0), 1)),
+        *weight.stride(),
+        *_id_strides(task_ids, id_bits),
         *[0 if v is None else v.stride(-1) for v in vectors],
         *[0 if v is None or v.dim() == 1 else v.stride(0) for v in vectors],
         out_features,
@@ -1935,7 +1994,6 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
         "UPCAST_BF16": plan.interpreted and x.dtype == torch.bfloat16,
         "INPUT_PRECISION": _input_precision(x.dtype),
         "ID_BITS": id_bits,
-        "USE_ASM": not plan.interpreted,
         "GROUPS": groups,
         "FEW_GROUPS": few,
         "WIDE_GROUPS": mixed_wide_groups(rows, x.element_size(), ieee, major),
@@ -1990,8 +2048,6 @@ def _launch(
             _PLANS[key] = plan
     else:
         plan = linear_plan(*args)  # traced calls (fake tensors) keep nothing
-    if plan.pairs:
-        weight = weight.view(torch.int32)
     return plan.launch(x, weight, task_ids, bias, scale, shift, tile_map, task, tasks, reuse_workspace, wrap)
 
 
@@ -2007,7 +2063,7 @@ def _tensor_key(tensor: torch.Tensor | None):
 
 def _plan_key(x, weight, task_ids, bias, scale, shift, relu, use_mask, tile_map, free_weights_zero, tasks, id_bits):
     """Everything :func:`linear_plan` reads: shapes, strides, dtypes and devices (never values), the flags, the
-    weight's offset parity (int32 pairs) and PyTorch's fp32 matmul precision (TF32 or not)."""
+    and PyTorch's fp32 matmul precision (TF32 or not)."""
     return (
         x.shape,
         x.stride(),
@@ -2015,7 +2071,6 @@ def _plan_key(x, weight, task_ids, bias, scale, shift, relu, use_mask, tile_map,
         x.device,
         weight.shape,
         weight.stride(),
-        weight.storage_offset() % 2,
         task_ids.stride(),
         id_bits,
         _tensor_key(bias),

@@ -15,6 +15,8 @@ from packnet_kernels import _decode_asm
 from packnet_kernels.id_layout import (
     bits_for,
     compact_task_ids,
+    field_positions,
+    owned_fields,
     owned_pair_masks,
     row_align_words,
     unpack_task_ids,
@@ -68,6 +70,10 @@ def run_ptx(asm: str, operands: list[int], outputs: int) -> list[int]:
             result = (values[0] + values[1]) & MASK32
         elif opcode == "shl.b32":
             result = (values[0] << values[1]) & MASK32
+        elif opcode == "shr.b32":
+            result = values[0] >> values[1]
+        elif opcode == "cvt.u32.u16":
+            result = values[0] & 0xFFFF
         elif opcode == "lop3.b32":
             result = _lop3(*values)
         elif opcode == "prmt.b32":
@@ -119,13 +125,56 @@ def test_compact_ids_round_trip_and_align_their_rows(shape, max_task):
     assert compact.bits == bits_for(max_task) and compact.words.dtype == torch.int32
     assert compact.words.shape[1] % row_align_words(compact.bits) == 0 and compact.words.is_contiguous()
     assert torch.equal(unpack_task_ids(compact), ids)
-    # Column j of a group sits in word j // (32 / bits) of its group, at bits b * (j % (32 / bits)).
     rows = ids if ids.dim() == 2 else ids.permute(0, 2, 3, 1).reshape(shape[0], -1)
-    group, per_word = compact.group, 32 // compact.bits
+    bits, group, per_word = compact.bits, compact.group, 32 // compact.bits
+    field = (1 << bits) - 1
     for row, column in [(0, 0), (shape[0] - 1, rows.shape[1] - 1), (0, rows.shape[1] // 2)]:
-        tap, j = divmod(column, group)
-        word = int(compact.words[row, tap * compact.group_words + j // per_word]) & MASK32
-        assert (word >> (compact.bits * (j % per_word))) & ((1 << compact.bits) - 1) == rows[row, column]
+        if compact.fields:
+            # Column 128 c + S q + j (S = 16 bits): byte S c + j, field q, stored as (id - 1) mod 2**bits.
+            span = 16 * bits
+            chunk, rest = divmod(column, 128)
+            byte = int(compact.words.view(torch.uint8)[row, chunk * span + rest % span])
+            assert (byte >> (bits * (rest // span))) & field == (int(rows[row, column]) - 1) % (1 << bits)
+        else:
+            # Column j of a group sits in word j // (32 / bits) of its group, at bits b * (j % (32 / bits)).
+            tap, j = divmod(column, group)
+            word = int(compact.words[row, tap * compact.group_words + j // per_word]) & MASK32
+            assert (word >> (bits * (j % per_word))) & field == rows[row, column]
+    if compact.fields:
+        # Every column past the row's end is free in every byte of the padding.
+        stored = compact.words.view(torch.uint8).to(torch.int64)
+        _, columns = shape
+        byte, shift = field_positions(torch.arange(columns), bits)
+        covered = torch.zeros(stored.shape[1], dtype=torch.int64)
+        for at, bit in zip(byte.tolist(), shift.tolist(), strict=True):
+            covered[at] |= field << bit
+        assert torch.equal(stored | covered, torch.full_like(stored, 0xFF))
+
+
+def test_the_fields_predicate_is_the_reference_one_for_every_id_and_task():
+    for bits in (2, 4):
+        ids = torch.arange(1 << bits)
+        stored = (ids + (1 << bits) - 1) % (1 << bits)
+        for task in range(1, (1 << bits) + 3):
+            assert torch.equal(owned_fields(stored, bits, task), task_mask(ids, task)), (bits, task)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_the_fields_ptx_drops_exactly_the_weights_a_task_does_not_own(bits):
+    """Every byte value in either byte of the pair (the other random), every field and task of the layout: the drop
+    masks are all ones exactly in the lanes whose field is not owned (``owned_fields``)."""
+    generator = torch.Generator().manual_seed(bits)
+    pairs = [(byte, int(other)) for byte in range(256) for other in torch.randint(0, 256, (2,), generator=generator)]
+    pairs += [(other, byte) for byte, other in pairs]
+    for field in range(8 // bits):
+        for task in range(1, 1 << bits):
+            asm = _decode_asm.FIELD_DROP_ASM[bits][field][task]
+            for low, high in pairs:
+                (mask,) = run_ptx(asm, [low | high << 8], 1)
+                for lane, byte in enumerate((low, high)):
+                    stored = (byte >> (bits * field)) & ((1 << bits) - 1)
+                    drop = not owned_fields(torch.tensor(stored), bits, task)
+                    assert (mask >> (16 * lane)) & 0xFFFF == (0xFFFF if drop else 0), (field, task, low, high, lane)
 
 
 def test_compact_ids_refuse_what_does_not_fit():
@@ -141,9 +190,11 @@ def test_compact_ids_refuse_what_does_not_fit():
 
 
 def test_the_asm_text_uses_only_what_the_emulator_knows():
-    for asm in _decode_asm.DECODE_ASM.values():
+    texts = [*_decode_asm.DECODE_ASM.values()]
+    texts += [asm for table in _decode_asm.FIELD_DROP_ASM.values() for asm in itertools.chain.from_iterable(table)]
+    for asm in texts:
         opcodes = {line.split()[0] for line in asm.splitlines() if re.match(r"\s*[a-z]", line) and ".reg" not in line}
-        assert opcodes <= {"and.b32", "add.u32", "shl.b32", "lop3.b32", "prmt.b32"}
+        assert opcodes <= {"and.b32", "add.u32", "shl.b32", "shr.b32", "cvt.u32.u16", "lop3.b32", "prmt.b32"}
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
