@@ -210,6 +210,17 @@ def _masked_step(w, ids_ptrs, n_mask, k, offs_k, ids_remaining, task, TILE_MAP: 
 
 
 @triton.jit
+def _dot_step(acc, w, xt_ptrs, k_mask, m_mask, UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One K step of the single-task loops: ``acc + w @ xt``, the activations ``xt`` ``[BLOCK_K, BLOCK_M]`` loaded
+    from ``xt_ptrs`` (rows ``k_mask``, columns ``m_mask``), bf16 operands upcast under the interpreter."""
+    xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+    if UPCAST_BF16:
+        w = w.to(tl.float32)
+        xt = xt.to(tl.float32)
+    return tl.dot(w, xt, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def _field_sums(
     acc,
     w_ptrs,
@@ -255,11 +266,7 @@ def _field_sums(
                 k_mask = offs_k < k_remaining
                 w = keep_field_owners(_load_weight(w_ptrs, n_mask, offs_k, k_remaining), runs[run], field, TASK,
                                       ID_BITS, USE_ASM)  # fmt: skip
-                xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-                if UPCAST_BF16:
-                    w = w.to(tl.float32)
-                    xt = xt.to(tl.float32)
-                acc = tl.dot(w, xt, acc, input_precision=INPUT_PRECISION)
+                acc = _dot_step(acc, w, xt_ptrs, k_mask, m_mask, UPCAST_BF16, INPUT_PRECISION)
                 w_ptrs += BLOCK_K * stride_wk
                 xt_ptrs += BLOCK_K * stride_xk
     return acc
@@ -321,11 +328,7 @@ def _task_sums(
             w = _masked_step(w, ids_ptrs, n_mask, k, offs_k, ids_remaining, active_task, TILE_MAP, ID_BITS)
             if ID_BITS == 8:
                 ids_ptrs += BLOCK_K * stride_idk
-        xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-        if UPCAST_BF16:
-            w = w.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc = tl.dot(w, xt, acc, input_precision=INPUT_PRECISION)
+        acc = _dot_step(acc, w, xt_ptrs, k_mask, m_mask, UPCAST_BF16, INPUT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
         xt_ptrs += BLOCK_K * stride_xk
     return acc
