@@ -46,7 +46,6 @@ class _LayerOperands:
 
     __slots__ = (
         "weight",
-        "planned_weight",
         "checked_ids",
         "ids",
         "id_bits",
@@ -63,8 +62,7 @@ class _LayerOperands:
             self.ids, self.id_bits = self.checked_ids.words, self.checked_ids.bits
         else:
             self.ids, self.id_bits = self.checked_ids, 8
-        self.weight = weight  # as the checks and the plan see it
-        self.planned_weight = weight  # as the kernel reads it (set by the linear plans)
+        self.weight = weight  # as the checks, the plan and the kernel see it
         tile_args = layer._kernel_tile_args(x)
         self.tile_map = tile_args.get("tile_map")
         self.free_weights_zero = tile_args.get("free_weights_zero", False)
@@ -178,7 +176,7 @@ class _LinearLaunch:
             (bias, scale, shift), active, tasks = ops.tables, 0, task
         else:
             (bias, scale, shift), active, tasks = ops.rows[task - 1], task, None
-        return self.plan.launch(x, ops.planned_weight, ops.ids, bias, scale, shift, ops.tile_map, active, tasks, True)
+        return self.plan.launch(x, ops.weight, ops.ids, bias, scale, shift, ops.tile_map, active, tasks, True)
 
 
 class LinearLaunchPlans(_LaunchPlans):
