@@ -222,13 +222,55 @@ def test_the_linear_kernel_on_compact_ids_equals_it_on_bytes(case, dtype, kernel
     x, weight, ids = _layer(m, n, k, tasks, dtype, kernel_device)
     compact = compact_task_ids(ids, tasks)
     bias = torch.randn(n).to(dtype=dtype, device=kernel_device)
-    for task in sorted({1, tasks, min(tasks + 1, 255)}):
+    for task in sorted({1, tasks // 2 + 1, tasks, min(tasks + 1, 255)}):
         expected = linear_kernel.masked_linear_triton(x, weight, ids, task, bias, relu=True)
         assert torch.equal(linear_kernel.masked_linear_triton(x, weight, compact, task, bias, relu=True), expected)
     rows = torch.randint(1, tasks + 1, (m,), generator=torch.Generator().manual_seed(1)).to(kernel_device)
     table = torch.randn(tasks, n).to(dtype=dtype, device=kernel_device)
     expected = linear_kernel.masked_linear_triton(x, weight, ids, rows, table)
     assert torch.equal(linear_kernel.masked_linear_triton(x, weight, compact, rows, table), expected)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_weight_the_task_does_not_own_never_reaches_it_on_compact_ids(bits, kernel_device):
+    """The single-task loop on compact ids (the task compiled in) drops a NaN or Inf stored in a weight of a later
+    task or a free one, as the reference does: every output of task 1 is finite."""
+    tasks = 3 if bits == 2 else 15
+    x, weight, ids = _layer(5, 33, 200, tasks, torch.float16, kernel_device, seed=3)
+    weight = torch.where(ids > 1, torch.full_like(weight, float("nan")), weight)
+    weight[0, 0], ids[0, 0] = float("inf"), 0
+    compact = compact_task_ids(ids, tasks)
+    plan = linear_kernel.linear_plan(x, weight, compact.words, None, None, None, False, True, None, False, None, bits)
+    assert plan.compiled_task(1) == 1  # the loop that takes the task as a constant
+    y = linear_kernel.masked_linear_triton(x, weight, compact, 1)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y, linear_kernel.masked_linear_triton(x, weight, ids, 1))
+
+
+def test_the_plan_compiles_the_task_in_only_where_the_fields_loop_applies():
+    """One task on compact ids, 16-bit operands, splits on whole chunks: the task (clamped to the largest field) is a
+    constant of the kernel and the configs are the fields family's; uint8 ids, fp32, mixed batches and a split of K
+    off the chunks take the task at run time."""
+    x = torch.empty(3, 256, dtype=torch.float16)
+    weight = torch.empty(40, 256, dtype=torch.float16)
+    ids = torch.zeros(40, 256, dtype=torch.uint8)
+    words = compact_task_ids(ids, 5).words
+
+    def plan(x=x, weight=weight, ids=words, bits=4, tasks=None):
+        return linear_kernel.linear_plan(x, weight, ids, None, None, None, False, True, None, False, tasks, bits)
+
+    fields = plan()
+    assert (fields.field_task, fields.compiled_task(3), fields.compiled_task(40)) == (15, 3, 15)
+    assert fields.family.endswith("-fields4")
+    assert plan(bits=2).compiled_task(7) == 3
+    assert plan(ids=ids, bits=8).compiled_task(3) == 0
+    assert plan(x=x.float(), weight=weight.float()).compiled_task(3) == 0
+    assert plan(tasks=torch.ones(3, dtype=torch.int64)).compiled_task(0) == 0
+    # The interpreter splits K = 200 at 32-column multiples (here 96): not on the 128-column chunks.
+    odd = torch.empty(1, 200, dtype=torch.float16), torch.empty(31, 200, dtype=torch.float16)
+    split = plan(*odd, ids=compact_task_ids(torch.zeros(31, 200, dtype=torch.uint8), 5).words)
+    assert split.split_k > 1 and split.compiled_task(3) == 0
 
 
 @pytest.mark.interpreter
