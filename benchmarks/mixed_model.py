@@ -137,7 +137,7 @@ def model_specs(kernel: str) -> list[dict]:
                              USE_ASM=True, GROUPS=groups, FEW_GROUPS=few, WIDE_GROUPS=wide, ONE_ROWS=one_rows,
                              ONE_BLOCK_K=one_block_k)  # fmt: skip
                 compact = {}
-                if id_bits < 8 and hasattr(linear, "FIELD_SPAN"):
+                if id_bits < 8 and hasattr(linear, "_field_configs"):
                     # The fields layout: int32 words read as bytes, the weight as it is.
                     compact = dict(ids_ptr="*i32", stride_idn=in_features * id_bits // 8)
                 elif id_bits < 8:
