@@ -86,3 +86,23 @@ FIELD_DROP_ASM = {
     )
     for bits in (2, 4)
 }
+
+
+def field_keep_asm(bits: int) -> str:
+    """PTX of the fields layout's predicate for a word of 4 ids of one field and a task given at run time (the
+    mixed-task kernels, whose tasks are not constants): pair masks ``$0`` (the word's bytes 0 and 1) and ``$1``
+    (bytes 2 and 3), ``0xFFFF`` in a 16-bit lane whose weight is owned.
+
+    Operands: ``$2`` the word, ``$3`` the field's shift (``bits * q``), ``$4`` ``127 - (2**bits - 1) + task`` in
+    every byte (the task clamped to ``2**bits - 1``). With ``f`` a byte's field, ``lop3`` gives ``2**bits - 1 - f``
+    and the add ``127 - f + task`` (113..142: no carry out of the byte), whose top bit is set exactly where ``f <
+    task``; ``prmt`` in sign mode copies it over the byte's lane: 5 instructions per 4 weights.
+    """
+    field_mask = ((1 << bits) - 1) * 0x01010101
+    return "\n".join([
+        "{", ".reg .b32 x;", "shr.b32 x, $2, $3;", f"lop3.b32 x, x, 0x{field_mask:08X}, 0, 0x0C;", "add.u32 x, x, $4;",
+        "prmt.b32 $0, x, 0, 0x9988;", "prmt.b32 $1, x, 0, 0xBBAA;", "}",
+    ])  # fmt: skip
+
+
+FIELD_KEEP_ASM = {bits: field_keep_asm(bits) for bits in (2, 4)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._decode_asm import DECODE_ASM, FIELD_DROP_ASM
+from ._decode_asm import DECODE_ASM, FIELD_DROP_ASM, FIELD_KEEP_ASM
 
 
 @triton.jit
@@ -215,3 +215,25 @@ def keep_field_owners(w, ids, FIELD: tl.constexpr, TASK: tl.constexpr, ID_BITS: 
         MASK: tl.constexpr = (1 << ID_BITS) - 1
         w = tl.where(((ids >> (FIELD * ID_BITS)) & MASK) < TASK, w, 0.0)
     return w
+
+
+_NIBBLE_KEEP = tl.constexpr(FIELD_KEEP_ASM[4])
+_CRUMB_KEEP = tl.constexpr(FIELD_KEEP_ASM[2])
+
+
+@triton.jit
+def field_pair_masks(words, shift, task, ID_BITS: tl.constexpr):
+    """Pair masks int32 ``[rows, 2 W]`` (as :func:`owned_pair_masks` gives them) of int32 ``words`` ``[rows, W]``
+    holding one field each of the fields layout, 4 ids a word, for a run-time ``task`` >= 1: field ``shift /
+    ID_BITS`` of every byte, owned where it is below the task (``_decode_asm.field_keep_asm``)."""
+    FIELD: tl.constexpr = (1 << ID_BITS) - 1
+    c = (127 - FIELD + tl.minimum(task, FIELD)).to(tl.int32) * 0x01010101
+    if ID_BITS == 4:
+        m01, m23 = tl.inline_asm_elementwise(_NIBBLE_KEEP, "=r,=r,r,r,r", [words, shift, c], dtype=(tl.int32, tl.int32),
+                                             is_pure=True, pack=1)  # fmt: skip
+    else:
+        m01, m23 = tl.inline_asm_elementwise(_CRUMB_KEEP, "=r,=r,r,r,r", [words, shift, c], dtype=(tl.int32, tl.int32),
+                                             is_pure=True, pack=1)  # fmt: skip
+    ROWS: tl.constexpr = words.shape[0]
+    PAIRS: tl.constexpr = 2 * words.shape[1]
+    return tl.reshape(tl.join(m01, m23), (ROWS, PAIRS))

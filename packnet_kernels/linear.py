@@ -53,7 +53,17 @@ from ._checks import (
     task_limit,
 )
 from ._launcher import KernelLaunch
-from ._predicate import keep_field_owners, next_pass, next_task, span_owners, task_owns, tile_bounds
+from ._predicate import (
+    element_masks,
+    field_pair_masks,
+    keep_field_owners,
+    keep_owned,
+    next_pass,
+    next_task,
+    span_owners,
+    task_owns,
+    tile_bounds,
+)
 from .id_layout import CHUNK_COLUMNS, CompactTaskIds, field_span
 
 __all__ = [
@@ -162,37 +172,56 @@ def _epilogue(
 
 
 @triton.jit
-def _load_ids(ids_ptrs, n_mask, k, offs_k, ids_remaining, ID_BITS: tl.constexpr):
-    """One step's ids, uint8 ``[BLOCK_N, BLOCK_K]`` for the step's columns ``k + offs_k``: the ids themselves
-    (``ids_ptrs`` at the step's tile), or (``ID_BITS`` 2 or 4, ``ids_ptrs`` at each row's first byte of the fields
-    layout, ``id_layout``) each column's stored field, ``(id - 1) mod 2**ID_BITS``. Columns from ``ids_remaining`` on
-    are not read (0)."""
+def _load_ids(ids_ptrs, n_mask, k, offs_k, ids_remaining, ID_BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """One step's ids for the step's columns ``k + offs_k``: the uint8 ``[BLOCK_N, BLOCK_K]`` tile (``ids_ptrs`` at
+    the step's tile), or (``ID_BITS`` 2 or 4, ``ids_ptrs`` at each row's first byte of the fields layout,
+    ``id_layout``) each column's stored field ``(id - 1) mod 2**ID_BITS``, uint8 ``[BLOCK_N, BLOCK_K]``; with
+    ``USE_ASM`` and a step inside one span (one field for all its columns) the int32 words ``[BLOCK_N, BLOCK_K /
+    4]`` of the step's bytes instead, for :func:`field_pair_masks`. Columns from ``ids_remaining`` on are not read
+    (0), or with words nothing when it is 0 (a row's bytes cover whole 256-column steps, free past K)."""
     read = n_mask[:, None] & (offs_k < ids_remaining)[None, :]
     if ID_BITS < 8:
         SPAN: tl.constexpr = 16 * ID_BITS
-        columns = k + offs_k
-        # A step's spans are whole runs of bytes (vector loads): BLOCK_K and k are powers-of-two multiples, and a
-        # row's bytes cover whole 256-column steps (id_layout.ROW_ALIGN_COLUMNS).
-        ids = tl.load(ids_ptrs + ((columns // _CHUNK) * SPAN + columns % SPAN)[None, :], mask=read, other=0)
-        ids = (ids >> ((columns % _CHUNK) // SPAN * ID_BITS).to(tl.uint8)[None, :]) & ((1 << ID_BITS) - 1)
+        if USE_ASM and offs_k.shape[0] <= SPAN:
+            offs_word = tl.arange(0, offs_k.shape[0] // 4)
+            start = (k // _CHUNK) * SPAN + k % SPAN
+            word_ptrs = (ids_ptrs + start).to(tl.pointer_type(tl.int32)) + offs_word[None, :]
+            words_read = tl.full(offs_word.shape, 0, tl.int32) < ids_remaining
+            ids = tl.load(word_ptrs, mask=n_mask[:, None] & words_read[None, :], other=0)
+        else:
+            columns = k + offs_k
+            # A step's spans are whole runs of bytes (vector loads): BLOCK_K and k are powers-of-two multiples, and a
+            # row's bytes cover whole 256-column steps (id_layout.ROW_ALIGN_COLUMNS).
+            ids = tl.load(ids_ptrs + ((columns // _CHUNK) * SPAN + columns % SPAN)[None, :], mask=read, other=0)
+            ids = (ids >> ((columns % _CHUNK) // SPAN * ID_BITS).to(tl.uint8)[None, :]) & ((1 << ID_BITS) - 1)
     else:
         ids = tl.load(ids_ptrs, mask=read, other=0)
     return ids
 
 
 @triton.jit
-def _keep_task(w, ids, offs_k, ids_remaining, task, TILE_MAP: tl.constexpr, ID_BITS: tl.constexpr):
-    """``w`` with the weights task ``task`` does not own set to +0.0 (a select: a NaN/Inf stored in a weight the task
-    does not own is dropped), ``ids`` as :func:`_load_ids` gives them; with ``TILE_MAP`` the columns from
-    ``ids_remaining`` on (whose ids were not read: raw tiles) are kept as they are."""
-    if ID_BITS < 8:
-        # A stored field is (id - 1) mod 2**bits: below the task (clamped to the largest field) exactly when owned.
-        owned = ids < tl.minimum(task, (1 << ID_BITS) - 1).to(tl.uint8)
+def _keep_task(w, ids, k, offs_k, ids_remaining, task, TILE_MAP: tl.constexpr, ID_BITS: tl.constexpr):
+    """``w`` with the weights task ``task`` does not own set to +0.0 (a NaN/Inf stored in a weight the task does not
+    own is dropped), ``ids`` as :func:`_load_ids` gives them for the step at column ``k``: a select on bytes, or on
+    words an AND of the bits with :func:`field_pair_masks`; with ``TILE_MAP`` the columns from ``ids_remaining`` on
+    (whose ids were not read: raw tiles) are kept as they are."""
+    if ids.dtype == tl.int32:
+        SPAN: tl.constexpr = 16 * ID_BITS
+        masks = element_masks(field_pair_masks(ids, (k % _CHUNK) // SPAN * ID_BITS, task, ID_BITS),
+                              w.dtype.primitive_bitwidth == 32)  # fmt: skip
+        if TILE_MAP:
+            masks = masks | tl.where(offs_k >= ids_remaining, -1, 0).to(masks.dtype)[None, :]
+        w = keep_owned(w, masks)
     else:
-        owned = task_owns(ids, task)
-    if TILE_MAP:
-        owned = owned | (offs_k >= ids_remaining)[None, :]
-    return tl.where(owned, w, 0.0)
+        if ID_BITS < 8:
+            # A stored field is (id - 1) mod 2**bits: below the task (clamped to the largest field) exactly when owned.
+            owned = ids < tl.minimum(task, (1 << ID_BITS) - 1).to(tl.uint8)
+        else:
+            owned = task_owns(ids, task)
+        if TILE_MAP:
+            owned = owned | (offs_k >= ids_remaining)[None, :]
+        w = tl.where(owned, w, 0.0)
+    return w
 
 
 @triton.jit
@@ -202,11 +231,12 @@ def _load_weight(w_ptrs, n_mask, offs_k, k_remaining):
 
 
 @triton.jit
-def _masked_step(w, ids_ptrs, n_mask, k, offs_k, ids_remaining, task, TILE_MAP: tl.constexpr, ID_BITS: tl.constexpr):
+def _masked_step(w, ids_ptrs, n_mask, k, offs_k, ids_remaining, task, TILE_MAP: tl.constexpr, ID_BITS: tl.constexpr,
+                 USE_ASM: tl.constexpr):  # fmt: skip
     """One step's weight tile masked for ``task``: its ids loaded (:func:`_load_ids`), then applied
     (:func:`_keep_task`)."""
-    ids = _load_ids(ids_ptrs, n_mask, k, offs_k, ids_remaining, ID_BITS)
-    return _keep_task(w, ids, offs_k, ids_remaining, task, TILE_MAP, ID_BITS)
+    ids = _load_ids(ids_ptrs, n_mask, k, offs_k, ids_remaining, ID_BITS, USE_ASM)
+    return _keep_task(w, ids, k, offs_k, ids_remaining, task, TILE_MAP, ID_BITS)
 
 
 @triton.jit
@@ -299,6 +329,7 @@ def _task_sums(
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One task's sums over ``[k_start, k_end)``: ``acc + w_masked @ xt`` step by step. With ``TILE_MAP`` each step
@@ -325,7 +356,7 @@ def _task_sums(
         if USE_MASK:
             # Columns whose ids are not read hold either raw-tile weights (kept as stored: every owner is visible and
             # free weights are zero) or zeros (skipped tiles, the tail past K).
-            w = _masked_step(w, ids_ptrs, n_mask, k, offs_k, ids_remaining, active_task, TILE_MAP, ID_BITS)
+            w = _masked_step(w, ids_ptrs, n_mask, k, offs_k, ids_remaining, active_task, TILE_MAP, ID_BITS, USE_ASM)
             if ID_BITS == 8:
                 ids_ptrs += BLOCK_K * stride_idk
         acc = _dot_step(acc, w, xt_ptrs, k_mask, m_mask, UPCAST_BF16, INPUT_PRECISION)
@@ -364,6 +395,7 @@ def _mixed_pass(
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -383,7 +415,7 @@ def _mixed_pass(
         k_mask = offs_k < k_remaining
         w = _load_weight(w_ptrs, n_mask, offs_k, k_remaining)
         if USE_MASK:
-            ids = _load_ids(ids_ptrs, n_mask, k, offs_k, ids_remaining, ID_BITS)
+            ids = _load_ids(ids_ptrs, n_mask, k, offs_k, ids_remaining, ID_BITS, USE_ASM)
             if ID_BITS == 8:
                 ids_ptrs += BLOCK_K * stride_idk
         xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
@@ -394,7 +426,7 @@ def _mixed_pass(
             segment_task = next_task(row_tasks, segment_task)
             w_task = w
             if USE_MASK:
-                w_task = _keep_task(w, ids, offs_k, ids_remaining, segment_task, TILE_MAP, ID_BITS)
+                w_task = _keep_task(w, ids, k, offs_k, ids_remaining, segment_task, TILE_MAP, ID_BITS)
             if UPCAST_BF16:
                 w_task = w_task.to(tl.float32)
             # The other tasks' columns keep their sums: 0 * Inf from a weight they do not own never lands.
@@ -434,6 +466,7 @@ def _mixed_task_sums(
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -455,12 +488,13 @@ def _mixed_task_sums(
             acc = _mixed_pass(acc, w_ptrs, ids_ptrs, xt_ptrs, map_ptrs, cell_row_mask, offs_cell_k, row_tasks,
                               done_task, tile_min_task, tile_max_task, offs_k, n_mask, m_mask, k_start, k_end, K,
                               stride_map_plane, stride_wk, stride_idk, stride_xk, USE_MASK, TILE_MAP, RAW_TILES,
-                              CELL_K, UPCAST_BF16, INPUT_PRECISION, ID_BITS, FEW_SEGMENTS, BLOCK_K)  # fmt: skip
+                              CELL_K, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, FEW_SEGMENTS,
+                              BLOCK_K)  # fmt: skip
         else:
             acc = _mixed_pass(acc, w_ptrs, ids_ptrs, xt_ptrs, map_ptrs, cell_row_mask, offs_cell_k, row_tasks,
                               done_task, tile_min_task, tile_max_task, offs_k, n_mask, m_mask, k_start, k_end, K,
                               stride_map_plane, stride_wk, stride_idk, stride_xk, USE_MASK, TILE_MAP, RAW_TILES,
-                              CELL_K, UPCAST_BF16, INPUT_PRECISION, ID_BITS, SEGMENTS, BLOCK_K)  # fmt: skip
+                              CELL_K, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, SEGMENTS, BLOCK_K)  # fmt: skip
         done_task = last_task
     return acc
 
@@ -649,6 +683,7 @@ def _masked_linear_kernel(
             UPCAST_BF16,
             INPUT_PRECISION,
             ID_BITS,
+            USE_ASM,
             SEGMENTS,
             BLOCK_K,
         )
@@ -675,7 +710,7 @@ def _masked_linear_kernel(
                     # Every owner visible and free weights zero: the weights as stored, no ids, no map.
                     acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, None, None, offs_k, n_mask, m_mask, k_start,
                                      k_end, K, active_task, 0, stride_wk, stride_idk, stride_xk, False, False, False,
-                                     CELL_K, UPCAST_BF16, INPUT_PRECISION, ID_BITS, BLOCK_K)  # fmt: skip
+                                     CELL_K, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
                 elif TASK > 0:
                     # The fields layout's loop reads no map per step (run 4: per-step skips saved nothing).
                     acc = _field_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, offs_k, n_mask, m_mask, k_start, k_end, K,
@@ -685,14 +720,14 @@ def _masked_linear_kernel(
                     acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, map_ptrs, cell_row_mask, offs_cell_k, offs_k,
                                      n_mask, m_mask, k_start, k_end, K, active_task, stride_map_plane, stride_wk,
                                      stride_idk, stride_xk, USE_MASK, True, RAW_TILES, CELL_K, UPCAST_BF16,
-                                     INPUT_PRECISION, ID_BITS, BLOCK_K)  # fmt: skip
+                                     INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
         elif TASK > 0:
             acc = _field_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, offs_k, n_mask, m_mask, k_start, k_end, K, stride_wk,
                               stride_xk, UPCAST_BF16, INPUT_PRECISION, TASK, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
         else:
             acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, None, None, offs_k, n_mask, m_mask, k_start, k_end,
                              K, active_task, 0, stride_wk, stride_idk, stride_xk, USE_MASK, False, False, CELL_K,
-                             UPCAST_BF16, INPUT_PRECISION, ID_BITS, BLOCK_K)  # fmt: skip
+                             UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
 
     out_mask = n_mask[:, None] & m_mask[None, :]
     y_ptrs = y_ptr + x_rows[None, :] * stride_ym + offs_n[:, None] * stride_yn
@@ -847,6 +882,7 @@ def _group_sums(
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     GROUPS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -871,7 +907,7 @@ def _group_sums(
         k_mask = (offs_k < k_remaining)[:, None]
         w = _load_weight(w_ptrs, n_mask, offs_k, k_remaining)
         if USE_MASK:
-            ids = _load_ids(ids_ptrs, n_mask, k, offs_k, k_remaining, ID_BITS)
+            ids = _load_ids(ids_ptrs, n_mask, k, offs_k, k_remaining, ID_BITS, USE_ASM)
             if ID_BITS == 8:
                 ids_ptrs += BLOCK_K * stride_idk
         step = (k - k_start) * stride_xk
@@ -881,12 +917,12 @@ def _group_sums(
             if j == 0:
                 w_task = w
                 if USE_MASK:
-                    w_task = _keep_task(w, ids, offs_k, k_remaining, tasks[0], False, ID_BITS)
+                    w_task = _keep_task(w, ids, k, offs_k, k_remaining, tasks[0], False, ID_BITS)
                 if UPCAST_BF16:
                     w_task = w_task.to(tl.float32)
             elif USE_MASK:
                 if tasks[j] != tasks[j - 1]:
-                    w_task = _keep_task(w, ids, offs_k, k_remaining, tasks[j], False, ID_BITS)
+                    w_task = _keep_task(w, ids, k, offs_k, k_remaining, tasks[j], False, ID_BITS)
                     if UPCAST_BF16:
                         w_task = w_task.to(tl.float32)
             if UPCAST_BF16:
@@ -943,6 +979,7 @@ def _groups_pass(
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     GROUPS: tl.constexpr,
     GROUP_ROWS: tl.constexpr,
     ONE_TASK: tl.constexpr,
@@ -965,12 +1002,12 @@ def _groups_pass(
         acc = tl.zeros((BLOCK_N, GROUP_ROWS), dtype=tl.float32)
         accs = (_task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, n_mask, offs_k, offs_k, n_mask, m_mask, k_start,
                            k_end, K, task, 0, stride_wk, stride_idk, stride_xk, USE_MASK, False, False, BLOCK_K,
-                           UPCAST_BF16, INPUT_PRECISION, ID_BITS, BLOCK_K),)  # fmt: skip
+                           UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K),)  # fmt: skip
     else:
         tasks, valid, rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task,
                                              GROUPS, GROUP_ROWS)  # fmt: skip
         accs = _group_sums(w_ptrs, ids_ptrs, x_ptr, tasks, rows, offs_k, n_mask, k_start, k_end, K, stride_wk,
-                           stride_idk, stride_xm, stride_xk, USE_MASK, UPCAST_BF16, INPUT_PRECISION, ID_BITS,
+                           stride_idk, stride_xm, stride_xk, USE_MASK, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM,
                            GROUPS, BLOCK_N, BLOCK_K)  # fmt: skip
     finish = True
     if SPLIT:
@@ -1065,6 +1102,7 @@ def _mixed_linear_kernel(
     UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     GROUPS: tl.constexpr,
     FEW_GROUPS: tl.constexpr,
     WIDE_GROUPS: tl.constexpr,
@@ -1125,7 +1163,7 @@ def _mixed_linear_kernel(
                      n_mask, k_start, k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk,
                      stride_bias, stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task,
                      stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16,
-                     INPUT_PRECISION, ID_BITS, 1, ONE_ROWS, True, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
+                     INPUT_PRECISION, ID_BITS, USE_ASM, 1, ONE_ROWS, True, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
     elif WIDE_GROUPS > 0 and wide_count <= WIDE_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr + M * 16, group_tasks_ptr + M, wide_count, 0, first_counter, offs_k, offs_n,
@@ -1133,14 +1171,14 @@ def _mixed_linear_kernel(
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, WIDE_GROUPS, 64, False, BLOCK_N, BLOCK_K)  # fmt: skip
+                     ID_BITS, USE_ASM, WIDE_GROUPS, 64, False, BLOCK_N, BLOCK_K)  # fmt: skip
     elif FEW_GROUPS < GROUPS and group_count <= FEW_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_k, offs_n, n_mask, k_start,
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, FEW_GROUPS, 16, False, BLOCK_N, BLOCK_K)  # fmt: skip
+                     ID_BITS, USE_ASM, FEW_GROUPS, 16, False, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         for first_group in range(0, group_count, GROUPS):
             _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
@@ -1149,7 +1187,7 @@ def _mixed_linear_kernel(
                          max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias, stride_scale,
                          stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym, stride_yn,
                          HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                         ID_BITS, GROUPS, 16, False, BLOCK_N, BLOCK_K)  # fmt: skip
+                         ID_BITS, USE_ASM, GROUPS, 16, False, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 def _configs(regime: str, capability_major: int) -> list[triton.Config]:
@@ -1907,6 +1945,7 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
         "UPCAST_BF16": plan.interpreted and x.dtype == torch.bfloat16,
         "INPUT_PRECISION": _input_precision(x.dtype),
         "ID_BITS": id_bits,
+        "USE_ASM": not plan.interpreted,
         "GROUPS": groups,
         "FEW_GROUPS": few,
         "WIDE_GROUPS": mixed_wide_groups(rows, x.element_size(), ieee, major),

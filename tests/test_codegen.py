@@ -455,7 +455,7 @@ def _mixed_v2_variants() -> list[dict]:
         for name in ("bias", "scale", "shift"):
             args.update({f"{name}_ptr": POINTER[dtype], f"stride_{name}": 1, f"stride_{name}_task": n})
         constexprs = dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SHIFT=True, RELU=True, USE_MASK=True, SPLIT=True,
-                          UPCAST_BF16=False, INPUT_PRECISION=precision, ID_BITS=bits, GROUPS=groups,
+                          UPCAST_BF16=False, INPUT_PRECISION=precision, ID_BITS=bits, USE_ASM=True, GROUPS=groups,
                           FEW_GROUPS=few, WIDE_GROUPS=wide, ONE_ROWS=one_rows, ONE_BLOCK_K=one_block_k,
                           **config.kwargs)  # fmt: skip
         suffix = ("" if precision == "tf32" else f"-{precision}") + (f"-ids{bits}" if bits < 8 else "")

@@ -113,6 +113,30 @@ def test_the_decode_ptx_marks_exactly_the_owned_weights_for_every_id_and_task(bi
         assert torch.equal(owned_pair_masks(word_tensor, bits, task), expected)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_the_fields_ptx_for_a_run_time_task_keeps_exactly_the_owned_weights(bits):
+    """The mixed kernels' decode (``field_keep_asm``, the task and the field's shift given at run time): for every
+    byte value at each of a word's 4 positions (the others random), every field, every task of the layout and one past
+    it (clamped), the pair masks are 0xFFFF exactly in the lanes whose field is owned (``owned_fields``)."""
+    generator = torch.Generator().manual_seed(10 + bits)
+    field_max = (1 << bits) - 1
+    words = []
+    for position, value in itertools.product(range(4), range(256)):
+        others = torch.randint(0, 256, (4,), generator=generator).tolist()
+        others[position] = value
+        words.append(sum(byte << (8 * index) for index, byte in enumerate(others)))
+    for field in range(8 // bits):
+        for task in range(1, field_max + 2):
+            constant = (127 - field_max + min(task, field_max)) * 0x01010101
+            for word in words:
+                masks = run_ptx(_decode_asm.FIELD_KEEP_ASM[bits], [word, bits * field, constant], 2)
+                for byte in range(4):
+                    stored = (word >> (8 * byte + bits * field)) & field_max
+                    owned = bool(owned_fields(torch.tensor(stored), bits, task))
+                    lane = (masks[byte // 2] >> (16 * (byte % 2))) & 0xFFFF
+                    assert lane == (0xFFFF if owned else 0), (field, task, hex(word), byte)
+
+
 def test_bits_follow_the_largest_task():
     assert [bits_for(t) for t in (1, 3, 4, 15, 16, 255)] == [2, 2, 4, 4, 8, 8]
 
@@ -192,6 +216,7 @@ def test_compact_ids_refuse_what_does_not_fit():
 def test_the_asm_text_uses_only_what_the_emulator_knows():
     texts = [*_decode_asm.DECODE_ASM.values()]
     texts += [asm for table in _decode_asm.FIELD_DROP_ASM.values() for asm in itertools.chain.from_iterable(table)]
+    texts += list(_decode_asm.FIELD_KEEP_ASM.values())
     for asm in texts:
         opcodes = {line.split()[0] for line in asm.splitlines() if re.match(r"\s*[a-z]", line) and ".reg" not in line}
         assert opcodes <= {"and.b32", "add.u32", "shl.b32", "shr.b32", "cvt.u32.u16", "lop3.b32", "prmt.b32"}
