@@ -1506,14 +1506,17 @@ def mixed_one_task(
     input order), so their loads are 16-byte vectors where a group's gathered rows load 4 bytes per thread. None
     (0, 0), and such one-task batches take the groups, for fp32 above 64 rows, above 16 with ``ieee`` dots, and
     with compact ids (``id_bits`` 2 or 4) above 128 rows: beside the 16-group loop a 256-row one spills 48-72 bytes
-    (triton 3.6, sm_90, 32 or 64 columns per step)."""
+    (triton 3.6, sm_90, 32 or 64 columns per step); with compact ids steps of at most the layout's span (64 columns
+    for 4-bit ids, 32 for 2-bit)."""
     limit = 16 if ieee else 64 if element_size == 4 else 128 if id_bits < 8 else MIXED_V2_MAX_ROWS
     if rows > limit:
         return 0, 0
     one_rows = _row_block(rows)
     if element_size == 4:
         return one_rows, 32
-    return one_rows, 128 if one_rows <= 32 else 64 if one_rows <= 64 or major >= 9 else 32
+    block_k = 128 if one_rows <= 32 else 64 if one_rows <= 64 or major >= 9 else 32
+    # Compact ids: steps inside one span of the fields layout, which the word-parallel decode takes (_load_ids).
+    return one_rows, min(block_k, 16 * id_bits) if id_bits < 8 else block_k
 
 
 def _mixed_split_plan(rows: int, n: int, k: int, element: int, interpreted: bool, device) -> tuple[int, int]:
