@@ -1315,6 +1315,12 @@ def config_fits(
     if field_bits < 8:
         if tile["BLOCK_K"] > field_span(field_bits):
             return False
+        threads = 32 * config.num_warps
+        weights, sums = tile["BLOCK_N"] * tile["BLOCK_K"] // threads, tile["BLOCK_N"] * tile["BLOCK_M"] // threads
+        if tile_map and weights >= 32 and weights + sums >= 128:
+            # Beside the tile map's raw loop, 128 x 256 x 64 on 8 warps and 128 x 64 x 64 on 4 spill 16 bytes on
+            # triton 3.9 (sm_90 fp16, 4-bit ids); 2-bit ids' 32-column steps, up to 144 per thread, do not.
+            return False
         # A chunk's weight and activation tiles and its id bytes, every stage.
         span = field_span(field_bits)
         per_stage = tile["BLOCK_N"] * (CHUNK_COLUMNS * element + span) + CHUNK_COLUMNS * tile["BLOCK_M"] * element
