@@ -91,7 +91,7 @@ def next_pass(tasks, done_task, SEGMENTS: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
-# Compact ids (packnet_kernels.id_layout): 2 or 4 bits per weight in int32 words, decoded a word at a time.
+# Compact ids in words (packnet_kernels.id_layout; convs): 2 or 4 bits per weight, decoded a word at a time.
 
 _NIBBLE_ASM = tl.constexpr(DECODE_ASM[4])
 _CRUMB_ASM = tl.constexpr(DECODE_ASM[2])

@@ -2115,8 +2115,8 @@ def masked_linear_triton(
         x: ``[..., in]`` float32/float16/bfloat16, any strides; an empty batch gives an empty output.
         weight: ``[out, in]`` in ``x``'s dtype, any strides.
         task_ids: ``[out, in]`` uint8 (0 = free, k = owned by task k), any strides; or the same ids in the
-            run-time layout (:class:`~packnet_kernels.id_layout.CompactTaskIds`, 2 or 4 bits per weight), which the
-            kernel decodes a word at a time.
+            run-time layout (:class:`~packnet_kernels.id_layout.CompactTaskIds`, 2 or 4 bits per weight, the fields
+            layout), which one task's call decodes in the registers of the dot with the task compiled in.
         task: int in 1..255, or a mixed batch's integer tensor ``[rows]`` of per-row tasks (one launch for any mix:
             :func:`_mixed_linear_kernel` up to ``MIXED_V2_MAX_ROWS`` rows, ``MIXED`` in
             :func:`_masked_linear_kernel` above). Its values are checked for CPU tensors in eager mode
