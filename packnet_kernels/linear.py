@@ -638,13 +638,8 @@ def _masked_linear_kernel(
     else:
         x_rows = offs_m
 
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k64[None, :] * stride_wk
-    if ID_BITS < 8:
-        # Compact ids (int32 words read as the fields layout's bytes): each row's first byte; the loops find a
-        # step's bytes from its k.
-        ids_ptrs = ids_ptr.to(tl.pointer_type(tl.uint8)) + offs_n[:, None] * stride_idn
-    else:
-        ids_ptrs = ids_ptr + offs_n[:, None] * stride_idn + offs_k64[None, :] * stride_idk
+    w_ptrs, ids_ptrs = _operand_ptrs(w_ptr, ids_ptr, offs_n, k_start, stride_wn, stride_wk, stride_idn, stride_idk,
+                                     ID_BITS, BLOCK_K)  # fmt: skip
     xt_ptrs = x_ptr + offs_k64[:, None] * stride_xk + x_rows[None, :] * stride_xm
 
     if TILE_MAP:
@@ -1048,8 +1043,9 @@ def _groups_pass(
 @triton.jit
 def _operand_ptrs(w_ptr, ids_ptr, offs_n, k_start, stride_wn, stride_wk, stride_idn, stride_idk, ID_BITS: tl.constexpr,
                   BLOCK_K: tl.constexpr):  # fmt: skip
-    """``(w_ptrs, ids_ptrs)``: a program's first weight and id tiles of ``BLOCK_K`` columns from ``k_start`` (ids in
-    the fields layout: each row's first byte, :func:`_load_ids`)."""
+    """``(w_ptrs, ids_ptrs)``: a program's first weight and id tiles of ``BLOCK_K`` columns from ``k_start`` (compact
+    ids, int32 words read as the fields layout's bytes: each row's first byte; the loops find a step's bytes from its
+    k, :func:`_load_ids`)."""
     offs_k = k_start.to(tl.int64) + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     if ID_BITS < 8:
