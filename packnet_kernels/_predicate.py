@@ -229,11 +229,11 @@ def field_pair_masks(words, shift, task, ID_BITS: tl.constexpr):
     FIELD: tl.constexpr = (1 << ID_BITS) - 1
     c = (127 - FIELD + tl.minimum(task, FIELD)).to(tl.int32) * 0x01010101
     if ID_BITS == 4:
-        m01, m23 = tl.inline_asm_elementwise(_NIBBLE_KEEP, "=r,=r,r,r,r", [words, shift, c], dtype=(tl.int32, tl.int32),
-                                             is_pure=True, pack=1)  # fmt: skip
+        ASM: tl.constexpr = _NIBBLE_KEEP
     else:
-        m01, m23 = tl.inline_asm_elementwise(_CRUMB_KEEP, "=r,=r,r,r,r", [words, shift, c], dtype=(tl.int32, tl.int32),
-                                             is_pure=True, pack=1)  # fmt: skip
+        ASM: tl.constexpr = _CRUMB_KEEP
+    m01, m23 = tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r", [words, shift, c], dtype=(tl.int32, tl.int32),
+                                         is_pure=True, pack=1)  # fmt: skip
     ROWS: tl.constexpr = words.shape[0]
     PAIRS: tl.constexpr = 2 * words.shape[1]
     return tl.reshape(tl.join(m01, m23), (ROWS, PAIRS))
