@@ -57,32 +57,37 @@ def decode_constants(bits: int, task: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
-# The fields layout (``id_layout``, linear layers): one byte holds field ``q`` of ``8 / bits`` columns 64 apart.
+# The fields layout (``id_layout``, linear layers): one byte holds field ``q`` of ``8 / bits`` columns ``16 * bits``
+# apart.
 
 
-def field_drop_asm(bits: int, field: int, task: int) -> str:
-    """PTX of the fields layout's predicate for one pair of 16-bit weights, with ``task`` (1..``2**bits - 1``) built
-    in.
+def field_select_asm(bits: int, field: int, task: int) -> str:
+    """PTX of the fields layout's predicate and select for one pair of 16-bit weights, with ``task`` (1..``2**bits -
+    1``) built in: ``$0`` is the pair ``$1`` with the weights ``task`` does not own set to +0.0, from field ``field``
+    of the two bytes in ``$2`` (the stored field is ``(id - 1) mod 2**bits``: owned where it is below ``task``).
 
-    Operand ``$1`` holds two bytes of the layout, the ids of the pair's two weights; the output ``$0`` their drop
-    masks, two 16-bit lanes, all ones where field ``field`` of the lane's byte is ``>= task`` (a weight ``task`` does
-    not own: the stored field is ``(id - 1) mod 2**bits``). After the shift and mask each byte holds its field ``f <=
-    15``, and ``f + 128 - task`` (no carry out of the byte) has its top bit set exactly where ``f >= task``; ``prmt``
-    in sign mode copies that bit over the byte's lane: 4 or 5 instructions per pair, the weights' AND-NOT one more.
+    ``prmt`` puts each byte ``b`` under ``0x64`` in its 16-bit lane: the fp16 number ``1024 + b``, exact. Clearing
+    the fields above ``field`` leaves ``1024 + f * 2**(bits * field) + (the bits below)``, which is below ``1024 +
+    task * 2**(bits * field)`` exactly where ``f < task``; ``set.lt.u32.f16x2`` writes ``0xFFFF`` in those lanes
+    and ``0`` in the others, and an ``and`` keeps the owned weights' bits (a NaN/Inf elsewhere is dropped). The
+    ``prmt`` is the same text for every field of the bytes, so ptxas computes it once per pair of bytes: per pair of
+    weights one ``and`` where a field lies below the top one, one ``set`` (the FMA pipe's ``HSET2``, not the integer
+    ALU's) and one ``and``.
     """
-    field_mask = ((1 << bits) - 1) * 0x0101
-    lines = ["{", ".reg .b32 x;", "cvt.u32.u16 x, $1;"]
-    if field:
-        lines.append(f"shr.b32 x, x, {bits * field};")
-    lines += [f"and.b32 x, x, 0x{field_mask:04X};", f"add.u32 x, x, 0x{(128 - task) * 0x0101:04X};"]
-    lines += ["prmt.b32 $0, x, 0, 0x9988;", "}"]
+    top = field == 8 // bits - 1
+    below = (1 << (bits * (field + 1))) - 1
+    bound = 0x6400 | (task << (bits * field))
+    lines = ["{", ".reg .b32 x, v, m, k;", "cvt.u32.u16 x, $2;", "prmt.b32 v, x, 0x64646464, 0x4140;"]
+    if not top:
+        lines.append(f"and.b32 v, v, 0x{0xFF00 | below:04X}{0xFF00 | below:04X};")
+    lines += [f"mov.b32 k, 0x{bound:04X}{bound:04X};", "set.lt.u32.f16x2 m, v, k;", "and.b32 $0, $1, m;", "}"]
     return "\n".join(lines)
 
 
-# FIELD_DROP_ASM[bits][field][task]: task 0 (no task) is never used.
-FIELD_DROP_ASM = {
+# FIELD_SELECT_ASM[bits][field][task]: task 0 (no task) is never used.
+FIELD_SELECT_ASM = {
     bits: tuple(
-        tuple(field_drop_asm(bits, field, max(task, 1)) for task in range(1 << bits)) for field in range(8 // bits)
+        tuple(field_select_asm(bits, field, max(task, 1)) for task in range(1 << bits)) for field in range(8 // bits)
     )
     for bits in (2, 4)
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._decode_asm import DECODE_ASM, FIELD_DROP_ASM, FIELD_KEEP_ASM
+from ._decode_asm import DECODE_ASM, FIELD_KEEP_ASM, FIELD_SELECT_ASM
 
 
 @triton.jit
@@ -192,25 +192,24 @@ def keep_owned(w, masks):
 # The fields layout (packnet_kernels.id_layout; linear layers): field ``FIELD`` of each byte masks a weight tile of
 # the same shape, element for element.
 
-_NIBBLE_DROP = tl.constexpr(FIELD_DROP_ASM[4])
-_CRUMB_DROP = tl.constexpr(FIELD_DROP_ASM[2])
+_NIBBLE_SELECT = tl.constexpr(FIELD_SELECT_ASM[4])
+_CRUMB_SELECT = tl.constexpr(FIELD_SELECT_ASM[2])
 
 
 @triton.jit
 def keep_field_owners(w, ids, FIELD: tl.constexpr, TASK: tl.constexpr, ID_BITS: tl.constexpr, USE_ASM: tl.constexpr):
     """``w`` (16-bit) with the weights task ``TASK`` (1..``2**ID_BITS - 1``) does not own set to +0.0, from field
     ``FIELD`` of the uint8 ``ids`` (same shape as ``w``; the stored field is ``(id - 1) mod 2**ID_BITS``: owned where
-    it is below ``TASK``). ``USE_ASM``: ``_decode_asm.field_drop_asm`` per pair of weights and an AND-NOT of their
-    bits (a NaN/Inf in a weight the task does not own is dropped), every step of it elementwise with the task a
-    constant, which is what lets Triton (3.6, 3.9) keep the whole chain in the registers of wgmma's operand; else a
-    select."""
+    it is below ``TASK``). ``USE_ASM``: ``_decode_asm.field_select_asm`` per pair of weights, an fp16 compare of
+    the bytes and an AND of the weights' bits (a NaN/Inf in a weight the task does not own is dropped) in one pure
+    block, elementwise with the task a constant: what lets Triton (3.6, 3.9) keep the whole chain in the registers
+    of wgmma's operand; else a select."""
     if USE_ASM:
         if ID_BITS == 4:
-            ASM: tl.constexpr = _NIBBLE_DROP.value[FIELD][TASK]
+            ASM: tl.constexpr = _NIBBLE_SELECT.value[FIELD][TASK]
         else:
-            ASM: tl.constexpr = _CRUMB_DROP.value[FIELD][TASK]
-        drop = tl.inline_asm_elementwise(ASM, "=r,h", [ids], dtype=tl.int16, is_pure=True, pack=2)
-        w = (w.to(tl.int16, bitcast=True) & ~drop).to(w.dtype, bitcast=True)
+            ASM: tl.constexpr = _CRUMB_SELECT.value[FIELD][TASK]
+        w = tl.inline_asm_elementwise(ASM, "=r,r,h", [w, ids], dtype=w.dtype, is_pure=True, pack=2)
     else:
         MASK: tl.constexpr = (1 << ID_BITS) - 1
         w = tl.where(((ids >> (FIELD * ID_BITS)) & MASK) < TASK, w, 0.0)

@@ -1,12 +1,13 @@
 """The run-time id layout (packnet_kernels.id_layout) and the PTX that decodes it, checked on the CPU.
 
-The decode's PTX runs here through a small emulator of the five instructions it uses, exhaustively: every id in
+The decode's PTX runs here through a small emulator of the few instructions it uses, exhaustively: every id in
 every field position against every task, so the text the GPU assembles is the text this file checks."""
 
 from __future__ import annotations
 
 import itertools
 import re
+import struct
 
 import pytest
 import torch
@@ -49,6 +50,16 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
     return result
 
 
+def _set_lt_f16x2(a: int, b: int) -> int:
+    """PTX set.lt.u32.f16x2: per 16-bit lane, ``0xFFFF`` where the fp16 number in ``a`` is below the one in ``b``
+    (NaN compares false), else ``0``."""
+    result = 0
+    for lane in range(2):
+        x, y = (struct.unpack("<e", ((value >> (16 * lane)) & 0xFFFF).to_bytes(2, "little"))[0] for value in (a, b))
+        result |= (0xFFFF if x < y else 0) << (16 * lane)
+    return result
+
+
 def run_ptx(asm: str, operands: list[int], outputs: int) -> list[int]:
     """Execute the decode's PTX block on 32-bit values; ``operands`` are ``$outputs..``; returns ``$0..``."""
     registers = {f"${outputs + i}": value & MASK32 for i, value in enumerate(operands)}
@@ -78,6 +89,10 @@ def run_ptx(asm: str, operands: list[int], outputs: int) -> list[int]:
             result = _lop3(*values)
         elif opcode == "prmt.b32":
             result = _prmt(*values)
+        elif opcode == "mov.b32":
+            result = values[0]
+        elif opcode == "set.lt.u32.f16x2":
+            result = _set_lt_f16x2(*values)
         else:
             raise AssertionError(f"the emulator does not know {opcode!r}")
         registers[dest] = result
@@ -184,21 +199,27 @@ def test_the_fields_predicate_is_the_reference_one_for_every_id_and_task():
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-def test_the_fields_ptx_drops_exactly_the_weights_a_task_does_not_own(bits):
-    """Every byte value in either byte of the pair (the other random), every field and task of the layout: the drop
-    masks are all ones exactly in the lanes whose field is not owned (``owned_fields``)."""
+def test_the_fields_ptx_keeps_exactly_the_weights_the_task_owns(bits):
+    """Every byte value in either byte of the pair (the other random), every field and task of the layout, weight
+    pairs that hold NaN, Inf and random bits: each 16-bit lane comes out as its weight's bits where the field is
+    owned (``owned_fields``) and as +0.0 (all zeros) where it is not."""
     generator = torch.Generator().manual_seed(bits)
     pairs = [(byte, int(other)) for byte in range(256) for other in torch.randint(0, 256, (2,), generator=generator)]
     pairs += [(other, byte) for byte, other in pairs]
+    # NaN beside -Inf, a NaN with every bit set beside +Inf, then random bits.
+    weights = [0x7E00FC00, 0xFFFF7C00]
+    weights += [int(w) & MASK32 for w in torch.randint(-(2**31), 2**31, (6,), generator=generator)]
     for field in range(8 // bits):
         for task in range(1, 1 << bits):
-            asm = _decode_asm.FIELD_DROP_ASM[bits][field][task]
-            for low, high in pairs:
-                (mask,) = run_ptx(asm, [low | high << 8], 1)
+            asm = _decode_asm.FIELD_SELECT_ASM[bits][field][task]
+            for index, (low, high) in enumerate(pairs):
+                weight = weights[index % len(weights)]
+                (kept,) = run_ptx(asm, [weight, low | high << 8], 1)
                 for lane, byte in enumerate((low, high)):
                     stored = (byte >> (bits * field)) & ((1 << bits) - 1)
-                    drop = not owned_fields(torch.tensor(stored), bits, task)
-                    assert (mask >> (16 * lane)) & 0xFFFF == (0xFFFF if drop else 0), (field, task, low, high, lane)
+                    owned = bool(owned_fields(torch.tensor(stored), bits, task))
+                    expected = (weight >> (16 * lane)) & 0xFFFF if owned else 0
+                    assert (kept >> (16 * lane)) & 0xFFFF == expected, (field, task, low, high, lane)
 
 
 def test_compact_ids_refuse_what_does_not_fit():
@@ -215,11 +236,13 @@ def test_compact_ids_refuse_what_does_not_fit():
 
 def test_the_asm_text_uses_only_what_the_emulator_knows():
     texts = [*_decode_asm.DECODE_ASM.values()]
-    texts += [asm for table in _decode_asm.FIELD_DROP_ASM.values() for asm in itertools.chain.from_iterable(table)]
+    texts += [asm for table in _decode_asm.FIELD_SELECT_ASM.values() for asm in itertools.chain.from_iterable(table)]
     texts += list(_decode_asm.FIELD_KEEP_ASM.values())
     for asm in texts:
         opcodes = {line.split()[0] for line in asm.splitlines() if re.match(r"\s*[a-z]", line) and ".reg" not in line}
-        assert opcodes <= {"and.b32", "add.u32", "shl.b32", "shr.b32", "cvt.u32.u16", "lop3.b32", "prmt.b32"}
+        known = {"and.b32", "add.u32", "shl.b32", "shr.b32", "cvt.u32.u16", "lop3.b32", "prmt.b32", "mov.b32",
+                 "set.lt.u32.f16x2"}  # fmt: skip
+        assert opcodes <= known, opcodes - known
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
