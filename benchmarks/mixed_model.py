@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 MODEL_LAYER = (11008, 4096)
 BATCHES = (8, 64, 256)
 TASK_COUNTS = (1, 2, 4, 8)
+# Tasks of the model's layer (its per-task tables' rows): the fields loop's copies for a batch of one task.
+MODEL_TASKS = 8
 MODEL_CASES = [(batch, count) for batch in BATCHES for count in TASK_COUNTS]
 RESULTS = HERE / "results"
 RUN4_MIXED = RESULTS / "nvidia-h200-2026-11-27-v6-mixed.json"
@@ -136,6 +138,10 @@ def model_specs(kernel: str) -> list[dict]:
                              SPLIT=split_k > 1, UPCAST_BF16=False, INPUT_PRECISION="tf32", ID_BITS=id_bits,
                              USE_ASM=True, GROUPS=groups, FEW_GROUPS=few, WIDE_GROUPS=wide, ONE_ROWS=one_rows,
                              ONE_BLOCK_K=one_block_k)  # fmt: skip
+                if hasattr(linear, "mixed_field_tasks"):
+                    # A batch of one task on compact ids: the fields loop, one copy per task of the model's layer.
+                    flags["FIELD_TASKS"] = linear.mixed_field_tasks(id_bits, one_rows, use_mask, 2, split_k,
+                                                                    k_per_split, MODEL_TASKS)  # fmt: skip
                 compact = {}
                 if id_bits < 8 and hasattr(linear, "_field_configs"):
                     # The fields layout: int32 words read as bytes, the weight as it is.
@@ -171,6 +177,7 @@ def _model_spec(jit, name: str, args: dict, flags: dict, config: dict, batch: in
         "id_bits": flags.get("ID_BITS", 8),
         "groups": (flags.get("FEW_GROUPS"), flags.get("GROUPS"), flags.get("WIDE_GROUPS")),
         "one_task": (flags.get("ONE_ROWS", 0), flags.get("ONE_BLOCK_K", 0)),
+        "field_tasks": flags.get("FIELD_TASKS", 0),
     }
 
 
@@ -305,9 +312,12 @@ def v2_launch(features: dict, batch: int, count: int, id_bits: int = 8) -> list[
         few, full, wide = masked["groups"]
         one_rows, one_block_k = masked.get("one_task", (0, 0))
         config = masked["config"]
-        # The loops in the kernel's order (their addresses): the one-task loop, 64-row groups, few, all.
+        # The loops in the kernel's order (their addresses): the one-task loop (on compact ids the fields loop, one
+        # copy per task, a chunk of 128 columns per step), 64-row groups, few, all.
+        copies = masked.get("field_tasks", 0) if one_rows else 0
+        one_names = [f"one{task}" for task in range(1, copies + 1)] if copies else ["one"] * bool(one_rows)
         names = ["wide"] * bool(wide) + ["few"] * (few < full) + ["full"]
-        loops = dict(zip(["one"] * bool(one_rows) + names, masked["loops"], strict=True))
+        loops = dict(zip(one_names + names, masked["loops"], strict=True))
         bare_loops = dict(zip(["one"] * bool(plain["one_task"][0]) + names, plain["loops"], strict=True))
         counts = {"wide": wide, "few": few, "full": full}
         width = 16
@@ -315,12 +325,11 @@ def v2_launch(features: dict, batch: int, count: int, id_bits: int = 8) -> list[
         programs = costmodel.ceil_div(out_features, config["BLOCK_N"]) * masked["split_k"]
         if one_rows and count == 1:
             # One task: the single-task loop (one mask, one dot of every row per step of one_block_k columns).
-            loop = loops["one"]
-            flops = 2 * config["BLOCK_N"] * one_rows * one_block_k
+            loop = loops[f"one{min(tasks[0], copies)}" if copies else "one"]
+            step = 128 if copies else one_block_k
+            flops = 2 * config["BLOCK_N"] * one_rows * step
             instructions = loop["instructions"]
-            rows.append(
-                _launch_row(masked, config, programs, one_block_k, instructions, flops, batch, 1, id_bits, groups=1)
-            )
+            rows.append(_launch_row(masked, config, programs, step, instructions, flops, batch, 1, id_bits, groups=1))
             continue
         if wide and len(v2_groups(tasks, 64)) <= wide:
             unrolled, passes, width = wide, [v2_groups(tasks, 64)], 64

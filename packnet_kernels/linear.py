@@ -270,6 +270,7 @@ def _field_sums(
     ID_BITS: tl.constexpr,
     USE_ASM: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    CHUNK_STAGES: tl.constexpr = None,
 ):
     """Task ``TASK``'s sums over ``[k_start, k_end)`` on ids in the fields layout: ``acc + w_masked @ xt``, the same
     ``BLOCK_K``-column dots in the same order as :func:`_task_sums` (``BLOCK_K`` at most the layout's span ``S = 16 *
@@ -280,12 +281,13 @@ def _field_sums(
     masks, and :func:`keep_field_owners` is elementwise with ``TASK`` a constant, so Triton moves the dot operand's
     layout up to the loads (``MMAV3HoistLayoutConversion``): the masked tile is built in the registers wgmma reads,
     with no shared-memory round trip (``tests/test_codegen.py``). Runs at least one chunk (see :func:`_task_sums`).
-    """
+    ``CHUNK_STAGES``: the loop's pipeline depth in chunks where it is not the launch's ``num_stages`` (a kernel whose
+    other loops step ``BLOCK_K`` columns at a time)."""
     SPAN: tl.constexpr = 16 * ID_BITS
     tl.static_assert(BLOCK_K <= SPAN, "the fields layout's loop takes BLOCK_K <= 16 * ID_BITS")
     FIELDS: tl.constexpr = 8 // ID_BITS
     RUNS: tl.constexpr = SPAN // BLOCK_K
-    for chunk in range(0, tl.maximum(tl.cdiv(k_end - k_start, _CHUNK), 1)):
+    for chunk in tl.range(0, tl.maximum(tl.cdiv(k_end - k_start, _CHUNK), 1), num_stages=CHUNK_STAGES):
         byte_ptrs = ids_ptrs + ((k_start // _CHUNK + chunk) * SPAN + offs_k)[None, :]
         runs = ()
         for run in tl.static_range(RUNS):
@@ -978,6 +980,7 @@ def _groups_pass(
     GROUPS: tl.constexpr,
     GROUP_ROWS: tl.constexpr,
     ONE_TASK: tl.constexpr,
+    TASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -985,7 +988,9 @@ def _groups_pass(
     (:func:`_group_sums`), the split-K reduction (counter ``counter_index``) and each group's epilogue and rows.
 
     ``ONE_TASK`` (a batch of one task, ``M <= GROUP_ROWS``): one group of every row, summed by the single-task loop
-    (:func:`_task_sums`, contiguous activation rows: the stable sort of one task keeps the input order)."""
+    (:func:`_task_sums`, contiguous activation rows: the stable sort of one task keeps the input order), or with
+    ``TASK`` > 0 (the batch's task, clamped as the single-task kernel clamps it) by the fields layout's loop
+    (:func:`_field_sums`)."""
     if ONE_TASK:
         raw = tl.load(group_tasks_ptr)
         ok = (raw >= 1) & (raw <= max_task)
@@ -995,9 +1000,16 @@ def _groups_pass(
         tasks, valid, rows = (task,), (ok,), (tl.where(m_mask, slots, -1).to(tl.int64),)
         xt_ptrs = x_ptr + (k_start + offs_k)[:, None].to(tl.int64) * stride_xk + slots[None, :].to(tl.int64) * stride_xm
         acc = tl.zeros((BLOCK_N, GROUP_ROWS), dtype=tl.float32)
-        accs = (_task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, n_mask, offs_k, offs_k, n_mask, m_mask, k_start,
-                           k_end, K, task, 0, stride_wk, stride_idk, stride_xk, USE_MASK, False, False, BLOCK_K,
-                           UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K),)  # fmt: skip
+        if TASK > 0:
+            # Two chunks in flight (256 columns; the other loops keep num_stages steps of 32): the shared memory of the
+            # kernel's largest loop, not four chunks' (1 program per SM instead of 2 for the mixed loops).
+            acc = _field_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, offs_k, n_mask, m_mask, k_start, k_end, K, stride_wk,
+                              stride_xk, UPCAST_BF16, INPUT_PRECISION, TASK, ID_BITS, USE_ASM, BLOCK_K, 2)  # fmt: skip
+        else:
+            acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, n_mask, offs_k, offs_k, n_mask, m_mask, k_start,
+                             k_end, K, task, 0, stride_wk, stride_idk, stride_xk, USE_MASK, False, False, BLOCK_K,
+                             UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
+        accs = (acc,)
     else:
         tasks, valid, rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task,
                                              GROUPS, GROUP_ROWS)  # fmt: skip
@@ -1104,6 +1116,7 @@ def _mixed_linear_kernel(
     WIDE_GROUPS: tl.constexpr,
     ONE_ROWS: tl.constexpr,
     ONE_BLOCK_K: tl.constexpr,
+    FIELD_TASKS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -1124,12 +1137,14 @@ def _mixed_linear_kernel(
     accumulators; a K step loads the weight and id tiles once, masks them once per distinct task among the pass's
     groups and runs one dot per group on that group's 16 rows (:func:`_group_sums`). A batch of one task (the first
     and last group's task the same; ``ONE_ROWS`` > 0, :func:`mixed_one_task`) takes the single-task loop
-    (:func:`_task_sums`): one mask and one dot of all its rows (``ONE_ROWS``, contiguous) per step of ``ONE_BLOCK_K``
-    columns, the single-task small kernel's steps. A batch whose runs of one task
-    fit ``WIDE_GROUPS`` groups of 64 rows (``M`` over 112: :func:`mixed_wide_groups`) takes those instead. A batch
-    whose groups fit one pass (the ``FEW_GROUPS`` loop when they fit it; else ``GROUPS``, see :func:`mixed_groups`)
-    reads its weight and ids once; more groups (``sum over tasks of ceil(rows / 16)`` above ``GROUPS``) take
-    further passes of ``GROUPS``, each reading them again. A group whose task is outside
+    (:func:`_task_sums`): one mask and one dot of all its rows (``ONE_ROWS``, contiguous) per step of
+    ``ONE_BLOCK_K`` columns, the single-task small kernel's steps; with ``FIELD_TASKS`` > 0 (compact ids, 16-bit
+    operands) the fields layout's loop with the task compiled in (:func:`_field_sums`), one copy of that pass per
+    task 1..``FIELD_TASKS`` (the batch's task clamped to it), the copy of the batch's task running. A batch whose
+    runs of one task fit ``WIDE_GROUPS`` groups of 64 rows (``M`` over 112: :func:`mixed_wide_groups`) takes those
+    instead. A batch whose groups fit one pass (the ``FEW_GROUPS`` loop when they fit it; else ``GROUPS``, see
+    :func:`mixed_groups`) reads its weight and ids once; more groups (``sum over tasks of ceil(rows / 16)`` above
+    ``GROUPS``) take further passes of ``GROUPS``, each reading them again. A group whose task is outside
     1..``max_task`` selects no weight and its rows are written NaN; a NaN/Inf in a weight a task does not own never
     reaches its rows (the select drops it before the dot). No tile map: the program serves every task of the batch,
     so a tile is skippable only when no task of the batch uses it, and run 4 found per-step skips no faster in a
@@ -1154,12 +1169,26 @@ def _mixed_linear_kernel(
         offs_one = tl.arange(0, ONE_BLOCK_K)
         one_w_ptrs, one_ids_ptrs = _operand_ptrs(w_ptr, ids_ptr, offs_n, k_start, stride_wn, stride_wk, stride_idn,
                                                  stride_idk, ID_BITS, ONE_BLOCK_K)  # fmt: skip
-        _groups_pass(x_ptr, one_w_ptrs, one_ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr,
-                     counters_ptr, group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_one, offs_n,
-                     n_mask, k_start, k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk,
-                     stride_bias, stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task,
-                     stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16,
-                     INPUT_PRECISION, ID_BITS, USE_ASM, 1, ONE_ROWS, True, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
+        if FIELD_TASKS > 0:
+            # Each copy holds its own accumulator and epilogue: no path leaves a copy's zeros to meet a dot's.
+            one = tl.minimum(tl.load(group_tasks_ptr), FIELD_TASKS)
+            for TASK in tl.static_range(1, FIELD_TASKS + 1):
+                if one == TASK or (TASK == 1 and one < 1):
+                    _groups_pass(x_ptr, one_w_ptrs, one_ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr,
+                                 counters_ptr, group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter,
+                                 offs_one, offs_n, n_mask, k_start, k_end, M, N, K, max_task, stride_xm, stride_xk,
+                                 stride_wk, stride_idk, stride_bias, stride_scale, stride_shift, stride_bias_task,
+                                 stride_scale_task, stride_shift_task, stride_ym, stride_yn, HAS_BIAS, HAS_SCALE,
+                                 HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, 1,
+                                 ONE_ROWS, True, TASK, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
+        else:
+            _groups_pass(x_ptr, one_w_ptrs, one_ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr,
+                         counters_ptr, group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_one, offs_n,
+                         n_mask, k_start, k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk,
+                         stride_bias, stride_scale, stride_shift, stride_bias_task, stride_scale_task,
+                         stride_shift_task, stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK,
+                         SPLIT, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, 1, ONE_ROWS, True, 0, BLOCK_N,
+                         ONE_BLOCK_K)  # fmt: skip
     elif WIDE_GROUPS > 0 and wide_count <= WIDE_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr + M * 16, group_tasks_ptr + M, wide_count, 0, first_counter, offs_k, offs_n,
@@ -1167,14 +1196,14 @@ def _mixed_linear_kernel(
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, USE_ASM, WIDE_GROUPS, 64, False, BLOCK_N, BLOCK_K)  # fmt: skip
+                     ID_BITS, USE_ASM, WIDE_GROUPS, 64, False, 0, BLOCK_N, BLOCK_K)  # fmt: skip
     elif FEW_GROUPS < GROUPS and group_count <= FEW_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_k, offs_n, n_mask, k_start,
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, USE_ASM, FEW_GROUPS, 16, False, BLOCK_N, BLOCK_K)  # fmt: skip
+                     ID_BITS, USE_ASM, FEW_GROUPS, 16, False, 0, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         for first_group in range(0, group_count, GROUPS):
             _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
@@ -1183,7 +1212,7 @@ def _mixed_linear_kernel(
                          max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias, stride_scale,
                          stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym, stride_yn,
                          HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                         ID_BITS, USE_ASM, GROUPS, 16, False, BLOCK_N, BLOCK_K)  # fmt: skip
+                         ID_BITS, USE_ASM, GROUPS, 16, False, 0, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 def _configs(regime: str, capability_major: int) -> list[triton.Config]:
@@ -1519,6 +1548,19 @@ def mixed_one_task(
     block_k = 128 if one_rows <= 32 else 64 if one_rows <= 64 or major >= 9 else 32
     # Compact ids: steps inside one span of the fields layout, which the word-parallel decode takes (_load_ids).
     return one_rows, min(block_k, 16 * id_bits) if id_bits < 8 else block_k
+
+
+def mixed_field_tasks(
+    id_bits: int, one_rows: int, use_mask: bool, element_size: int, split_k: int, k_per_split: int, max_task: int
+) -> int:
+    """``FIELD_TASKS`` of a v2 launch: where a batch of one task takes the fields layout's loop with its task compiled
+    in (compact ids, 16-bit operands, the one-task loop planned and splits on whole chunks, as the single-task kernel
+    takes it), the number of copies of that loop: one per task up to ``2**id_bits - 1`` (a task above it sees every
+    owner) and up to ``max_task`` (a task above it is not valid); else 0."""
+    aligned = split_k == 1 or k_per_split % CHUNK_COLUMNS == 0
+    if id_bits == 8 or not use_mask or not one_rows or element_size != 2 or not aligned:
+        return 0
+    return min((1 << id_bits) - 1, max_task)
 
 
 def _mixed_split_plan(rows: int, n: int, k: int, element: int, interpreted: bool, device) -> tuple[int, int]:
@@ -1956,6 +1998,9 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
         "WIDE_GROUPS": mixed_wide_groups(rows, x.element_size(), ieee, major),
         "ONE_ROWS": one_rows,
         "ONE_BLOCK_K": one_block_k,
+        "FIELD_TASKS": mixed_field_tasks(
+            id_bits, one_rows, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors)
+        ),
     }
     plan.family = "mixed2"
 

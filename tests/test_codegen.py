@@ -457,6 +457,7 @@ def _mixed_v2_variants() -> list[dict]:
         constexprs = dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SHIFT=True, RELU=True, USE_MASK=True, SPLIT=True,
                           UPCAST_BF16=False, INPUT_PRECISION=precision, ID_BITS=bits, USE_ASM=True, GROUPS=groups,
                           FEW_GROUPS=few, WIDE_GROUPS=wide, ONE_ROWS=one_rows, ONE_BLOCK_K=one_block_k,
+                          FIELD_TASKS=linear.mixed_field_tasks(bits, one_rows, True, element, 4, 1024, 255),
                           **config.kwargs)  # fmt: skip
         suffix = ("" if precision == "tf32" else f"-{precision}") + (f"-ids{bits}" if bits < 8 else "")
         variants.append(
@@ -474,7 +475,7 @@ def _mixed_v2_variants() -> list[dict]:
                 # 16 activation rows by 32 K per group on 256 threads: 2 fp16 (4 bytes) per thread and load, from L2.
                 wide_loads=False,
                 gemm=True,
-                loops=1 + (few < groups) + (wide > 0) + (one_rows > 0),
+                loops=1 + (few < groups) + (wide > 0) + (one_rows > 0) * max(constexprs["FIELD_TASKS"], 1),
             )
         )
     single = next(v for v in VARIANTS if v["name"].startswith("linear-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K64"))
@@ -867,7 +868,11 @@ def mixed_v2_loops(compiled: dict) -> dict[str, list[dict]]:
         # group of every row, ONE_BLOCK_K columns per step), 64-row groups, few 16-row groups, all of them.
         few, full, wide = constexprs["FEW_GROUPS"], constexprs["GROUPS"], constexprs["WIDE_GROUPS"]
         one_rows, one_block_k = constexprs["ONE_ROWS"], constexprs["ONE_BLOCK_K"]
-        kinds = [(1, one_rows, one_block_k, True)] * bool(one_rows) + [(wide, 64, 32, False)] * bool(wide)
+        # On compact ids the one-task loop is the fields layout's, a chunk of 128 columns per iteration, in one copy
+        # per task (FIELD_TASKS).
+        copies = constexprs["FIELD_TASKS"]
+        kinds = [(1, one_rows, 128 if copies else one_block_k, True)] * (bool(one_rows) * max(copies, 1))
+        kinds += [(wide, 64, 32, False)] * bool(wide)
         kinds += [(few, 16, 32, False)] * (few < full) + [(full, 16, 32, False)]
         single = reference["loops"][0]
         report[name] = [
@@ -897,7 +902,8 @@ def test_mixed_v2_loop_against_the_single_task_loop(compiled):
     the weight and id tile once (its global loads grow by the groups' activation tiles only); a group costs well
     under the single-task loop's whole step (one group: about that step). The one-task loop (a batch of one task)
     is the single-task loop of wider K steps: per 32 columns its tensor instructions, and at most the single-task
-    loop's instructions. Pinned with a margin; no spills in any loop."""
+    loop's instructions; on compact ids it is the fields layout's loop (a chunk of 128 columns per iteration), one copy
+    per task. Pinned with a margin; no spills in any loop."""
     for name in compiled:
         if name.startswith(MIXED_V2_PREFIX) and isinstance(compiled[name], Exception):
             raise compiled[name]
@@ -908,7 +914,14 @@ def test_mixed_v2_loop_against_the_single_task_loop(compiled):
             single = loop["single_task_kinds"]
             assert loop["local"] == 0, f"{name}: spills"
             steps = loop["k_steps"]
-            assert loop["kinds"]["tensor"] == loop["groups"] * steps * single["tensor"], f"{name}: {loop}"
+            if loop["one_task"] and loop["k_steps"] == 4:
+                # The fields loop (a chunk per iteration): in the 64 x 32 tile on 8 warps Triton splits the two
+                # warpgroups along the rows, each needing the masked register operand: 12 wgmma per chunk where 8
+                # do the rows' work (8 in the other configs).
+                assert loop["groups"] * steps * single["tensor"] <= loop["kinds"]["tensor"], f"{name}: {loop}"
+                assert loop["kinds"]["tensor"] <= 1.5 * loop["groups"] * steps * single["tensor"], f"{name}: {loop}"
+            else:
+                assert loop["kinds"]["tensor"] == loop["groups"] * steps * single["tensor"], f"{name}: {loop}"
             if loop["one_task"]:
                 # The one-task loop: loads one weight, id and activation tile per step.
                 assert loop["instructions"] <= steps * loop["single_task"], f"{name}: {loop}"
