@@ -542,8 +542,8 @@ def test_v2_rows_are_bitwise_the_per_task_kernel_runs(m, num_tasks, dtype, id_bi
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize(("id_bits", "num_tasks"), [(2, 3), (4, 5)])
-def test_v2_one_task_batch_runs_the_fields_loop_of_its_task(id_bits, num_tasks):
+@pytest.mark.parametrize(("id_bits", "num_tasks", "table_tasks"), [(2, 3, 3), (4, 5, 5), (2, 3, 5)])
+def test_v2_one_task_batch_runs_the_fields_loop_of_its_task(id_bits, num_tasks, table_tasks):
     """A batch of one task on compact ids takes the fields layout's loop with the task compiled in (``FIELD_TASKS``
     copies, one per task of the tables): for every task of the layer, fp16, 200 input features in two splits (a
     chunk, and a partial one), its rows are the single-task kernel's, bit for bit in the interpreter (the same tiles
@@ -551,13 +551,15 @@ def test_v2_one_task_batch_runs_the_fields_loop_of_its_task(id_bits, num_tasks):
     from packnet_kernels import linear
 
     x, weight, task_ids, tables, generator = _v2_layer(9, 33, 200, num_tasks, torch.float16, seed=id_bits)
+    # Tables of more tasks than the ids name: tasks above 2**bits - 1 run the last copy (every owner visible).
+    tables = [torch.cat([table, table[-1:].expand(table_tasks - num_tasks, -1)]) for table in tables]
     x, weight, task_ids, tables = _on_device(x, weight, task_ids, tables)
     ids = _id_operand(task_ids, id_bits)
     tasks = torch.ones(9, dtype=torch.int64, device=DEVICE)
     plan_args = (x, weight, ids.words, tables[0], tables[1], tables[2], True, True, None, False, tasks, id_bits)
-    assert linear.linear_plan(*plan_args).flags["FIELD_TASKS"] == num_tasks
+    assert linear.linear_plan(*plan_args).flags["FIELD_TASKS"] == min(table_tasks, (1 << id_bits) - 1)
     kwargs = dict(scale=tables[1], shift=tables[2], relu=True, backend="triton")
-    for task in range(1, num_tasks + 1):
+    for task in range(1, table_tasks + 1):
         got = masked_linear(x, weight, ids, tasks * task, tables[0], **kwargs)
         expected = masked_linear(x, weight, ids, task, tables[0][task - 1], scale=tables[1][task - 1],
                                  shift=tables[2][task - 1], relu=True, backend="triton")  # fmt: skip
@@ -567,7 +569,7 @@ def test_v2_one_task_batch_runs_the_fields_loop_of_its_task(id_bits, num_tasks):
             torch.testing.assert_close(got, expected, **_tolerance(torch.float16))
     if DEVICE == "cpu":  # task values are checked on the host only (a GPU check would sync)
         with pytest.raises(ValueError, match="task"):
-            masked_linear(x, weight, ids, tasks * (num_tasks + 1), tables[0], **kwargs)
+            masked_linear(x, weight, ids, tasks * (table_tasks + 1), tables[0], **kwargs)
 
 
 @pytest.mark.interpreter
