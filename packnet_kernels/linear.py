@@ -1169,26 +1169,18 @@ def _mixed_linear_kernel(
         offs_one = tl.arange(0, ONE_BLOCK_K)
         one_w_ptrs, one_ids_ptrs = _operand_ptrs(w_ptr, ids_ptr, offs_n, k_start, stride_wn, stride_wk, stride_idn,
                                                  stride_idk, ID_BITS, ONE_BLOCK_K)  # fmt: skip
-        if FIELD_TASKS > 0:
-            # Each copy holds its own accumulator and epilogue: no path leaves a copy's zeros to meet a dot's.
-            one = tl.minimum(tl.load(group_tasks_ptr), FIELD_TASKS)
-            for TASK in tl.static_range(1, FIELD_TASKS + 1):
-                if one == TASK or (TASK == 1 and one < 1):
-                    _groups_pass(x_ptr, one_w_ptrs, one_ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr,
-                                 counters_ptr, group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter,
-                                 offs_one, offs_n, n_mask, k_start, k_end, M, N, K, max_task, stride_xm, stride_xk,
-                                 stride_wk, stride_idk, stride_bias, stride_scale, stride_shift, stride_bias_task,
-                                 stride_scale_task, stride_shift_task, stride_ym, stride_yn, HAS_BIAS, HAS_SCALE,
-                                 HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, 1,
-                                 ONE_ROWS, True, TASK, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
-        else:
-            _groups_pass(x_ptr, one_w_ptrs, one_ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr,
-                         counters_ptr, group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_one, offs_n,
-                         n_mask, k_start, k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk,
-                         stride_bias, stride_scale, stride_shift, stride_bias_task, stride_scale_task,
-                         stride_shift_task, stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK,
-                         SPLIT, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, 1, ONE_ROWS, True, 0, BLOCK_N,
-                         ONE_BLOCK_K)  # fmt: skip
+        # With FIELD_TASKS, one copy of the pass per task, the batch's task (clamped) running its own; each copy
+        # holds its own accumulator and epilogue, so no path leaves a copy's zeros to meet a dot's. Else one pass.
+        one = tl.minimum(tl.load(group_tasks_ptr), FIELD_TASKS)
+        for COPY in tl.static_range(1, max(FIELD_TASKS, 1) + 1):
+            if FIELD_TASKS == 0 or one == COPY or (COPY == 1 and one < 1):
+                _groups_pass(x_ptr, one_w_ptrs, one_ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr,
+                             counters_ptr, group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_one,
+                             offs_n, n_mask, k_start, k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk,
+                             stride_idk, stride_bias, stride_scale, stride_shift, stride_bias_task, stride_scale_task,
+                             stride_shift_task, stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK,
+                             SPLIT, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, 1, ONE_ROWS, True,
+                             COPY * (FIELD_TASKS > 0), BLOCK_N, ONE_BLOCK_K)  # fmt: skip
     elif WIDE_GROUPS > 0 and wide_count <= WIDE_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr + M * 16, group_tasks_ptr + M, wide_count, 0, first_counter, offs_k, offs_n,
@@ -1550,15 +1542,22 @@ def mixed_one_task(
     return one_rows, min(block_k, 16 * id_bits) if id_bits < 8 else block_k
 
 
+def fields_loop_applies(id_bits: int, use_mask: bool, element_size: int, split_k: int, k_per_split: int) -> bool:
+    """Whether a call of one task can take the fields layout's loop (:func:`_field_sums`): compact ids, the mask on,
+    16-bit operands (fp32 tiles of whole chunks per stage leave no large config that fits sm_90) and splits that
+    start on whole chunks of the layout (on a GPU always: ``k_per_split`` is a multiple of 256)."""
+    aligned = split_k == 1 or k_per_split % CHUNK_COLUMNS == 0
+    return id_bits < 8 and use_mask and element_size == 2 and aligned
+
+
 def mixed_field_tasks(
     id_bits: int, one_rows: int, use_mask: bool, element_size: int, split_k: int, k_per_split: int, max_task: int
 ) -> int:
     """``FIELD_TASKS`` of a v2 launch: where a batch of one task takes the fields layout's loop with its task compiled
-    in (compact ids, 16-bit operands, the one-task loop planned and splits on whole chunks, as the single-task kernel
-    takes it), the number of copies of that loop: one per task up to ``2**id_bits - 1`` (a task above it sees every
+    in (the one-task loop planned and :func:`fields_loop_applies`, as for the single-task kernel), the number of
+    copies of that loop: one per task up to ``2**id_bits - 1`` (a task above it sees every
     owner) and up to ``max_task`` (a task above it is not valid); else 0."""
-    aligned = split_k == 1 or k_per_split % CHUNK_COLUMNS == 0
-    if id_bits == 8 or not use_mask or not one_rows or element_size != 2 or not aligned:
+    if not one_rows or not fields_loop_applies(id_bits, use_mask, element_size, split_k, k_per_split):
         return 0
     return min((1 << id_bits) - 1, max_task)
 
@@ -1894,10 +1893,7 @@ def linear_plan(
     # [out] vectors: (stride along out, 0 along tasks); [tasks, out] tables: (stride(1), stride(0)).
     vector_strides = [0 if v is None else v.stride(-1) for v in vectors]
     task_strides = [0 if v is None or v.dim() == 1 else v.stride(0) for v in vectors]
-    aligned = split_k == 1 or k_per_split % CHUNK_COLUMNS == 0
-    if id_bits < 8 and use_mask and tasks is None and aligned and x.element_size() == 2:
-        # Splits start on whole chunks of the fields layout (on a GPU always: k_per_split is a multiple of 256);
-        # 16-bit operands only (fp32 tiles of whole chunks per stage leave no large config that fits sm_90).
+    if tasks is None and fields_loop_applies(id_bits, use_mask, x.element_size(), split_k, k_per_split):
         plan.field_task = (1 << id_bits) - 1
     plan.sizes = (rows, out_features, in_features)
     plan.ints = (
