@@ -78,7 +78,8 @@ def test_model_groups_are_the_kernels():
     for tasks in ([3] * 40, [1, 5, 5, 2, 8, 8, 8] * 9, mixed.row_tasks_for(64, 8, seed=2).tolist()):
         group_rows, group_tasks, counts = linear._row_groups(torch.tensor(tasks), reuse=False)
         groups, wide = mixed_model.v2_groups(tasks), mixed_model.v2_groups(tasks, 64)
-        assert counts.tolist() == [len(groups), len(wide)] and group_tasks[: len(groups)].tolist() == groups
+        assert counts.tolist() == [len(groups), len(wide), len(set(tasks))]
+        assert group_tasks[: len(groups)].tolist() == groups
         assert group_tasks[len(tasks) : len(tasks) + len(wide)].tolist() == wide
         filled = (group_rows.view(-1, 16)[: len(groups)] >= 0).sum(1).tolist()
         for task in set(tasks):

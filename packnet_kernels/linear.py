@@ -113,9 +113,14 @@ MIXED_GROUPS = 16
 # The interpreter's v2 tiles: those of the small single-task regime, so that both sum in the same order.
 _INTERPRETER_V2_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32}
 # The constexprs that size a v2 program's loops (mixed2_config_fits's arguments after the shared memory).
-_MIXED2_SIZES = ("GROUPS", "FEW_GROUPS", "WIDE_GROUPS", "ONE_ROWS", "ONE_BLOCK_K")
+_MIXED2_SIZES = ("GROUPS", "FEW_GROUPS", "WIDE_GROUPS", "ONE_ROWS", "ONE_BLOCK_K", "SLOT_TASKS")
 # Shared memory of a v2 program beyond its largest loop's pipelined tiles (mixed2_config_fits), in bytes.
 _MIXED2_SHARED_EXTRA = 8192
+# A v2 batch on compact ids takes the slots (one per task of the layer, :func:`_slot_sums`) when its distinct tasks
+# are at least this share of the slots (and each in one group): below it the groups' masks cost less.
+SLOT_SHARE = (1, 2)
+_SLOT_SHARE_NUM = tl.constexpr(SLOT_SHARE[0])
+_SLOT_SHARE_DEN = tl.constexpr(SLOT_SHARE[1])
 
 
 # Columns of a chunk of the fields layout (id_layout.CHUNK_COLUMNS), for the kernels.
@@ -302,6 +307,74 @@ def _field_sums(
                 w_ptrs += BLOCK_K * stride_wk
                 xt_ptrs += BLOCK_K * stride_xk
     return acc
+
+
+@triton.jit
+def _slot_sums(
+    w_ptrs,
+    ids_ptrs,
+    x_ptr,
+    rows,
+    offs_k,
+    n_mask,
+    k_start,
+    k_end,
+    K,
+    stride_wk,
+    stride_xm,
+    stride_xk,
+    UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ID_BITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    SLOTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``SLOTS`` fp32 ``[BLOCK_N, 16]`` sums over ``[k_start, k_end)`` on ids in the fields layout, slot ``s``'s
+    ``W_{s + 1} x[rows[s]]^T`` (``rows``: a tuple of ``SLOTS`` int64 ``[16]`` input rows, -1 for none; a slot
+    without rows sums zeros), each slot's task compiled in.
+
+    The loop of :func:`_field_sums` with one dot per slot: per chunk the id bytes are loaded once, and every K step
+    masks the weight tile once per slot with the slot's task a constant, so the masked tiles stay in the registers
+    wgmma reads (no shared-memory round trip, which a task known at run time costs in :func:`_group_sums`: Triton
+    3.6 sinks the operand's layout conversion below any select or asm fed by a run-time value). Every slot's mask and
+    dot run whether or not the batch holds its task. The dots run in increasing K in ``BLOCK_K`` columns, as the
+    single-task kernel's (``BLOCK_K`` at most the layout's span; ``k_start`` on a chunk). Two chunks in flight, as
+    the one-task fields pass beside it."""
+    SPAN: tl.constexpr = 16 * ID_BITS
+    tl.static_assert(BLOCK_K <= SPAN, "the fields layout's loop takes BLOCK_K <= 16 * ID_BITS")
+    FIELDS: tl.constexpr = 8 // ID_BITS
+    RUNS: tl.constexpr = SPAN // BLOCK_K
+    accs = ()
+    row_masks = ()
+    x_ptrs = ()
+    for s in tl.static_range(SLOTS):
+        accs = accs + (tl.zeros((BLOCK_N, rows[s].shape[0]), dtype=tl.float32),)
+        row_masks = row_masks + ((rows[s] >= 0)[None, :],)
+        x_ptrs = x_ptrs + (x_ptr + (k_start + offs_k)[:, None].to(tl.int64) * stride_xk + rows[s][None, :] * stride_xm,)
+    for chunk in tl.range(0, tl.maximum(tl.cdiv(k_end - k_start, _CHUNK), 1), num_stages=2):
+        byte_ptrs = ids_ptrs + ((k_start // _CHUNK + chunk) * SPAN + offs_k)[None, :]
+        runs = ()
+        for run in tl.static_range(RUNS):
+            runs = runs + (tl.load(byte_ptrs + run * BLOCK_K, mask=n_mask[:, None], other=0),)
+        for field in tl.static_range(FIELDS):
+            for run in tl.static_range(RUNS):
+                step = chunk * _CHUNK + field * SPAN + run * BLOCK_K
+                k_remaining = K - (k_start + step)
+                k_mask = (offs_k < k_remaining)[:, None]
+                w = _load_weight(w_ptrs, n_mask, offs_k, k_remaining)
+                new_accs = ()
+                for s in tl.static_range(SLOTS):
+                    xt = tl.load(x_ptrs[s] + step * stride_xk, mask=k_mask & row_masks[s], other=0.0)
+                    w_task = keep_field_owners(w, runs[run], field, s + 1, ID_BITS, USE_ASM)
+                    if UPCAST_BF16:
+                        w_task = w_task.to(tl.float32)
+                        xt = xt.to(tl.float32)
+                    new_accs = new_accs + (tl.dot(w_task, xt, accs[s], input_precision=INPUT_PRECISION),)
+                accs = new_accs
+                w_ptrs += BLOCK_K * stride_wk
+    return accs
 
 
 @triton.jit
@@ -805,7 +878,8 @@ def _row_groups_kernel(row_tasks_ptr, row_order_ptr, group_rows_ptr, group_tasks
     sorted increasingly (any integer dtype), ``row_order_ptr`` ``[M]`` each sorted position's input row. Writes
     two layouts, of 16-row and of 64-row groups: ``group_rows_ptr`` int32 ``[M, 16]`` then ``[M, 64]`` (only the
     groups that exist: each run's rows, then -1 up to the group's end), ``group_tasks_ptr`` int32 ``[M]`` then
-    ``[M]`` (only the groups that exist) and ``group_count_ptr`` int32 ``[2]``, how many groups of each."""
+    ``[M]`` (only the groups that exist) and ``group_count_ptr`` int32 ``[3]``, how many groups of each and how many
+    runs of one task (distinct tasks) the batch holds."""
     positions = tl.arange(0, BLOCK)
     live = positions < M
     tasks = _clamped_tasks(tl.load(row_tasks_ptr + positions, mask=live, other=0))
@@ -818,6 +892,7 @@ def _row_groups_kernel(row_tasks_ptr, row_order_ptr, group_rows_ptr, group_tasks
     _store_groups(group_rows_ptr, group_tasks_ptr, group_count_ptr, tasks, order, rank, live, ends, 16)
     _store_groups(group_rows_ptr + M * 16, group_tasks_ptr + M, group_count_ptr + 1, tasks, order, rank, live, ends,
                   64)  # fmt: skip
+    tl.store(group_count_ptr + 2, tl.sum((live & starts).to(tl.int32), axis=0))
 
 
 @triton.jit
@@ -881,6 +956,7 @@ def _group_sums(
     ID_BITS: tl.constexpr,
     USE_ASM: tl.constexpr,
     GROUPS: tl.constexpr,
+    STEP_ONCE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -891,7 +967,12 @@ def _group_sums(
     again only where a group's task differs from the previous group's (the groups are sorted by task, so once per
     distinct task); every group then runs one dot on its own rows. The ``if`` holds no load and no dot: a dot
     inside a run-time ``if`` would lose the loop's pipelining (no ``cp.async`` stages), a select inside one does not
-    (triton 3.6 and 3.9, sm_90)."""
+    (triton 3.6 and 3.9, sm_90).
+
+    ``STEP_ONCE``: the loop runs at least one step, as :func:`_task_sums` does (a program's K range is never empty, so
+    no result changes): beside the slots (:func:`_slot_sums`) triton 3.9's ptxas (CUDA 13) otherwise serialises a
+    wgmma of this loop (C7515: the accumulators' zeros reach the epilogue on a path around it), while without them
+    the plain range compiles 2-5 % shorter on triton 3.6."""
     accs = ()
     row_masks = ()
     x_ptrs = ()
@@ -899,35 +980,52 @@ def _group_sums(
         accs = accs + (tl.zeros((BLOCK_N, rows[j].shape[0]), dtype=tl.float32),)
         row_masks = row_masks + ((rows[j] >= 0)[None, :],)
         x_ptrs = x_ptrs + (x_ptr + (k_start + offs_k)[:, None].to(tl.int64) * stride_xk + rows[j][None, :] * stride_xm,)
-    for k in range(k_start, k_end, BLOCK_K):
-        k_remaining = K - k
-        k_mask = (offs_k < k_remaining)[:, None]
-        w = _load_weight(w_ptrs, n_mask, offs_k, k_remaining)
-        if USE_MASK:
-            ids = _load_ids(ids_ptrs, n_mask, k, offs_k, k_remaining, ID_BITS, USE_ASM)
-            if ID_BITS == 8:
-                ids_ptrs += BLOCK_K * stride_idk
-        step = (k - k_start) * stride_xk
-        new_accs = ()
-        for j in tl.static_range(GROUPS):
-            xt = tl.load(x_ptrs[j] + step, mask=k_mask & row_masks[j], other=0.0)
-            if j == 0:
-                w_task = w
-                if USE_MASK:
-                    w_task = _keep_task(w, ids, k, offs_k, k_remaining, tasks[0], False, ID_BITS)
+    if STEP_ONCE:
+        for step in range(0, tl.maximum(tl.cdiv(k_end - k_start, BLOCK_K), 1)):
+            accs, w_ptrs, ids_ptrs = _group_step(accs, k_start + step * BLOCK_K, w_ptrs, ids_ptrs, x_ptrs, row_masks,
+                                                 tasks, offs_k, n_mask, k_start, K, stride_wk, stride_idk, stride_xk,
+                                                 USE_MASK, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, GROUPS,
+                                                 BLOCK_K)  # fmt: skip
+    else:
+        for k in range(k_start, k_end, BLOCK_K):
+            accs, w_ptrs, ids_ptrs = _group_step(accs, k, w_ptrs, ids_ptrs, x_ptrs, row_masks, tasks, offs_k, n_mask,
+                                                 k_start, K, stride_wk, stride_idk, stride_xk, USE_MASK, UPCAST_BF16,
+                                                 INPUT_PRECISION, ID_BITS, USE_ASM, GROUPS, BLOCK_K)  # fmt: skip
+    return accs
+
+
+@triton.jit
+def _group_step(accs, k, w_ptrs, ids_ptrs, x_ptrs, row_masks, tasks, offs_k, n_mask, k_start, K, stride_wk,
+                stride_idk, stride_xk, USE_MASK: tl.constexpr, UPCAST_BF16: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, ID_BITS: tl.constexpr, USE_ASM: tl.constexpr, GROUPS: tl.constexpr,
+                BLOCK_K: tl.constexpr):  # fmt: skip
+    """One K step of :func:`_group_sums` at column ``k``: ``(accs, w_ptrs, ids_ptrs)`` after it."""
+    k_remaining = K - k
+    k_mask = (offs_k < k_remaining)[:, None]
+    w = _load_weight(w_ptrs, n_mask, offs_k, k_remaining)
+    if USE_MASK:
+        ids = _load_ids(ids_ptrs, n_mask, k, offs_k, k_remaining, ID_BITS, USE_ASM)
+        if ID_BITS == 8:
+            ids_ptrs += BLOCK_K * stride_idk
+    x_step = (k - k_start) * stride_xk
+    new_accs = ()
+    for j in tl.static_range(GROUPS):
+        xt = tl.load(x_ptrs[j] + x_step, mask=k_mask & row_masks[j], other=0.0)
+        if j == 0:
+            w_task = w
+            if USE_MASK:
+                w_task = _keep_task(w, ids, k, offs_k, k_remaining, tasks[0], False, ID_BITS)
+            if UPCAST_BF16:
+                w_task = w_task.to(tl.float32)
+        elif USE_MASK:
+            if tasks[j] != tasks[j - 1]:
+                w_task = _keep_task(w, ids, k, offs_k, k_remaining, tasks[j], False, ID_BITS)
                 if UPCAST_BF16:
                     w_task = w_task.to(tl.float32)
-            elif USE_MASK:
-                if tasks[j] != tasks[j - 1]:
-                    w_task = _keep_task(w, ids, k, offs_k, k_remaining, tasks[j], False, ID_BITS)
-                    if UPCAST_BF16:
-                        w_task = w_task.to(tl.float32)
-            if UPCAST_BF16:
-                xt = xt.to(tl.float32)
-            new_accs = new_accs + (tl.dot(w_task, xt, accs[j], input_precision=INPUT_PRECISION),)
-        accs = new_accs
-        w_ptrs += BLOCK_K * stride_wk
-    return accs
+        if UPCAST_BF16:
+            xt = xt.to(tl.float32)
+        new_accs = new_accs + (tl.dot(w_task, xt, accs[j], input_precision=INPUT_PRECISION),)
+    return new_accs, w_ptrs + BLOCK_K * stride_wk, ids_ptrs
 
 
 @triton.jit
@@ -981,6 +1079,8 @@ def _groups_pass(
     GROUP_ROWS: tl.constexpr,
     ONE_TASK: tl.constexpr,
     TASK: tl.constexpr,
+    SLOT_PASS: tl.constexpr,
+    STEP_ONCE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -990,7 +1090,11 @@ def _groups_pass(
     ``ONE_TASK`` (a batch of one task, ``M <= GROUP_ROWS``): one group of every row, summed by the single-task loop
     (:func:`_task_sums`, contiguous activation rows: the stable sort of one task keeps the input order), or with
     ``TASK`` > 0 (the batch's task, clamped as the single-task kernel clamps it) by the fields layout's loop
-    (:func:`_field_sums`)."""
+    (:func:`_field_sums`).
+
+    ``SLOT_PASS`` (compact ids; every task of the batch in 1..``GROUPS`` and in one group): ``GROUPS`` slots, slot
+    ``s`` task ``s + 1`` with the rows of that task's group (none if the batch does not hold it), summed by
+    :func:`_slot_sums`."""
     if ONE_TASK:
         raw = tl.load(group_tasks_ptr)
         ok = (raw >= 1) & (raw <= max_task)
@@ -1010,12 +1114,28 @@ def _groups_pass(
                              k_end, K, task, 0, stride_wk, stride_idk, stride_xk, USE_MASK, False, False, BLOCK_K,
                              UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
         accs = (acc,)
+    elif SLOT_PASS:
+        group_tasks, group_valid, group_rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count,
+                                                               first_group, max_task, GROUPS, GROUP_ROWS)  # fmt: skip
+        tasks = ()
+        valid = ()
+        rows = ()
+        for s in tl.static_range(GROUPS):
+            # The groups' tasks are distinct: at most one group is slot s's.
+            slot_rows = tl.full((GROUP_ROWS,), -1, tl.int64)
+            for j in tl.static_range(GROUPS):
+                slot_rows = tl.where(group_tasks[j] == s + 1, group_rows[j], slot_rows)
+            slot_task = group_count * 0 + s + 1
+            tasks, valid, rows = tasks + (slot_task,), valid + (slot_task > 0,), rows + (slot_rows,)
+        accs = _slot_sums(w_ptrs, ids_ptrs, x_ptr, rows, offs_k, n_mask, k_start, k_end, K, stride_wk, stride_xm,
+                          stride_xk, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, GROUPS, BLOCK_N,
+                          BLOCK_K)  # fmt: skip
     else:
         tasks, valid, rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task,
                                              GROUPS, GROUP_ROWS)  # fmt: skip
         accs = _group_sums(w_ptrs, ids_ptrs, x_ptr, tasks, rows, offs_k, n_mask, k_start, k_end, K, stride_wk,
                            stride_idk, stride_xm, stride_xk, USE_MASK, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM,
-                           GROUPS, BLOCK_N, BLOCK_K)  # fmt: skip
+                           GROUPS, STEP_ONCE, BLOCK_N, BLOCK_K)  # fmt: skip
     finish = True
     if SPLIT:
         # Partials by input row ([SPLIT_K, M, N] fp32): each row lies in one group, padding slots store nothing.
@@ -1117,6 +1237,7 @@ def _mixed_linear_kernel(
     ONE_ROWS: tl.constexpr,
     ONE_BLOCK_K: tl.constexpr,
     FIELD_TASKS: tl.constexpr,
+    SLOT_TASKS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -1128,7 +1249,8 @@ def _mixed_linear_kernel(
     ``y_ptr`` ``[M, N]``), and the batch's row groups (:func:`_row_groups`): ``group_rows_ptr`` int32 ``[M, 16]``
     the input rows of each group (one task per group, -1 for padding) then the same for groups of 64 rows,
     ``group_tasks_ptr`` int32 ``[groups]`` their tasks in increasing order (16-row groups, then 64-row ones, ``M``
-    entries each), ``group_count_ptr`` int32 ``[2]`` how many groups there are of each. With ``SPLIT``:
+    entries each), ``group_count_ptr`` int32 ``[3]`` how many groups there are of each and how many runs of one
+    task (:func:`_row_groups_kernel`). With ``SPLIT``:
     ``partials_ptr`` fp32 ``[SPLIT_K, M, N]`` and ``counters_ptr`` int32 ``[N / BLOCK_N, max_passes]``, zero on
     entry and left zero.
 
@@ -1140,7 +1262,10 @@ def _mixed_linear_kernel(
     (:func:`_task_sums`): one mask and one dot of all its rows (``ONE_ROWS``, contiguous) per step of
     ``ONE_BLOCK_K`` columns, the single-task small kernel's steps; with ``FIELD_TASKS`` > 0 (compact ids, 16-bit
     operands) the fields layout's loop with the task compiled in (:func:`_field_sums`), one copy of that pass per
-    task 1..``FIELD_TASKS`` (the batch's task clamped to it), the copy of the batch's task running. A batch whose
+    task 1..``FIELD_TASKS`` (the batch's task clamped to it), the copy of the batch's task running. With
+    ``SLOT_TASKS`` > 0 (compact ids) a batch whose tasks lie in 1..``SLOT_TASKS``, each in one group, and are at least
+    :data:`SLOT_SHARE` of them takes the slots (:func:`_slot_sums`: every task's mask compiled in, one dot per task
+    per step, whether the batch holds it or not). A batch whose
     runs of one task fit ``WIDE_GROUPS`` groups of 64 rows (``M`` over 112: :func:`mixed_wide_groups`) takes those
     instead. A batch whose groups fit one pass (the ``FEW_GROUPS`` loop when they fit it; else ``GROUPS``, see
     :func:`mixed_groups`) reads its weight and ids once; more groups (``sum over tasks of ceil(rows / 16)`` above
@@ -1164,7 +1289,13 @@ def _mixed_linear_kernel(
     # Batches whose runs fit WIDE_GROUPS groups of 64 rows take them: a quarter of the dots.
     wide_count = tl.load(group_count_ptr + 1)
     # The groups are sorted by task: one task when the first and last group's are the same.
-    one_task = tl.load(group_tasks_ptr) == tl.load(group_tasks_ptr + group_count - 1)
+    first_task = tl.load(group_tasks_ptr)
+    last_task = tl.load(group_tasks_ptr + group_count - 1)
+    one_task = first_task == last_task
+    # Slots: every task in 1..SLOT_TASKS and in one group (as many groups as runs of one task), and enough of them.
+    runs = tl.load(group_count_ptr + 2)
+    slots_fit = (runs == group_count) & (first_task >= 1) & (last_task <= SLOT_TASKS)
+    slots_fit = slots_fit & (runs * _SLOT_SHARE_DEN >= SLOT_TASKS * _SLOT_SHARE_NUM)
     if ONE_ROWS > 0 and one_task:
         offs_one = tl.arange(0, ONE_BLOCK_K)
         one_w_ptrs, one_ids_ptrs = _operand_ptrs(w_ptr, ids_ptr, offs_n, k_start, stride_wn, stride_wk, stride_idn,
@@ -1180,7 +1311,14 @@ def _mixed_linear_kernel(
                              stride_idk, stride_bias, stride_scale, stride_shift, stride_bias_task, stride_scale_task,
                              stride_shift_task, stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK,
                              SPLIT, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, 1, ONE_ROWS, True,
-                             COPY * (FIELD_TASKS > 0), BLOCK_N, ONE_BLOCK_K)  # fmt: skip
+                             COPY * (FIELD_TASKS > 0), False, False, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
+    elif SLOT_TASKS > 0 and slots_fit:
+        _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
+                     group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_k, offs_n, n_mask, k_start,
+                     k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
+                     stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
+                     stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
+                     ID_BITS, USE_ASM, SLOT_TASKS, 16, False, 0, True, False, BLOCK_N, BLOCK_K)  # fmt: skip
     elif WIDE_GROUPS > 0 and wide_count <= WIDE_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr + M * 16, group_tasks_ptr + M, wide_count, 0, first_counter, offs_k, offs_n,
@@ -1188,14 +1326,16 @@ def _mixed_linear_kernel(
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, USE_ASM, WIDE_GROUPS, 64, False, 0, BLOCK_N, BLOCK_K)  # fmt: skip
+                     ID_BITS, USE_ASM, WIDE_GROUPS, 64, False, 0, False, SLOT_TASKS > 0, BLOCK_N,
+                     BLOCK_K)  # fmt: skip
     elif FEW_GROUPS < GROUPS and group_count <= FEW_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_k, offs_n, n_mask, k_start,
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, USE_ASM, FEW_GROUPS, 16, False, 0, BLOCK_N, BLOCK_K)  # fmt: skip
+                     ID_BITS, USE_ASM, FEW_GROUPS, 16, False, 0, False, SLOT_TASKS > 0, BLOCK_N,
+                     BLOCK_K)  # fmt: skip
     else:
         for first_group in range(0, group_count, GROUPS):
             _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
@@ -1204,7 +1344,8 @@ def _mixed_linear_kernel(
                          max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias, stride_scale,
                          stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym, stride_yn,
                          HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                         ID_BITS, USE_ASM, GROUPS, 16, False, 0, BLOCK_N, BLOCK_K)  # fmt: skip
+                         ID_BITS, USE_ASM, GROUPS, 16, False, 0, False, SLOT_TASKS > 0, BLOCK_N,
+                         BLOCK_K)  # fmt: skip
 
 
 def _configs(regime: str, capability_major: int) -> list[triton.Config]:
@@ -1388,7 +1529,7 @@ def useful_batch_tile(config: triton.Config, m: int) -> bool:
 
 
 def mixed2_config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, groups: int,
-                       few: int, wide: int = 0, one_rows: int = 0, one_block_k: int = 0,
+                       few: int, wide: int = 0, one_rows: int = 0, one_block_k: int = 0, slot_tasks: int = 0, *,
                        ieee: bool = False) -> bool:  # fmt: skip
     """Whether a grouped (v2) config suits ``groups`` unrolled row groups (and loops of ``few`` groups, of ``wide``
     64-row groups and the one-task loop of ``one_rows`` rows and ``one_block_k`` columns beside) for ``dtype``: each
@@ -1416,7 +1557,10 @@ def mixed2_config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_
     # The loops run in branches of one ``if``: Triton reuses one allocation for their buffers (triton 3.6, sm_90: the
     # largest loop's stages and 2 KB), so the bound is the largest loop's stages and 8 KB.
     per_stage = max(tile["BLOCK_N"] * k * (element + 1) + count * k * width * element for count, width, k in loops)
-    return config.num_stages * per_stage + _MIXED2_SHARED_EXTRA <= shared_memory_bytes
+    # The fields loops (the one-task copies, the slots) keep two chunks of 128 columns in flight.
+    chunk = CHUNK_COLUMNS * (tile["BLOCK_N"] * (element + 1) + max(slot_tasks * 16, one_rows) * element)
+    fields = 2 * chunk if slot_tasks else 0
+    return max(config.num_stages * per_stage, fields) + _MIXED2_SHARED_EXTRA <= shared_memory_bytes
 
 
 def _prune_mixed2_configs(configs, named_args, **kwargs):
@@ -1425,7 +1569,7 @@ def _prune_mixed2_configs(configs, named_args, **kwargs):
     limit = device_properties(x.device).shared_memory_per_block_optin
     sizes = [kwargs[name] for name in _MIXED2_SIZES]
     ieee = kwargs["INPUT_PRECISION"] == "ieee"
-    fitting = [config for config in configs if mixed2_config_fits(config, x.dtype, limit, *sizes, ieee)]
+    fitting = [config for config in configs if mixed2_config_fits(config, x.dtype, limit, *sizes, ieee=ieee)]
     return fitting or configs[:1]
 
 
@@ -1562,6 +1706,21 @@ def mixed_field_tasks(
     return min((1 << id_bits) - 1, max_task)
 
 
+def mixed_slot_tasks(
+    id_bits: int, use_mask: bool, element_size: int, split_k: int, k_per_split: int, max_task: int, groups: int
+) -> int:
+    """``SLOT_TASKS`` of a v2 launch: where the fields layout's loop applies (:func:`fields_loop_applies`), one slot
+    per task up to ``2**id_bits - 1`` and ``max_task`` (:func:`_slot_sums`), if at least 2 and at most ``groups``
+    (the registers of the pass's accumulators are those of ``groups`` groups), beside passes of at most
+    :data:`MIXED_SEGMENTS` groups; else 0. Beside 16 groups (batches over 128 rows) the kernel's registers are spent:
+    triton 3.9 spills 112 bytes of stack in the bf16 256-row kernel with 3 slots (sm_90), and a batch that large
+    holds more than 16 rows of some task unless it holds 16 tasks."""
+    if not fields_loop_applies(id_bits, use_mask, element_size, split_k, k_per_split) or groups > MIXED_SEGMENTS:
+        return 0
+    slots = min((1 << id_bits) - 1, max_task)
+    return slots if 2 <= slots <= groups else 0
+
+
 def _mixed_split_plan(rows: int, n: int, k: int, element: int, interpreted: bool, device) -> tuple[int, int]:
     """The v2 split of K: the small single-task regime's (:func:`_split_plan` for one row: a program per weight
     tile and split), with fewer splits on a GPU where the fp32 partials (8 bytes per row and split, written and
@@ -1688,7 +1847,8 @@ def _row_groups(tasks: torch.Tensor, reuse: bool, wrap=None, launch=None):
     each run fills ``ceil(rows / 16)`` groups, in order: ``group_rows`` int32 ``[rows * 16]`` holds each group's
     input rows (-1 past a run's end), ``group_tasks`` int32 ``[rows]`` their tasks (increasing; values clamped to
     -1..256, which keeps invalid tasks invalid); then ``[rows * 64]`` and ``[rows]`` the same for groups of 64
-    rows; ``group_count`` int32 ``[2]`` the two counts. Entries past a count are not written. At most ``rows``
+    rows; ``group_count`` int32 ``[3]`` the two counts and the number of runs (distinct tasks). Entries past a count
+    are not written. At most ``rows``
     groups of each. One launch of :func:`_row_groups_kernel`: ``launch`` (a direct launch of it,
     see :class:`LinearPlan`), else ``wrap(kernel)[grid]`` (``wrap_triton`` in the registered op), else a plain
     launch. When the grouping is the one kept for the forward, so are its groups (one layout per forward)."""
@@ -1700,7 +1860,7 @@ def _row_groups(tasks: torch.Tensor, reuse: bool, wrap=None, launch=None):
     rows = row_tasks.numel()
     group_rows = torch.empty(rows * (16 + 64), dtype=torch.int32, device=row_tasks.device)
     group_tasks = torch.empty(2 * rows, dtype=torch.int32, device=row_tasks.device)
-    group_count = torch.empty(2, dtype=torch.int32, device=row_tasks.device)
+    group_count = torch.empty(3, dtype=torch.int32, device=row_tasks.device)
     args = (row_tasks, row_order, group_rows, group_tasks, group_count, rows)
     if launch is not None:
         stream = torch._C._cuda_getCurrentRawStream(row_tasks.device.index) if row_tasks.is_cuda else 0
@@ -1791,8 +1951,10 @@ class LinearPlan:
         limit = properties.shared_memory_per_block_optin
         if self.grouped:
             configs = _configs("mixed2", properties.major)
-            sizes = [self.flags[name] for name in _MIXED2_SIZES] + [self.flags["INPUT_PRECISION"] == "ieee"]
-            default = next((c for c in configs if mixed2_config_fits(c, self.dtype, limit, *sizes)), configs[0])
+            sizes = [self.flags[name] for name in _MIXED2_SIZES]
+            ieee = self.flags["INPUT_PRECISION"] == "ieee"
+            default = next((c for c in configs if mixed2_config_fits(c, self.dtype, limit, *sizes, ieee=ieee)),
+                           configs[0])  # fmt: skip
         else:
             field_bits = flags["ID_BITS"] if flags["TASK"] else 8
             default = default_config(self.family, properties.major, self.dtype, limit, flags["TILE_MAP"], field_bits)
@@ -1996,6 +2158,9 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
         "ONE_BLOCK_K": one_block_k,
         "FIELD_TASKS": mixed_field_tasks(
             id_bits, one_rows, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors)
+        ),
+        "SLOT_TASKS": mixed_slot_tasks(
+            id_bits, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors), groups
         ),
     }
     plan.family = "mixed2"

@@ -405,6 +405,11 @@ VARIANTS += (
 # 3.9 (benchmarks/NOTES.md, v8 mixed (v2)); these pin the worst of each in the first config that fits.
 MIXED_V2_OTHER = ((128, "fp32", "tf32", 8, 90), (64, "fp32", "ieee", 4, 90), (256, "bf16", "tf32", 2, 90),
                   (256, "fp16", "tf32", 8, 80))  # fmt: skip
+# v2 variants with slots (rows, dtype, input precision, id bits, arch, the layer's tasks, config index): a mix of an
+# 8-task layer on 4-bit ids in the 4-warp tile (the model's fastest for 64 rows over 8 tasks) and in the 64 x 32
+# tile on 8 warps, and of a 3-task layer on 2-bit ids in bf16 at 128 rows (the most rows that take slots).
+MIXED_V2_SLOTS = ((64, "fp16", "tf32", 4, 90, 8, 1), (64, "fp16", "tf32", 4, 90, 8, 0),
+                  (128, "bf16", "tf32", 2, 90, 3, None))  # fmt: skip
 
 
 def _mixed_v2_variants() -> list[dict]:
@@ -418,15 +423,19 @@ def _mixed_v2_variants() -> list[dict]:
     variants = []
     cases = [(16, "fp16", "tf32", 8, 90), (64, "fp16", "tf32", 8, 90), (64, "fp16", "tf32", 4, 90),
              (256, "fp16", "tf32", 8, 90), *MIXED_V2_OTHER]  # fmt: skip
-    for m, dtype, precision, bits, arch in cases:
+    cases = [(*case, 0, None) for case in cases] + list(MIXED_V2_SLOTS)
+    for m, dtype, precision, bits, arch, layer_tasks, config_index in cases:
         element, ieee = DTYPES[dtype].itemsize, precision == "ieee"
         few, groups = linear.mixed_groups(m, element, ieee, arch // 10)
         wide = linear.mixed_wide_groups(m, element, ieee, arch // 10)
         one_rows, one_block_k = linear.mixed_one_task(m, element, ieee, arch // 10, bits)
-        sizes = (groups, few, wide, one_rows, one_block_k)
+        slots = linear.mixed_slot_tasks(bits, True, element, 4, 1024, layer_tasks, groups) if layer_tasks else 0
+        sizes = (groups, few, wide, one_rows, one_block_k, slots)
         limit = SHARED_MEMORY_LIMIT[arch // 10]
         configs = linear._configs("mixed2", arch // 10)
-        config = next(c for c in configs if linear.mixed2_config_fits(c, DTYPES[dtype], limit, *sizes, ieee))
+        fitting = [c for c in configs if linear.mixed2_config_fits(c, DTYPES[dtype], limit, *sizes, ieee=ieee)]
+        config = configs[config_index] if config_index is not None else fitting[0]
+        assert config in fitting
         args = {
             "x_ptr": POINTER[dtype],
             "w_ptr": POINTER[dtype],
@@ -457,9 +466,13 @@ def _mixed_v2_variants() -> list[dict]:
         constexprs = dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SHIFT=True, RELU=True, USE_MASK=True, SPLIT=True,
                           UPCAST_BF16=False, INPUT_PRECISION=precision, ID_BITS=bits, USE_ASM=True, GROUPS=groups,
                           FEW_GROUPS=few, WIDE_GROUPS=wide, ONE_ROWS=one_rows, ONE_BLOCK_K=one_block_k,
-                          FIELD_TASKS=linear.mixed_field_tasks(bits, one_rows, True, element, 4, 1024, 255),
-                          **config.kwargs)  # fmt: skip
+                          FIELD_TASKS=linear.mixed_field_tasks(bits, one_rows, True, element, 4, 1024,
+                                                               layer_tasks or 255),
+                          SLOT_TASKS=slots, **config.kwargs)  # fmt: skip
         suffix = ("" if precision == "tf32" else f"-{precision}") + (f"-ids{bits}" if bits < 8 else "")
+        loop_count = 1 + (few < groups) + (wide > 0) + (one_rows > 0) * max(constexprs["FIELD_TASKS"], 1) + (slots > 0)
+        if slots:
+            suffix += f"-slots{slots}-{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}-w{config.num_warps}"
         variants.append(
             dict(
                 name=f"linear-mixed2-m{m}-{dtype}-sm{arch}-groups{few}-{groups}" + suffix,
@@ -475,7 +488,7 @@ def _mixed_v2_variants() -> list[dict]:
                 # 16 activation rows by 32 K per group on 256 threads: 2 fp16 (4 bytes) per thread and load, from L2.
                 wide_loads=False,
                 gemm=True,
-                loops=1 + (few < groups) + (wide > 0) + (one_rows > 0) * max(constexprs["FIELD_TASKS"], 1),
+                loops=loop_count,
             )
         )
     single = next(v for v in VARIANTS if v["name"].startswith("linear-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K64"))
@@ -565,9 +578,9 @@ def _pruned(variant: dict) -> bool:
     """Whether the launcher drops this config for this dtype on this target before trying it."""
     dtype, major = DTYPES[variant["dtype"]], variant["arch"] // 10
     if variant["kernel"] == "_mixed_linear_kernel":
-        names = ("GROUPS", "FEW_GROUPS", "WIDE_GROUPS", "ONE_ROWS", "ONE_BLOCK_K")
-        sizes = [variant["constexprs"][name] for name in names] + [variant["constexprs"]["INPUT_PRECISION"] == "ieee"]
-        return not linear.mixed2_config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], *sizes)
+        sizes = [variant["constexprs"][name] for name in linear._MIXED2_SIZES]
+        ieee = variant["constexprs"]["INPUT_PRECISION"] == "ieee"
+        return not linear.mixed2_config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], *sizes, ieee=ieee)
     if variant["module"] == "linear":
         tile_map = variant["constexprs"]["TILE_MAP"]
         mixed = variant["constexprs"]["MIXED"]
@@ -578,9 +591,13 @@ def _pruned(variant: dict) -> bool:
     return not conv2d.config_fits(variant["config"], dtype, SHARED_MEMORY_LIMIT[major], taps_outer, mixed)
 
 
-# Stack frames an older Triton gives a config that the pinned one compiles without (no local memory either way):
-# triton 3.6, the GPU machines' version, spills 8 bytes in the fp32 2-warp tile of a 7x7 stem conv; 3.9 does not.
-KNOWN_STACK_BYTES = {("3.6", "conv7x7s2-fp32-sm90-BLOCK_M32-BLOCK_N32-BLOCK_K32-w2-s4"): 8}
+# Stack frames one Triton version gives a config that the other compiles without (no local memory either way):
+# triton 3.6, the GPU machines' version, spills 8 bytes in the fp32 2-warp tile of a 7x7 stem conv (3.9 does not);
+# 3.9 gives the 4-warp grouped kernel with 8 slots a 16-byte frame at 255 registers (3.6: 233 registers, none).
+KNOWN_STACK_BYTES = {
+    ("3.6", "conv7x7s2-fp32-sm90-BLOCK_M32-BLOCK_N32-BLOCK_K32-w2-s4"): 8,
+    ("3.9", "linear-mixed2-m64-fp16-sm90-groups4-8-ids4-slots8-64x32-w4"): 16,
+}
 
 
 def _triton_minor() -> str:
@@ -677,15 +694,18 @@ def test_every_path_has_a_config_that_fits(arch, dtype):
         default = conv2d.default_config(kernel, DTYPES[dtype], limit, taps_outer, mixed)
         assert conv2d.config_fits(default, DTYPES[dtype], limit, taps_outer, mixed)
     # The grouped mixed kernel (v2) at every batch it takes: its loops for that batch (groups, few, 64-row groups,
-    # the one-task loop) fit at least one config, which the untuned launch and the pruning then take.
+    # the one-task loop, the slots) fit at least one config, which the untuned launch and the pruning then take.
     element = DTYPES[dtype].itemsize
     rows_and_kinds = itertools.product(range(1, linear.MIXED_V2_MAX_ROWS + 1), (False, element == 4), (8, 4))
     for rows, ieee, bits in rows_and_kinds:
         few, groups = linear.mixed_groups(rows, element, ieee, major)
         wide = linear.mixed_wide_groups(rows, element, ieee, major)
-        sizes = (groups, few, wide, *linear.mixed_one_task(rows, element, ieee, major, bits))
+        # Slots: as many as the pass holds groups (a layer of that many tasks: the most accumulators and tiles).
+        slots = linear.mixed_slot_tasks(bits, True, element, 1, 0, groups, groups)
+        sizes = (groups, few, wide, *linear.mixed_one_task(rows, element, ieee, major, bits), slots)
         configs = linear._configs("mixed2", major)
-        assert any(linear.mixed2_config_fits(c, DTYPES[dtype], limit, *sizes, ieee) for c in configs), (rows, sizes)
+        fits = [linear.mixed2_config_fits(c, DTYPES[dtype], limit, *sizes, ieee=ieee) for c in configs]
+        assert any(fits), (rows, sizes)
 
 
 # --------------------------------------------------------------------------------------------------------------- #
@@ -852,6 +872,11 @@ def test_a_mixed_conv_tile_runs_the_single_task_loop(compiled):
 MIXED_V2_PREFIX = "linear-mixed2-"
 
 
+# The slots' loop per 32 columns against the groups' loop of as many groups (sm_90 fp16, 4-bit ids, 8 slots; triton
+# 3.6: 331 against 571 on 4 warps, 391 against 446 in the 64 x 32 tile on 8 warps, 325 against 580 in 128 x 32).
+SLOT_LOOP_SHARE = 0.9
+
+
 def mixed_v2_loops(compiled: dict) -> dict[str, list[dict]]:
     """Per v2 variant: each main loop's groups, SASS instructions per K step by kind, and the same per group; the
     single-task loop (same tiles and ids) beside it; registers, spills and C7515 notes."""
@@ -860,7 +885,7 @@ def mixed_v2_loops(compiled: dict) -> dict[str, list[dict]]:
         name = variant["name"]
         if not name.startswith(MIXED_V2_PREFIX + "m") or "-fp16-sm90-" not in name:
             continue
-        ids4 = name.endswith("-ids4")
+        ids4 = "-ids4" in name
         reference = compiled["linear-single-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K32-w8-s4"
                              + ("-ids4" if ids4 else "")]  # fmt: skip
         summary, constexprs = compiled[name], variant["constexprs"]
@@ -870,10 +895,17 @@ def mixed_v2_loops(compiled: dict) -> dict[str, list[dict]]:
         one_rows, one_block_k = constexprs["ONE_ROWS"], constexprs["ONE_BLOCK_K"]
         # On compact ids the one-task loop is the fields layout's, a chunk of 128 columns per iteration, in one copy
         # per task (FIELD_TASKS).
-        copies = constexprs["FIELD_TASKS"]
+        copies, slots = constexprs["FIELD_TASKS"], constexprs["SLOT_TASKS"]
         kinds = [(1, one_rows, 128 if copies else one_block_k, "fields" if copies else True)]
         kinds = kinds * (bool(one_rows) * max(copies, 1)) + [(wide, 64, 32, False)] * bool(wide)
         kinds += [(few, 16, 32, False)] * (few < full) + [(full, 16, 32, False)]
+        loops = list(summary["loops"])
+        if slots:
+            # The slots' loop (every slot's dot for a chunk of 128 columns: the most wgmma) wherever the compiler put
+            # it (triton 3.6 after the one-task copies, 3.9 after the groups' loops).
+            slot_loop = max(loops, key=lambda loop: loop["kinds"]["tensor"])
+            loops.remove(slot_loop)
+            kinds, loops = kinds + [(slots, 16, 128, "slots")], loops + [slot_loop]
         single = reference["loops"][0]
         report[name] = [
             {
@@ -891,7 +923,7 @@ def mixed_v2_loops(compiled: dict) -> dict[str, list[dict]]:
                 "local": summary["local"],
                 "serialized": summary.get("serialized_wgmma", 0),
             }
-            for (count, rows, block_k, one_task), loop in zip(kinds, summary["loops"], strict=True)
+            for (count, rows, block_k, one_task), loop in zip(kinds, loops, strict=True)
         ]
     return report
 
@@ -914,14 +946,24 @@ def test_mixed_v2_loop_against_the_single_task_loop(compiled):
             single = loop["single_task_kinds"]
             assert loop["local"] == 0, f"{name}: spills"
             steps = loop["k_steps"]
-            if loop["one_task"] == "fields":
+            if loop["one_task"] in ("fields", "slots"):
                 # The fields loop (a chunk per iteration): in the 64 x 32 tile on 8 warps Triton splits the two
                 # warpgroups along the rows, each needing the masked register operand: 12 wgmma per chunk where 8
                 # do the rows' work (8 in the other configs).
                 assert loop["groups"] * steps * single["tensor"] <= loop["kinds"]["tensor"], f"{name}: {loop}"
-                assert loop["kinds"]["tensor"] <= 1.5 * loop["groups"] * steps * single["tensor"], f"{name}: {loop}"
+                # The slots' 64 x 32 tile on 8 warps: 14 wgmma per slot and chunk where 8 do the rows' work.
+                spare = 1.75 if loop["one_task"] == "slots" else 1.5
+                assert loop["kinds"]["tensor"] <= spare * loop["groups"] * steps * single["tensor"], f"{name}: {loop}"
             else:
                 assert loop["kinds"]["tensor"] == loop["groups"] * steps * single["tensor"], f"{name}: {loop}"
+            if loop["one_task"] == "slots":
+                # Every slot's mask compiled in: the masked tiles stay in wgmma's registers (but in the 64 x 32 tile
+                # on 8 warps, as in the fields loop), at well under the groups loop's instructions per step.
+                groups_loop = next(other for other in loops if other["groups"] == loop["groups"]
+                                   and not other["one_task"])  # fmt: skip
+                assert loop["kinds"].get("shared_store", 0) == 0 or "-64x32-w8" in name, f"{name}: {loop}"
+                assert loop["instructions"] / steps <= SLOT_LOOP_SHARE * groups_loop["instructions"], f"{name}: {loop}"
+                continue
             if loop["one_task"]:
                 # The one-task loop: loads one weight, id and activation tile per step.
                 assert loop["instructions"] <= steps * loop["single_task"], f"{name}: {loop}"

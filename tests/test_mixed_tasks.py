@@ -723,6 +723,81 @@ def test_v2_reads_each_weight_once_per_pass_and_dots_cover_their_group(counts, p
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize(
+    ("id_bits", "num_tasks", "counts", "slots"),
+    [
+        (2, 3, {1: 5, 2: 9, 3: 16}, True),  # every task of a 3-task layer: 3 slots
+        (4, 8, {1: 3, 2: 11, 3: 16, 5: 1, 6: 7, 8: 13}, True),  # 6 of 8 tasks, 4-bit ids: 8 slots, 2 of them empty
+        (4, 8, {1: 4, 8: 16, 7: 9, 2: 16}, True),  # 4 of 8: the least share that takes the slots
+        (4, 8, {2: 12, 7: 9, 8: 3}, False),  # 3 of 8: the groups, one mask per distinct task
+        (4, 8, {1: 8, 3: 17, 4: 2, 6: 5}, False),  # a task of 17 rows fills 2 groups: the groups
+    ],
+    ids=["2bit-3of3", "4bit-6of8", "4bit-4of8", "4bit-3of8", "4bit-17rows"],
+)
+def test_v2_slots_run_every_task_of_the_layer_with_its_task_compiled_in(id_bits, num_tasks, counts, slots,
+                                                                         monkeypatch):  # fmt: skip
+    """On compact ids a batch whose distinct tasks each fill one group and are at least half of the layer's tasks
+    takes the slots (``SLOT_TASKS``, one per task of the layer, its mask compiled in): under the interpreter (fp16,
+    200 input features in two splits, a chunk and a partial one) each K step runs one dot per slot whose activation
+    columns are exactly its task's rows (none for a task the batch does not hold); every weight and id byte is
+    loaded once; every row is bit for bit the per-task single-task kernel run of its task (the same tiles and
+    summation order). Other batches take the groups. On a GPU (the same batches, autotuned tiles) every row is
+    within fp16's tolerance of the per-task runs; everywhere within it of the reference."""
+    from packnet_kernels import linear
+
+    monkeypatch.setattr(linear, "_PLANS", {})
+    tasks = torch.cat([torch.full((rows,), task) for task, rows in counts.items()])
+    m = tasks.numel()
+    x, weight, task_ids, tables, generator = _v2_layer(m, 33, 200, num_tasks, torch.float16, seed=m + id_bits)
+    x = x + 4.0 * x.sign()  # no zero activation: a dot's nonzero columns are exactly its rows
+    tasks = tasks[torch.randperm(m, generator=generator)].to(DEVICE)
+    x, weight, task_ids, tables = _on_device(x, weight, task_ids, tables)
+    ids = _id_operand(task_ids, id_bits)
+    plan_args = (x, weight, ids.words, tables[0], tables[1], tables[2], True, True, None, False, tasks, id_bits)
+    slot_tasks = linear.linear_plan(*plan_args).flags["SLOT_TASKS"]
+    assert slot_tasks == min(num_tasks, (1 << id_bits) - 1)
+    kwargs = dict(scale=tables[1], shift=tables[2], relu=True, backend="triton")
+    if DEVICE == "cpu":
+        split_k, k_per_split = linear._mixed_split_plan(m, 33, 200, 2, True, None)
+        assert (split_k, k_per_split) == (2, 128)
+        loads, dots = _v2_counts(monkeypatch, {"weight": weight, "ids": ids.words})
+    got = masked_linear(x, weight, ids, tasks, tables[0], **kwargs)
+    if DEVICE == "cpu":
+        monkeypatch.undo()  # the counts are the mixed call's
+    per_task = _per_task(x, weight, ids, tasks, tables, relu=True, backend="triton")
+    double = [table.double() for table in tables]
+    expected = masked_linear_ref(x.double(), weight.double(), task_ids, tasks, double[0], scale=double[1],
+                                 shift=double[2], relu=True)  # fmt: skip
+    torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float16))
+    if DEVICE != "cpu":
+        torch.testing.assert_close(got, per_task, **_tolerance(torch.float16))
+        return
+    assert torch.equal(got, per_task)
+    assert {int(v) for v in loads["weight"]} == {1}
+    # Per program (2 weight tiles of 32 rows, 2 splits): whole chunks of 128 columns in steps of 32.
+    block = linear._INTERPRETER_V2_CONFIG
+    chunks = sum(-(-(min(200, start + k_per_split) - start) // 128) for start in range(0, 200, k_per_split))
+    steps = -(-33 // block["BLOCK_N"]) * chunks * 128 // block["BLOCK_K"]
+    covered = [int((dot != 0).any(axis=0).sum()) for dot in dots]
+    if slots:
+        # Slot s's columns are task s + 1's rows.
+        per_step = slot_tasks
+        expected_columns = [counts.get(task, 0) for task in range(1, slot_tasks + 1)]
+    else:
+        # The groups: 16 rows of one task each, in increasing task order, then empty groups up to the loop's count.
+        few, groups = linear.mixed_groups(m, 2)
+        group_rows = [min(16, rows - first) for task, rows in sorted(counts.items()) for first in range(0, rows, 16)]
+        per_step = few if len(group_rows) <= few else groups
+        expected_columns = group_rows + [0] * (per_step - len(group_rows))
+        steps = -(-33 // block["BLOCK_N"]) * sum(-(-(min(200, start + k_per_split) - start) // block["BLOCK_K"])
+                                                 for start in range(0, 200, k_per_split))  # fmt: skip
+    # Every step covers those columns, but the steps past K (the last split ends mid-chunk) none.
+    in_steps = [covered[step * per_step : (step + 1) * per_step] for step in range(steps)]
+    assert len(dots) == steps * per_step
+    assert all(step in (expected_columns, [0] * per_step) for step in in_steps) and expected_columns in in_steps
+
+
+@pytest.mark.interpreter
 def test_v2_row_groups_are_built_once_per_forward(monkeypatch):
     """A packed model's layers share the row groups of the forward's task tensor, as they share its sort."""
     from packnet_kernels import linear
@@ -752,7 +827,7 @@ def test_v2_row_groups_are_built_once_per_forward(monkeypatch):
 def test_v2_row_groups_layout(m, dtype):
     """The device layouts of a batch's rows: each run of one task in groups of 16 rows, and of 64 (its input rows in
     sorted order, -1 after the run's last row), the groups' tasks in increasing order (clamped to -1..256), and
-    their counts; task tensors of any integer dtype (uint8: no negative values)."""
+    their counts, and the number of runs; task tensors of any integer dtype (uint8: no negative values)."""
     from packnet_kernels import linear
 
     generator = torch.Generator().manual_seed(m)
@@ -760,7 +835,8 @@ def test_v2_row_groups_layout(m, dtype):
     tasks = torch.tensor(values)[torch.randint(0, len(values), (m,), generator=generator)].to(dtype)
     group_rows, group_tasks, counts = (t.cpu() for t in linear._row_groups(tasks.to(DEVICE), reuse=False))
     order = torch.sort(tasks, stable=True).indices
-    layouts = zip((16, 64), group_rows.split([m * 16, m * 64]), group_tasks.split([m, m]), counts, strict=True)
+    assert int(counts[2]) == len(set(tasks.tolist()))  # runs of one task: the distinct tasks
+    layouts = zip((16, 64), group_rows.split([m * 16, m * 64]), group_tasks.split([m, m]), counts[:2], strict=True)
     for width, rows_of, tasks_of, count in layouts:
         expected_rows, expected_tasks, position = [], [], 0
         for task in sorted(set(tasks.tolist())):
