@@ -10,7 +10,10 @@ shuffled) is served by:
 - ``mixed``: ``masked_linear(x, W, ids, row_tasks)``, one launch whatever the mix;
 - ``one_task``: the same B rows all of the latest task, one launch (what a mixed batch should cost about as much as);
 - ``split_by_task``: one packed call per task present on its rows, scattered back (what a server does today);
-- ``dense_masking_by_task``: the same split with ``F.linear(x_t, W * mask_t)``, masks precomputed.
+- ``dense_masking_by_task``: the same split with ``F.linear(x_t, W * mask_t)``, masks precomputed;
+- at B = 8 and 64, ``mixed_ids4`` and ``one_task_ids4``: ``mixed`` and ``one_task`` on the 4-bit compact ids a
+  packed layer of 8 tasks keeps on a GPU (``compact_task_ids``; the fields loop, and for mixes of many tasks the
+  slots, each task's mask compiled in).
 
 Each output is checked against the float64 reference first. On a GPU, times are CUDA-graph replays (pure GPU time)
 and single eager calls between CUDA events; on the CPU only the checks and event times of the reference path run (not
@@ -36,7 +39,7 @@ import headline  # noqa: E402
 import timing  # noqa: E402
 
 from packnet.pruning import magnitude_task_ids  # noqa: E402
-from packnet_kernels import masked_linear, task_mask  # noqa: E402
+from packnet_kernels import compact_task_ids, masked_linear, task_mask  # noqa: E402
 from packnet_kernels.reference import masked_linear_ref  # noqa: E402
 
 NUM_TASKS = 8
@@ -47,6 +50,9 @@ TASK_COUNTS = (1, 2, 4, 8)
 LAYER = (11008, 4096)
 QUICK_LAYER = (96, 80)
 QUICK_BATCHES = (8, 13)
+# Batches that also run on 4-bit compact ids (each compiles the grouped kernel with its per-task loops).
+COMPACT_BATCHES = (8, 13, 64)
+COMPACT_BITS = 4
 
 
 def row_tasks_for(batch: int, task_count: int, seed: int) -> torch.Tensor:
@@ -56,8 +62,9 @@ def row_tasks_for(batch: int, task_count: int, seed: int) -> torch.Tensor:
     return tasks[torch.randperm(batch, generator=torch.Generator().manual_seed(seed))]
 
 
-def build_methods(x, weight, task_ids, row_tasks) -> dict:
-    """``{method: fn(i)}`` for one batch; the per-task row indices and masks are prepared outside the timed calls."""
+def build_methods(x, weight, task_ids, row_tasks, compact=None) -> dict:
+    """``{method: fn(i)}`` for one batch; the per-task row indices and masks are prepared outside the timed calls.
+    ``compact``: the ids in their compact layout, for the ``_ids4`` methods."""
     device = x[0].device
     present = torch.unique(row_tasks).tolist()
     rows_of = {task: (row_tasks == task).nonzero().squeeze(1).to(device) for task in present}
@@ -72,17 +79,21 @@ def build_methods(x, weight, task_ids, row_tasks) -> dict:
             out[rows] = linear(inputs[rows], task)
         return out
 
-    return {
+    methods = {
         "mixed": lambda i: masked_linear(x[i % rotations], weight, task_ids, device_tasks),
         "one_task": lambda i: masked_linear(x[i % rotations], weight, task_ids, NUM_TASKS),
         "split_by_task": lambda i: split(i, lambda rows, task: masked_linear(rows, weight, task_ids, task)),
         "dense_masking_by_task": lambda i: split(i, lambda rows, task: F.linear(rows, weight * masks[task])),
     }
+    if compact is not None:
+        methods["mixed_ids4"] = lambda i: masked_linear(x[i % rotations], weight, compact, device_tasks)
+        methods["one_task_ids4"] = lambda i: masked_linear(x[i % rotations], weight, compact, NUM_TASKS)
+    return methods
 
 
-def run_case(weight, task_ids, batch, task_count, device, rotations, warm: bool = False) -> list[dict]:
+def run_case(weight, task_ids, batch, task_count, device, rotations, warm: bool = False, compact=None) -> list[dict]:
     """One (batch, task count): each method checked against the float64 reference, then timed; with ``warm`` each
-    method only runs once (compiling its kernels) and no row is returned."""
+    method only runs once (compiling its kernels) and no row is returned. ``compact``: see :func:`build_methods`."""
     generator = torch.Generator(device=device).manual_seed(batch * 100 + task_count)
     x = [
         torch.randn(batch, weight.shape[1], generator=generator, device=device).to(weight.dtype)
@@ -90,15 +101,15 @@ def run_case(weight, task_ids, batch, task_count, device, rotations, warm: bool 
     ]
     row_tasks = row_tasks_for(batch, task_count, seed=batch + task_count)
     if warm:
-        timing.call_each_once(build_methods(x, weight, task_ids, row_tasks), device)
+        timing.call_each_once(build_methods(x, weight, task_ids, row_tasks, compact), device)
         return []
     expected = masked_linear_ref(x[0].double(), weight.double(), task_ids, row_tasks.to(device))
     one_task_expected = masked_linear_ref(x[0].double(), weight.double(), task_ids, NUM_TASKS)
     rows = []
-    for method, fn in build_methods(x, weight, task_ids, row_tasks).items():
+    for method, fn in build_methods(x, weight, task_ids, row_tasks, compact).items():
         row = {"batch": batch, "tasks": task_count, "method": method}
         try:
-            reference = one_task_expected if method == "one_task" else expected
+            reference = one_task_expected if method.startswith("one_task") else expected
             row["error"] = timing.normwise_error(fn(0), reference)
             row["ok"] = bool(row["error"] <= headline.MAX_ERROR[weight.dtype])
             row.update(timing.latency_row(fn, device, rotations))
@@ -109,19 +120,22 @@ def run_case(weight, task_ids, batch, task_count, device, rotations, warm: bool 
 
 
 def targets(results: list[dict]) -> list[tuple[str, float | None, bool | None]]:
-    """The issue's targets at B = 64, k = 8 (graph times): ``(target, ratio, met)``."""
+    """The issue's targets at B = 64, k = 8 (graph times): ``(target, ratio, met)``, on uint8 ids and on 4-bit
+    compact ids (each against one task on the same ids; splitting by task runs uint8 ids)."""
     by = {(r["batch"], r["tasks"], r["method"]): r.get("graph_ms") for r in results}
-    mixed, one, split = (by.get((64, 8, method)) for method in ("mixed", "one_task", "split_by_task"))
-    cost = None if not mixed or not one else mixed / one
-    speedup = None if not mixed or not split else split / mixed
-    return [
-        ("64 rows over 8 tasks within 1.3x of 64 rows of one task", cost, None if cost is None else cost <= 1.3),
-        (
-            "64 rows over 8 tasks >= 4x faster than splitting by task",
-            speedup,
-            None if speedup is None else speedup >= 4,
-        ),
-    ]
+    split = by.get((64, 8, "split_by_task"))
+    rows = []
+    for suffix, ids in (("", "uint8 ids"), ("_ids4", "4-bit ids")):
+        mixed, one = by.get((64, 8, "mixed" + suffix)), by.get((64, 8, "one_task" + suffix))
+        cost = None if not mixed or not one else mixed / one
+        speedup = None if not mixed or not split else split / mixed
+        rows += [
+            (f"64 rows over 8 tasks within 1.3x of 64 rows of one task ({ids})", cost,
+             None if cost is None else cost <= 1.3),
+            (f"64 rows over 8 tasks >= 4x faster than splitting by task ({ids})", speedup,
+             None if speedup is None else speedup >= 4),
+        ]  # fmt: skip
+    return rows
 
 
 def markdown(data: dict) -> str:
@@ -138,8 +152,9 @@ def markdown(data: dict) -> str:
         )  # fmt: skip
         + " `vs split` is splitting by task's time over the mixed launch's.",
         "",
-        "| batch | tasks | mixed | one task | split by task | dense masking by task | vs split | spread |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | tasks | mixed | one task | mixed, 4-bit ids | one task, 4-bit ids | split by task "
+        "| dense masking by task | vs split | spread |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     cases: dict = {}
     for row in data["results"]:
@@ -155,7 +170,8 @@ def markdown(data: dict) -> str:
         spread = methods.get("mixed", {}).get("graph_spread" if key == "graph_ms" else "event_spread")
         failed = [m for m, row in methods.items() if not row.get("ok")]
         lines.append(
-            f"| {batch} | {count} | {us('mixed')} | {us('one_task')} | {us('split_by_task')} "
+            f"| {batch} | {count} | {us('mixed')} | {us('one_task')} | {us('mixed_ids4')} | {us('one_task_ids4')} "
+            f"| {us('split_by_task')} "
             f"| {us('dense_masking_by_task')} | {ratio} | {'-' if spread is None else f'{100 * spread:.0f} %'}"
             + (f" FAILED: {', '.join(failed)}" if failed else "")
             + " |"
@@ -177,13 +193,22 @@ def model_check(data: dict) -> list[str]:
     predicted = {
         (case["batch"], case["tasks"]): case["v2_predicted_us"] for case in json.loads(path.read_text())["cases"]
     }
-    lines = ["", "| batch | tasks | mixed measured | v2 predicted | error |", "|---:|---:|---:|---:|---:|"]
+    predicted_ids4 = {
+        (case["batch"], case["tasks"]): case.get("v2_ids4_predicted_us")
+        for case in json.loads(path.read_text())["cases"]
+    }
+    header = "| batch | tasks | ids | mixed measured | v2 predicted | error |"
+    lines = ["", header, "|---:|---:|---|---:|---:|---:|"]
     for row in data["results"]:
-        value, model = row.get("graph_ms"), predicted.get((row["batch"], row["tasks"]))
-        if row["method"] != "mixed" or not value or model is None:
+        models = {"mixed": (predicted, "uint8"), "mixed_ids4": (predicted_ids4, "4-bit")}
+        if row["method"] not in models:
+            continue
+        table, ids = models[row["method"]]
+        value, model = row.get("graph_ms"), table.get((row["batch"], row["tasks"]))
+        if not value or model is None:
             continue
         measured, error = value * 1e3, 100 * (model / (value * 1e3) - 1)
-        lines.append(f"| {row['batch']} | {row['tasks']} | {measured:.1f} | {model:.1f} | {error:+.0f} % |")
+        lines.append(f"| {row['batch']} | {row['tasks']} | {ids} | {measured:.1f} | {model:.1f} | {error:+.0f} % |")
     return lines if len(lines) > 3 else []
 
 
@@ -216,17 +241,19 @@ def main(argv=None) -> int:
     base = torch.randn(out_features, in_features, generator=generator) / math.sqrt(in_features)
     task_ids = magnitude_task_ids(base, NUM_TASKS, EQUAL_SHARES).to(device)
     weight = base.to(device=device, dtype=dtype)
+    compact = compact_task_ids(task_ids, NUM_TASKS, COMPACT_BITS)
     # The weight (90 MB in fp16, 135 MB with ids) already spans L2; the inputs rotate.
     rotations = timing.MAX_ROTATIONS[device]
     for batch in QUICK_BATCHES if quick else BATCHES:
         for task_count in TASK_COUNTS:
+            ids4 = compact if batch in COMPACT_BATCHES else None
             if args.warm:
-                run_case(weight, task_ids, batch, task_count, device, rotations, warm=True)
+                run_case(weight, task_ids, batch, task_count, device, rotations, warm=True, compact=ids4)
                 continue
             if time.perf_counter() - started > args.budget_s:
                 result["skipped"].append([batch, task_count])
                 continue
-            rows = run_case(weight, task_ids, batch, task_count, device, rotations)
+            rows = run_case(weight, task_ids, batch, task_count, device, rotations, compact=ids4)
             result["results"].extend(rows)
             timing.write_json(path, result)
             key = "graph_ms" if device == "cuda" else "event_ms"

@@ -142,6 +142,10 @@ def model_specs(kernel: str) -> list[dict]:
                     # A batch of one task on compact ids: the fields loop, one copy per task of the model's layer.
                     flags["FIELD_TASKS"] = linear.mixed_field_tasks(id_bits, one_rows, use_mask, 2, split_k,
                                                                     k_per_split, MODEL_TASKS)  # fmt: skip
+                if hasattr(linear, "mixed_slot_tasks"):
+                    # Mixes of many tasks on compact ids: one slot per task of the model's layer, masks compiled in.
+                    flags["SLOT_TASKS"] = linear.mixed_slot_tasks(id_bits, use_mask, 2, split_k, k_per_split,
+                                                                  MODEL_TASKS, groups)  # fmt: skip
                 compact = {}
                 if id_bits < 8 and hasattr(linear, "_field_configs"):
                     # The fields layout: int32 words read as bytes, the weight as it is.
@@ -178,6 +182,7 @@ def _model_spec(jit, name: str, args: dict, flags: dict, config: dict, batch: in
         "groups": (flags.get("FEW_GROUPS"), flags.get("GROUPS"), flags.get("WIDE_GROUPS")),
         "one_task": (flags.get("ONE_ROWS", 0), flags.get("ONE_BLOCK_K", 0)),
         "field_tasks": flags.get("FIELD_TASKS", 0),
+        "slot_tasks": flags.get("SLOT_TASKS", 0),
     }
 
 
@@ -294,6 +299,17 @@ def v2_groups(tasks: list[int], width: int = 16) -> list[int]:
     return groups
 
 
+def slots_apply(tasks: list[int], slots: int) -> bool:
+    """Whether a v2 batch takes the slots (the kernel's test, ``_mixed_linear_kernel``): every task in 1..``slots``
+    and in one group of 16 rows, and at least ``SLOT_SHARE`` of the slots held."""
+    from packnet_kernels import linear
+
+    distinct = sorted(set(tasks))
+    numerator, denominator = linear.SLOT_SHARE
+    one_group = all(tasks.count(task) <= 16 for task in distinct)
+    return one_group and 1 <= distinct[0] and distinct[-1] <= slots and len(distinct) * denominator >= slots * numerator
+
+
 def v2_launch(features: dict, batch: int, count: int, id_bits: int = 8) -> list[dict]:
     """The v2 launch of one case, one :func:`costmodel.resource_times` row per config that fits. With compact ids
     (``id_bits`` 4) a mask costs what the compact loop adds to the uint8 loop without predicate."""
@@ -316,8 +332,9 @@ def v2_launch(features: dict, batch: int, count: int, id_bits: int = 8) -> list[
         # copy per task, a chunk of 128 columns per step), 64-row groups, few, all.
         copies = masked.get("field_tasks", 0) if one_rows else 0
         one_names = [f"one{task}" for task in range(1, copies + 1)] if copies else ["one"] * bool(one_rows)
+        slots = masked.get("slot_tasks", 0)
         names = ["wide"] * bool(wide) + ["few"] * (few < full) + ["full"]
-        loops = dict(zip(one_names + names, masked["loops"], strict=True))
+        loops = dict(zip(one_names + ["slots"] * bool(slots) + names, masked["loops"], strict=True))
         bare_loops = dict(zip(["one"] * bool(plain["one_task"][0]) + names, plain["loops"], strict=True))
         counts = {"wide": wide, "few": few, "full": full}
         width = 16
@@ -330,6 +347,13 @@ def v2_launch(features: dict, batch: int, count: int, id_bits: int = 8) -> list[
             flops = 2 * config["BLOCK_N"] * one_rows * step
             instructions = loop["instructions"]
             rows.append(_launch_row(masked, config, programs, step, instructions, flops, batch, 1, id_bits, groups=1))
+            continue
+        if slots and slots_apply(tasks, slots):
+            # Slots: every task of the layer's mask and dot per step, compiled in (a chunk of 128 columns per step).
+            flops = slots * 2 * config["BLOCK_N"] * 16 * 128
+            instructions = loops["slots"]["instructions"]
+            rows.append(_launch_row(masked, config, programs, 128, instructions, flops, batch, 1, id_bits,
+                                    groups=len(groups)))  # fmt: skip
             continue
         if wide and len(v2_groups(tasks, 64)) <= wide:
             unrolled, passes, width = wide, [v2_groups(tasks, 64)], 64

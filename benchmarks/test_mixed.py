@@ -20,9 +20,11 @@ def test_row_tasks_deal_the_latest_tasks_evenly():
 def test_quick_run_checks_every_method(tmp_path):
     assert mixed.main(["--out", str(tmp_path), "--quick"]) == 0
     data = json.loads((tmp_path / "mixed.json").read_text())
-    methods = {"mixed", "one_task", "split_by_task", "dense_masking_by_task"}
+    methods = {"mixed", "one_task", "split_by_task", "dense_masking_by_task", "mixed_ids4", "one_task_ids4"}
     assert {row["method"] for row in data["results"]} == methods
-    assert len(data["results"]) == len(methods) * len(mixed.QUICK_BATCHES) * len(mixed.TASK_COUNTS)
+    compact = sum(batch in mixed.COMPACT_BATCHES for batch in mixed.QUICK_BATCHES)
+    cases = len(mixed.QUICK_BATCHES) * len(mixed.TASK_COUNTS)
+    assert len(data["results"]) == 4 * cases + 2 * compact * len(mixed.TASK_COUNTS)
     assert all(row["ok"] and row["error"] < 1e-5 for row in data["results"])
     report = mixed.write_report(tmp_path / "mixed.json")[0].read_text()
     assert "**not kernel numbers**" in report and "| target |" not in report
@@ -40,20 +42,24 @@ def test_warm_run_calls_every_method_of_every_case_once(tmp_path, monkeypatch):
     monkeypatch.setattr(mixed.timing, "latency_row", lambda *args, **kwargs: pytest.fail("a warm run timed a call"))
     assert mixed.main(["--json", str(tmp_path / "warm.json"), "--quick", "--warm"]) == 0
     cases = len(mixed.QUICK_BATCHES) * len(mixed.TASK_COUNTS)
-    assert sorted(calls) == sorted(["mixed", "one_task", "split_by_task", "dense_masking_by_task"] * cases)
+    compact = sum(batch in mixed.COMPACT_BATCHES for batch in mixed.QUICK_BATCHES) * len(mixed.TASK_COUNTS)
+    expected = ["mixed", "one_task", "split_by_task", "dense_masking_by_task"] * cases
+    assert sorted(calls) == sorted(expected + ["mixed_ids4", "one_task_ids4"] * compact)
     assert json.loads((tmp_path / "warm.json").read_text())["results"] == []
 
 
 def test_targets_from_graph_times():
-    def rows(mixed_ms, one_ms, split_ms):
+    def rows(mixed_ms, one_ms, split_ms, suffix=""):
         return [
             {"batch": 64, "tasks": 8, "method": method, "graph_ms": ms}
-            for method, ms in (("mixed", mixed_ms), ("one_task", one_ms), ("split_by_task", split_ms))
+            for method, ms in (("mixed" + suffix, mixed_ms), ("one_task" + suffix, one_ms), ("split_by_task", split_ms))
         ]
 
-    assert [met for _, _, met in mixed.targets(rows(1.2, 1.0, 5.0))] == [True, True]
-    assert [met for _, _, met in mixed.targets(rows(1.4, 1.0, 5.0))] == [False, False]
-    assert [met for _, _, met in mixed.targets([])] == [None, None]
+    assert [met for _, _, met in mixed.targets(rows(1.2, 1.0, 5.0))] == [True, True, None, None]
+    assert [met for _, _, met in mixed.targets(rows(1.4, 1.0, 5.0))] == [False, False, None, None]
+    assert [met for _, _, met in mixed.targets(rows(1.2, 1.0, 5.0, "_ids4"))] == [None, None, True, True]
+    assert [met for _, _, met in mixed.targets(rows(1.2, 0.9, 4.0, "_ids4"))] == [None, None, False, False]
+    assert [met for _, _, met in mixed.targets([])] == [None] * 4
 
 
 # --------------------------------------------------------------------------------------------------------------- #
@@ -101,7 +107,8 @@ def test_model_reproduces_its_committed_predictions_and_fits_run_4():
 
 
 def test_gpu_report_sets_measured_mixed_times_beside_the_model():
-    """A GPU run of the model's layer reports each mixed launch against the model's v2 prediction."""
+    """A GPU run of the model's layer reports each mixed launch (uint8 and 4-bit ids) against the model's v2
+    prediction for those ids."""
     import mixed_model
 
     predicted = json.loads((mixed_model.RESULTS / "mixed-model-predictions.json").read_text())["cases"][7]
@@ -109,9 +116,14 @@ def test_gpu_report_sets_measured_mixed_times_beside_the_model():
         "device": {"device": "cuda", "gpu_name": "NVIDIA H200"},
         "layer": list(mixed.LAYER),
         "dtype": "float16",
-        "results": [{"batch": 64, "tasks": 8, "method": "mixed", "ok": True, "graph_ms": 0.2}],
+        "results": [
+            {"batch": 64, "tasks": 8, "method": "mixed", "ok": True, "graph_ms": 0.2},
+            {"batch": 64, "tasks": 8, "method": "mixed_ids4", "ok": True, "graph_ms": 0.1},
+        ],
     }
     assert (predicted["batch"], predicted["tasks"]) == (64, 8)
-    error = 100 * (predicted["v2_predicted_us"] / 200 - 1)
-    assert f"| 64 | 8 | 200.0 | {predicted['v2_predicted_us']:.1f} | {error:+.0f} % |" in mixed.markdown(data)
+    report = mixed.markdown(data)
+    for ids, measured, model in (("uint8", 200, "v2_predicted_us"), ("4-bit", 100, "v2_ids4_predicted_us")):
+        error = 100 * (predicted[model] / measured - 1)
+        assert f"| 64 | 8 | {ids} | {measured:.1f} | {predicted[model]:.1f} | {error:+.0f} % |" in report
     assert "v2 predicted" not in mixed.markdown(dict(data, layer=[96, 80]))
