@@ -121,18 +121,26 @@ def model_specs(kernel: str) -> list[dict]:
         split_k, k_per_split = linear._mixed_split_plan(batch, out_features, in_features, 2, False, None)
         few, groups = linear.mixed_groups(batch, 2)
         wide = linear.mixed_wide_groups(batch, 2)
-        one_rows, one_block_k = linear.mixed_one_task(batch, 2)
         args = dict(_mixed_args(_base_args(), batch, split_k, k_per_split), group_rows_ptr="*i32",
                     group_tasks_ptr="*i32", group_count_ptr="*i32",
                     max_passes=linear.ceil_div(batch, groups))  # fmt: skip
+        # The configs that fit every id variant below (its own one-task loop and slots): the model pairs each masked
+        # variant with the bare uint8 one of the same config.
+        kinds = ((8, True), (8, False), (4, True))
+        sizes = []
+        for id_bits, use_mask in kinds:
+            slots = 0
+            if hasattr(linear, "mixed_slot_tasks"):
+                slots = linear.mixed_slot_tasks(id_bits, use_mask, 2, split_k, k_per_split, MODEL_TASKS, groups)
+            sizes.append((groups, few, wide, *linear.mixed_one_task(batch, 2, id_bits=id_bits), slots))
+        limit = costmodel.DEVICE["shared_per_block_optin"]
         for triton_config in linear._configs("mixed2", 9):
-            if not linear.mixed2_config_fits(triton_config, torch.float16, costmodel.DEVICE["shared_per_block_optin"],
-                                              groups, few, wide, one_rows, one_block_k):  # fmt: skip
+            if not all(linear.mixed2_config_fits(triton_config, torch.float16, limit, *size) for size in sizes):
                 continue
             config = dict(triton_config.kwargs, num_warps=triton_config.num_warps, num_stages=triton_config.num_stages)
             # uint8 ids (what benchmarks/mixed.py passes) and 4-bit ids (what a packed layer of up to 15 tasks reads
             # on a GPU: compact ids in their run-time layout); each also without the predicate.
-            for id_bits, use_mask in ((8, True), (8, False), (4, True)):
+            for id_bits, use_mask in kinds:
                 one_rows, one_block_k = linear.mixed_one_task(batch, 2, id_bits=id_bits)
                 flags = dict(HAS_BIAS=False, HAS_SCALE=False, HAS_SHIFT=False, RELU=False, USE_MASK=use_mask,
                              SPLIT=split_k > 1, UPCAST_BF16=False, INPUT_PRECISION="tf32", ID_BITS=id_bits,

@@ -1557,8 +1557,9 @@ def mixed2_config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_
     # The loops run in branches of one ``if``: Triton reuses one allocation for their buffers (triton 3.6, sm_90: the
     # largest loop's stages and 2 KB), so the bound is the largest loop's stages and 8 KB.
     per_stage = max(tile["BLOCK_N"] * k * (element + 1) + count * k * width * element for count, width, k in loops)
-    # The fields loops (the one-task copies, the slots) keep two chunks of 128 columns in flight.
-    chunk = CHUNK_COLUMNS * (tile["BLOCK_N"] * (element + 1) + max(slot_tasks * 16, one_rows) * element)
+    # The slots' loop keeps two chunks of 128 columns in flight (so do the one-task fields copies, whose chunks of at
+    # most 128 rows stay under the slots' bound and the stages above in every config: not counted here).
+    chunk = CHUNK_COLUMNS * (tile["BLOCK_N"] * (element + 1) + slot_tasks * 16 * element)
     fields = 2 * chunk if slot_tasks else 0
     return max(config.num_stages * per_stage, fields) + _MIXED2_SHARED_EXTRA <= shared_memory_bytes
 
@@ -1707,15 +1708,25 @@ def mixed_field_tasks(
 
 
 def mixed_slot_tasks(
-    id_bits: int, use_mask: bool, element_size: int, split_k: int, k_per_split: int, max_task: int, groups: int
+    id_bits: int,
+    use_mask: bool,
+    element_size: int,
+    split_k: int,
+    k_per_split: int,
+    max_task: int,
+    groups: int,
+    major: int = 9,
 ) -> int:
     """``SLOT_TASKS`` of a v2 launch: where the fields layout's loop applies (:func:`fields_loop_applies`), one slot
     per task up to ``2**id_bits - 1`` and ``max_task`` (:func:`_slot_sums`), if at least 2 and at most ``groups``
     (the registers of the pass's accumulators are those of ``groups`` groups), beside passes of at most
     :data:`MIXED_SEGMENTS` groups; else 0. Beside 16 groups (batches over 128 rows) the kernel's registers are spent:
     triton 3.9 spills 112 bytes of stack in the bf16 256-row kernel with 3 slots (sm_90), and a batch that large
-    holds more than 16 rows of some task unless it holds 16 tasks."""
-    if not fields_loop_applies(id_bits, use_mask, element_size, split_k, k_per_split) or groups > MIXED_SEGMENTS:
+    holds more than 16 rows of some task unless it holds 16 tasks. None on GPUs of compute capability ``major``
+    under 9, whose ``mma.sync`` dots take their operands in more registers (triton 3.6 and 3.9, sm_80, 64 rows, 8
+    slots: 144 bytes of stack at 255 registers)."""
+    applies = fields_loop_applies(id_bits, use_mask, element_size, split_k, k_per_split)
+    if not applies or groups > MIXED_SEGMENTS or major < 9:
         return 0
     slots = min((1 << id_bits) - 1, max_task)
     return slots if 2 <= slots <= groups else 0
@@ -2160,7 +2171,7 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
             id_bits, one_rows, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors)
         ),
         "SLOT_TASKS": mixed_slot_tasks(
-            id_bits, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors), groups
+            id_bits, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors), groups, major
         ),
     }
     plan.family = "mixed2"

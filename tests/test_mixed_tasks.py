@@ -739,8 +739,8 @@ def test_v2_slots_run_every_task_of_the_layer_with_its_task_compiled_in(id_bits,
     """On compact ids a batch whose distinct tasks each fill one group and are at least half of the layer's tasks
     takes the slots (``SLOT_TASKS``, one per task of the layer, its mask compiled in): under the interpreter (fp16,
     200 input features in two splits, a chunk and a partial one) each K step runs one dot per slot whose activation
-    columns are exactly its task's rows (none for a task the batch does not hold); every weight and id byte is
-    loaded once; every row is bit for bit the per-task single-task kernel run of its task (the same tiles and
+    columns are exactly its task's rows (none for a task the batch does not hold); every weight element and (slots)
+    id byte is loaded once; every row is bit for bit the per-task single-task kernel run of its task (the same tiles and
     summation order). Other batches take the groups. On a GPU (the same batches, autotuned tiles) every row is
     within fp16's tolerance of the per-task runs; everywhere within it of the reference."""
     from packnet_kernels import linear
@@ -774,6 +774,9 @@ def test_v2_slots_run_every_task_of_the_layer_with_its_task_compiled_in(id_bits,
         return
     assert torch.equal(got, per_task)
     assert {int(v) for v in loads["weight"]} == {1}
+    if slots:
+        # Id bytes, counted per int32 word of the layout (rows padded to 256 columns): each byte once, per chunk.
+        assert {int(v) for v in loads["ids"]} == {4}
     # Per program (2 weight tiles of 32 rows, 2 splits): whole chunks of 128 columns in steps of 32.
     block = linear._INTERPRETER_V2_CONFIG
     chunks = sum(-(-(min(200, start + k_per_split) - start) // 128) for start in range(0, 200, k_per_split))
@@ -795,6 +798,58 @@ def test_v2_slots_run_every_task_of_the_layer_with_its_task_compiled_in(id_bits,
     in_steps = [covered[step * per_step : (step + 1) * per_step] for step in range(steps)]
     assert len(dots) == steps * per_step
     assert all(step in (expected_columns, [0] * per_step) for step in in_steps) and expected_columns in in_steps
+
+
+def test_v2_slots_only_where_their_loop_compiles_clean():
+    """Slots (``linear.mixed_slot_tasks``): compact ids with the mask, 16-bit operands, splits on whole chunks, 2 to
+    ``groups`` tasks, passes of at most 8 groups (up to 128 rows), sm_90 and later; else none."""
+    from packnet_kernels import linear
+
+    assert linear.mixed_slot_tasks(4, True, 2, 1, 0, 8, 8) == 8
+    assert linear.mixed_slot_tasks(4, True, 2, 2, 256, 15, 8) == 0  # 15 tasks, 8 groups
+    assert linear.mixed_slot_tasks(2, True, 2, 2, 256, 5, 8) == 3  # 2-bit ids name 3 tasks
+    assert linear.mixed_slot_tasks(2, True, 2, 1, 0, 1, 8) == 0  # one task: the one-task loop
+    for args in [(8, True, 2, 1, 0, 8, 8), (4, False, 2, 1, 0, 8, 8), (4, True, 4, 1, 0, 8, 8),
+                 (4, True, 2, 2, 96, 8, 8), (4, True, 2, 1, 0, 8, 16)]:  # fmt: skip
+        assert linear.mixed_slot_tasks(*args) == 0, args
+    assert linear.mixed_slot_tasks(4, True, 2, 1, 0, 8, 8, major=8) == 0
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    ("id_bits", "layer_tasks", "table_tasks", "tasks"),
+    [
+        (2, 3, 3, [0, 1, 1, 2, 3, 3]),  # task 0 before the slots' tasks
+        (2, 3, 3, [-1, 1, 2, 3]),
+        (2, 3, 3, [1, 2, 3, 4]),  # a task past the tables
+        (2, 3, 5, [1, 2, 4, 4]),  # a task the tables hold past the slots (2-bit ids name 3): it sees every owner
+        (2, 3, 5, [4, 5, 5]),
+    ],
+    ids=["task0", "task-1", "past-tables", "past-slots", "past-slots-only"],
+)
+def test_v2_slots_leave_batches_with_tasks_outside_them_to_the_groups(id_bits, layer_tasks, table_tasks, tasks):
+    """A batch on compact ids holding a task outside the slots' 1..``SLOT_TASKS`` takes the groups: rows of invalid
+    tasks (outside 1..table rows) come out NaN, every other row is its task's (a task the tables hold past the
+    slots sees every owner); the kernel launched directly (the public op refuses invalid tasks)."""
+    from packnet_kernels import linear
+
+    x, weight, task_ids, tables, _ = _v2_layer(len(tasks), 33, 200, layer_tasks, torch.float32, seed=len(tasks))
+    tables = [torch.cat([table, table[-1:].expand(table_tasks - layer_tasks, -1)]) for table in tables]
+    x, weight, task_ids, tables = _on_device(x, weight, task_ids, tables)
+    x = x.to(torch.float16)
+    weight = weight.to(torch.float16)
+    ids = _id_operand(task_ids, id_bits)
+    tasks = torch.tensor(tasks, device=DEVICE)
+    bias = tables[0].to(torch.float16)
+    plan_args = (x, weight, ids.words, bias, None, None, False, True, None, False, tasks, id_bits)
+    assert linear.linear_plan(*plan_args).flags["SLOT_TASKS"] == min(layer_tasks, table_tasks, (1 << id_bits) - 1)
+    got = linear._launch(x, weight, ids.words, 0, bias, None, None, False, True, tasks=tasks, id_bits=id_bits).cpu()
+    bad = ((tasks < 1) | (tasks > table_tasks)).cpu()
+    assert got[bad].isnan().all() and not got[~bad].isnan().any()
+    good = (~bad).nonzero().squeeze(1)
+    reference = masked_linear_ref(x.double(), weight.double(), task_ids, tasks.clamp(1, table_tasks),
+                                  bias.double())  # fmt: skip
+    torch.testing.assert_close(got[good].double(), reference.cpu()[good], **_tolerance(torch.float16))
 
 
 @pytest.mark.interpreter
