@@ -113,7 +113,7 @@ MIXED_GROUPS = 16
 # The interpreter's v2 tiles: those of the small single-task regime, so that both sum in the same order.
 _INTERPRETER_V2_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32}
 # The constexprs that size a v2 program's loops (mixed2_config_fits's arguments after the shared memory).
-_MIXED2_SIZES = ("GROUPS", "FEW_GROUPS", "WIDE_GROUPS", "ONE_ROWS", "ONE_BLOCK_K", "SLOT_TASKS")
+_MIXED2_SIZES = ("GROUPS", "FEW_GROUPS", "WIDE_GROUPS", "ONE_ROWS", "ONE_BLOCK_K", "SLOT_TASKS", "SLOT_ROWS")
 # Shared memory of a v2 program beyond its largest loop's pipelined tiles (mixed2_config_fits), in bytes.
 _MIXED2_SHARED_EXTRA = 8192
 # A v2 batch on compact ids takes the slots (one per task of the layer, :func:`_slot_sums`) when its distinct tasks
@@ -327,13 +327,14 @@ def _slot_sums(
     INPUT_PRECISION: tl.constexpr,
     ID_BITS: tl.constexpr,
     USE_ASM: tl.constexpr,
+    FIRST_TASK: tl.constexpr,
     SLOTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``SLOTS`` fp32 ``[BLOCK_N, 16]`` sums over ``[k_start, k_end)`` on ids in the fields layout, slot ``s``'s
-    ``W_{s + 1} x[rows[s]]^T`` (``rows``: a tuple of ``SLOTS`` int64 ``[16]`` input rows, -1 for none; a slot
-    without rows sums zeros), each slot's task compiled in.
+    """``SLOTS`` fp32 ``[BLOCK_N, rows]`` sums over ``[k_start, k_end)`` on ids in the fields layout, slot ``s``'s
+    ``W_{FIRST_TASK + s} x[rows[s]]^T`` (``rows``: a tuple of ``SLOTS`` int64 ``[16]`` or ``[32]`` input rows, -1
+    for none; a slot without rows sums zeros), each slot's task compiled in.
 
     The loop of :func:`_field_sums` with one dot per slot: per chunk the id bytes are loaded once, and every K step
     masks the weight tile once per slot with the slot's task a constant, so the masked tiles stay in the registers
@@ -367,7 +368,7 @@ def _slot_sums(
                 new_accs = ()
                 for s in tl.static_range(SLOTS):
                     xt = tl.load(x_ptrs[s] + step * stride_xk, mask=k_mask & row_masks[s], other=0.0)
-                    w_task = keep_field_owners(w, runs[run], field, s + 1, ID_BITS, USE_ASM)
+                    w_task = keep_field_owners(w, runs[run], field, FIRST_TASK + s, ID_BITS, USE_ASM)
                     if UPCAST_BF16:
                         w_task = w_task.to(tl.float32)
                         xt = xt.to(tl.float32)
@@ -876,10 +877,11 @@ def _row_groups_kernel(row_tasks_ptr, row_order_ptr, group_rows_ptr, group_tasks
                        BLOCK: tl.constexpr):  # fmt: skip
     """The row groups of a mixed batch (:func:`_row_groups`) in one program: ``row_tasks_ptr`` ``[M]`` the tasks
     sorted increasingly (any integer dtype), ``row_order_ptr`` ``[M]`` each sorted position's input row. Writes
-    two layouts, of 16-row and of 64-row groups: ``group_rows_ptr`` int32 ``[M, 16]`` then ``[M, 64]`` (only the
-    groups that exist: each run's rows, then -1 up to the group's end), ``group_tasks_ptr`` int32 ``[M]`` then
-    ``[M]`` (only the groups that exist) and ``group_count_ptr`` int32 ``[3]``, how many groups of each and how many
-    runs of one task (distinct tasks) the batch holds."""
+    three layouts, of 16-row, 64-row and 32-row groups: ``group_rows_ptr`` int32 ``[M, 16]``, then ``[M, 64]``,
+    then ``[M, 32]`` (only the groups that exist: each run's rows, then -1 up to the group's end),
+    ``group_tasks_ptr`` int32 ``[M]`` three times (only the groups that exist) and ``group_count_ptr`` int32
+    ``[4]``: how many groups of 16 and of 64 rows there are, how many runs of one task (distinct tasks) the batch
+    holds, and how many groups of 32 rows."""
     positions = tl.arange(0, BLOCK)
     live = positions < M
     tasks = _clamped_tasks(tl.load(row_tasks_ptr + positions, mask=live, other=0))
@@ -893,6 +895,8 @@ def _row_groups_kernel(row_tasks_ptr, row_order_ptr, group_rows_ptr, group_tasks
     _store_groups(group_rows_ptr + M * 16, group_tasks_ptr + M, group_count_ptr + 1, tasks, order, rank, live, ends,
                   64)  # fmt: skip
     tl.store(group_count_ptr + 2, tl.sum((live & starts).to(tl.int32), axis=0))
+    _store_groups(group_rows_ptr + M * 80, group_tasks_ptr + 2 * M, group_count_ptr + 3, tasks, order, rank, live,
+                  ends, 32)  # fmt: skip
 
 
 @triton.jit
@@ -1092,9 +1096,9 @@ def _groups_pass(
     ``TASK`` > 0 (the batch's task, clamped as the single-task kernel clamps it) by the fields layout's loop
     (:func:`_field_sums`).
 
-    ``SLOT_PASS`` (compact ids; every task of the batch in 1..``GROUPS`` and in one group): ``GROUPS`` slots, slot
-    ``s`` task ``s + 1`` with the rows of that task's group (none if the batch does not hold it), summed by
-    :func:`_slot_sums`."""
+    ``SLOT_PASS`` (compact ids; every task of the batch in 1..``SLOT_TASKS`` and in one group of ``GROUP_ROWS``
+    rows): ``GROUPS`` slots, slot ``s`` task ``TASK + s`` with the rows of that task's group (none if the batch does
+    not hold it), summed by :func:`_slot_sums`."""
     if ONE_TASK:
         raw = tl.load(group_tasks_ptr)
         ok = (raw >= 1) & (raw <= max_task)
@@ -1115,20 +1119,23 @@ def _groups_pass(
                              UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
         accs = (acc,)
     elif SLOT_PASS:
-        group_tasks, group_valid, group_rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count,
-                                                               first_group, max_task, GROUPS, GROUP_ROWS)  # fmt: skip
+        # Slot s is task TASK + s; the groups hold distinct tasks from 1 up in increasing order, so that task's group
+        # (if the batch holds it) is among the first TASK + s.
+        SCANNED: tl.constexpr = TASK - 1 + GROUPS
+        group_tasks, group_valid, group_rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count, 0,
+                                                               max_task, SCANNED, GROUP_ROWS)  # fmt: skip
         tasks = ()
         valid = ()
         rows = ()
         for s in tl.static_range(GROUPS):
             # The groups' tasks are distinct: at most one group is slot s's.
             slot_rows = tl.full((GROUP_ROWS,), -1, tl.int64)
-            for j in tl.static_range(GROUPS):
-                slot_rows = tl.where(group_tasks[j] == s + 1, group_rows[j], slot_rows)
-            slot_task = group_count * 0 + s + 1
+            for j in tl.static_range(SCANNED):
+                slot_rows = tl.where(group_tasks[j] == TASK + s, group_rows[j], slot_rows)
+            slot_task = group_count * 0 + TASK + s
             tasks, valid, rows = tasks + (slot_task,), valid + (slot_task > 0,), rows + (slot_rows,)
         accs = _slot_sums(w_ptrs, ids_ptrs, x_ptr, rows, offs_k, n_mask, k_start, k_end, K, stride_wk, stride_xm,
-                          stride_xk, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, GROUPS, BLOCK_N,
+                          stride_xk, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, TASK, GROUPS, BLOCK_N,
                           BLOCK_K)  # fmt: skip
     else:
         tasks, valid, rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task,
@@ -1238,6 +1245,7 @@ def _mixed_linear_kernel(
     ONE_BLOCK_K: tl.constexpr,
     FIELD_TASKS: tl.constexpr,
     SLOT_TASKS: tl.constexpr,
+    SLOT_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -1247,10 +1255,10 @@ def _mixed_linear_kernel(
     Pointers as in :func:`_masked_linear_kernel` (``x_ptr`` ``[M, K]``, ``w_ptr`` ``[N, K]``, ``ids_ptr`` uint8
     ``[N, K]`` or compact ids (int32 words read as the fields layout's bytes), epilogue ``[tasks, N]`` tables,
     ``y_ptr`` ``[M, N]``), and the batch's row groups (:func:`_row_groups`): ``group_rows_ptr`` int32 ``[M, 16]``
-    the input rows of each group (one task per group, -1 for padding) then the same for groups of 64 rows,
-    ``group_tasks_ptr`` int32 ``[groups]`` their tasks in increasing order (16-row groups, then 64-row ones, ``M``
-    entries each), ``group_count_ptr`` int32 ``[3]`` how many groups there are of each and how many runs of one
-    task (:func:`_row_groups_kernel`). With ``SPLIT``:
+    the input rows of each group (one task per group, -1 for padding) then the same for groups of 64 and of 32
+    rows, ``group_tasks_ptr`` int32 ``[groups]`` their tasks in increasing order (16-row groups, then 64-row ones,
+    then 32-row ones, ``M`` entries each), ``group_count_ptr`` int32 ``[4]`` how many groups there are of 16 and 64
+    rows, how many runs of one task and how many groups of 32 rows (:func:`_row_groups_kernel`). With ``SPLIT``:
     ``partials_ptr`` fp32 ``[SPLIT_K, M, N]`` and ``counters_ptr`` int32 ``[N / BLOCK_N, max_passes]``, zero on
     entry and left zero.
 
@@ -1263,9 +1271,10 @@ def _mixed_linear_kernel(
     ``ONE_BLOCK_K`` columns, the single-task small kernel's steps; with ``FIELD_TASKS`` > 0 (compact ids, 16-bit
     operands) the fields layout's loop with the task compiled in (:func:`_field_sums`), one copy of that pass per
     task 1..``FIELD_TASKS`` (the batch's task clamped to it), the copy of the batch's task running. With
-    ``SLOT_TASKS`` > 0 (compact ids) a batch whose tasks lie in 1..``SLOT_TASKS``, each in one group, and are at least
-    :data:`SLOT_SHARE` of them takes the slots (:func:`_slot_sums`: every task's mask compiled in, one dot per task
-    per step, whether the batch holds it or not). A batch whose
+    ``SLOT_TASKS`` > 0 (compact ids) a batch whose tasks lie in 1..``SLOT_TASKS``, each in one group of ``SLOT_ROWS``
+    rows (16 or 32), and are at least :data:`SLOT_SHARE` of them takes the slots (:func:`_slot_sums`: every task's
+    mask compiled in, one dot per task per step, whether the batch holds it or not; 32-row slots in two passes of
+    half of them, :func:`slot_passes`). A batch whose
     runs of one task fit ``WIDE_GROUPS`` groups of 64 rows (``M`` over 112: :func:`mixed_wide_groups`) takes those
     instead. A batch whose groups fit one pass (the ``FEW_GROUPS`` loop when they fit it; else ``GROUPS``, see
     :func:`mixed_groups`) reads its weight and ids once; more groups (``sum over tasks of ceil(rows / 16)`` above
@@ -1292,9 +1301,15 @@ def _mixed_linear_kernel(
     first_task = tl.load(group_tasks_ptr)
     last_task = tl.load(group_tasks_ptr + group_count - 1)
     one_task = first_task == last_task
-    # Slots: every task in 1..SLOT_TASKS and in one group (as many groups as runs of one task), and enough of them.
+    # Slots: every task in 1..SLOT_TASKS and in one group of SLOT_ROWS rows (as many groups of that layout as runs of
+    # one task), and enough of them.
     runs = tl.load(group_count_ptr + 2)
-    slots_fit = (runs == group_count) & (first_task >= 1) & (last_task <= SLOT_TASKS)
+    if SLOT_ROWS == 32:
+        slot_rows_ptr, slot_tasks_ptr = group_rows_ptr + M * 80, group_tasks_ptr + 2 * M
+        slot_count = tl.load(group_count_ptr + 3)
+    else:
+        slot_rows_ptr, slot_tasks_ptr, slot_count = group_rows_ptr, group_tasks_ptr, group_count
+    slots_fit = (runs == slot_count) & (first_task >= 1) & (last_task <= SLOT_TASKS)
     slots_fit = slots_fit & (runs * _SLOT_SHARE_DEN >= SLOT_TASKS * _SLOT_SHARE_NUM)
     if ONE_ROWS > 0 and one_task:
         offs_one = tl.arange(0, ONE_BLOCK_K)
@@ -1313,12 +1328,18 @@ def _mixed_linear_kernel(
                              SPLIT, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, 1, ONE_ROWS, True,
                              COPY * (FIELD_TASKS > 0), False, False, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
     elif SLOT_TASKS > 0 and slots_fit:
-        _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
-                     group_rows_ptr, group_tasks_ptr, group_count, 0, first_counter, offs_k, offs_n, n_mask, k_start,
-                     k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
-                     stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
-                     stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, USE_ASM, SLOT_TASKS, 16, False, 0, True, False, BLOCK_N, BLOCK_K)  # fmt: skip
+        # Slots of 32 rows run in two passes over K (each reads the weight and ids again): a pass's accumulators are
+        # those of 16-row slots, whose loop fits the registers beside 16 groups (one pass of 8 x 32 rows spills).
+        PASSES: tl.constexpr = SLOT_ROWS // 16
+        PER_PASS: tl.constexpr = (SLOT_TASKS + PASSES - 1) // PASSES
+        for PASS in tl.static_range(PASSES):
+            _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
+                         slot_rows_ptr, slot_tasks_ptr, slot_count, 0, first_counter + PASS, offs_k, offs_n, n_mask,
+                         k_start, k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
+                         stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task,
+                         stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16,
+                         INPUT_PRECISION, ID_BITS, USE_ASM, min(PER_PASS, SLOT_TASKS - PASS * PER_PASS), SLOT_ROWS,
+                         False, PASS * PER_PASS + 1, True, False, BLOCK_N, BLOCK_K)  # fmt: skip
     elif WIDE_GROUPS > 0 and wide_count <= WIDE_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr + M * 16, group_tasks_ptr + M, wide_count, 0, first_counter, offs_k, offs_n,
@@ -1529,10 +1550,11 @@ def useful_batch_tile(config: triton.Config, m: int) -> bool:
 
 
 def mixed2_config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_bytes: int, groups: int,
-                       few: int, wide: int = 0, one_rows: int = 0, one_block_k: int = 0, slot_tasks: int = 0, *,
-                       ieee: bool = False) -> bool:  # fmt: skip
+                       few: int, wide: int = 0, one_rows: int = 0, one_block_k: int = 0, slot_tasks: int = 0,
+                       slot_rows: int = 16, *, ieee: bool = False) -> bool:  # fmt: skip
     """Whether a grouped (v2) config suits ``groups`` unrolled row groups (and loops of ``few`` groups, of ``wide``
-    64-row groups and the one-task loop of ``one_rows`` rows and ``one_block_k`` columns beside) for ``dtype``: each
+    64-row groups, the one-task loop of ``one_rows`` rows and ``one_block_k`` columns and ``slot_tasks`` slots of
+    ``slot_rows`` rows in :func:`slot_passes` passes beside) for ``dtype``: each
     loop's fp32 accumulators at most 64 registers per thread, 32 for fp32 inputs (measured for sm_90 with triton 3.6
     and 3.9: 16 groups of 64 x 16 on 8 warps take about 205 registers without spilling, 24 spill; 16 on 4 warps
     spill), fp32 dots at most 8 groups, the one-task loop's fp32 operands within :func:`_registers_fit`, and the
@@ -1543,10 +1565,12 @@ def mixed2_config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_
     tile, threads = config.kwargs, 32 * config.num_warps
     loops = [(groups, 16, tile["BLOCK_K"])] + ([(few, 16, tile["BLOCK_K"])] if few < groups else [])
     loops += ([(wide, 64, tile["BLOCK_K"])] if wide else []) + ([(1, one_rows, one_block_k)] if one_rows else [])
+    slot_pass = ceil_div(slot_tasks, slot_passes(slot_rows))
+    slots = [(slot_pass, slot_rows, tile["BLOCK_K"])] if slot_tasks else []
     # fp32 dots: half the budget (triton 3.6, sm_90: 8 groups of 64 x 16 on 4 warps, or of 128 x 16 on 8, use 24-32
     # bytes of stack at 255 registers; 64 x 16 on 8 warps takes 222 registers and no stack).
     budget = 64 if element < 4 else 32
-    if any(count * tile["BLOCK_N"] * width > budget * threads for count, width, _ in loops):
+    if any(count * tile["BLOCK_N"] * width > budget * threads for count, width, _ in loops + slots):
         return False
     if element == 4 and groups > 8:
         return False
@@ -1559,7 +1583,7 @@ def mixed2_config_fits(config: triton.Config, dtype: torch.dtype, shared_memory_
     per_stage = max(tile["BLOCK_N"] * k * (element + 1) + count * k * width * element for count, width, k in loops)
     # The slots' loop keeps two chunks of 128 columns in flight (so do the one-task fields copies, whose chunks of at
     # most 128 rows stay under the slots' bound and the stages above in every config: not counted here).
-    chunk = CHUNK_COLUMNS * (tile["BLOCK_N"] * (element + 1) + slot_tasks * 16 * element)
+    chunk = CHUNK_COLUMNS * (tile["BLOCK_N"] * (element + 1) + slot_pass * slot_rows * element)
     fields = 2 * chunk if slot_tasks else 0
     return max(config.num_stages * per_stage, fields) + _MIXED2_SHARED_EXTRA <= shared_memory_bytes
 
@@ -1707,7 +1731,7 @@ def mixed_field_tasks(
     return min((1 << id_bits) - 1, max_task)
 
 
-def mixed_slot_tasks(
+def mixed_slots(
     id_bits: int,
     use_mask: bool,
     element_size: int,
@@ -1716,20 +1740,30 @@ def mixed_slot_tasks(
     max_task: int,
     groups: int,
     major: int = 9,
-) -> int:
-    """``SLOT_TASKS`` of a v2 launch: where the fields layout's loop applies (:func:`fields_loop_applies`), one slot
-    per task up to ``2**id_bits - 1`` and ``max_task`` (:func:`_slot_sums`), if at least 2 and at most ``groups``
-    (the registers of the pass's accumulators are those of ``groups`` groups), beside passes of at most
-    :data:`MIXED_SEGMENTS` groups; else 0. Beside 16 groups (batches over 128 rows) the kernel's registers are spent:
-    triton 3.9 spills 112 bytes of stack in the bf16 256-row kernel with 3 slots (sm_90), and a batch that large
-    holds more than 16 rows of some task unless it holds 16 tasks. None on GPUs of compute capability ``major``
-    under 9, whose ``mma.sync`` dots take their operands in more registers (triton 3.6 and 3.9, sm_80, 64 rows, 8
-    slots: 144 bytes of stack at 255 registers)."""
+) -> tuple[int, int]:
+    """``(SLOT_TASKS, SLOT_ROWS)`` of a v2 launch whose passes unroll ``groups`` groups of 16 rows: where the fields
+    layout's loop applies (:func:`fields_loop_applies`), one slot per task up to ``2**id_bits - 1`` and
+    ``max_task`` (:func:`_slot_sums`), each of ``SLOT_ROWS`` rows: 16 beside passes of at most
+    :data:`MIXED_SEGMENTS` groups (batches up to 128 rows), else 32 (256 rows over 8 tasks of 32 rows each), in
+    :func:`slot_passes` passes over K. If at least 2 slots and a pass's accumulators no more than the rows of
+    ``groups`` and of :data:`MIXED_SEGMENTS` groups (triton 3.6 and 3.9, sm_90, fp16, 256 rows: 8 slots of 32 rows in
+    one pass spill 192-256 bytes, in two passes of 4 none): 8 slots at 64 or 256 rows; else ``(0, 16)``. None on
+    GPUs of compute capability ``major`` under 9, whose ``mma.sync`` dots take their operands in more registers
+    (triton 3.6 and 3.9, sm_80, 64 rows, 8 slots: 144 bytes of stack at 255 registers)."""
+    slot_rows = 16 if groups <= MIXED_SEGMENTS else 32
     applies = fields_loop_applies(id_bits, use_mask, element_size, split_k, k_per_split)
-    if not applies or groups > MIXED_SEGMENTS or major < 9:
-        return 0
+    if not applies or major < 9:
+        return 0, 16
     slots = min((1 << id_bits) - 1, max_task)
-    return slots if 2 <= slots <= groups else 0
+    per_pass = ceil_div(slots, slot_passes(slot_rows))
+    fits = 2 <= slots and per_pass * slot_rows <= 16 * min(groups, MIXED_SEGMENTS)
+    return (slots, slot_rows) if fits else (0, 16)
+
+
+def slot_passes(slot_rows: int) -> int:
+    """Passes over K of a v2 program's slots of ``slot_rows`` rows (:func:`mixed_slots`): one for 16-row slots, two
+    for 32-row ones, each pass holding half the slots (and reading the weight and ids again)."""
+    return slot_rows // 16
 
 
 def _mixed_split_plan(rows: int, n: int, k: int, element: int, interpreted: bool, device) -> tuple[int, int]:
@@ -1851,27 +1885,28 @@ def _kept_with_grouping(grouping: tuple[torch.Tensor, torch.Tensor]) -> dict | N
 
 def _row_groups(tasks: torch.Tensor, reuse: bool, wrap=None, launch=None):
     """``(group_rows, group_tasks, group_count)``: the rows of a mixed batch laid out in groups of 16 rows of one
-    task, and again in groups of 64, on the device, with no host sync (the launch does not need the counts; the
-    kernel reads them).
+    task, and again in groups of 64 and of 32, on the device, with no host sync (the launch does not need the
+    counts; the kernel reads them).
 
     The rows sorted by task (:func:`_grouped_rows`, kept across a forward as it is) split into runs of one task;
     each run fills ``ceil(rows / 16)`` groups, in order: ``group_rows`` int32 ``[rows * 16]`` holds each group's
     input rows (-1 past a run's end), ``group_tasks`` int32 ``[rows]`` their tasks (increasing; values clamped to
     -1..256, which keeps invalid tasks invalid); then ``[rows * 64]`` and ``[rows]`` the same for groups of 64
-    rows; ``group_count`` int32 ``[3]`` the two counts and the number of runs (distinct tasks). Entries past a count
-    are not written. At most ``rows``
-    groups of each. One launch of :func:`_row_groups_kernel`: ``launch`` (a direct launch of it,
-    see :class:`LinearPlan`), else ``wrap(kernel)[grid]`` (``wrap_triton`` in the registered op), else a plain
-    launch. When the grouping is the one kept for the forward, so are its groups (one layout per forward)."""
+    rows, then ``[rows * 32]`` and ``[rows]`` for groups of 32 rows (the slots of batches over 128 rows);
+    ``group_count`` int32 ``[4]`` the counts of 16-row and 64-row groups, the number of runs (distinct tasks) and
+    the count of 32-row groups. Entries past a count are not written. At most ``rows`` groups of each. One launch
+    of :func:`_row_groups_kernel`: ``launch`` (a direct launch of it, see :class:`LinearPlan`), else
+    ``wrap(kernel)[grid]`` (``wrap_triton`` in the registered op), else a plain launch. When the grouping is the
+    one kept for the forward, so are its groups (one layout per forward)."""
     grouping = _grouped_rows(tasks, reuse)
     kept = _kept_with_grouping(grouping)
     if kept is not None and "row_groups" in kept:
         return kept["row_groups"]
     row_tasks, row_order = grouping
     rows = row_tasks.numel()
-    group_rows = torch.empty(rows * (16 + 64), dtype=torch.int32, device=row_tasks.device)
-    group_tasks = torch.empty(2 * rows, dtype=torch.int32, device=row_tasks.device)
-    group_count = torch.empty(3, dtype=torch.int32, device=row_tasks.device)
+    group_rows = torch.empty(rows * (16 + 64 + 32), dtype=torch.int32, device=row_tasks.device)
+    group_tasks = torch.empty(3 * rows, dtype=torch.int32, device=row_tasks.device)
+    group_count = torch.empty(4, dtype=torch.int32, device=row_tasks.device)
     args = (row_tasks, row_order, group_rows, group_tasks, group_count, rows)
     if launch is not None:
         stream = torch._C._cuda_getCurrentRawStream(row_tasks.device.index) if row_tasks.is_cuda else 0
@@ -2170,10 +2205,10 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
         "FIELD_TASKS": mixed_field_tasks(
             id_bits, one_rows, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors)
         ),
-        "SLOT_TASKS": mixed_slot_tasks(
-            id_bits, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors), groups, major
-        ),
     }
+    plan.flags["SLOT_TASKS"], plan.flags["SLOT_ROWS"] = mixed_slots(
+        id_bits, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors), groups, major
+    )
     plan.family = "mixed2"
 
     def grid(meta):

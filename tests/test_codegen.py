@@ -410,7 +410,7 @@ MIXED_V2_OTHER = ((128, "fp32", "tf32", 8, 90), (64, "fp32", "ieee", 4, 90), (25
 # tile on 8 warps, and of a 3-task layer on 2-bit ids in bf16 at 128 rows (the most rows that take slots). On sm_80
 # (mma.sync) 8 slots at 64 rows spill 144 bytes (triton 3.6 and 3.9): no slots there (linear.mixed_slot_tasks).
 MIXED_V2_SLOTS = ((64, "fp16", "tf32", 4, 90, 8, 1), (64, "fp16", "tf32", 4, 90, 8, 0),
-                  (128, "bf16", "tf32", 2, 90, 3, None))  # fmt: skip
+                  (128, "bf16", "tf32", 2, 90, 3, None), (256, "fp16", "tf32", 4, 90, 8, None))  # fmt: skip
 
 
 def _mixed_v2_variants() -> list[dict]:
@@ -430,8 +430,8 @@ def _mixed_v2_variants() -> list[dict]:
         few, groups = linear.mixed_groups(m, element, ieee, arch // 10)
         wide = linear.mixed_wide_groups(m, element, ieee, arch // 10)
         one_rows, one_block_k = linear.mixed_one_task(m, element, ieee, arch // 10, bits)
-        slots = linear.mixed_slot_tasks(bits, True, element, 4, 1024, layer_tasks or 1, groups, arch // 10)
-        sizes = (groups, few, wide, one_rows, one_block_k, slots)
+        slots, slot_rows = linear.mixed_slots(bits, True, element, 4, 1024, layer_tasks or 1, groups, arch // 10)
+        sizes = (groups, few, wide, one_rows, one_block_k, slots, slot_rows)
         limit = SHARED_MEMORY_LIMIT[arch // 10]
         configs = linear._configs("mixed2", arch // 10)
         fitting = [c for c in configs if linear.mixed2_config_fits(c, DTYPES[dtype], limit, *sizes, ieee=ieee)]
@@ -469,11 +469,13 @@ def _mixed_v2_variants() -> list[dict]:
                           FEW_GROUPS=few, WIDE_GROUPS=wide, ONE_ROWS=one_rows, ONE_BLOCK_K=one_block_k,
                           FIELD_TASKS=linear.mixed_field_tasks(bits, one_rows, True, element, 4, 1024,
                                                                layer_tasks or 255),
-                          SLOT_TASKS=slots, **config.kwargs)  # fmt: skip
+                          SLOT_TASKS=slots, SLOT_ROWS=slot_rows, **config.kwargs)  # fmt: skip
         suffix = ("" if precision == "tf32" else f"-{precision}") + (f"-ids{bits}" if bits < 8 else "")
-        loop_count = 1 + (few < groups) + (wide > 0) + (one_rows > 0) * max(constexprs["FIELD_TASKS"], 1) + (slots > 0)
+        loop_count = 1 + (few < groups) + (wide > 0) + (one_rows > 0) * max(constexprs["FIELD_TASKS"], 1)
+        loop_count += (slots > 0) * slot_rows // 16  # slots of 32 rows: two passes
         if slots:
-            suffix += f"-slots{slots}-{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}-w{config.num_warps}"
+            suffix += f"-slots{slots}x{slot_rows}-{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}"
+            suffix += f"-w{config.num_warps}"
         variants.append(
             dict(
                 name=f"linear-mixed2-m{m}-{dtype}-sm{arch}-groups{few}-{groups}" + suffix,
@@ -594,10 +596,13 @@ def _pruned(variant: dict) -> bool:
 
 # Stack frames one Triton version gives a config that the other compiles without (no local memory either way):
 # triton 3.6, the GPU machines' version, spills 8 bytes in the fp32 2-warp tile of a 7x7 stem conv (3.9 does not);
-# 3.9 gives the 4-warp grouped kernel with 8 slots a 16-byte frame at 255 registers (3.6: 233 registers, none).
+# 3.9 gives the 4-warp grouped kernel with 8 slots a 16-byte frame at 255 registers (3.6: 233 registers, none), and
+# the 256-row one with 8 slots of 32 rows 112 bytes, a few values of the prologue stored and reloaded outside every
+# main loop (3.6: 254 registers, none).
 KNOWN_STACK_BYTES = {
     ("3.6", "conv7x7s2-fp32-sm90-BLOCK_M32-BLOCK_N32-BLOCK_K32-w2-s4"): 8,
-    ("3.9", "linear-mixed2-m64-fp16-sm90-groups4-8-ids4-slots8-64x32-w4"): 16,
+    ("3.9", "linear-mixed2-m256-fp16-sm90-groups16-16-ids4-slots8x32-64x32-w8"): 112,
+    ("3.9", "linear-mixed2-m64-fp16-sm90-groups4-8-ids4-slots8x16-64x32-w4"): 16,
 }
 
 
@@ -701,9 +706,11 @@ def test_every_path_has_a_config_that_fits(arch, dtype):
     for rows, ieee, bits in rows_and_kinds:
         few, groups = linear.mixed_groups(rows, element, ieee, major)
         wide = linear.mixed_wide_groups(rows, element, ieee, major)
-        # Slots: as many as the pass holds groups (a layer of that many tasks: the most accumulators and tiles).
-        slots = linear.mixed_slot_tasks(bits, True, element, 1, 0, groups, groups, major)
-        sizes = (groups, few, wide, *linear.mixed_one_task(rows, element, ieee, major, bits), slots)
+        # Slots: as many as the pass's accumulators hold (a layer of that many tasks: the most accumulators and
+        # tiles; slots of 32 rows beside 16 groups).
+        layer_tasks = groups if groups <= linear.MIXED_SEGMENTS else groups // 2
+        slots = linear.mixed_slots(bits, True, element, 1, 0, layer_tasks, groups, major)
+        sizes = (groups, few, wide, *linear.mixed_one_task(rows, element, ieee, major, bits), *slots)
         configs = linear._configs("mixed2", major)
         fits = [linear.mixed2_config_fits(c, DTYPES[dtype], limit, *sizes, ieee=ieee) for c in configs]
         assert any(fits), (rows, sizes)
@@ -902,11 +909,17 @@ def mixed_v2_loops(compiled: dict) -> dict[str, list[dict]]:
         kinds += [(few, 16, 32, False)] * (few < full) + [(full, 16, 32, False)]
         loops = list(summary["loops"])
         if slots:
-            # The slots' loop (every slot's dot for a chunk of 128 columns: the most wgmma) wherever the compiler put
-            # it (triton 3.6 after the one-task copies, 3.9 after the groups' loops).
-            slot_loop = max(loops, key=lambda loop: loop["kinds"]["tensor"])
-            loops.remove(slot_loop)
-            kinds, loops = kinds + [(slots, 16, 128, "slots")], loops + [slot_loop]
+            # The slots' loops (every slot's dot for a chunk of 128 columns: the most wgmma; slots of 32 rows in two
+            # passes of half the slots) wherever the compiler put them (triton 3.6 after the one-task copies, 3.9
+            # after the groups' loops).
+            slot_rows = constexprs["SLOT_ROWS"]
+            passes = slot_rows // 16
+            per_pass = -(-slots // passes)
+            slot_loops = sorted(loops, key=lambda loop: loop["kinds"]["tensor"])[-passes:]
+            for index, slot_loop in enumerate(sorted(slot_loops, key=lambda loop: loop["start"])):
+                loops.remove(slot_loop)
+                kinds.append((min(per_pass, slots - per_pass * index), slot_rows, 128, "slots"))
+                loops.append(slot_loop)
         single = reference["loops"][0]
         report[name] = [
             {
@@ -959,11 +972,14 @@ def test_mixed_v2_loop_against_the_single_task_loop(compiled):
                 assert loop["kinds"]["tensor"] == loop["groups"] * steps * single["tensor"], f"{name}: {loop}"
             if loop["one_task"] == "slots":
                 # Every slot's mask compiled in: the masked tiles stay in wgmma's registers (but in the 64 x 32 tile
-                # on 8 warps, as in the fields loop), at well under the groups loop's instructions per step.
-                groups_loop = next(other for other in loops if other["groups"] == loop["groups"]
-                                   and not other["one_task"])  # fmt: skip
+                # on 8 warps, as in the fields loop); the slots' passes together at well under the instructions per
+                # step of the groups' loop holding as many rows (8 slots of 16 rows: 8 groups; of 32 rows: 16).
+                slot_loops = [other for other in loops if other["one_task"] == "slots"]
+                held = sum(other["groups"] * other["rows"] // 16 for other in slot_loops)
+                groups_loop = next(other for other in loops if other["groups"] == held and not other["one_task"])
                 assert loop["kinds"].get("shared_store", 0) == 0 or "-64x32-w8" in name, f"{name}: {loop}"
-                assert loop["instructions"] / steps <= SLOT_LOOP_SHARE * groups_loop["instructions"], f"{name}: {loop}"
+                per_step = sum(other["instructions"] for other in slot_loops) / steps
+                assert per_step <= SLOT_LOOP_SHARE * groups_loop["instructions"], f"{name}: {slot_loops}"
                 continue
             if loop["one_task"]:
                 # The one-task loop: loads one weight, id and activation tile per step.

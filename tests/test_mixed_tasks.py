@@ -34,12 +34,16 @@ def _on_device(x, weight, task_ids, tables):
     return x.to(DEVICE), weight.to(DEVICE), task_ids.to(DEVICE), [table.to(DEVICE) for table in tables]
 
 
-def _per_task(x2d, weight, task_ids, tasks, tables, relu, **kwargs):
-    """Each task's rows run as a single-task call: what a service splitting the batch by task computes."""
+def _per_task(x2d, weight, task_ids, tasks, tables, relu, alone=False, **kwargs):
+    """Each task's rows run as a single-task call: what a service splitting the batch by task computes. ``alone``:
+    each as a batch of that task alone (a task tensor, the mixed path's one-task loop and its split of K)."""
     out = torch.empty(x2d.shape[0], weight.shape[0], dtype=x2d.dtype, device=x2d.device)
     for task in tasks.unique().tolist():
         rows = (tasks == task).to(x2d.device)
         bias, scale, shift = (table[task - 1] for table in tables)
+        if alone:
+            count = int(rows.sum())
+            task, bias, scale, shift = torch.full((count,), task, device=tasks.device), *tables
         out[rows] = masked_linear(
             x2d[rows], weight, task_ids, task, bias, scale=scale, shift=shift, relu=relu, **kwargs
         )
@@ -731,18 +735,32 @@ def test_v2_reads_each_weight_once_per_pass_and_dots_cover_their_group(counts, p
         (4, 8, {1: 4, 8: 16, 7: 9, 2: 16}, True),  # 4 of 8: the least share that takes the slots
         (4, 8, {2: 12, 7: 9, 8: 3}, False),  # 3 of 8: the groups, one mask per distinct task
         (4, 8, {1: 8, 3: 17, 4: 2, 6: 5}, False),  # a task of 17 rows fills 2 groups: the groups
+        (4, 8, {task: 32 for task in range(1, 9)}, True),  # 256 rows over 8 tasks: 8 slots of 32 rows, 2 passes
+        (4, 8, {1: 32, 2: 30, 3: 25, 5: 32, 7: 17, 8: 20}, True),  # 156 rows, 6 of 8 tasks: slots of 32 rows
+        (4, 8, {1: 32, 2: 33, 3: 32, 4: 32}, False),  # over 128 rows, a task of 33: the groups (9, one pass)
     ],
-    ids=["2bit-3of3", "4bit-6of8", "4bit-4of8", "4bit-3of8", "4bit-17rows"],
+    ids=[
+        "2bit-3of3",
+        "4bit-6of8",
+        "4bit-4of8",
+        "4bit-3of8",
+        "4bit-17rows",
+        "4bit-256x8",
+        "4bit-156rows",
+        "4bit-33rows",
+    ],
 )
 def test_v2_slots_run_every_task_of_the_layer_with_its_task_compiled_in(id_bits, num_tasks, counts, slots,
                                                                          monkeypatch):  # fmt: skip
-    """On compact ids a batch whose distinct tasks each fill one group and are at least half of the layer's tasks
-    takes the slots (``SLOT_TASKS``, one per task of the layer, its mask compiled in): under the interpreter (fp16,
-    200 input features in two splits, a chunk and a partial one) each K step runs one dot per slot whose activation
-    columns are exactly its task's rows (none for a task the batch does not hold); every weight element and (slots)
-    id byte is loaded once; every row is bit for bit the per-task single-task kernel run of its task (the same tiles and
-    summation order). Other batches take the groups. On a GPU (the same batches, autotuned tiles) every row is
-    within fp16's tolerance of the per-task runs; everywhere within it of the reference."""
+    """On compact ids a batch whose distinct tasks each fill one group (of 16 rows up to 128 rows, else of 32) and
+    are at least half of the layer's tasks takes the slots (``SLOT_TASKS``, one per task of the layer, its mask
+    compiled in): under the interpreter (fp16, 200 input features in two splits, a chunk and a partial one) each K
+    step runs one dot per slot of its pass (16-row slots: one pass; 32-row slots: two, of half the slots each) whose
+    activation columns are exactly its task's rows (none for a task the batch does not hold); every weight element
+    and (slots) id byte is loaded once per pass; every row is bit for bit its task's rows run alone as a batch of one
+    task, and (tasks of up to 16 rows) the per-task single-task kernel run (the same tiles and summation order).
+    Other batches take the groups. On a GPU (the same batches, autotuned
+    tiles) every row is within fp16's tolerance of the per-task runs; everywhere within it of the reference."""
     from packnet_kernels import linear
 
     monkeypatch.setattr(linear, "_PLANS", {})
@@ -754,8 +772,10 @@ def test_v2_slots_run_every_task_of_the_layer_with_its_task_compiled_in(id_bits,
     x, weight, task_ids, tables = _on_device(x, weight, task_ids, tables)
     ids = _id_operand(task_ids, id_bits)
     plan_args = (x, weight, ids.words, tables[0], tables[1], tables[2], True, True, None, False, tasks, id_bits)
-    slot_tasks = linear.linear_plan(*plan_args).flags["SLOT_TASKS"]
-    assert slot_tasks == min(num_tasks, (1 << id_bits) - 1)
+    flags = linear.linear_plan(*plan_args).flags
+    slot_tasks, slot_rows = flags["SLOT_TASKS"], flags["SLOT_ROWS"]
+    assert slot_tasks == min(num_tasks, (1 << id_bits) - 1) and slot_rows == (16 if m <= 128 else 32)
+    passes = slot_rows // 16 if slots else 1
     kwargs = dict(scale=tables[1], shift=tables[2], relu=True, backend="triton")
     if DEVICE == "cpu":
         split_k, k_per_split = linear._mixed_split_plan(m, 33, 200, 2, True, None)
@@ -772,20 +792,28 @@ def test_v2_slots_run_every_task_of_the_layer_with_its_task_compiled_in(id_bits,
     if DEVICE != "cpu":
         torch.testing.assert_close(got, per_task, **_tolerance(torch.float16))
         return
-    assert torch.equal(got, per_task)
-    assert {int(v) for v in loads["weight"]} == {1}
+    # A single-task call of more than SMALL_M_MAX rows takes the large regime, unsplit: other sums. Its rows run as a
+    # batch of that task alone take the mixed split and the single-task kernel's fields loop.
+    small = torch.tensor([counts[int(task)] <= linear.SMALL_M_MAX for task in tasks])
+    assert torch.equal(got[small], per_task[small])
+    assert torch.equal(got, _per_task(x, weight, ids, tasks, tables, relu=True, alone=True, backend="triton"))
+    assert {int(v) for v in loads["weight"]} == {passes}
     if slots:
-        # Id bytes, counted per int32 word of the layout (rows padded to 256 columns): each byte once, per chunk.
-        assert {int(v) for v in loads["ids"]} == {4}
+        # Id bytes, counted per int32 word of the layout (rows padded to 256 columns): each byte once per chunk and
+        # pass.
+        assert {int(v) for v in loads["ids"]} == {4 * passes}
     # Per program (2 weight tiles of 32 rows, 2 splits): whole chunks of 128 columns in steps of 32.
     block = linear._INTERPRETER_V2_CONFIG
     chunks = sum(-(-(min(200, start + k_per_split) - start) // 128) for start in range(0, 200, k_per_split))
     steps = -(-33 // block["BLOCK_N"]) * chunks * 128 // block["BLOCK_K"]
     covered = [int((dot != 0).any(axis=0).sum()) for dot in dots]
     if slots:
-        # Slot s's columns are task s + 1's rows.
-        per_step = slot_tasks
-        expected_columns = [counts.get(task, 0) for task in range(1, slot_tasks + 1)]
+        # Slot s's columns are task s + 1's rows; a program runs its passes one after the other, each its steps.
+        assert slot_tasks % passes == 0
+        per_step = slot_tasks // passes
+        pass_columns = [[counts.get(task, 0) for task in range(first + 1, first + per_step + 1)]
+                        for first in range(0, slot_tasks, per_step)]  # fmt: skip
+        steps *= passes
     else:
         # The groups: 16 rows of one task each, in increasing task order, then empty groups up to the loop's count.
         few, groups = linear.mixed_groups(m, 2)
@@ -794,25 +822,30 @@ def test_v2_slots_run_every_task_of_the_layer_with_its_task_compiled_in(id_bits,
         expected_columns = group_rows + [0] * (per_step - len(group_rows))
         steps = -(-33 // block["BLOCK_N"]) * sum(-(-(min(200, start + k_per_split) - start) // block["BLOCK_K"])
                                                  for start in range(0, 200, k_per_split))  # fmt: skip
-    # Every step covers those columns, but the steps past K (the last split ends mid-chunk) none.
+        pass_columns = [expected_columns]
+    # Every step covers its pass's columns, but the steps past K (the last split ends mid-chunk) none.
     in_steps = [covered[step * per_step : (step + 1) * per_step] for step in range(steps)]
     assert len(dots) == steps * per_step
-    assert all(step in (expected_columns, [0] * per_step) for step in in_steps) and expected_columns in in_steps
+    assert all(step in [*pass_columns, [0] * per_step] for step in in_steps)
+    assert all(columns in in_steps for columns in pass_columns)
 
 
 def test_v2_slots_only_where_their_loop_compiles_clean():
-    """Slots (``linear.mixed_slot_tasks``): compact ids with the mask, 16-bit operands, splits on whole chunks, 2 to
-    ``groups`` tasks, passes of at most 8 groups (up to 128 rows), sm_90 and later; else none."""
+    """Slots (``linear.mixed_slots``): compact ids with the mask, 16-bit operands, splits on whole chunks, 2 or more
+    tasks whose slots hold no more rows than the pass's groups (16-row slots beside passes of up to 8 groups, up to
+    128 rows; 32-row slots beside 16 groups), sm_90 and later; else none."""
     from packnet_kernels import linear
 
-    assert linear.mixed_slot_tasks(4, True, 2, 1, 0, 8, 8) == 8
-    assert linear.mixed_slot_tasks(4, True, 2, 2, 256, 15, 8) == 0  # 15 tasks, 8 groups
-    assert linear.mixed_slot_tasks(2, True, 2, 2, 256, 5, 8) == 3  # 2-bit ids name 3 tasks
-    assert linear.mixed_slot_tasks(2, True, 2, 1, 0, 1, 8) == 0  # one task: the one-task loop
+    assert linear.mixed_slots(4, True, 2, 1, 0, 8, 8) == (8, 16)
+    assert linear.mixed_slots(4, True, 2, 1, 0, 8, 16) == (8, 32)  # 256 rows: 8 slots of 32 rows
+    assert linear.mixed_slots(4, True, 2, 2, 256, 15, 8) == (0, 16)  # 15 tasks, 8 groups
+    assert linear.mixed_slots(4, True, 2, 2, 256, 9, 16) == (0, 16)  # 9 slots of 32 rows: more than 16 groups
+    assert linear.mixed_slots(2, True, 2, 2, 256, 5, 8) == (3, 16)  # 2-bit ids name 3 tasks
+    assert linear.mixed_slots(2, True, 2, 1, 0, 1, 8) == (0, 16)  # one task: the one-task loop
     for args in [(8, True, 2, 1, 0, 8, 8), (4, False, 2, 1, 0, 8, 8), (4, True, 4, 1, 0, 8, 8),
-                 (4, True, 2, 2, 96, 8, 8), (4, True, 2, 1, 0, 8, 16)]:  # fmt: skip
-        assert linear.mixed_slot_tasks(*args) == 0, args
-    assert linear.mixed_slot_tasks(4, True, 2, 1, 0, 8, 8, major=8) == 0
+                 (4, True, 2, 2, 96, 8, 8), (4, True, 2, 1, 0, 8, 4)]:  # fmt: skip
+        assert linear.mixed_slots(*args) == (0, 16), args
+    assert linear.mixed_slots(4, True, 2, 1, 0, 8, 8, major=8) == (0, 16)
 
 
 @pytest.mark.interpreter
@@ -880,9 +913,9 @@ def test_v2_row_groups_are_built_once_per_forward(monkeypatch):
 @pytest.mark.interpreter
 @pytest.mark.parametrize(("m", "dtype"), [(1, torch.int64), (17, torch.uint8), (256, torch.int16)])
 def test_v2_row_groups_layout(m, dtype):
-    """The device layouts of a batch's rows: each run of one task in groups of 16 rows, and of 64 (its input rows in
-    sorted order, -1 after the run's last row), the groups' tasks in increasing order (clamped to -1..256), and
-    their counts, and the number of runs; task tensors of any integer dtype (uint8: no negative values)."""
+    """The device layouts of a batch's rows: each run of one task in groups of 16 rows, of 64 and of 32 (its input
+    rows in sorted order, -1 after the run's last row), the groups' tasks in increasing order (clamped to -1..256),
+    and their counts, and the number of runs; task tensors of any integer dtype (uint8: no negative values)."""
     from packnet_kernels import linear
 
     generator = torch.Generator().manual_seed(m)
@@ -891,7 +924,9 @@ def test_v2_row_groups_layout(m, dtype):
     group_rows, group_tasks, counts = (t.cpu() for t in linear._row_groups(tasks.to(DEVICE), reuse=False))
     order = torch.sort(tasks, stable=True).indices
     assert int(counts[2]) == len(set(tasks.tolist()))  # runs of one task: the distinct tasks
-    layouts = zip((16, 64), group_rows.split([m * 16, m * 64]), group_tasks.split([m, m]), counts[:2], strict=True)
+    assert group_rows.numel() == m * (16 + 64 + 32) and group_tasks.numel() == 3 * m and counts.numel() == 4
+    layouts = zip((16, 64, 32), group_rows.split([m * 16, m * 64, m * 32]), group_tasks.split([m, m, m]),
+                  counts[[0, 1, 3]], strict=True)  # fmt: skip
     for width, rows_of, tasks_of, count in layouts:
         expected_rows, expected_tasks, position = [], [], 0
         for task in sorted(set(tasks.tolist())):
