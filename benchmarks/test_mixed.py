@@ -55,11 +55,17 @@ def test_targets_from_graph_times():
             for method, ms in (("mixed" + suffix, mixed_ms), ("one_task" + suffix, one_ms), ("split_by_task", split_ms))
         ]
 
-    assert [met for _, _, met in mixed.targets(rows(1.2, 1.0, 5.0))] == [True, True, None, None]
-    assert [met for _, _, met in mixed.targets(rows(1.4, 1.0, 5.0))] == [False, False, None, None]
-    assert [met for _, _, met in mixed.targets(rows(1.2, 1.0, 5.0, "_ids4"))] == [None, None, True, True]
-    assert [met for _, _, met in mixed.targets(rows(1.2, 0.9, 4.0, "_ids4"))] == [None, None, False, False]
-    assert [met for _, _, met in mixed.targets([])] == [None] * 4
+    def wide(mixed_ms, one_ms, suffix=""):
+        return [{"batch": 256, "tasks": 8, "method": method + suffix, "graph_ms": ms}
+                for method, ms in (("mixed", mixed_ms), ("one_task", one_ms))]  # fmt: skip
+
+    assert [met for _, _, met in mixed.targets(rows(1.2, 1.0, 5.0))] == [True, True, None] + [None] * 3
+    assert [met for _, _, met in mixed.targets(rows(1.4, 1.0, 5.0))] == [False, False, None] + [None] * 3
+    assert [met for _, _, met in mixed.targets(rows(1.2, 1.0, 5.0, "_ids4"))] == [None] * 3 + [True, True, None]
+    assert [met for _, _, met in mixed.targets(rows(1.2, 0.9, 4.0, "_ids4"))] == [None] * 3 + [False, False, None]
+    assert [met for _, _, met in mixed.targets(wide(1.5, 1.0))] == [None, None, True] + [None] * 3
+    assert [met for _, _, met in mixed.targets(wide(1.6, 1.0, "_ids4"))] == [None] * 5 + [False]
+    assert [met for _, _, met in mixed.targets([])] == [None] * 6
 
 
 # --------------------------------------------------------------------------------------------------------------- #
@@ -84,7 +90,9 @@ def test_model_groups_are_the_kernels():
     for tasks in ([3] * 40, [1, 5, 5, 2, 8, 8, 8] * 9, mixed.row_tasks_for(64, 8, seed=2).tolist()):
         group_rows, group_tasks, counts = linear._row_groups(torch.tensor(tasks), reuse=False)
         groups, wide = mixed_model.v2_groups(tasks), mixed_model.v2_groups(tasks, 64)
-        assert counts.tolist() == [len(groups), len(wide), len(set(tasks))]
+        slots = mixed_model.v2_groups(tasks, 32)
+        assert counts.tolist() == [len(groups), len(wide), len(set(tasks)), len(slots)]
+        assert group_tasks[2 * len(tasks) : 2 * len(tasks) + len(slots)].tolist() == slots
         assert group_tasks[: len(groups)].tolist() == groups
         assert group_tasks[len(tasks) : len(tasks) + len(wide)].tolist() == wide
         filled = (group_rows.view(-1, 16)[: len(groups)] >= 0).sum(1).tolist()
