@@ -408,7 +408,7 @@ MIXED_V2_OTHER = ((128, "fp32", "tf32", 8, 90), (64, "fp32", "ieee", 4, 90), (25
 # v2 variants with slots (rows, dtype, input precision, id bits, arch, the layer's tasks, config index): a mix of an
 # 8-task layer on 4-bit ids in the 4-warp tile (the model's fastest for 64 rows over 8 tasks) and in the 64 x 32
 # tile on 8 warps, and of a 3-task layer on 2-bit ids in bf16 at 128 rows (the most rows that take slots). On sm_80
-# (mma.sync) 8 slots at 64 rows spill 144 bytes (triton 3.6 and 3.9): no slots there (linear.mixed_slot_tasks).
+# (mma.sync) 8 slots at 64 rows spill 144 bytes (triton 3.6 and 3.9): no slots there (linear.mixed_slots).
 MIXED_V2_SLOTS = ((64, "fp16", "tf32", 4, 90, 8, 1), (64, "fp16", "tf32", 4, 90, 8, 0),
                   (128, "bf16", "tf32", 2, 90, 3, None), (256, "fp16", "tf32", 4, 90, 8, None))  # fmt: skip
 
