@@ -129,7 +129,7 @@ def model_specs(kernel: str) -> list[dict]:
         kinds = ((8, True), (8, False), (4, True))
         sizes = []
         for id_bits, use_mask in kinds:
-            slots = _slots(linear, id_bits, use_mask, split_k, k_per_split, groups)
+            slots = _slots(linear, id_bits, use_mask, split_k, k_per_split, groups, batch)
             sizes.append((groups, few, wide, *linear.mixed_one_task(batch, 2, id_bits=id_bits), *slots))
         limit = costmodel.DEVICE["shared_per_block_optin"]
         for triton_config in linear._configs("mixed2", 9):
@@ -149,7 +149,7 @@ def model_specs(kernel: str) -> list[dict]:
                     flags["FIELD_TASKS"] = linear.mixed_field_tasks(id_bits, one_rows, use_mask, 2, split_k,
                                                                     k_per_split, MODEL_TASKS)  # fmt: skip
                 # Mixes of many tasks on compact ids: one slot per task of the model's layer, masks compiled in.
-                slot_tasks, slot_rows = _slots(linear, id_bits, use_mask, split_k, k_per_split, groups)
+                slot_tasks, slot_rows = _slots(linear, id_bits, use_mask, split_k, k_per_split, groups, batch)
                 if hasattr(linear, "mixed_slots"):
                     flags.update(SLOT_TASKS=slot_tasks, SLOT_ROWS=slot_rows)
                 elif hasattr(linear, "mixed_slot_tasks"):
@@ -166,11 +166,13 @@ def model_specs(kernel: str) -> list[dict]:
     return specs
 
 
-def _slots(linear, id_bits: int, use_mask: bool, split_k: int, k_per_split: int, groups: int) -> tuple[int, int]:
-    """``(SLOT_TASKS, SLOT_ROWS)`` of the model's layer in the tree compiled: ``linear.mixed_slots``, or (16-row
-    slots only) ``linear.mixed_slot_tasks`` of the trees before it, or none before the slots."""
+def _slots(linear, id_bits: int, use_mask: bool, split_k: int, k_per_split: int, groups: int,
+           batch: int) -> tuple[int, int]:  # fmt: skip
+    """``(SLOT_TASKS, SLOT_ROWS)`` of the model's layer and a batch of ``batch`` rows in the tree compiled:
+    ``linear.mixed_slots``, or (16-row slots only) ``linear.mixed_slot_tasks`` of the trees before it, or none
+    before the slots."""
     if hasattr(linear, "mixed_slots"):
-        return linear.mixed_slots(id_bits, use_mask, 2, split_k, k_per_split, MODEL_TASKS, groups)
+        return linear.mixed_slots(id_bits, use_mask, 2, split_k, k_per_split, MODEL_TASKS, groups, batch)
     if hasattr(linear, "mixed_slot_tasks"):
         return linear.mixed_slot_tasks(id_bits, use_mask, 2, split_k, k_per_split, MODEL_TASKS, groups), 16
     return 0, 16

@@ -342,7 +342,8 @@ def _slot_sums(
     3.6 sinks the operand's layout conversion below any select or asm fed by a run-time value). Every slot's mask and
     dot run whether or not the batch holds its task. The dots run in increasing K in ``BLOCK_K`` columns, as the
     single-task kernel's (``BLOCK_K`` at most the layout's span; ``k_start`` on a chunk). Two chunks in flight, as
-    the one-task fields pass beside it."""
+    the one-task fields pass: the kernel's other loops step ``BLOCK_K`` columns in ``num_stages`` stages, and the
+    launch's stages of whole chunks would take more shared memory than all of them (NOTES.md, v8 mixed (v2))."""
     SPAN: tl.constexpr = 16 * ID_BITS
     tl.static_assert(BLOCK_K <= SPAN, "the fields layout's loop takes BLOCK_K <= 16 * ID_BITS")
     FIELDS: tl.constexpr = 8 // ID_BITS
@@ -919,7 +920,7 @@ def _store_groups(group_rows_ptr, group_tasks_ptr, group_count_ptr, tasks, order
 def _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task, GROUPS: tl.constexpr,
                     GROUP_ROWS: tl.constexpr):  # fmt: skip
     """``(tasks, valid, rows)``: tuples of ``GROUPS`` entries for the row groups ``first_group ..`` of a pass in a
-    layout of ``GROUP_ROWS``-row groups (16 or 64): each group's task (0 for a group past ``group_count`` or whose
+    layout of ``GROUP_ROWS``-row groups (16, 32 or 64): each group's task (0 for a group past ``group_count`` or whose
     task is outside 1..``max_task``: it selects no weight), whether that task is valid, and its input rows (-1 for
     padding)."""
     slots = tl.arange(0, GROUP_ROWS)
@@ -1739,15 +1740,20 @@ def mixed_slots(
     k_per_split: int,
     max_task: int,
     groups: int,
+    rows: int,
     major: int = 9,
 ) -> tuple[int, int]:
-    """``(SLOT_TASKS, SLOT_ROWS)`` of a v2 launch whose passes unroll ``groups`` groups of 16 rows: where the fields
+    """``(SLOT_TASKS, SLOT_ROWS)`` of a v2 launch of ``rows`` rows whose passes unroll ``groups`` groups of 16 rows:
+    where the fields
     layout's loop applies (:func:`fields_loop_applies`), one slot per task up to ``2**id_bits - 1`` and
     ``max_task`` (:func:`_slot_sums`), each of ``SLOT_ROWS`` rows: 16 beside passes of at most
     :data:`MIXED_SEGMENTS` groups (batches up to 128 rows), else 32 (256 rows over 8 tasks of 32 rows each), in
     :func:`slot_passes` passes over K. If at least 2 slots and a pass's accumulators no more than the rows of
     ``groups`` and of :data:`MIXED_SEGMENTS` groups (triton 3.6 and 3.9, sm_90, fp16, 256 rows: 8 slots of 32 rows in
-    one pass spill 192-256 bytes, in two passes of 4 none): 8 slots at 64 or 256 rows; else ``(0, 16)``. None on
+    one pass spill 192-256 bytes, in two passes of 4 none): 8 slots at 64 or 256 rows; and if a batch of ``rows``
+    rows can take them (``SLOT_TASKS * SLOT_ROWS`` at least ``rows``: the slots hold every row), else the kernel
+    would compile loops that never run and the groups' loops would pay for running at least one step beside them;
+    else ``(0, 16)``. None on
     GPUs of compute capability ``major`` under 9, whose ``mma.sync`` dots take their operands in more registers
     (triton 3.6 and 3.9, sm_80, 64 rows, 8 slots: 144 bytes of stack at 255 registers)."""
     slot_rows = 16 if groups <= MIXED_SEGMENTS else 32
@@ -1756,7 +1762,7 @@ def mixed_slots(
         return 0, 16
     slots = min((1 << id_bits) - 1, max_task)
     per_pass = ceil_div(slots, slot_passes(slot_rows))
-    fits = 2 <= slots and per_pass * slot_rows <= 16 * min(groups, MIXED_SEGMENTS)
+    fits = 2 <= slots and per_pass * slot_rows <= 16 * min(groups, MIXED_SEGMENTS) and slots * slot_rows >= rows
     return (slots, slot_rows) if fits else (0, 16)
 
 
@@ -2207,7 +2213,7 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
         ),
     }
     plan.flags["SLOT_TASKS"], plan.flags["SLOT_ROWS"] = mixed_slots(
-        id_bits, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors), groups, major
+        id_bits, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors), groups, rows, major
     )
     plan.family = "mixed2"
 

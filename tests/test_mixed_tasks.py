@@ -832,20 +832,26 @@ def test_v2_slots_run_every_task_of_the_layer_with_its_task_compiled_in(id_bits,
 
 def test_v2_slots_only_where_their_loop_compiles_clean():
     """Slots (``linear.mixed_slots``): compact ids with the mask, 16-bit operands, splits on whole chunks, 2 or more
-    tasks whose slots hold no more rows than the pass's groups (16-row slots beside passes of up to 8 groups, up to
-    128 rows; 32-row slots beside 16 groups), sm_90 and later; else none."""
+    tasks whose slots hold no more rows per pass than the pass's groups (16-row slots beside passes of up to 8
+    groups, up to 128 rows; 32-row slots beside more) and together at least the batch's rows, sm_90 and later; else
+    none."""
     from packnet_kernels import linear
 
-    assert linear.mixed_slots(4, True, 2, 1, 0, 8, 8) == (8, 16)
-    assert linear.mixed_slots(4, True, 2, 1, 0, 8, 16) == (8, 32)  # 256 rows: 8 slots of 32 rows
-    assert linear.mixed_slots(4, True, 2, 2, 256, 15, 8) == (0, 16)  # 15 tasks, 8 groups
-    assert linear.mixed_slots(4, True, 2, 2, 256, 9, 16) == (0, 16)  # 9 slots of 32 rows: more than 16 groups
-    assert linear.mixed_slots(2, True, 2, 2, 256, 5, 8) == (3, 16)  # 2-bit ids name 3 tasks
-    assert linear.mixed_slots(2, True, 2, 1, 0, 1, 8) == (0, 16)  # one task: the one-task loop
-    for args in [(8, True, 2, 1, 0, 8, 8), (4, False, 2, 1, 0, 8, 8), (4, True, 4, 1, 0, 8, 8),
-                 (4, True, 2, 2, 96, 8, 8), (4, True, 2, 1, 0, 8, 4)]:  # fmt: skip
+    assert linear.mixed_slots(4, True, 2, 1, 0, 8, 8, 64) == (8, 16)
+    assert linear.mixed_slots(4, True, 2, 1, 0, 8, 16, 256) == (8, 32)  # 256 rows: 8 slots of 32 rows
+    assert linear.mixed_slots(4, True, 2, 1, 0, 8, 9, 129) == (8, 32)
+    assert linear.mixed_slots(4, True, 2, 2, 256, 15, 8, 64) == (0, 16)  # 15 tasks, 8 groups
+    assert linear.mixed_slots(4, True, 2, 2, 256, 9, 16, 256) == (0, 16)  # 9 slots of 32 rows: over 8 groups' rows
+    assert linear.mixed_slots(2, True, 2, 2, 256, 5, 8, 48) == (3, 16)  # 2-bit ids name 3 tasks
+    assert linear.mixed_slots(2, True, 2, 1, 0, 1, 8, 16) == (0, 16)  # one task: the one-task loop
+    # Slots that cannot hold the batch's rows (a task would fill more than one group): none compiled.
+    assert linear.mixed_slots(2, True, 2, 1, 0, 3, 8, 49) == (0, 16)  # 3 slots of 16 rows
+    assert linear.mixed_slots(2, True, 2, 1, 0, 3, 13, 200) == (0, 16)  # 3 slots of 32 rows
+    assert linear.mixed_slots(4, True, 2, 1, 0, 4, 9, 129) == (0, 16)  # 4 slots of 32 rows
+    for args in [(8, True, 2, 1, 0, 8, 8, 64), (4, False, 2, 1, 0, 8, 8, 64), (4, True, 4, 1, 0, 8, 8, 64),
+                 (4, True, 2, 2, 96, 8, 8, 64), (4, True, 2, 1, 0, 8, 4, 4)]:  # fmt: skip
         assert linear.mixed_slots(*args) == (0, 16), args
-    assert linear.mixed_slots(4, True, 2, 1, 0, 8, 8, major=8) == (0, 16)
+    assert linear.mixed_slots(4, True, 2, 1, 0, 8, 8, 64, major=8) == (0, 16)
 
 
 @pytest.mark.interpreter
@@ -857,8 +863,10 @@ def test_v2_slots_only_where_their_loop_compiles_clean():
         (2, 3, 3, [1, 2, 3, 4]),  # a task past the tables
         (2, 3, 5, [1, 2, 4, 4]),  # a task the tables hold past the slots (2-bit ids name 3): it sees every owner
         (2, 3, 5, [4, 5, 5]),
+        (4, 8, 8, [0] * 4 + [task for task in range(1, 9) for _ in range(19)]),  # 156 rows: 32-row slots but task 0
+        (4, 8, 8, [task for task in range(1, 10) for _ in range(17)]),  # 153 rows, task 9 past the tables
     ],
-    ids=["task0", "task-1", "past-tables", "past-slots", "past-slots-only"],
+    ids=["task0", "task-1", "past-tables", "past-slots", "past-slots-only", "156rows-task0", "153rows-past-tables"],
 )
 def test_v2_slots_leave_batches_with_tasks_outside_them_to_the_groups(id_bits, layer_tasks, table_tasks, tasks):
     """A batch on compact ids holding a task outside the slots' 1..``SLOT_TASKS`` takes the groups: rows of invalid
