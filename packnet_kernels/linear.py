@@ -1331,7 +1331,7 @@ def _mixed_linear_kernel(
     elif SLOT_TASKS > 0 and slots_fit:
         # Slots of 32 rows run in two passes over K (each reads the weight and ids again): a pass's accumulators are
         # those of 16-row slots, whose loop fits the registers beside 16 groups (one pass of 8 x 32 rows spills).
-        PASSES: tl.constexpr = SLOT_ROWS // 16
+        PASSES: tl.constexpr = SLOT_ROWS // 16  # linear.slot_passes, which the host's bounds count
         PER_PASS: tl.constexpr = (SLOT_TASKS + PASSES - 1) // PASSES
         for PASS in tl.static_range(PASSES):
             _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
@@ -1744,18 +1744,16 @@ def mixed_slots(
     major: int = 9,
 ) -> tuple[int, int]:
     """``(SLOT_TASKS, SLOT_ROWS)`` of a v2 launch of ``rows`` rows whose passes unroll ``groups`` groups of 16 rows:
-    where the fields
-    layout's loop applies (:func:`fields_loop_applies`), one slot per task up to ``2**id_bits - 1`` and
-    ``max_task`` (:func:`_slot_sums`), each of ``SLOT_ROWS`` rows: 16 beside passes of at most
+    where the fields layout's loop applies (:func:`fields_loop_applies`), one slot per task up to ``2**id_bits - 1``
+    and ``max_task`` (:func:`_slot_sums`), each of ``SLOT_ROWS`` rows: 16 beside passes of at most
     :data:`MIXED_SEGMENTS` groups (batches up to 128 rows), else 32 (256 rows over 8 tasks of 32 rows each), in
     :func:`slot_passes` passes over K. If at least 2 slots and a pass's accumulators no more than the rows of
     ``groups`` and of :data:`MIXED_SEGMENTS` groups (triton 3.6 and 3.9, sm_90, fp16, 256 rows: 8 slots of 32 rows in
     one pass spill 192-256 bytes, in two passes of 4 none): 8 slots at 64 or 256 rows; and if a batch of ``rows``
     rows can take them (``SLOT_TASKS * SLOT_ROWS`` at least ``rows``: the slots hold every row), else the kernel
     would compile loops that never run and the groups' loops would pay for running at least one step beside them;
-    else ``(0, 16)``. None on
-    GPUs of compute capability ``major`` under 9, whose ``mma.sync`` dots take their operands in more registers
-    (triton 3.6 and 3.9, sm_80, 64 rows, 8 slots: 144 bytes of stack at 255 registers)."""
+    else ``(0, 16)``. None on GPUs of compute capability ``major`` under 9, whose ``mma.sync`` dots take their
+    operands in more registers (triton 3.6 and 3.9, sm_80, 64 rows, 8 slots: 144 bytes of stack at 255 registers)."""
     slot_rows = 16 if groups <= MIXED_SEGMENTS else 32
     applies = fields_loop_applies(id_bits, use_mask, element_size, split_k, k_per_split)
     if not applies or major < 9:
