@@ -961,7 +961,6 @@ def _group_sums(
     ID_BITS: tl.constexpr,
     USE_ASM: tl.constexpr,
     GROUPS: tl.constexpr,
-    STEP_ONCE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -972,12 +971,19 @@ def _group_sums(
     again only where a group's task differs from the previous group's (the groups are sorted by task, so once per
     distinct task); every group then runs one dot on its own rows. The ``if`` holds no load and no dot: a dot
     inside a run-time ``if`` would lose the loop's pipelining (no ``cp.async`` stages), a select inside one does not
-    (triton 3.6 and 3.9, sm_90).
+    (triton 3.6 and 3.9, sm_90). Every group's dot is waited for before the next group's ``if`` (and the last
+    group's before the next step's first mask: :func:`_wait_for`): the mask an ``if`` may build gives the next dot's
+    operand registers a second definition, and while a dot still reads them ptxas serialises every wgmma of the
+    kernel (note C7513, "non wgmma instructions defining input registers"): each HGMMA of every loop waited for
+    before the next, the slots' and the one-task fields loops' too. Masking every group instead (no ``if``) costs a
+    mask per padding group and per group of a task's run: 8 rows over 2 tasks 101 -> 267 us by the model
+    (benchmarks/NOTES.md, "v8 mixed (v2), serialised wgmma").
 
-    ``STEP_ONCE``: the loop runs at least one step, as :func:`_task_sums` does (a program's K range is never empty, so
-    no result changes): beside the slots (:func:`_slot_sums`) triton 3.9's ptxas (CUDA 13) otherwise serialises a
-    wgmma of this loop (C7515: the accumulators' zeros reach the epilogue on a path around it), while without them
-    the plain range compiles 2-5 % shorter on triton 3.6."""
+    The loop runs at least one step, as :func:`_task_sums` does (a program's K range is never empty, so no result
+    changes): on a plain range, which the compiler cannot prove runs, the accumulators' zeros reach the epilogue on
+    a path around the loop too, and ptxas serialises every wgmma of the kernel (C7515; triton 3.6: the 256-row uint8
+    kernel, fp32 at 128 rows, bf16 at 256 on 2-bit ids; 3.9 beside the slots), which C7513 hid before the wait
+    above (ptxas names one cause)."""
     accs = ()
     row_masks = ()
     x_ptrs = ()
@@ -985,18 +991,20 @@ def _group_sums(
         accs = accs + (tl.zeros((BLOCK_N, rows[j].shape[0]), dtype=tl.float32),)
         row_masks = row_masks + ((rows[j] >= 0)[None, :],)
         x_ptrs = x_ptrs + (x_ptr + (k_start + offs_k)[:, None].to(tl.int64) * stride_xk + rows[j][None, :] * stride_xm,)
-    if STEP_ONCE:
-        for step in range(0, tl.maximum(tl.cdiv(k_end - k_start, BLOCK_K), 1)):
-            accs, w_ptrs, ids_ptrs = _group_step(accs, k_start + step * BLOCK_K, w_ptrs, ids_ptrs, x_ptrs, row_masks,
-                                                 tasks, offs_k, n_mask, k_start, K, stride_wk, stride_idk, stride_xk,
-                                                 USE_MASK, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, GROUPS,
-                                                 BLOCK_K)  # fmt: skip
-    else:
-        for k in range(k_start, k_end, BLOCK_K):
-            accs, w_ptrs, ids_ptrs = _group_step(accs, k, w_ptrs, ids_ptrs, x_ptrs, row_masks, tasks, offs_k, n_mask,
-                                                 k_start, K, stride_wk, stride_idk, stride_xk, USE_MASK, UPCAST_BF16,
-                                                 INPUT_PRECISION, ID_BITS, USE_ASM, GROUPS, BLOCK_K)  # fmt: skip
+    for step in range(0, tl.maximum(tl.cdiv(k_end - k_start, BLOCK_K), 1)):
+        accs, w_ptrs, ids_ptrs = _group_step(accs, k_start + step * BLOCK_K, w_ptrs, ids_ptrs, x_ptrs, row_masks, tasks,
+                                             offs_k, n_mask, k_start, K, stride_wk, stride_idk, stride_xk, USE_MASK,
+                                             UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, GROUPS,
+                                             BLOCK_K)  # fmt: skip
     return accs
+
+
+@triton.jit
+def _wait_for(acc):
+    """A read of the fp32 tile ``acc`` that the compiler keeps (an impure asm that writes a register of its own and
+    nothing else): Triton waits here for the dot that computed ``acc`` (``wgmma.wait_group``), as before any use
+    of a dot's result outside the next dot."""
+    tl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [acc], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -1023,6 +1031,10 @@ def _group_step(accs, k, w_ptrs, ids_ptrs, x_ptrs, row_masks, tasks, offs_k, n_m
             if UPCAST_BF16:
                 w_task = w_task.to(tl.float32)
         elif USE_MASK:
+            if USE_ASM:
+                # The dot before is done before a new mask may take its operand's registers (else ptxas serialises
+                # every wgmma of the kernel, C7513; triton 3.6 and 3.9).
+                _wait_for(new_accs[j - 1])
             if tasks[j] != tasks[j - 1]:
                 w_task = _keep_task(w, ids, k, offs_k, k_remaining, tasks[j], False, ID_BITS)
                 if UPCAST_BF16:
@@ -1030,6 +1042,10 @@ def _group_step(accs, k, w_ptrs, ids_ptrs, x_ptrs, row_masks, tasks, offs_k, n_m
         if UPCAST_BF16:
             xt = xt.to(tl.float32)
         new_accs = new_accs + (tl.dot(w_task, xt, accs[j], input_precision=INPUT_PRECISION),)
+    if USE_MASK and USE_ASM and GROUPS > 1:
+        # So is the last group's before the next step's first mask (LLVM may give the two masks, both feeding a
+        # branch's merge, one set of registers: triton 3.6, fp32 dots).
+        _wait_for(new_accs[GROUPS - 1])
     return new_accs, w_ptrs + BLOCK_K * stride_wk, ids_ptrs
 
 
@@ -1085,7 +1101,6 @@ def _groups_pass(
     ONE_TASK: tl.constexpr,
     TASK: tl.constexpr,
     SLOT_PASS: tl.constexpr,
-    STEP_ONCE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -1143,7 +1158,7 @@ def _groups_pass(
                                              GROUPS, GROUP_ROWS)  # fmt: skip
         accs = _group_sums(w_ptrs, ids_ptrs, x_ptr, tasks, rows, offs_k, n_mask, k_start, k_end, K, stride_wk,
                            stride_idk, stride_xm, stride_xk, USE_MASK, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM,
-                           GROUPS, STEP_ONCE, BLOCK_N, BLOCK_K)  # fmt: skip
+                           GROUPS, BLOCK_N, BLOCK_K)  # fmt: skip
     finish = True
     if SPLIT:
         # Partials by input row ([SPLIT_K, M, N] fp32): each row lies in one group, padding slots store nothing.
@@ -1327,7 +1342,7 @@ def _mixed_linear_kernel(
                              stride_idk, stride_bias, stride_scale, stride_shift, stride_bias_task, stride_scale_task,
                              stride_shift_task, stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK,
                              SPLIT, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, 1, ONE_ROWS, True,
-                             COPY * (FIELD_TASKS > 0), False, False, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
+                             COPY * (FIELD_TASKS > 0), False, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
     elif SLOT_TASKS > 0 and slots_fit:
         # Slots of 32 rows run in two passes over K (each reads the weight and ids again): a pass's accumulators are
         # those of 16-row slots, whose loop fits the registers beside 16 groups (one pass of 8 x 32 rows spills).
@@ -1340,7 +1355,7 @@ def _mixed_linear_kernel(
                          stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task,
                          stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16,
                          INPUT_PRECISION, ID_BITS, USE_ASM, min(PER_PASS, SLOT_TASKS - PASS * PER_PASS), SLOT_ROWS,
-                         False, PASS * PER_PASS + 1, True, False, BLOCK_N, BLOCK_K)  # fmt: skip
+                         False, PASS * PER_PASS + 1, True, BLOCK_N, BLOCK_K)  # fmt: skip
     elif WIDE_GROUPS > 0 and wide_count <= WIDE_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr + M * 16, group_tasks_ptr + M, wide_count, 0, first_counter, offs_k, offs_n,
@@ -1348,7 +1363,7 @@ def _mixed_linear_kernel(
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, USE_ASM, WIDE_GROUPS, 64, False, 0, False, SLOT_TASKS > 0, BLOCK_N,
+                     ID_BITS, USE_ASM, WIDE_GROUPS, 64, False, 0, False, BLOCK_N,
                      BLOCK_K)  # fmt: skip
     elif FEW_GROUPS < GROUPS and group_count <= FEW_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
@@ -1356,7 +1371,7 @@ def _mixed_linear_kernel(
                      k_end, M, N, K, max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias,
                      stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym,
                      stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                     ID_BITS, USE_ASM, FEW_GROUPS, 16, False, 0, False, SLOT_TASKS > 0, BLOCK_N,
+                     ID_BITS, USE_ASM, FEW_GROUPS, 16, False, 0, False, BLOCK_N,
                      BLOCK_K)  # fmt: skip
     else:
         for first_group in range(0, group_count, GROUPS):
@@ -1366,7 +1381,7 @@ def _mixed_linear_kernel(
                          max_task, stride_xm, stride_xk, stride_wk, stride_idk, stride_bias, stride_scale,
                          stride_shift, stride_bias_task, stride_scale_task, stride_shift_task, stride_ym, stride_yn,
                          HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16, INPUT_PRECISION,
-                         ID_BITS, USE_ASM, GROUPS, 16, False, 0, False, SLOT_TASKS > 0, BLOCK_N,
+                         ID_BITS, USE_ASM, GROUPS, 16, False, 0, False, BLOCK_N,
                          BLOCK_K)  # fmt: skip
 
 
@@ -1751,9 +1766,9 @@ def mixed_slots(
     ``groups`` and of :data:`MIXED_SEGMENTS` groups (triton 3.6 and 3.9, sm_90, fp16, 256 rows: 8 slots of 32 rows in
     one pass spill 192-256 bytes, in two passes of 4 none): 8 slots at 64 or 256 rows; and if a batch of ``rows``
     rows can take them (``SLOT_TASKS * SLOT_ROWS`` at least ``rows``: the slots hold every row), else the kernel
-    would compile loops that never run and the groups' loops would pay for running at least one step beside them;
-    else ``(0, 16)``. None on GPUs of compute capability ``major`` under 9, whose ``mma.sync`` dots take their
-    operands in more registers (triton 3.6 and 3.9, sm_80, 64 rows, 8 slots: 144 bytes of stack at 255 registers)."""
+    would compile loops that never run, whose registers the kernel's other loops share; else ``(0, 16)``. None on
+    GPUs of compute capability ``major`` under 9, whose ``mma.sync`` dots take their operands in more registers
+    (triton 3.6 and 3.9, sm_80, 64 rows, 8 slots: 144 bytes of stack at 255 registers)."""
     slot_rows = 16 if groups <= MIXED_SEGMENTS else 32
     applies = fields_loop_applies(id_bits, use_mask, element_size, split_k, k_per_split)
     if not applies or major < 9:

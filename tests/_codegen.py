@@ -71,7 +71,8 @@ def _load_bytes(instruction: str) -> int:
 def sass_loops(sass: str) -> list[dict]:
     """The loops of a kernel's SASS that hold tensor-core instructions (its main loops), innermost first by
     address: per loop ``instructions`` (per iteration: one K step), a Counter ``kinds`` of :data:`SASS_KINDS`
-    (``other`` for the rest: moves, uniform-datapath and branch instructions) and ``opcodes``."""
+    (``other`` for the rest: moves, uniform-datapath and branch instructions), ``opcodes`` and ``waits`` (its
+    ``WARPGROUP.DEPBAR`` instructions that wait until none of the warpgroup's wgmma is in flight)."""
     instructions = [(int(address, 16), opcode) for address, opcode, _ in _SASS.findall(sass)]
     targets = [
         (int(target.group(1), 16), address)
@@ -90,7 +91,14 @@ def sass_loops(sass: str) -> list[dict]:
         for opcode, count in opcodes.items():
             kind = next((name for name, members in SASS_KINDS.items() if opcode in members), "other")
             kinds[kind] += count
-        loops.append({"start": start, "instructions": len(body), "kinds": kinds, "opcodes": opcodes})
+        # Waits until no wgmma is in flight (WARPGROUP.DEPBAR.LE gsb0, 0x0): one after every HGMMA is a serialised
+        # loop, however ptxas got there (a wait that leaves some in flight, 0x7, is not counted).
+        waits = sum(
+            opcode.startswith("WARPGROUP.DEPBAR") and re.search(r",\s*0x0\s*$", operands) is not None
+            for address, opcode, operands in _SASS.findall(sass)
+            if start <= int(address, 16) <= end
+        )
+        loops.append({"start": start, "instructions": len(body), "kinds": kinds, "opcodes": opcodes, "waits": waits})
     # Keep innermost loops only: a loop containing another loop's tensor instructions is an outer one.
     starts = [(loop["start"], loop["start"] + 16 * loop["instructions"]) for loop in loops]
     return [
@@ -102,8 +110,11 @@ def sass_loops(sass: str) -> list[dict]:
 
 
 def serialized_wgmma(ptx: str, bin_dir: str) -> int:
-    """How many C7515 notes (``wgmma.mma_async instructions are serialized``) ptxas gives for ``ptx`` on sm_90a.
-    Triton 3.9 writes PTX 9.x, which only its ``ptxas-blackwell`` (CUDA 13) reads; 3.6's ``ptxas`` reads its own."""
+    """How many notes ``wgmma.mma_async instructions are serialized`` ptxas gives for ``ptx`` on sm_90a, whatever
+    their cause: C7515 (non-wgmma instructions defining the accumulator registers) or C7513 (defining a wgmma's
+    input registers between the start and end of its pipeline stage) or another (C7517 seen); each makes ptxas
+    wait for every wgmma of the kernel before the next. Triton 3.9 writes PTX 9.x, which only its
+    ``ptxas-blackwell`` (CUDA 13) reads; 3.6's ``ptxas`` reads its own."""
     with tempfile.TemporaryDirectory() as scratch:
         source = os.path.join(scratch, "kernel.ptx")
         with open(source, "w") as handle:
@@ -118,7 +129,7 @@ def serialized_wgmma(ptx: str, bin_dir: str) -> int:
                 text=True,
             )
             if run.returncode == 0:
-                return run.stderr.count("C7515")
+                return run.stderr.count("wgmma.mma_async instructions are serialized")
     raise RuntimeError("no bundled ptxas could assemble the kernel's PTX")
 
 
