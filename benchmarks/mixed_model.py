@@ -32,7 +32,9 @@ HERE = Path(__file__).resolve().parent
 #   ``ceil(groups / GROUPS)`` passes of the full loop, each reading the weight and ids from DRAM again. A loop's
 #   instructions per step at run time: the loop compiled without the predicate, plus per distinct task of the pass
 #   one mask (the compiled loop's extra instructions per group: a group whose task repeats skips its mask).
-#   Tensor work: every unrolled group's dot. The autotuner keeps the fastest config that fits: so does the model.
+#   Tensor work: every unrolled group's dot. A kernel whose wgmma ptxas serialises (its notes C7513 or C7515,
+#   tests/_codegen.py) adds its tensor time to its issue time (costmodel.combine). The autotuner keeps the fastest
+#   config that fits: so does the model.
 
 # benchmarks/mixed.py's layer (out, in), batches and task counts (test_mixed.py checks they agree).
 MODEL_LAYER = (11008, 4096)
