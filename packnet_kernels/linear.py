@@ -230,8 +230,11 @@ def _keep_task(w, ids, k, offs_k, ids_remaining, task, TILE_MAP: tl.constexpr, I
 
 
 @triton.jit
-def _load_weight(w_ptrs, n_mask, offs_k, k_remaining):
-    """One step's weight tile ``[BLOCK_N, BLOCK_K]``; columns from ``k_remaining`` on are 0."""
+def _load_weight(w_ptrs, n_mask, offs_k, k_remaining, EVEN_K: tl.constexpr = False):
+    """One step's weight tile ``[BLOCK_N, BLOCK_K]``; columns from ``k_remaining`` on are 0. ``EVEN_K``: the step
+    lies inside K (no column bound to check)."""
+    if EVEN_K:
+        return tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
     return tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k < k_remaining)[None, :], other=0.0)
 
 
@@ -245,10 +248,15 @@ def _masked_step(w, ids_ptrs, n_mask, k, offs_k, ids_remaining, task, TILE_MAP: 
 
 
 @triton.jit
-def _dot_step(acc, w, xt_ptrs, k_mask, m_mask, UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _dot_step(acc, w, xt_ptrs, k_mask, m_mask, UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              EVEN_K: tl.constexpr = False):  # fmt: skip
     """One K step of the single-task loops: ``acc + w @ xt``, the activations ``xt`` ``[BLOCK_K, BLOCK_M]`` loaded
-    from ``xt_ptrs`` (rows ``k_mask``, columns ``m_mask``), bf16 operands upcast under the interpreter."""
-    xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+    from ``xt_ptrs`` (rows ``k_mask``, or all with ``EVEN_K``; columns ``m_mask``), bf16 operands upcast under the
+    interpreter."""
+    if EVEN_K:
+        xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0)
+    else:
+        xt = tl.load(xt_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
     if UPCAST_BF16:
         w = w.to(tl.float32)
         xt = xt.to(tl.float32)
@@ -276,6 +284,7 @@ def _field_sums(
     USE_ASM: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CHUNK_STAGES: tl.constexpr = None,
+    EVEN_K: tl.constexpr = False,
 ):
     """Task ``TASK``'s sums over ``[k_start, k_end)`` on ids in the fields layout: ``acc + w_masked @ xt``, the same
     ``BLOCK_K``-column dots in the same order as :func:`_task_sums` (``BLOCK_K`` at most the layout's span ``S = 16 *
@@ -287,7 +296,8 @@ def _field_sums(
     layout up to the loads (``MMAV3HoistLayoutConversion``): the masked tile is built in the registers wgmma reads,
     with no shared-memory round trip (``tests/test_codegen.py``). Runs at least one chunk (see :func:`_task_sums`).
     ``CHUNK_STAGES``: the loop's pipeline depth in chunks where it is not the launch's ``num_stages`` (a kernel whose
-    other loops step ``BLOCK_K`` columns at a time)."""
+    other loops step ``BLOCK_K`` columns at a time). ``EVEN_K``: K is a whole number of chunks, so no step checks
+    its columns against K (triton 3.6, sm_90, 4-bit ids: 8 % fewer instructions per chunk)."""
     SPAN: tl.constexpr = 16 * ID_BITS
     tl.static_assert(BLOCK_K <= SPAN, "the fields layout's loop takes BLOCK_K <= 16 * ID_BITS")
     FIELDS: tl.constexpr = 8 // ID_BITS
@@ -301,9 +311,9 @@ def _field_sums(
             for run in tl.static_range(RUNS):
                 k_remaining = K - (k_start + chunk * _CHUNK + field * SPAN + run * BLOCK_K)
                 k_mask = offs_k < k_remaining
-                w = keep_field_owners(_load_weight(w_ptrs, n_mask, offs_k, k_remaining), runs[run], field, TASK,
-                                      ID_BITS, USE_ASM)  # fmt: skip
-                acc = _dot_step(acc, w, xt_ptrs, k_mask, m_mask, UPCAST_BF16, INPUT_PRECISION)
+                w = keep_field_owners(_load_weight(w_ptrs, n_mask, offs_k, k_remaining, EVEN_K), runs[run], field,
+                                      TASK, ID_BITS, USE_ASM)  # fmt: skip
+                acc = _dot_step(acc, w, xt_ptrs, k_mask, m_mask, UPCAST_BF16, INPUT_PRECISION, EVEN_K)
                 w_ptrs += BLOCK_K * stride_wk
                 xt_ptrs += BLOCK_K * stride_xk
     return acc
@@ -331,6 +341,7 @@ def _slot_sums(
     SLOTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """``SLOTS`` fp32 ``[BLOCK_N, rows]`` sums over ``[k_start, k_end)`` on ids in the fields layout, slot ``s``'s
     ``W_{FIRST_TASK + s} x[rows[s]]^T`` (``rows``: a tuple of ``SLOTS`` int64 ``[16]`` or ``[32]`` input rows, -1
@@ -365,10 +376,14 @@ def _slot_sums(
                 step = chunk * _CHUNK + field * SPAN + run * BLOCK_K
                 k_remaining = K - (k_start + step)
                 k_mask = (offs_k < k_remaining)[:, None]
-                w = _load_weight(w_ptrs, n_mask, offs_k, k_remaining)
+                w = _load_weight(w_ptrs, n_mask, offs_k, k_remaining, EVEN_K)
                 new_accs = ()
                 for s in tl.static_range(SLOTS):
-                    xt = tl.load(x_ptrs[s] + step * stride_xk, mask=k_mask & row_masks[s], other=0.0)
+                    if EVEN_K:
+                        # K a whole number of chunks: every step inside K, the rows' mask alone.
+                        xt = tl.load(x_ptrs[s] + step * stride_xk, mask=row_masks[s], other=0.0)
+                    else:
+                        xt = tl.load(x_ptrs[s] + step * stride_xk, mask=k_mask & row_masks[s], other=0.0)
                     w_task = keep_field_owners(w, runs[run], field, FIRST_TASK + s, ID_BITS, USE_ASM)
                     if UPCAST_BF16:
                         w_task = w_task.to(tl.float32)
@@ -634,6 +649,7 @@ def _masked_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_N: tl.constexpr,
+    EVEN_K: tl.constexpr = False,
 ):
     """``y[m, n] = epilogue(sum_k x[m, k] * where((ids[n, k] != 0) & (ids[n, k] <= active_task), w[n, k], 0))``.
 
@@ -663,7 +679,8 @@ def _masked_linear_kernel(
 
     ``TASK`` (compact ids, one task, splits on whole chunks of the layout): ``active_task`` clamped to ``2**ID_BITS -
     1``, compiled in; the loop is then :func:`_field_sums` (its checked spans, with ``TILE_MAP``, read no cells per
-    step). 0: the task is ``active_task`` at run time.
+    step). 0: the task is ``active_task`` at run time. ``EVEN_K`` (:func:`whole_chunks`): K is a whole number of
+    the fields layout's chunks, so that loop checks no column against K.
 
     ``MIXED`` (a mixed-task batch; ``active_task`` unused): ``row_tasks_ptr`` ``[M]`` (any integer dtype) holds the
     rows' tasks sorted increasingly and ``row_order_ptr`` ``[M]`` int64 the input row of each sorted position, so
@@ -787,7 +804,7 @@ def _masked_linear_kernel(
                     # The fields layout's loop reads no map per step (run 4: per-step skips saved nothing).
                     acc = _field_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, offs_k, n_mask, m_mask, k_start, k_end, K,
                                       stride_wk, stride_xk, UPCAST_BF16, INPUT_PRECISION, TASK, ID_BITS, USE_ASM,
-                                      BLOCK_K)  # fmt: skip
+                                      BLOCK_K, None, EVEN_K)  # fmt: skip
                 else:
                     acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, map_ptrs, cell_row_mask, offs_cell_k, offs_k,
                                      n_mask, m_mask, k_start, k_end, K, active_task, stride_map_plane, stride_wk,
@@ -795,7 +812,8 @@ def _masked_linear_kernel(
                                      INPUT_PRECISION, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
         elif TASK > 0:
             acc = _field_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, offs_k, n_mask, m_mask, k_start, k_end, K, stride_wk,
-                              stride_xk, UPCAST_BF16, INPUT_PRECISION, TASK, ID_BITS, USE_ASM, BLOCK_K)  # fmt: skip
+                              stride_xk, UPCAST_BF16, INPUT_PRECISION, TASK, ID_BITS, USE_ASM, BLOCK_K, None,
+                              EVEN_K)  # fmt: skip
         else:
             acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, None, None, offs_k, n_mask, m_mask, k_start, k_end,
                              K, active_task, 0, stride_wk, stride_idk, stride_xk, USE_MASK, False, False, CELL_K,
@@ -1103,6 +1121,7 @@ def _groups_pass(
     SLOT_PASS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr = False,
 ):
     """One pass of a v2 program over its K range for the groups ``first_group .. first_group + GROUPS``: their sums
     (:func:`_group_sums`), the split-K reduction (counter ``counter_index``) and each group's epilogue and rows.
@@ -1128,7 +1147,8 @@ def _groups_pass(
             # Two chunks in flight (256 columns; the other loops keep num_stages steps of 32): the shared memory of the
             # kernel's largest loop, not four chunks' (1 program per SM instead of 2 for the mixed loops).
             acc = _field_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, offs_k, n_mask, m_mask, k_start, k_end, K, stride_wk,
-                              stride_xk, UPCAST_BF16, INPUT_PRECISION, TASK, ID_BITS, USE_ASM, BLOCK_K, 2)  # fmt: skip
+                              stride_xk, UPCAST_BF16, INPUT_PRECISION, TASK, ID_BITS, USE_ASM, BLOCK_K, 2,
+                              EVEN_K)  # fmt: skip
         else:
             acc = _task_sums(acc, w_ptrs, ids_ptrs, xt_ptrs, None, n_mask, offs_k, offs_k, n_mask, m_mask, k_start,
                              k_end, K, task, 0, stride_wk, stride_idk, stride_xk, USE_MASK, False, False, BLOCK_K,
@@ -1152,7 +1172,7 @@ def _groups_pass(
             tasks, valid, rows = tasks + (slot_task,), valid + (slot_task > 0,), rows + (slot_rows,)
         accs = _slot_sums(w_ptrs, ids_ptrs, x_ptr, rows, offs_k, n_mask, k_start, k_end, K, stride_wk, stride_xm,
                           stride_xk, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, TASK, GROUPS, BLOCK_N,
-                          BLOCK_K)  # fmt: skip
+                          BLOCK_K, EVEN_K)  # fmt: skip
     else:
         tasks, valid, rows = _group_operands(group_rows_ptr, group_tasks_ptr, group_count, first_group, max_task,
                                              GROUPS, GROUP_ROWS)  # fmt: skip
@@ -1264,6 +1284,7 @@ def _mixed_linear_kernel(
     SLOT_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr = False,
 ):
     """A mixed-task batch of up to ``MIXED_V2_MAX_ROWS`` rows: ``y[m] = epilogue_{t_m}(W_{t_m} x[m])`` with ``W_t =
     where((ids != 0) & (ids <= t), w, 0)`` and ``t_m`` row ``m``'s task.
@@ -1299,7 +1320,8 @@ def _mixed_linear_kernel(
     reaches its rows (the select drops it before the dot). No tile map: the program serves every task of the batch,
     so a tile is skippable only when no task of the batch uses it, and run 4 found per-step skips no faster in a
     loop bound by its steps (NOTES.md). Batches above ``MIXED_V2_MAX_ROWS`` rows take ``MIXED`` in
-    :func:`_masked_linear_kernel` (v1), whose 16-row tiles pass over K for every 8 tasks they hold."""
+    :func:`_masked_linear_kernel` (v1), whose 16-row tiles pass over K for every 8 tasks they hold. ``EVEN_K``
+    (:func:`whole_chunks`): the fields copies and the slots check no column against K."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1342,7 +1364,7 @@ def _mixed_linear_kernel(
                              stride_idk, stride_bias, stride_scale, stride_shift, stride_bias_task, stride_scale_task,
                              stride_shift_task, stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK,
                              SPLIT, UPCAST_BF16, INPUT_PRECISION, ID_BITS, USE_ASM, 1, ONE_ROWS, True,
-                             COPY * (FIELD_TASKS > 0), False, BLOCK_N, ONE_BLOCK_K)  # fmt: skip
+                             COPY * (FIELD_TASKS > 0), False, BLOCK_N, ONE_BLOCK_K, EVEN_K)  # fmt: skip
     elif SLOT_TASKS > 0 and slots_fit:
         # Slots of 32 rows run in two passes over K (each reads the weight and ids again): a pass's accumulators are
         # those of 16-row slots, whose loop fits the registers beside 16 groups (one pass of 8 x 32 rows spills).
@@ -1355,7 +1377,7 @@ def _mixed_linear_kernel(
                          stride_scale, stride_shift, stride_bias_task, stride_scale_task, stride_shift_task,
                          stride_ym, stride_yn, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU, USE_MASK, SPLIT, UPCAST_BF16,
                          INPUT_PRECISION, ID_BITS, USE_ASM, min(PER_PASS, SLOT_TASKS - PASS * PER_PASS), SLOT_ROWS,
-                         False, PASS * PER_PASS + 1, True, BLOCK_N, BLOCK_K)  # fmt: skip
+                         False, PASS * PER_PASS + 1, True, BLOCK_N, BLOCK_K, EVEN_K)  # fmt: skip
     elif WIDE_GROUPS > 0 and wide_count <= WIDE_GROUPS:
         _groups_pass(x_ptr, w_ptrs, ids_ptrs, bias_ptr, scale_ptr, shift_ptr, y_ptr, partials_ptr, counters_ptr,
                      group_rows_ptr + M * 16, group_tasks_ptr + M, wide_count, 0, first_counter, offs_k, offs_n,
@@ -1779,6 +1801,13 @@ def mixed_slots(
     return (slots, slot_rows) if fits else (0, 16)
 
 
+def whole_chunks(in_features: int) -> bool:
+    """``EVEN_K`` of a launch: ``in_features`` is a whole number of the fields layout's chunks (``CHUNK_COLUMNS``), so
+    no K step of the fields or slots loops, whose splits start on chunks, reaches past K and none checks its columns
+    (4096, 11008, 25088: yes)."""
+    return in_features % CHUNK_COLUMNS == 0
+
+
 def slot_passes(slot_rows: int) -> int:
     """Passes over K of a v2 program's slots of ``slot_rows`` rows (:func:`mixed_slots`): one for 16-row slots, two
     for 32-row ones, each pass holding half the slots (and reading the weight and ids again)."""
@@ -2154,6 +2183,7 @@ def linear_plan(
         "ID_BITS": id_bits,
         "USE_ASM": not plan.interpreted,
         "TASK": 0,
+        "EVEN_K": whole_chunks(in_features),
     }
     # Mixed batches have their own (narrow) tiles at every batch size, and the loop on compact ids its own stages:
     # see _configs.
@@ -2225,6 +2255,7 @@ def _grouped_plan(plan, x, weight, task_ids, bias, scale, shift, relu, use_mask,
             id_bits, one_rows, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors)
         ),
     }
+    plan.flags["EVEN_K"] = whole_chunks(in_features)
     plan.flags["SLOT_TASKS"], plan.flags["SLOT_ROWS"] = mixed_slots(
         id_bits, use_mask, x.element_size(), split_k, k_per_split, task_limit(*vectors), groups, rows, major
     )

@@ -111,10 +111,10 @@ def sass_loops(sass: str) -> list[dict]:
 
 def serialized_wgmma(ptx: str, bin_dir: str) -> int:
     """How many notes ``wgmma.mma_async instructions are serialized`` ptxas gives for ``ptx`` on sm_90a, whatever
-    their cause: C7515 (non-wgmma instructions defining the accumulator registers) or C7513 (defining a wgmma's
-    input registers between the start and end of its pipeline stage) or another (C7517 seen); each makes ptxas
-    wait for every wgmma of the kernel before the next. Triton 3.9 writes PTX 9.x, which only its
-    ``ptxas-blackwell`` (CUDA 13) reads; 3.6's ``ptxas`` reads its own."""
+    their cause: C7515 (non-wgmma instructions defining the accumulator registers), C7513 (defining a wgmma's input
+    registers between the start and end of its pipeline stage) or another; each makes ptxas wait for every wgmma of
+    the kernel before the next (C7517, one wait ptxas injected, is not one of them). Triton 3.9 writes PTX 9.x,
+    which only its ``ptxas-blackwell`` (CUDA 13) reads; 3.6's ``ptxas`` reads its own."""
     with tempfile.TemporaryDirectory() as scratch:
         source = os.path.join(scratch, "kernel.ptx")
         with open(source, "w") as handle:

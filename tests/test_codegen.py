@@ -127,6 +127,7 @@ def _linear_variants() -> list[dict]:
                         "ID_BITS": 8,
                         "USE_ASM": True,
                         "TASK": 0,
+                        "EVEN_K": linear.whole_chunks(k),
                         **config.kwargs,
                     }
                     name = (
@@ -470,7 +471,8 @@ def _mixed_v2_variants() -> list[dict]:
                           FEW_GROUPS=few, WIDE_GROUPS=wide, ONE_ROWS=one_rows, ONE_BLOCK_K=one_block_k,
                           FIELD_TASKS=linear.mixed_field_tasks(bits, one_rows, True, element, 4, 1024,
                                                                layer_tasks or 255),
-                          SLOT_TASKS=slots, SLOT_ROWS=slot_rows, **config.kwargs)  # fmt: skip
+                          SLOT_TASKS=slots, SLOT_ROWS=slot_rows, EVEN_K=linear.whole_chunks(k),
+                          **config.kwargs)  # fmt: skip
         suffix = ("" if precision == "tf32" else f"-{precision}") + (f"-ids{bits}" if bits < 8 else "")
         loop_count = 1 + (few < groups) + (wide > 0) + (one_rows > 0) * max(constexprs["FIELD_TASKS"], 1)
         loop_count += (slots > 0) * slot_rows // 16  # slots of 32 rows: two passes
@@ -596,11 +598,18 @@ def _pruned(variant: dict) -> bool:
 
 
 # Stack frames one Triton version gives a config that the other compiles without (no local memory either way):
-# triton 3.6, the GPU machines' version, spills 8 bytes in the fp32 2-warp tile of a 7x7 stem conv (3.9 does not).
-# (3.9 gave the 4-warp grouped kernel with 8 slots a 16-byte frame and the 256-row one with 8 slots of 32 rows 112
-# bytes until its groups' loop waited for each dot before the next group's mask: 251 and 249 registers now.)
+# triton 3.6, the GPU machines' version, spills 8 bytes in the fp32 2-warp tile of a 7x7 stem conv (3.9 does not),
+# and since the fields and slots loops check no column against K (EVEN_K: 8 % fewer instructions per chunk) 8 bytes
+# in the 4-warp grouped kernel with 8 slots on both versions (on 3.6 one STL and one LDL per chunk of the slots'
+# loop, 1154 instructions, where the column checks cost 101; on 3.9 outside the loops) and on 3.9 in the 128 x 256
+# large-batch tile on 4-bit ids (outside its main loop, which went from 381 to 344 instructions per chunk). (3.9 gave
+# the 256-row grouped kernel with 8 slots of 32 rows a 112-byte frame until its groups' loop waited for each dot
+# before the next group's mask.)
 KNOWN_STACK_BYTES = {
     ("3.6", "conv7x7s2-fp32-sm90-BLOCK_M32-BLOCK_N32-BLOCK_K32-w2-s4"): 8,
+    ("3.6", "linear-mixed2-m64-fp16-sm90-groups4-8-ids4-slots8x16-64x32-w4"): 8,
+    ("3.9", "linear-mixed2-m64-fp16-sm90-groups4-8-ids4-slots8x16-64x32-w4"): 8,
+    ("3.9", "linear-m4096-fp16-sm90-BLOCK_N128-BLOCK_M256-BLOCK_K64-w8-s3-ids4"): 8,
 }
 
 
@@ -626,6 +635,10 @@ def test_compiled_code(variant, compiled):
     if variant["kernel"] == "_mixed_linear_kernel" and variant["arch"] == 90:
         notes = summary["serialized_wgmma"]
         assert notes == 0, f"{notes} notes of serialised wgmma (C7513/C7515)"
+    # No main loop waits until no wgmma is in flight after every HGMMA (every dot here is 2 or more HGMMA): what a
+    # serialised kernel compiles to, with or without ptxas's note.
+    for loop in summary["loops"]:
+        assert 2 * loop["waits"] <= loop["kinds"]["tensor"], f"a wait for every wgmma: {loop}"
     tile_map = variant["constexprs"].get("TILE_MAP", False)
     # (The grouped mixed kernel's partials are read back through L2 per group: no evict_last loads either way.)
     assert bool(summary["evict_last_loads"]) == tile_map, f"{summary['evict_last_loads']} tile-map loads"
