@@ -208,6 +208,9 @@ def _linear_candidates(linear, id_layout, layer: tuple, batch: int, method: tupl
         # The compiled-in task of the fields loop (any task compiles the same instructions; linear.LinearPlan).
         "TASK": 1 if fields else 0,
     }
+    if hasattr(linear, "whole_chunks"):
+        # Inputs of whole chunks: no K step checks its columns (trees before it compile the checks).
+        flags["EVEN_K"] = linear.whole_chunks(k)
     candidates = []
     for config in configs:
         tile = config.kwargs

@@ -150,6 +150,8 @@ def model_specs(kernel: str) -> list[dict]:
                     # A batch of one task on compact ids: the fields loop, one copy per task of the model's layer.
                     flags["FIELD_TASKS"] = linear.mixed_field_tasks(id_bits, one_rows, use_mask, 2, split_k,
                                                                     k_per_split, MODEL_TASKS)  # fmt: skip
+                if hasattr(linear, "whole_chunks"):
+                    flags["EVEN_K"] = linear.whole_chunks(in_features)
                 # Mixes of many tasks on compact ids: one slot per task of the model's layer, masks compiled in.
                 slot_tasks, slot_rows = _slots(linear, id_bits, use_mask, split_k, k_per_split, groups, batch)
                 if hasattr(linear, "mixed_slots"):
