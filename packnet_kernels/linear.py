@@ -997,11 +997,11 @@ def _group_sums(
     mask per padding group and per group of a task's run: 8 rows over 2 tasks 101 -> 267 us by the model
     (benchmarks/NOTES.md, "v8 mixed (v2), serialised wgmma").
 
-    The loop runs at least one step, as :func:`_task_sums` does (a program's K range is never empty, so no result
-    changes): on a plain range, which the compiler cannot prove runs, the accumulators' zeros reach the epilogue on
-    a path around the loop too, and ptxas serialises every wgmma of the kernel (C7515; triton 3.6: the 256-row uint8
-    kernel, fp32 at 128 rows, bf16 at 256 on 2-bit ids; 3.9 beside the slots), which C7513 hid before the wait
-    above (ptxas names one cause)."""
+    The loop runs at least one step, as :func:`_task_sums` does (a program's K range is empty only with no input
+    features, whose one step loads nothing: no result changes): on a plain range, which the compiler cannot prove
+    runs, the accumulators' zeros reach the epilogue on a path around the loop too, and ptxas serialises every wgmma
+    of the kernel (C7515; triton 3.6: the 256-row uint8 kernel, fp32 at 128 rows, bf16 at 256 on 2-bit ids; 3.9
+    beside the slots), which C7513 hid before the wait above (ptxas names one cause)."""
     accs = ()
     row_masks = ()
     x_ptrs = ()
@@ -1802,10 +1802,11 @@ def mixed_slots(
 
 
 def whole_chunks(in_features: int) -> bool:
-    """``EVEN_K`` of a launch: ``in_features`` is a whole number of the fields layout's chunks (``CHUNK_COLUMNS``), so
-    no K step of the fields or slots loops, whose splits start on chunks, reaches past K and none checks its columns
-    (4096, 11008, 25088: yes)."""
-    return in_features % CHUNK_COLUMNS == 0
+    """``EVEN_K`` of a launch: ``in_features`` is a whole number (not 0) of the fields layout's chunks
+    (``CHUNK_COLUMNS``), so no K step of the fields or slots loops reaches past K and none checks its columns (4096,
+    11008, 25088: yes). Those loops run only where every split starts on a chunk (:func:`fields_loop_applies`); with
+    no input features they still run one chunk, whose columns must be checked."""
+    return in_features > 0 and in_features % CHUNK_COLUMNS == 0
 
 
 def slot_passes(slot_rows: int) -> int:

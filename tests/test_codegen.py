@@ -526,6 +526,17 @@ def triton_config(kwargs: dict, num_warps: int, num_stages: int):
 
 
 VARIANTS += _mixed_v2_variants()
+# The fields and slots loops with their column checks (EVEN_K off: inputs that are not whole chunks, 4000 here),
+# for a single-task fields config and the 4-warp kernel with 8 slots (the tightest in registers): checked for spills,
+# serialised wgmma and waits by test_compiled_code only (a prefix of their own keeps them out of the loop reports).
+CHECKED_K = ("linear-m1-fp16-sm90-BLOCK_N64-BLOCK_M16-BLOCK_K64-w4-s3-ids4",
+             "linear-mixed2-m64-fp16-sm90-groups4-8-ids4-slots8x16-64x32-w4")  # fmt: skip
+VARIANTS += [
+    dict(variant, name="checkedk-" + variant["name"], args=dict(variant["args"], K=4000),
+         constexprs=dict(variant["constexprs"], EVEN_K=False))
+    for variant in VARIANTS
+    if variant["name"] in CHECKED_K
+]  # fmt: skip
 VARIANT_BY_NAME = {variant["name"]: variant for variant in VARIANTS}
 
 # The variants the predicate-cost test compares (see the end of this file).
@@ -535,7 +546,7 @@ PREDICATE_PREFIXES = ("linear-m1-fp16-sm90-", "linear-m4096-fp16-sm90-", "conv3x
 def _spec(variant: dict) -> dict:
     keys = ("module", "kernel", "args", "constexprs", "num_warps", "num_stages", "arch")
     # ptxas's notes (serialized wgmma) for the loops the predicate tests below compare.
-    notes = variant["name"].startswith((*PREDICATE_PREFIXES, "linear-mixed2-"))
+    notes = variant["name"].startswith((*PREDICATE_PREFIXES, "linear-mixed2-", "checkedk-"))
     return {key: variant[key] for key in keys} | {"ptxas_notes": notes}
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TOLERANCES
 
-from packnet_kernels import masked_linear, masked_linear_ref
+from packnet_kernels import compact_task_ids, masked_linear, masked_linear_ref
 
 linear = pytest.importorskip("packnet_kernels.linear")
 
@@ -213,8 +213,16 @@ def test_empty_inputs(kernel_device):
         assert y.shape == (*empty.shape[:-1], 12) and y.numel() == 0 and y.dtype == x.dtype
     no_out = masked_linear(x, weight[:0], task_ids[:0], 1, backend="triton")
     assert no_out.shape == (3, 0)
-    # No input features: the sum is empty, only the epilogue remains.
+    # No input features: the sum is empty, only the epilogue remains; also on compact ids (the fields loop and, for a
+    # mixed batch, the slots run one chunk, whose columns they check: linear.whole_chunks(0) is False).
     no_in = masked_linear(x[:, :0], weight[:, :0], task_ids[:, :0], 1, bias, relu=True, backend="triton")
+    assert torch.equal(no_in, torch.relu(bias).expand(3, 12))
+    compact = compact_task_ids(task_ids[:, :0], 3)
+    assert not linear.whole_chunks(0)
+    no_in = masked_linear(x[:, :0], weight[:, :0], compact, 1, bias, relu=True, backend="triton")
+    assert torch.equal(no_in, torch.relu(bias).expand(3, 12))
+    tasks = torch.tensor([1, 2, 3], device=kernel_device)
+    no_in = masked_linear(x[:, :0], weight[:, :0], compact, tasks, bias.expand(3, 12), relu=True, backend="triton")
     assert torch.equal(no_in, torch.relu(bias).expand(3, 12))
 
 

@@ -832,42 +832,51 @@ def test_v2_slots_run_every_task_of_the_layer_with_its_task_compiled_in(id_bits,
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize(
-    ("id_bits", "counts"),
-    [(4, {task: 5 for task in range(1, 9)}), (2, {1: 4, 2: 7, 3: 2}), (4, {3: 12}), (4, {1: 20, 2: 12})],
-    ids=["4bit-slots", "2bit-slots", "4bit-one-task", "4bit-groups"],
+    ("id_bits", "counts", "dots_per_step"),
+    [(4, {task: 5 for task in range(1, 9)}, 8), (2, {1: 4, 2: 7, 3: 2}, 3), (4, {3: 12}, 1), (2, {2: 9}, 1)],
+    ids=["4bit-slots", "2bit-slots", "4bit-one-task", "2bit-one-task"],
 )
-def test_v2_whole_chunks_check_no_column_against_k(id_bits, counts):
+def test_v2_whole_chunks_check_no_column_against_k(id_bits, counts, dots_per_step, monkeypatch):
     """A layer whose inputs are whole chunks of the fields layout (``linear.whole_chunks``: 512 input features, two
-    splits of two chunks) launches with ``EVEN_K``: its fields and slots loops check no column against K. Every row
-    is still bit for bit its task's rows run alone (the slots, a batch of one task, the groups) and, where a task's
-    rows take the small regime, the per-task single-task kernel's run; all within fp16's tolerance of the
-    reference."""
+    splits of two chunks) launches with ``EVEN_K``, and its loops that read it then mask by rows only: the slots
+    (one dot per slot and step, each on its task's rows) and a batch of one task (the fields loop, one dot per
+    step). Every row is still bit for bit its task's rows run alone and, where a task's rows take the small regime,
+    the per-task single-task kernel's run (the single-task kernel on compact ids also bit for bit the byte path); all
+    within fp16's tolerance of the reference. (Either EVEN_K branch with its activations a column off fails it.)"""
     from packnet_kernels import linear
 
     num_tasks = 3 if id_bits == 2 else 8
     tasks = torch.cat([torch.full((rows,), task) for task, rows in counts.items()])
     x, weight, task_ids, tables, generator = _v2_layer(tasks.numel(), 33, 512, num_tasks, torch.float16, seed=id_bits)
+    x = x + 4.0 * x.sign()  # no zero activation: a dot's nonzero columns are exactly its rows
     tasks = tasks[torch.randperm(tasks.numel(), generator=generator)].to(DEVICE)
     x, weight, task_ids, tables = _on_device(x, weight, task_ids, tables)
     ids = _id_operand(task_ids, id_bits)
     plan_args = (x, weight, ids.words, tables[0], tables[1], tables[2], True, True, None, False, tasks, id_bits)
     flags = linear.linear_plan(*plan_args).flags
     assert flags["EVEN_K"] and linear.whole_chunks(512) and not linear.whole_chunks(200)
-    assert linear._mixed_split_plan(tasks.numel(), 33, 512, 2, True, None) == (2, 256)
-    # The kernel holds the slots and the fields loop's copies (a batch takes one of them, or the groups).
     assert flags["SLOT_TASKS"] == num_tasks and flags["FIELD_TASKS"] == num_tasks
     kwargs = dict(scale=tables[1], shift=tables[2], relu=True, backend="triton")
+    if DEVICE == "cpu":
+        assert linear._mixed_split_plan(tasks.numel(), 33, 512, 2, True, None) == (2, 256)
+        loads, dots = _v2_counts(monkeypatch, {"ids": ids.words})
     got = masked_linear(x, weight, ids, tasks, tables[0], **kwargs)
     expected = masked_linear_ref(x.double(), weight.double(), task_ids, tasks, tables[0].double(),
                                  scale=tables[1].double(), shift=tables[2].double(), relu=True)  # fmt: skip
     torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float16))
     if DEVICE != "cpu":
         return
+    monkeypatch.undo()
+    # 2 weight tiles of 32 rows x 2 splits x 256 / 32 steps of 32 columns, each with its dots; each dot's columns
+    # are one task's rows.
+    assert len(dots) == 2 * 2 * 8 * dots_per_step
+    assert {int((dot != 0).any(axis=0).sum()) for dot in dots} == set(counts.values())
+    # The fields layout's loops read each id byte once per chunk (counted per int32 word: 4), the groups' more often.
+    assert {int(v) for v in loads["ids"]} == {4}
     assert torch.equal(got, _per_task(x, weight, ids, tasks, tables, relu=True, alone=True, backend="triton"))
     small = torch.tensor([counts[int(task)] <= linear.SMALL_M_MAX for task in tasks])
     per_task = _per_task(x, weight, ids, tasks, tables, relu=True, backend="triton")
     assert torch.equal(got[small], per_task[small])
-    # The single-task kernel on the same compact ids, with EVEN_K, equals it on the uint8 ids (the byte path).
     for task in counts:
         rows = (tasks == task).cpu()
         on_bytes = masked_linear(x[rows], weight, task_ids, task, tables[0][task - 1], backend="triton")
