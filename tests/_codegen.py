@@ -73,17 +73,17 @@ def sass_loops(sass: str) -> list[dict]:
     address: per loop ``instructions`` (per iteration: one K step), a Counter ``kinds`` of :data:`SASS_KINDS`
     (``other`` for the rest: moves, uniform-datapath and branch instructions), ``opcodes`` and ``waits`` (its
     ``WARPGROUP.DEPBAR`` instructions that wait until none of the warpgroup's wgmma is in flight)."""
-    instructions = [(int(address, 16), opcode) for address, opcode, _ in _SASS.findall(sass)]
+    instructions = [(int(address, 16), opcode, operands) for address, opcode, operands in _SASS.findall(sass)]
     targets = [
         (int(target.group(1), 16), address)
-        for (address, opcode), (_, _, operands) in zip(instructions, _SASS.findall(sass), strict=True)
+        for address, opcode, operands in instructions
         if opcode.startswith("BRA")
         and (target := re.search(r"0x([0-9a-f]+)", operands))
         and int(target.group(1), 16) <= address
     ]
     loops = []
     for start, end in sorted(set(targets)):
-        body = [opcode.split(".")[0] for address, opcode in instructions if start <= address <= end]
+        body = [opcode.split(".")[0] for address, opcode, _ in instructions if start <= address <= end]
         opcodes = Counter(body)
         if not any(opcode in SASS_KINDS["tensor"] for opcode in opcodes):
             continue
@@ -95,8 +95,8 @@ def sass_loops(sass: str) -> list[dict]:
         # loop, however ptxas got there (a wait that leaves some in flight, 0x7, is not counted).
         waits = sum(
             opcode.startswith("WARPGROUP.DEPBAR") and re.search(r",\s*0x0\s*$", operands) is not None
-            for address, opcode, operands in _SASS.findall(sass)
-            if start <= int(address, 16) <= end
+            for address, opcode, operands in instructions
+            if start <= address <= end
         )
         loops.append({"start": start, "instructions": len(body), "kinds": kinds, "opcodes": opcodes, "waits": waits})
     # Keep innermost loops only: a loop containing another loop's tensor instructions is an outer one.
